@@ -1,0 +1,18 @@
+# Finds libfabric through pkg-config (Debian's libfabric-dev, or the EFA installer's /opt/amazon/efa).
+find_package(PkgConfig QUIET)
+if(PkgConfig_FOUND)
+  if(EXISTS /opt/amazon/efa/lib/pkgconfig)
+    set(ENV{PKG_CONFIG_PATH} "/opt/amazon/efa/lib/pkgconfig:$ENV{PKG_CONFIG_PATH}")
+  endif()
+  pkg_check_modules(PC_LIBFABRIC QUIET libfabric)
+endif()
+find_path(Libfabric_INCLUDE_DIR rdma/fabric.h HINTS ${PC_LIBFABRIC_INCLUDE_DIRS} /opt/amazon/efa/include)
+find_library(Libfabric_LIBRARY fabric HINTS ${PC_LIBFABRIC_LIBRARY_DIRS} /opt/amazon/efa/lib)
+set(Libfabric_VERSION ${PC_LIBFABRIC_VERSION})
+include(FindPackageHandleStandardArgs)
+find_package_handle_standard_args(Libfabric REQUIRED_VARS Libfabric_LIBRARY Libfabric_INCLUDE_DIR VERSION_VAR Libfabric_VERSION)
+if(Libfabric_FOUND AND NOT TARGET Libfabric::fabric)
+  add_library(Libfabric::fabric UNKNOWN IMPORTED)
+  set_target_properties(Libfabric::fabric PROPERTIES IMPORTED_LOCATION ${Libfabric_LIBRARY}
+    INTERFACE_INCLUDE_DIRECTORIES ${Libfabric_INCLUDE_DIR})
+endif()
