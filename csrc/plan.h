@@ -16,7 +16,9 @@
 //                  source, into the source's combine region at the slot the token had in its send
 //                  run: the source already knows that layout.
 #pragma once
+#include <climits>
 #include <cstdint>
+#include <vector>
 
 #if defined(__CUDACC__)
 #define FERRY_HD __host__ __device__ __forceinline__
@@ -62,6 +64,10 @@ struct Layout {
   int num_scales = 0;         // hidden / scale_block
   int private_tokens = 0;     // records per sender in the private region
   int dp_size = 1;
+  int expert_alignment = 1;   // rows per local expert padded to a multiple of this
+  int max_rows_per_expert = 0;  // align_up(world_size * max_tokens, expert_alignment)
+  int in_dtype = 0;           // ferry_dtype_t values
+  int out_dtype = 0;
 
   uint64_t payload_bytes = 0;       // hidden * in_elem_bytes
   uint64_t scale_bytes = 0;         // num_scales * 4
@@ -93,7 +99,49 @@ struct Layout {
   FERRY_HD uint64_t max_recv_records() const { return uint64_t(world_size) * max_tokens; }
   FERRY_HD uint64_t combine_send_bytes() const { return max_recv_records() * partial_bytes; }
   FERRY_HD uint64_t combine_recv_bytes() const { return uint64_t(max_send_records()) * partial_bytes; }
+
+  // Receive-side row capacity of one destination's count header: ranks then local experts.
+  FERRY_HD int max_dests_per_token() const { return top_k < world_size ? top_k : world_size; }
+  FERRY_HD int max_routes_per_record() const {
+    return top_k < experts_per_rank ? top_k : experts_per_rank;
+  }
+  FERRY_HD int dp_group(int r) const { return r / dp_size; }
+  FERRY_HD int dp_member(int r) const { return r % dp_size; }
+  FERRY_HD uint64_t row_bytes() const { return payload_bytes; }
+  FERRY_HD uint64_t out_row_bytes() const { return uint64_t(hidden) * out_elem_bytes; }
+
+  // Dispatch send buffer: destination d's section [count header | run] starts after the headers of
+  // destinations before it and the records of their runs (records_before = exclusive prefix sum).
+  FERRY_HD uint64_t send_section_offset(int dest, int64_t records_before) const {
+    return uint64_t(dest) * count_header_bytes + uint64_t(records_before) * record_bytes;
+  }
+  FERRY_HD uint64_t send_record_offset(int dest, int64_t records_before, int64_t index_in_run) const {
+    return send_section_offset(dest, records_before) + count_header_bytes +
+           uint64_t(index_in_run) * record_bytes;
+  }
+  // Dispatch recv buffer: record p of sender s; overflow_before = sum over senders s' < s of
+  // max(0, count[s'][me] - private_tokens), which every rank derives from the count matrix.
+  FERRY_HD uint64_t recv_private_offset(int sender) const { return uint64_t(sender) * private_stride(); }
+  FERRY_HD uint64_t recv_record_offset(int sender, int64_t p, int64_t overflow_before) const {
+    return p < private_tokens
+               ? recv_private_offset(sender) + count_header_bytes + uint64_t(p) * record_bytes
+               : overflow_offset() + uint64_t(overflow_before + p - private_tokens) * record_bytes;
+  }
 };
+
+// The count header at the start of every destination section: this sender's records per
+// destination rank, then per local expert of that destination. A sender whose own step failed
+// (bad input) still writes its headers, with kPoisonCount in counts[0], so that its peers fail at
+// once naming it instead of waiting for their deadline.
+constexpr int32_t kPoisonCount = INT32_MIN;
+FERRY_HD int32_t* header_counts(void* header) { return static_cast<int32_t*>(header); }
+FERRY_HD int32_t* header_expert_counts(void* header, int world_size) {
+  return static_cast<int32_t*>(header) + world_size;
+}
+FERRY_HD const int32_t* header_counts(const void* header) { return static_cast<const int32_t*>(header); }
+FERRY_HD const int32_t* header_expert_counts(const void* header, int world_size) {
+  return static_cast<const int32_t*>(header) + world_size;
+}
 
 // Expert e lives on rank e / experts_per_rank, as local expert e % experts_per_rank.
 FERRY_HD int owner_rank(int expert, int experts_per_rank) { return expert / experts_per_rank; }
@@ -120,6 +168,78 @@ FERRY_HD int token_destinations(const int32_t* token_indices, int top_k, int exp
     ++n;
   }
   return n;
+}
+
+// ---- host-side plan (the reference the CUDA kernels compute in parallel) --------------------------
+
+// Throws Status::invalid_argument naming the token, the route and the value when an expert id is
+// outside [0, num_experts) other than -1, or when one token names the same expert twice (its rows
+// would collide in the expert-major layout).
+void validate_routing(const Layout& layout, const int32_t* indices, int num_tokens);
+
+// What one rank sends in one step. With dp_size > 1 the ranks of a group hold the same tokens and
+// member m sends only the tokens t with t % dp_size == m; every member can build every member's
+// plan from the shared inputs.
+struct SendPlan {
+  int num_tokens = 0;
+  int member = 0;
+  int total_records = 0;
+  std::vector<int32_t> dest_count;         // [world_size] records per destination rank
+  std::vector<int32_t> dest_expert_count;  // [world_size * experts_per_rank] routes per (dest, local expert)
+  std::vector<int64_t> dest_offset;        // [world_size + 1] exclusive prefix sum of dest_count
+  std::vector<int32_t> token_num_dests;    // [num_tokens] 0 for tokens another member sends
+  std::vector<int32_t> token_dest;         // [num_tokens * max_dests_per_token] ascending ranks
+  std::vector<int32_t> token_slot;         // [num_tokens * max_dests_per_token] record index in
+                                           // the send buffer (= combine slot), runs by source token
+  std::vector<int32_t> slot_token;         // [total_records] inverse of token_slot
+  std::vector<int32_t> slot_dest;          // [total_records]
+};
+// Routing must have been validated.
+SendPlan make_send_plan(const Layout& layout, const int32_t* indices, int num_tokens, int member);
+
+// Fills one count header (count_header_bytes) for destination `dest` from a plan.
+void write_count_header(const Layout& layout, const SendPlan& plan, int dest, void* header);
+
+// What one rank receives, from the count matrix every rank learns from the count headers.
+//  count_matrix[s * world_size + d]: records sender s sends to rank d.
+//  expert_counts[s * experts_per_rank + e]: routes from sender s to this rank's local expert e.
+struct RecvPlan {
+  int total_records = 0;
+  std::vector<int32_t> count;             // [world_size] records from each sender
+  std::vector<int64_t> record_base;       // [world_size + 1] receive order: sender-major
+  std::vector<int64_t> overflow_before;   // [world_size] records of earlier senders in overflow
+  std::vector<int32_t> expert_row_base;   // [world_size * experts_per_rank] first row of sender s
+  std::vector<int32_t> expert_count;      // [experts_per_rank] rows received per local expert
+  std::vector<int32_t> expert_padded;     // [experts_per_rank] expert_count aligned up
+};
+RecvPlan make_recv_plan(const Layout& layout, const int32_t* count_matrix, const int32_t* expert_counts);
+
+// Overflow records that senders before `sender` put into rank `dest`'s overflow region.
+int64_t overflow_before(const Layout& layout, const int32_t* count_matrix, int sender, int dest);
+// Records `sender` sends beyond the private region of `dest`.
+FERRY_HD int overflow_count(const Layout& layout, int32_t count) {
+  return count > layout.private_tokens ? count - layout.private_tokens : 0;
+}
+// Combine region layout of every member of a dp group: member j's send slots follow those of
+// members j' < j. First combine slot of the records `sender` sent to `dest`.
+int64_t combine_slot_base(const Layout& layout, const int32_t* count_matrix, int sender, int dest);
+
+// Checks one received record header against what its sender announced; returns nullptr when valid,
+// otherwise a static description of the first violation. prev_src_token is the previous record's
+// token from the same sender (-1 for the first): runs are strictly ordered by source token.
+FERRY_HD const char* check_record_header(const Layout& layout, const RecordHeader& h, int sender,
+                                         int prev_src_token) {
+  if (h.src_rank != sender) return "record names another source rank";
+  if (h.src_token < 0 || h.src_token >= layout.max_tokens) return "source token index out of range";
+  if (h.src_token <= prev_src_token) return "records not ordered by source token";
+  if (h.num_routes < 1 || h.num_routes > layout.max_routes_per_record()) return "route count out of range";
+  for (int i = 0; i < h.num_routes; ++i) {
+    if (h.local_expert[i] < 0 || h.local_expert[i] >= layout.experts_per_rank)
+      return "local expert out of range";
+    for (int j = 0; j < i; ++j)
+      if (h.local_expert[j] == h.local_expert[i]) return "local expert repeated";
+  }
+  return nullptr;
 }
 
 }  // namespace ferry::ep
