@@ -1,0 +1,189 @@
+// The shared launcher of ferry-bench and ferry-check: environment discovery, --local-ranks
+// self-spawning with forwarded output, failure and deadline handling, and the report helpers.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <chrono>
+#include <cstdio>
+#include <map>
+#include <string>
+
+#include "tools/common/env.h"
+#include "tools/common/launch.h"
+#include "tools/common/report.h"
+#include "transfer_engine/error.h"
+
+using namespace ferry::tools;
+
+namespace {
+
+struct RunResult {
+  int exit_code = -1;
+  std::string out;  // stdout and stderr together
+  double seconds = 0;
+};
+
+RunResult run(const std::string& args) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::string cmd = std::string(LAUNCH_PROBE) + " " + args + " 2>&1";
+  RunResult r;
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
+  const int status = pclose(p);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return r;
+}
+
+}  // namespace
+
+TEST(RankEnv, OpenMpiVariablesGiveRankWorldAndLocalRank) {
+  const auto env = discover_rank_env({{"OMPI_COMM_WORLD_RANK", "5"}, {"OMPI_COMM_WORLD_SIZE", "16"},
+                                      {"OMPI_COMM_WORLD_LOCAL_RANK", "1"},
+                                      {"OMPI_COMM_WORLD_LOCAL_SIZE", "8"}});
+  EXPECT_EQ(env.rank, 5);
+  EXPECT_EQ(env.world_size, 16);
+  EXPECT_EQ(env.local_rank, 1);
+  EXPECT_EQ(env.local_size, 8);
+  EXPECT_TRUE(env.under_mpi());
+}
+
+TEST(RankEnv, PmiAndPmixVariables) {
+  auto pmi = discover_rank_env({{"PMI_RANK", "3"}, {"PMI_SIZE", "4"}});
+  EXPECT_EQ(pmi.rank, 3);
+  EXPECT_EQ(pmi.world_size, 4);
+  EXPECT_TRUE(pmi.under_mpi());
+  auto pmix = discover_rank_env({{"PMIX_RANK", "2"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "2"}});
+  EXPECT_EQ(pmix.rank, 2);
+  EXPECT_EQ(pmix.world_size, 8);
+  EXPECT_EQ(pmix.local_rank, 2);
+}
+
+TEST(RankEnv, SlurmWithoutMpi) {
+  const auto env = discover_rank_env({{"SLURM_PROCID", "9"}, {"SLURM_NTASKS", "16"},
+                                      {"SLURM_LOCALID", "1"}, {"SLURM_TASKS_PER_NODE", "8(x2)"}});
+  EXPECT_EQ(env.launcher, Launcher::slurm);
+  EXPECT_EQ(env.rank, 9);
+  EXPECT_EQ(env.world_size, 16);
+  EXPECT_EQ(env.local_rank, 1);
+  EXPECT_EQ(env.local_size, 8);
+  EXPECT_FALSE(env.under_mpi());
+}
+
+TEST(RankEnv, TorchrunVariablesIncludingRendezvous) {
+  const auto env = discover_rank_env({{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"LOCAL_RANK", "1"},
+                                      {"MASTER_ADDR", "10.0.0.1"}, {"MASTER_PORT", "29500"}});
+  EXPECT_EQ(env.launcher, Launcher::torchrun);
+  EXPECT_EQ(env.rank, 1);
+  EXPECT_EQ(env.world_size, 2);
+  EXPECT_TRUE(env.has_master());
+  EXPECT_EQ(env.master_addr, "10.0.0.1");
+  EXPECT_EQ(env.master_port, 29500);
+}
+
+TEST(RankEnv, NoLauncherIsOneProcess) {
+  const auto env = discover_rank_env(std::map<std::string, std::string>{});
+  EXPECT_EQ(env.launcher, Launcher::none);
+  EXPECT_EQ(env.rank, 0);
+  EXPECT_EQ(env.world_size, 1);
+}
+
+TEST(RankEnv, MalformedOrInconsistentValuesNameTheVariable) {
+  try {
+    discover_rank_env({{"RANK", "x1"}, {"WORLD_SIZE", "2"}});
+    FAIL() << "a malformed RANK was accepted";
+  } catch (const ferry::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("RANK"), std::string::npos) << e.what();
+  }
+  try {
+    discover_rank_env({{"RANK", "4"}, {"WORLD_SIZE", "4"}});
+    FAIL() << "rank == world size was accepted";
+  } catch (const ferry::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("outside [0, 4)"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(discover_rank_env({{"RANK", "0"}}), ferry::Error);
+}
+
+TEST(LocalRanks, EveryRankGetsItsIdentityAndOneRendezvous) {
+  const auto r = run("--local-ranks 3");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  // Rank 0 speaks as is; the others are prefixed.
+  EXPECT_NE(r.out.find("rank 0 of 3 local 0 launcher torchrun master 127.0.0.1:"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("[rank 1] rank 1 of 3 local 1 launcher torchrun"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("[rank 2] stderr line from rank 2"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("[rank 0]"), std::string::npos) << r.out;
+  // One MASTER_PORT for the whole job.
+  const auto port_of = [&](const std::string& prefix) {
+    const auto at = r.out.find(prefix);
+    return at == std::string::npos ? std::string() : r.out.substr(r.out.find("127.0.0.1:", at), 15);
+  };
+  EXPECT_EQ(port_of("rank 0 of 3"), port_of("rank 2 of 3"));
+}
+
+TEST(LocalRanks, OneFailingRankFailsTheJobAndStopsTheOthers) {
+  const auto r = run("--local-ranks 4 --fail-rank 2 --fail-code 3");
+  EXPECT_EQ(r.exit_code, 3) << r.out;
+  EXPECT_NE(r.out.find("rank 2 exited with status 3"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("failed ranks: 2"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("stopped ranks: 0,1,3"), std::string::npos) << r.out;
+  EXPECT_LT(r.seconds, 20.0) << "the other ranks sleep 30 s; the launcher must stop them";
+}
+
+TEST(LocalRanks, DeadlineKillsHangingRanksAndNamesThem) {
+  const auto r = run("--local-ranks 3 --hang-rank 1 --timeout-ms 1500");
+  EXPECT_NE(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("deadline of 1500 ms passed; ranks still running: 1"), std::string::npos) << r.out;
+  EXPECT_LT(r.seconds, 20.0);
+}
+
+TEST(LocalRanks, MpirunLauncherGivesAnMpiJob) {
+  if (!mpirun_available()) GTEST_SKIP() << "mpirun is not installed";
+  const auto r = run("--local-ranks 2 --launcher mpi");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("rank 0 of 2 local 0 launcher mpi"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("rank 1 of 2 local 1 launcher mpi"), std::string::npos) << r.out;
+}
+
+TEST(LocalRanks, LaunchOptionsAreStrippedForTheChildren) {
+  const char* argv[] = {"tool", "--local-ranks", "8", "--preset", "decode", "--launcher=mpi", "--verify"};
+  const auto args = args_without_launch_options(7, argv);
+  EXPECT_EQ(args, (std::vector<std::string>{"--preset", "decode", "--verify"}));
+}
+
+TEST(Report, PercentilesAreMeasuredSamplesInOrder) {
+  std::vector<double> samples;
+  for (int i = 100; i >= 1; --i) samples.push_back(i);
+  const auto p = percentiles(samples);
+  EXPECT_EQ(p.count, 100u);
+  EXPECT_EQ(p.p50, 50);
+  EXPECT_EQ(p.p90, 90);
+  EXPECT_EQ(p.p99, 99);
+  EXPECT_EQ(p.max, 100);
+  EXPECT_EQ(p.min, 1);
+  EXPECT_DOUBLE_EQ(p.mean, 50.5);
+  EXPECT_EQ(percentiles({7.0}).p99, 7.0);
+}
+
+TEST(Report, TableAlignsColumns) {
+  Table t;
+  t.add_column("op", Table::Align::left);
+  t.add_column("p50 us");
+  t.add_row({"dispatch", "12.5"});
+  t.add_row({"combine", "130.0"});
+  EXPECT_EQ(t.render(),
+            "op        p50 us\n"
+            "----------------\n"
+            "dispatch    12.5\n"
+            "combine    130.0\n");
+  EXPECT_THROW(t.add_row({"a", "b", "c"}), ferry::Error);
+}
+
+TEST(Report, BytesAreHumanReadable) {
+  EXPECT_EQ(format_bytes(512), "512 B");
+  EXPECT_EQ(format_bytes(1536), "1.5 KiB");
+  EXPECT_EQ(format_bytes(670.0 * 1024 * 1024), "670.0 MiB");
+  EXPECT_EQ(format_bytes(1.9 * 1024 * 1024 * 1024), "1.90 GiB");
+}
