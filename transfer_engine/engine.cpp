@@ -1,0 +1,531 @@
+#include "transfer_engine/engine.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <list>
+#include <mutex>
+#include <sstream>
+
+#include "transfer_engine/fabric/nic.h"
+#include "transfer_engine/imm_counter.h"
+#include "transfer_engine/route.h"
+#include "transfer_engine/worker.h"
+
+namespace ferry::te {
+namespace {
+
+// Per NIC in the setup allgather: address length + address bytes (EFA 32, tcp 16, shm < 64).
+constexpr size_t kAddressSlotBytes = 256;
+
+struct SetupHeader {
+  uint32_t num_nics = 0;
+  uint32_t virt_addr = 0;
+  char provider[56] = {};
+};
+
+std::vector<std::string> split_list(const std::string& text) {
+  std::vector<std::string> items;
+  std::stringstream in(text);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    if (!item.empty()) items.push_back(item);
+  }
+  return items;
+}
+
+std::string hex(uint64_t value) {
+  char buffer[32];
+  snprintf(buffer, sizeof(buffer), "0x%llx", static_cast<unsigned long long>(value));
+  return buffer;
+}
+
+}  // namespace
+
+class RegionImpl final : public MemoryRegion {
+ public:
+  void* data() const override { return data_; }
+  size_t bytes() const override { return bytes_; }
+  MemoryKind kind() const override { return kind_; }
+  const RegionDesc& desc() const override { return desc_; }
+
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+  MemoryKind kind_ = MemoryKind::host;
+  RegionDesc desc_;
+  std::vector<fabric::FidPtr<fid_mr>> mrs;
+  void* local_desc[kMaxNics] = {};
+};
+
+class GroupImpl final : public PeerGroup {
+ public:
+  size_t size() const override { return ranks.size(); }
+  int peer_rank(size_t index) const override { return ranks.at(index); }
+  const RegionDesc& remote(size_t index) const override { return remotes.at(index); }
+
+  std::vector<int> ranks;
+  std::vector<RegionDesc> remotes;
+  // addrs[index * kMaxNics + nic]: the peer's address on that NIC, resolved once.
+  std::vector<fi_addr_t> addrs;
+};
+
+struct TransferEngine::Impl {
+  EngineConfig config;
+  Bootstrap& bootstrap;
+  int rank = 0;
+  int world_size = 0;
+  std::vector<std::unique_ptr<fabric::Nic>> nics;
+  std::vector<std::vector<fi_addr_t>> peer_addrs;  // [nic][rank]
+  std::string provider_name;
+  ImmCounter counter;
+  std::unique_ptr<Worker> worker;
+  std::mutex mutex;  // regions and groups (control path)
+  std::list<RegionImpl> regions;
+  std::list<GroupImpl> groups;
+  uint64_t next_key = 1;
+
+  Impl(const EngineConfig& c, Bootstrap& b) : config(c), bootstrap(b) {}
+
+  int wait_ms(int timeout_ms) const { return timeout_ms < 0 ? config.timeout_ms : timeout_ms; }
+  std::string who() const { return "rank " + std::to_string(rank); }
+
+  const RegionImpl& own_region(const MemoryRegion& region, const char* op) const {
+    for (const RegionImpl& r : regions) {
+      if (&r == &region) return r;
+    }
+    raise(Status::invalid_argument, who() + " " + op + ": source region was not registered with "
+                                                       "this engine (or was deregistered)");
+  }
+  const GroupImpl& own_group(const PeerGroup& group, const char* op) const {
+    for (const GroupImpl& g : groups) {
+      if (&g == &group) return g;
+    }
+    raise(Status::invalid_argument, who() + " " + op + ": peer group was not made by this engine");
+  }
+
+  void check_bounds(const char* op, const RegionImpl& src, const GroupImpl& group,
+                    size_t peer_index, uint64_t src_offset, uint64_t dst_offset,
+                    uint64_t bytes) const {
+    if (peer_index >= group.size()) {
+      raise(Status::invalid_argument, who() + " " + op + ": peer index " +
+                                          std::to_string(peer_index) + " outside a group of " +
+                                          std::to_string(group.size()));
+    }
+    if (src_offset > src.bytes_ || bytes > src.bytes_ - src_offset) {
+      raise(Status::invalid_argument,
+            who() + " " + op + ": source [" + std::to_string(src_offset) + ", " +
+                std::to_string(src_offset) + " + " + std::to_string(bytes) +
+                ") is outside the local region of " + std::to_string(src.bytes_) + " bytes at " +
+                hex(reinterpret_cast<uintptr_t>(src.data_)) + " (write to rank " +
+                std::to_string(group.ranks[peer_index]) + ")");
+    }
+    const RegionDesc& remote = group.remotes[peer_index];
+    if (dst_offset > remote.bytes || bytes > remote.bytes - dst_offset) {
+      raise(Status::invalid_argument,
+            who() + " " + op + ": destination [" + std::to_string(dst_offset) + ", " +
+                std::to_string(dst_offset) + " + " + std::to_string(bytes) +
+                ") is outside rank " + std::to_string(group.ranks[peer_index]) + "'s region of " +
+                std::to_string(remote.bytes) + " bytes (peer index " + std::to_string(peer_index) +
+                ")");
+    }
+  }
+
+  NicRoute resolve(NicRoute route, uint64_t bytes) const {
+    return route::resolve(route, bytes, static_cast<int>(nics.size()), config.split_threshold_bytes);
+  }
+  uint32_t pieces(NicRoute resolved, uint64_t bytes) const {
+    return route::piece_count(resolved, bytes, static_cast<int>(nics.size()),
+                              config.min_split_bytes);
+  }
+
+  // Fills the record for piece `p` of a write (everything but the template's constant fields).
+  void fill(WriteOp& op, const RegionImpl& src, const GroupImpl& group, size_t peer_index,
+            uint64_t src_offset, uint64_t dst_offset, const route::Piece& p,
+            std::optional<uint32_t> imm) const {
+    const RegionDesc& remote = group.remotes[peer_index];
+    op.buf = static_cast<const char*>(src.data_) + src_offset + p.offset;
+    op.desc = src.local_desc[p.nic];
+    op.bytes = p.bytes;
+    // remote.addr is the base virtual address with FI_MR_VIRT_ADDR and 0 with offset addressing,
+    // so one formula serves both.
+    op.remote_addr = remote.addr + dst_offset + p.offset;
+    op.key = remote.keys[p.nic];
+    op.dest = group.addrs[peer_index * kMaxNics + p.nic];
+    op.peer_rank = group.ranks[peer_index];
+    op.nic = static_cast<uint16_t>(p.nic);
+    op.has_imm = imm.has_value();
+    op.imm = imm.value_or(0);
+  }
+};
+
+TransferEngine::TransferEngine(const EngineConfig& config, Bootstrap& bootstrap)
+    : impl_(std::make_unique<Impl>(config, bootstrap)) {
+  Impl& s = *impl_;
+  s.rank = bootstrap.rank();
+  s.world_size = bootstrap.world_size();
+  if (const char* p = std::getenv("FERRY_PROVIDER"); p && *p) s.config.provider = p;
+  if (const char* d = std::getenv("FERRY_DOMAINS"); d && *d) {
+    s.config.domains = split_list(d);
+    s.config.nets_per_rank = std::max<int>(s.config.nets_per_rank,
+                                           static_cast<int>(s.config.domains.size()));
+  }
+  const EngineConfig& c = s.config;
+  if (c.nets_per_rank < 1 || c.nets_per_rank > kMaxNics) {
+    raise(Status::invalid_argument, s.who() + ": nets_per_rank " + std::to_string(c.nets_per_rank) +
+                                        " must be in [1, " + std::to_string(kMaxNics) + "]");
+  }
+  if (c.max_posts_per_step < 1) {
+    raise(Status::invalid_argument, s.who() + ": max_posts_per_step must be at least 1");
+  }
+  if (c.timeout_ms <= 0) {
+    raise(Status::invalid_argument, s.who() + ": timeout_ms must be positive");
+  }
+  if (static_cast<uint32_t>(s.world_size) > imm::kMaxRanks) {
+    raise(Status::invalid_argument, s.who() + ": world size " + std::to_string(s.world_size) +
+                                        " exceeds the " + std::to_string(imm::kMaxRanks) +
+                                        " ranks an immediate can name");
+  }
+
+  std::vector<std::string> domains = c.domains;
+  if (domains.empty()) {
+    if (c.provider == "tcp" && bootstrap.local_size() == s.world_size) {
+      // Every rank on this host: loopback keeps the traffic off the wire.
+      domains.push_back("lo");
+    } else {
+      for (const std::string& name : fabric::list_domains(c.provider)) {
+        if (c.provider == "tcp" && name == "lo") continue;
+        domains.push_back(name);
+      }
+      if (domains.empty()) domains.push_back("");
+    }
+  }
+  // With fewer domains than NICs, endpoints share a domain name (several endpoints on one device):
+  // this is how multi-NIC paths run on a single loopback interface.
+  for (int i = 0; i < c.nets_per_rank; ++i) {
+    fabric::NicOptions options;
+    options.provider = c.provider;
+    options.domain = domains[static_cast<size_t>(i) % domains.size()];
+    options.rank = s.rank;
+    options.index = i;
+    s.nics.push_back(std::make_unique<fabric::Nic>(options));
+  }
+  s.provider_name = s.nics[0]->provider_name();
+
+  // Exchange endpoint addresses; every rank must see the same NIC count and addressing mode.
+  const size_t blob_bytes = sizeof(SetupHeader) + kMaxNics * kAddressSlotBytes;
+  std::vector<uint8_t> mine(blob_bytes, 0);
+  SetupHeader header;
+  header.num_nics = static_cast<uint32_t>(s.nics.size());
+  header.virt_addr = s.nics[0]->caps().virt_addr ? 1 : 0;
+  strncpy(header.provider, s.provider_name.c_str(), sizeof(header.provider) - 1);
+  memcpy(mine.data(), &header, sizeof(header));
+  for (size_t n = 0; n < s.nics.size(); ++n) {
+    const auto& address = s.nics[n]->address();
+    if (address.size() + sizeof(uint32_t) > kAddressSlotBytes) {
+      raise(Status::unsupported, s.who() + ": endpoint address of " +
+                                     std::to_string(address.size()) + " bytes is too long");
+    }
+    uint8_t* slot = mine.data() + sizeof(SetupHeader) + n * kAddressSlotBytes;
+    const uint32_t length = static_cast<uint32_t>(address.size());
+    memcpy(slot, &length, sizeof(length));
+    memcpy(slot + sizeof(length), address.data(), address.size());
+  }
+  std::vector<uint8_t> all(blob_bytes * static_cast<size_t>(s.world_size));
+  bootstrap.allgather(mine.data(), blob_bytes, all.data(), c.timeout_ms);
+  s.peer_addrs.resize(s.nics.size());
+  for (size_t n = 0; n < s.nics.size(); ++n) {
+    std::vector<std::vector<uint8_t>> addresses(static_cast<size_t>(s.world_size));
+    for (int r = 0; r < s.world_size; ++r) {
+      const uint8_t* blob = all.data() + blob_bytes * static_cast<size_t>(r);
+      SetupHeader theirs;
+      memcpy(&theirs, blob, sizeof(theirs));
+      if (theirs.num_nics != header.num_nics || theirs.virt_addr != header.virt_addr ||
+          strncmp(theirs.provider, header.provider, sizeof(header.provider)) != 0) {
+        raise(Status::invalid_argument,
+              s.who() + ": rank " + std::to_string(r) + " opened " +
+                  std::to_string(theirs.num_nics) + " NICs of provider " + theirs.provider +
+                  ", this rank " + std::to_string(header.num_nics) + " of " + header.provider +
+                  "; every rank needs the same provider and nets_per_rank");
+      }
+      const uint8_t* slot = blob + sizeof(SetupHeader) + n * kAddressSlotBytes;
+      uint32_t length = 0;
+      memcpy(&length, slot, sizeof(length));
+      addresses[static_cast<size_t>(r)].assign(slot + sizeof(length), slot + sizeof(length) + length);
+    }
+    // Every peer is inserted before the setup barrier: efa-direct drops RMA from initiators the
+    // target has not inserted yet.
+    s.peer_addrs[n] = s.nics[n]->insert_addresses(addresses);
+  }
+
+  s.worker = std::make_unique<Worker>(s.nics, s.counter, s.rank, c.max_posts_per_step);
+  s.worker->start(nullptr);
+  bootstrap.barrier(c.timeout_ms);
+}
+
+TransferEngine::~TransferEngine() {
+  if (!impl_ || !impl_->worker) return;
+  // Writes still in flight reference registered memory: let them finish before the MRs close.
+  try {
+    impl_->worker->flush(impl_->config.timeout_ms);
+  } catch (const Error&) {
+    // A failed peer cannot complete them; closing the endpoint cancels them.
+  }
+  impl_->worker->stop();
+  impl_->regions.clear();
+  impl_->worker.reset();
+  impl_->nics.clear();
+}
+
+int TransferEngine::rank() const { return impl_->rank; }
+int TransferEngine::world_size() const { return impl_->world_size; }
+int TransferEngine::num_nics() const { return static_cast<int>(impl_->nics.size()); }
+const std::string& TransferEngine::provider() const { return impl_->provider_name; }
+std::vector<std::string> TransferEngine::nic_names() const {
+  std::vector<std::string> names;
+  for (const auto& nic : impl_->nics) names.push_back(nic->domain_name());
+  return names;
+}
+Bootstrap& TransferEngine::bootstrap() { return impl_->bootstrap; }
+const EngineConfig& TransferEngine::config() const { return impl_->config; }
+
+MemoryRegion& TransferEngine::register_memory(void* data, size_t bytes, MemoryKind kind,
+                                              int cuda_device) {
+  Impl& s = *impl_;
+  if (data == nullptr || bytes == 0) {
+    raise(Status::invalid_argument, s.who() + ": register_memory needs a non-null buffer of at "
+                                              "least one byte");
+  }
+  if (kind == MemoryKind::cuda && cuda_device < 0) cuda_device = s.config.cuda_device;
+  std::lock_guard<std::mutex> lock(s.mutex);
+  RegionImpl region;
+  region.data_ = data;
+  region.bytes_ = bytes;
+  region.kind_ = kind;
+  region.desc_.bytes = bytes;
+  region.desc_.num_nics = static_cast<uint32_t>(s.nics.size());
+  region.desc_.owner_rank = static_cast<uint32_t>(s.rank);
+  region.desc_.addr = s.nics[0]->caps().virt_addr ? reinterpret_cast<uint64_t>(data) : 0;
+  // Keys must be unique per domain when the provider does not choose them.
+  const uint64_t key = s.next_key++;
+  s.worker->run_on_worker(
+      [&] {
+        for (size_t n = 0; n < s.nics.size(); ++n) {
+          region.mrs.push_back(s.nics[n]->register_memory(data, bytes, kind, cuda_device, key));
+          region.local_desc[n] = fi_mr_desc(region.mrs.back().get());
+          region.desc_.keys[n] = fi_mr_key(region.mrs.back().get());
+        }
+      },
+      s.config.timeout_ms);
+  s.regions.push_back(std::move(region));
+  return s.regions.back();
+}
+
+void TransferEngine::deregister(MemoryRegion& region) {
+  Impl& s = *impl_;
+  std::lock_guard<std::mutex> lock(s.mutex);
+  for (auto it = s.regions.begin(); it != s.regions.end(); ++it) {
+    if (&*it != &region) continue;
+    // In-flight writes may still read it.
+    s.worker->flush(s.config.timeout_ms);
+    auto mrs = std::move(it->mrs);
+    s.worker->run_on_worker([&] { mrs.clear(); }, s.config.timeout_ms);
+    s.regions.erase(it);
+    return;
+  }
+  raise(Status::invalid_argument, s.who() + ": deregister of a region this engine does not own");
+}
+
+std::vector<RegionDesc> TransferEngine::exchange(const MemoryRegion& region, int timeout_ms) {
+  std::vector<RegionDesc> all(static_cast<size_t>(impl_->world_size));
+  impl_->bootstrap.allgather(&region.desc(), sizeof(RegionDesc), all.data(),
+                             impl_->wait_ms(timeout_ms));
+  return all;
+}
+
+PeerGroup& TransferEngine::make_group(std::span<const int> peer_ranks,
+                                      std::span<const RegionDesc> remotes) {
+  Impl& s = *impl_;
+  // Either one descriptor per peer, or every rank's (as exchange() returns).
+  const bool by_rank = remotes.size() == static_cast<size_t>(s.world_size) &&
+                       remotes.size() != peer_ranks.size();
+  if (!by_rank && remotes.size() != peer_ranks.size()) {
+    raise(Status::invalid_argument,
+          s.who() + ": make_group needs one region descriptor per peer (" +
+              std::to_string(peer_ranks.size()) + " peers, " + std::to_string(remotes.size()) +
+              " descriptors) or one per rank");
+  }
+  GroupImpl group;
+  for (size_t i = 0; i < peer_ranks.size(); ++i) {
+    const int peer = peer_ranks[i];
+    if (peer < 0 || peer >= s.world_size) {
+      raise(Status::invalid_argument, s.who() + ": make_group: peer rank " + std::to_string(peer) +
+                                          " outside [0, " + std::to_string(s.world_size) + ")");
+    }
+    const RegionDesc& remote = by_rank ? remotes[static_cast<size_t>(peer)] : remotes[i];
+    if (remote.num_nics != s.nics.size()) {
+      raise(Status::invalid_argument,
+            s.who() + ": make_group: rank " + std::to_string(peer) + "'s region has " +
+                std::to_string(remote.num_nics) + " NIC keys, this engine has " +
+                std::to_string(s.nics.size()) + " NICs");
+    }
+    group.ranks.push_back(peer);
+    group.remotes.push_back(remote);
+    for (int n = 0; n < kMaxNics; ++n) {
+      group.addrs.push_back(static_cast<size_t>(n) < s.nics.size()
+                                ? s.peer_addrs[static_cast<size_t>(n)][static_cast<size_t>(peer)]
+                                : FI_ADDR_UNSPEC);
+    }
+  }
+  std::lock_guard<std::mutex> lock(s.mutex);
+  s.groups.push_back(std::move(group));
+  return s.groups.back();
+}
+
+void TransferEngine::write(const PeerGroup& group, size_t peer_index, const MemoryRegion& src,
+                           uint64_t src_offset, uint64_t dst_offset, uint64_t bytes,
+                           std::optional<uint32_t> imm, NicRoute route) {
+  Impl& s = *impl_;
+  const GroupImpl& g = s.own_group(group, "write");
+  const RegionImpl& r = s.own_region(src, "write");
+  s.check_bounds("write", r, g, peer_index, src_offset, dst_offset, bytes);
+  const NicRoute resolved = s.resolve(route, bytes);
+  const uint32_t count = s.pieces(resolved, bytes);
+  const int nics = static_cast<int>(s.nics.size());
+  uint32_t index = 0;
+  s.worker->enqueue(count, s.config.timeout_ms, [&](WriteOp& op) {
+    const route::Piece p = route::piece(bytes, index++, count, peer_index, nics, resolved);
+    s.fill(op, r, g, peer_index, src_offset, dst_offset, p, imm);
+  });
+}
+
+void TransferEngine::write_paged(const PeerGroup& group, size_t peer_index,
+                                 const MemoryRegion& src, uint64_t page_bytes,
+                                 uint64_t src_stride_bytes, uint64_t dst_stride_bytes,
+                                 std::span<const uint32_t> src_pages,
+                                 std::span<const uint32_t> dst_pages, std::optional<uint32_t> imm) {
+  Impl& s = *impl_;
+  const GroupImpl& g = s.own_group(group, "write_paged");
+  const RegionImpl& r = s.own_region(src, "write_paged");
+  if (src_pages.size() != dst_pages.size()) {
+    raise(Status::invalid_argument, s.who() + " write_paged: " + std::to_string(src_pages.size()) +
+                                        " source pages but " + std::to_string(dst_pages.size()) +
+                                        " destination pages");
+  }
+  if (page_bytes > src_stride_bytes || page_bytes > dst_stride_bytes) {
+    raise(Status::invalid_argument, s.who() + " write_paged: page of " + std::to_string(page_bytes) +
+                                        " bytes is larger than its stride");
+  }
+  for (size_t i = 0; i < src_pages.size(); ++i) {
+    s.check_bounds("write_paged", r, g, peer_index, src_pages[i] * src_stride_bytes,
+                   dst_pages[i] * dst_stride_bytes, page_bytes);
+  }
+  // Pages are small by construction: each goes out whole, pages spread over the NICs.
+  const int nics = static_cast<int>(s.nics.size());
+  size_t i = 0;
+  s.worker->enqueue(src_pages.size(), s.config.timeout_ms, [&](WriteOp& op) {
+    route::Piece p;
+    p.bytes = page_bytes;
+    p.nic = static_cast<int>((peer_index + i) % static_cast<size_t>(nics));
+    s.fill(op, r, g, peer_index, src_pages[i] * src_stride_bytes, dst_pages[i] * dst_stride_bytes,
+           p, imm);
+    ++i;
+  });
+}
+
+void TransferEngine::scatter(const PeerGroup& group, const MemoryRegion& src,
+                             std::span<const ScatterDst> dsts, std::optional<uint32_t> imm,
+                             NicRoute route) {
+  Impl& s = *impl_;
+  const GroupImpl& g = s.own_group(group, "scatter");
+  const RegionImpl& r = s.own_region(src, "scatter");
+  size_t total = 0;
+  for (const ScatterDst& d : dsts) {
+    s.check_bounds("scatter", r, g, d.peer_index, d.src_offset, d.dst_offset, d.bytes);
+    total += s.pieces(s.resolve(route, d.bytes), d.bytes);
+  }
+  const int nics = static_cast<int>(s.nics.size());
+  // The template: everything constant across the scatter is set once per record by the same
+  // code path; per record only address, length, key and peer change.
+  size_t dst = 0;
+  uint32_t piece = 0;
+  s.worker->enqueue(total, s.config.timeout_ms, [&](WriteOp& op) {
+    const ScatterDst& d = dsts[dst];
+    const NicRoute resolved = s.resolve(route, d.bytes);
+    const uint32_t count = s.pieces(resolved, d.bytes);
+    const route::Piece p = route::piece(d.bytes, piece, count, d.peer_index, nics, resolved);
+    s.fill(op, r, g, d.peer_index, d.src_offset, d.dst_offset, p, imm);
+    if (++piece == count) {
+      piece = 0;
+      ++dst;
+    }
+  });
+}
+
+void TransferEngine::barrier(const PeerGroup& group, uint32_t tag, int timeout_ms) {
+  Impl& s = *impl_;
+  const GroupImpl& g = s.own_group(group, "barrier");
+  if (tag > imm::kMaxTag) {
+    raise(Status::invalid_argument, s.who() + " barrier: tag " + std::to_string(tag) +
+                                        " exceeds " + std::to_string(imm::kMaxTag));
+  }
+  const uint32_t mine = imm::encode(tag, static_cast<uint32_t>(s.rank));
+  const int nics = static_cast<int>(s.nics.size());
+  size_t i = 0;
+  s.worker->enqueue(g.size(), s.config.timeout_ms, [&](WriteOp& op) {
+    route::Piece p;
+    p.nic = static_cast<int>(i % static_cast<size_t>(nics));
+    // Zero bytes from the start of the peer's region: only the immediate travels.
+    op.buf = nullptr;
+    op.desc = nullptr;
+    op.bytes = 0;
+    op.remote_addr = g.remotes[i].addr;
+    op.key = g.remotes[i].keys[p.nic];
+    op.dest = g.addrs[i * kMaxNics + static_cast<size_t>(p.nic)];
+    op.peer_rank = g.ranks[i];
+    op.nic = static_cast<uint16_t>(p.nic);
+    op.has_imm = true;
+    op.imm = mine;
+    ++i;
+  });
+  std::vector<ImmExpect> expects;
+  expects.reserve(g.size());
+  for (int peer : g.ranks) expects.push_back({imm::encode(tag, static_cast<uint32_t>(peer)), 1});
+  wait(expects, timeout_ms);
+}
+
+uint32_t TransferEngine::pieces_for(uint64_t bytes, NicRoute route) const {
+  return impl_->pieces(impl_->resolve(route, bytes), bytes);
+}
+
+uint32_t TransferEngine::imm_count(uint32_t imm) const { return impl_->counter.count(imm); }
+
+void TransferEngine::wait(std::span<const ImmExpect> expects, int timeout_ms) {
+  Impl& s = *impl_;
+  wait_for_imms(s.counter, expects, s.wait_ms(timeout_ms), s.who() + " wait",
+                [&] { s.worker->raise_if_failed(); });
+}
+
+void TransferEngine::wait(uint32_t imm, uint32_t count, int timeout_ms) {
+  const ImmExpect expect{imm, count};
+  wait(std::span<const ImmExpect>(&expect, 1), timeout_ms);
+}
+
+void TransferEngine::on_imm(uint32_t imm, uint32_t count, std::function<void()> fn) {
+  impl_->worker->add_imm_waiter(imm, count, std::move(fn));
+}
+
+void TransferEngine::set_flag_on_imm(uint32_t imm, uint32_t count, volatile uint32_t* flag,
+                                     uint32_t value) {
+  impl_->worker->add_imm_waiter(imm, count, [flag, value] {
+    // Release: whoever sees the flag (a GPU polling mapped host memory, or a CPU thread) also
+    // sees every byte the writes that produced these immediates delivered.
+    std::atomic_thread_fence(std::memory_order_release);
+    __atomic_store_n(const_cast<uint32_t*>(flag), value, __ATOMIC_RELEASE);
+  });
+}
+
+void TransferEngine::flush(int timeout_ms) { impl_->worker->flush(impl_->wait_ms(timeout_ms)); }
+
+EngineStats TransferEngine::stats() const { return impl_->worker->stats(); }
+
+}  // namespace ferry::te

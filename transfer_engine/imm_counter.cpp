@@ -1,0 +1,155 @@
+#include "transfer_engine/imm_counter.h"
+
+#include <algorithm>
+#include <bit>
+#include <chrono>
+#include <thread>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace ferry::te {
+namespace {
+
+constexpr uint64_t kOccupied = uint64_t{1} << 32;
+
+uint64_t slot_key(uint32_t imm) { return kOccupied | imm; }
+
+size_t hash(uint32_t imm) {
+  // Immediates differ mostly in their low (rank) bits and in a few tag bits; mix them all.
+  uint64_t x = imm * 0x9E3779B97F4A7C15ull;
+  return static_cast<size_t>(x >> 29);
+}
+
+void cpu_relax() {
+#if defined(__x86_64__)
+  _mm_pause();
+#endif
+}
+
+}  // namespace
+
+ImmCounter::ImmCounter(size_t capacity)
+    : slots_(new Slot[std::bit_ceil(std::max<size_t>(capacity, 16))]),
+      mask_(std::bit_ceil(std::max<size_t>(capacity, 16)) - 1) {}
+
+ImmCounter::Slot* ImmCounter::find(uint32_t imm) const {
+  const uint64_t key = slot_key(imm);
+  for (size_t i = hash(imm), probes = 0; probes <= mask_; ++i, ++probes) {
+    Slot& slot = slots_[i & mask_];
+    uint64_t k = slot.key.load(std::memory_order_acquire);
+    if (k == key) return &slot;
+    if (k == 0) return nullptr;
+  }
+  return nullptr;
+}
+
+ImmCounter::Slot* ImmCounter::find_or_insert(uint32_t imm) {
+  const uint64_t key = slot_key(imm);
+  for (size_t i = hash(imm), probes = 0; probes <= mask_; ++i, ++probes) {
+    Slot& slot = slots_[i & mask_];
+    uint64_t k = slot.key.load(std::memory_order_acquire);
+    if (k == 0) {
+      uint64_t expected = 0;
+      if (slot.key.compare_exchange_strong(expected, key, std::memory_order_acq_rel)) return &slot;
+      k = expected;
+    }
+    if (k == key) return &slot;
+  }
+  return nullptr;
+}
+
+bool ImmCounter::add(uint32_t imm, uint32_t n) {
+  Slot* slot = find_or_insert(imm);
+  if (slot == nullptr) return false;
+  slot->count.fetch_add(n, std::memory_order_release);
+  return true;
+}
+
+uint32_t ImmCounter::count(uint32_t imm) const {
+  const Slot* slot = find(imm);
+  return slot ? slot->count.load(std::memory_order_acquire) : 0;
+}
+
+bool ImmCounter::try_consume(uint32_t imm, uint32_t n) {
+  if (n == 0) return true;
+  Slot* slot = find(imm);
+  if (slot == nullptr) return false;
+  uint32_t have = slot->count.load(std::memory_order_acquire);
+  while (have >= n) {
+    if (slot->count.compare_exchange_weak(have, have - n, std::memory_order_acq_rel)) return true;
+  }
+  return false;
+}
+
+bool ImmCounter::try_consume_all(std::span<const ImmExpect> expects) {
+  for (const ImmExpect& e : expects) {
+    if (count(e.imm) < e.count) return false;
+  }
+  // Consume one by one; a concurrent consumer of the same immediate can make a later one fail, in
+  // which case the earlier ones are given back.
+  for (size_t i = 0; i < expects.size(); ++i) {
+    if (!try_consume(expects[i].imm, expects[i].count)) {
+      for (size_t j = 0; j < i; ++j) add(expects[j].imm, expects[j].count);
+      return false;
+    }
+  }
+  return true;
+}
+
+std::string describe_missing(const ImmCounter& counter, std::span<const ImmExpect> expects) {
+  std::string text;
+  size_t listed = 0;
+  size_t unmet = 0;
+  for (const ImmExpect& e : expects) {
+    uint32_t have = counter.count(e.imm);
+    if (have >= e.count) continue;
+    ++unmet;
+    if (listed == 32) continue;  // keep EP64-sized messages readable
+    if (!text.empty()) text += "; ";
+    char hex[16];
+    snprintf(hex, sizeof(hex), "0x%x", e.imm);
+    text += "imm " + std::string(hex) + " (tag " + std::to_string(imm::tag(e.imm)) +
+            ", from rank " + std::to_string(imm::sender(e.imm)) + "): " +
+            std::to_string(e.count - have) + " of " + std::to_string(e.count) + " missing";
+    ++listed;
+  }
+  if (unmet > listed) text += "; and " + std::to_string(unmet - listed) + " more";
+  return text;
+}
+
+void wait_for_imms(const ImmCounter& counter, std::span<const ImmExpect> expects, int timeout_ms,
+                   const std::string& what, const std::function<void()>& check) {
+  auto& mutable_counter = const_cast<ImmCounter&>(counter);
+  const auto start = std::chrono::steady_clock::now();
+  const auto deadline = start + std::chrono::milliseconds(timeout_ms);
+  Backoff backoff(100);
+  for (;;) {
+    if (mutable_counter.try_consume_all(expects)) return;
+    if (check) check();
+    if (std::chrono::steady_clock::now() >= deadline) {
+      // One last look: the arrivals may have landed while the check ran.
+      if (mutable_counter.try_consume_all(expects)) return;
+      raise(Status::timeout, what + ": timed out after " + std::to_string(timeout_ms) +
+                                 " ms waiting for " + describe_missing(counter, expects));
+    }
+    backoff.pause();
+  }
+}
+
+void Backoff::pause() {
+  ++idle_;
+  if (idle_ < 256) {
+    cpu_relax();
+  } else if (idle_ < 512) {
+    std::this_thread::yield();
+  } else {
+    int us = std::min<int>(max_sleep_us_, 1 << std::min<uint32_t>((idle_ - 512) / 16, 8));
+    std::this_thread::sleep_for(std::chrono::microseconds(us));
+  }
+}
+
+bool Backoff::sleeping() const { return idle_ >= 512; }
+
+}  // namespace ferry::te

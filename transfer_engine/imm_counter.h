@@ -1,0 +1,67 @@
+// Arrivals per 32-bit immediate, independent of delivery order (EFA's SRD is unordered): the worker
+// adds, waiters read and consume. Lock-free open addressing; keys are never removed, so a table
+// holds as many distinct immediates as its capacity over the engine's lifetime.
+#pragma once
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "transfer_engine/engine.h"
+
+namespace ferry::te {
+
+class ImmCounter {
+ public:
+  explicit ImmCounter(size_t capacity = size_t{1} << 15);  // rounded up to a power of two
+
+  // Adds `n` arrivals of `imm`; false when the table is full (the caller reports it).
+  bool add(uint32_t imm, uint32_t n = 1);
+  // Arrivals not yet consumed.
+  uint32_t count(uint32_t imm) const;
+  // Consumes `n` arrivals if at least `n` are there, atomically; false otherwise.
+  bool try_consume(uint32_t imm, uint32_t n);
+  // Consumes every expectation at once when all are met (waiters of disjoint immediates never
+  // steal from each other); false and nothing consumed otherwise.
+  bool try_consume_all(std::span<const ImmExpect> expects);
+  size_t capacity() const { return mask_ + 1; }
+
+ private:
+  struct alignas(16) Slot {
+    std::atomic<uint64_t> key{0};  // 0: empty; else (1 << 32) | imm
+    std::atomic<uint32_t> count{0};
+  };
+  Slot* find(uint32_t imm) const;
+  Slot* find_or_insert(uint32_t imm);
+
+  std::unique_ptr<Slot[]> slots_;
+  size_t mask_;
+};
+
+// "imm 0x12345 (tag 18, from rank 5): 2 of 3 missing; ..." for every unmet expectation.
+std::string describe_missing(const ImmCounter& counter, std::span<const ImmExpect> expects);
+
+// Waits (spin, then yield, then short sleeps) until every expectation is met and consumes them.
+// `check` runs between polls and may throw (a transport error seen by the worker). On deadline
+// throws Status::timeout "<what>: timed out after N ms waiting for <describe_missing>".
+void wait_for_imms(const ImmCounter& counter, std::span<const ImmExpect> expects, int timeout_ms,
+                   const std::string& what, const std::function<void()>& check);
+
+// Idle backoff shared by the worker and waiters: many engines share few cores in tests, so spinning
+// gives way to yields and then to sleeps of growing length (capped at max_sleep_us).
+class Backoff {
+ public:
+  explicit Backoff(int max_sleep_us = 200) : max_sleep_us_(max_sleep_us) {}
+  void reset() { idle_ = 0; }
+  void pause();
+  bool sleeping() const;
+
+ private:
+  uint32_t idle_ = 0;
+  int max_sleep_us_;
+};
+
+}  // namespace ferry::te
