@@ -1,0 +1,308 @@
+#include "csrc/protocol.h"
+
+#include <cstring>
+
+#include "transfer_engine/error.h"
+#include "transfer_engine/imm.h"
+
+namespace ferry::ep {
+namespace {
+
+// Above the engine's reserved tags, with room for kinds * step tags.
+constexpr uint32_t kTagBase = te::imm::kUserTagBase + 0x40;
+
+const char* phase_text(int phase) {
+  static const char* names[] = {"idle (next: dispatch SEND)", "dispatch SEND in progress",
+                                "dispatch sent (next: dispatch RECV)", "dispatched (next: combine SEND)",
+                                "combine SEND in progress", "combine sent (next: combine RECV)", "failed"};
+  return names[phase];
+}
+
+}  // namespace
+
+Protocol::Protocol(const Layout& layout, te::TransferEngine& engine, const ProtocolBuffers& buffers, int timeout_ms)
+    : layout_(layout), engine_(engine), buffers_(buffers), timeout_ms_(timeout_ms) {
+  const int R = layout_.world_size, me = layout_.rank;
+  if (engine_.rank() != me || engine_.world_size() != R)
+    raise(Status::invalid_argument, "a2a config says rank " + std::to_string(me) + " of " + std::to_string(R) +
+                                        " but the transfer engine is rank " + std::to_string(engine_.rank()) +
+                                        " of " + std::to_string(engine_.world_size()));
+  send_mr_ = &engine_.register_memory(buffers_.send, layout_.send_buffer_bytes(), buffers_.kind, buffers_.cuda_device);
+  recv_mr_ = &engine_.register_memory(buffers_.recv, layout_.recv_buffer_bytes(), buffers_.kind, buffers_.cuda_device);
+  combine_send_mr_ =
+      &engine_.register_memory(buffers_.combine_send, layout_.combine_send_bytes(), buffers_.kind, buffers_.cuda_device);
+  combine_recv_mr_ =
+      &engine_.register_memory(buffers_.combine_recv, layout_.combine_recv_bytes(), buffers_.kind, buffers_.cuda_device);
+  const std::vector<te::RegionDesc> recv_descs = engine_.exchange(*recv_mr_, timeout_ms_);
+  const std::vector<te::RegionDesc> combine_descs = engine_.exchange(*combine_recv_mr_, timeout_ms_);
+  std::vector<int> ranks;
+  std::vector<te::RegionDesc> recv_remote, combine_remote;
+  peer_index_.assign(R, -1);
+  for (int r = 0; r < R; ++r) {
+    if (r == me) continue;
+    peer_index_[r] = int(ranks.size());
+    ranks.push_back(r);
+    recv_remote.push_back(recv_descs[r]);
+    combine_remote.push_back(combine_descs[r]);
+  }
+  dispatch_peers_ = &engine_.make_group(ranks, recv_remote);
+  combine_peers_ = &engine_.make_group(ranks, combine_remote);
+  header_scratch_.resize(layout_.count_header_bytes);
+  count_matrix_.assign(size_t(R) * R, 0);
+  expert_counts_.assign(size_t(R) * layout_.experts_per_rank, 0);
+}
+
+Protocol::~Protocol() {
+  // Writes still in flight read these buffers; let them finish before the regions go away.
+  try {
+    engine_.flush(timeout_ms_);
+  } catch (...) {
+  }
+  for (te::MemoryRegion* mr : {send_mr_, recv_mr_, combine_send_mr_, combine_recv_mr_})
+    if (mr) engine_.deregister(*mr);
+}
+
+uint32_t Protocol::imm(Kind kind, int sender) const {
+  return te::imm::encode(kTagBase + uint32_t(kind) * kStepTags + step_ % kStepTags, uint32_t(sender));
+}
+
+void Protocol::copy(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return;
+  if (buffers_.copy) buffers_.copy(dst, src, bytes);
+  else std::memcpy(dst, src, bytes);
+}
+
+void Protocol::expect_phase(Phase want, const char* operation) {
+  if (phase_ == Phase::broken)
+    raise(Status::internal, "rank " + std::to_string(layout_.rank) + ": " + operation +
+                                " after a failed step; the all-to-all must be recreated (" + broken_reason_ + ")");
+  if (phase_ != want)
+    raise(Status::invalid_argument, "rank " + std::to_string(layout_.rank) + ": " + operation +
+                                        " out of order: dispatch SEND, dispatch RECV, combine SEND and combine "
+                                        "RECV must alternate; state is " + phase_text(int(phase_)));
+}
+
+template <class Fn>
+void Protocol::guarded(const char* operation, Fn&& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    phase_ = Phase::broken;
+    broken_reason_ = std::string(operation) + ": " + e.what();
+    throw;
+  } catch (const std::exception& e) {
+    phase_ = Phase::broken;
+    broken_reason_ = std::string(operation) + ": " + e.what();
+    raise(Status::internal, "rank " + std::to_string(layout_.rank) + " " + operation + ": " + e.what());
+  }
+}
+
+void Protocol::wait_or_throw(std::vector<te::ImmExpect>& expects, const char* what) {
+  if (expects.empty()) return;
+  try {
+    engine_.wait(expects, timeout_ms_);
+  } catch (const Error& e) {
+    raise(e.status(), "rank " + std::to_string(layout_.rank) + " step " + std::to_string(step_) + " " + what +
+                          ": " + e.what());
+  }
+}
+
+void Protocol::begin_dispatch() {
+  expect_phase(Phase::idle, "dispatch SEND");
+  guarded("dispatch SEND", [&] { engine_.flush(timeout_ms_); });
+  phase_ = Phase::dispatch_packing;
+}
+
+void Protocol::post_private(bool poisoned) {
+  const int R = layout_.world_size, me = layout_.rank;
+  std::vector<te::ScatterDst> dsts;
+  dsts.reserve(R);
+  stats_ = {};
+  for (int d = 0; d < R; ++d) {
+    const int32_t count = poisoned ? 0 : dest_count_[d];
+    const int32_t n = count < layout_.private_tokens ? count : layout_.private_tokens;
+    const uint64_t src = layout_.send_section_offset(d, poisoned ? 0 : dest_offset_[d]);
+    const uint64_t bytes = layout_.count_header_bytes + uint64_t(n) * layout_.record_bytes;
+    const uint64_t dst = layout_.recv_private_offset(me);
+    if (d == me) {
+      copy(static_cast<uint8_t*>(buffers_.recv) + dst, static_cast<const uint8_t*>(buffers_.send) + src, bytes);
+      continue;
+    }
+    dsts.push_back({uint32_t(peer_index_[d]), src, dst, bytes});
+    stats_.dispatch_bytes_sent += bytes;
+    stats_.dispatch_records_sent += uint64_t(n);
+  }
+  // The receiver cannot know this write's size before it arrives, so it must be one piece: by_peer.
+  if (!dsts.empty()) engine_.scatter(*dispatch_peers_, *send_mr_, dsts, imm(kPrivate, me), te::NicRoute::by_peer);
+}
+
+void Protocol::post_dispatch(std::span<const int32_t> dest_count, std::span<const int64_t> dest_offset) {
+  expect_phase(Phase::dispatch_packing, "dispatch SEND");
+  guarded("dispatch SEND", [&] {
+    dest_count_.assign(dest_count.begin(), dest_count.end());
+    dest_offset_.assign(dest_offset.begin(), dest_offset.end());
+    post_private(false);
+  });
+  phase_ = Phase::dispatch_posted;
+}
+
+void Protocol::post_dispatch_failure() {
+  if (phase_ != Phase::idle && phase_ != Phase::dispatch_packing) return;  // peers already past headers
+  try {
+    const int R = layout_.world_size;
+    std::vector<uint8_t> header(layout_.count_header_bytes, 0);
+    header_counts(header.data())[0] = kPoisonCount;
+    for (int d = 0; d < R; ++d)
+      copy(static_cast<uint8_t*>(buffers_.send) + layout_.send_section_offset(d, 0), header.data(), header.size());
+    dest_count_.assign(R, 0);
+    dest_offset_.assign(R + 1, 0);
+    post_private(true);
+  } catch (...) {
+    // Best effort: the peers then report this rank missing at their deadline instead.
+  }
+  phase_ = Phase::broken;
+  if (broken_reason_.empty()) broken_reason_ = "this rank's dispatch failed";
+}
+
+void Protocol::mark_failed(const std::string& reason) {
+  if (phase_ == Phase::broken) return;
+  phase_ = Phase::broken;
+  broken_reason_ = reason;
+}
+
+void Protocol::read_count_headers() {
+  const int R = layout_.world_size, epr = layout_.experts_per_rank, me = layout_.rank;
+  for (int s = 0; s < R; ++s) {
+    copy(header_scratch_.data(), static_cast<const uint8_t*>(buffers_.recv) + layout_.recv_private_offset(s),
+         header_scratch_.size());
+    const int32_t* counts = header_counts(header_scratch_.data());
+    const int32_t* experts = header_expert_counts(header_scratch_.data(), R);
+    auto bad = [&](const std::string& what) {
+      raise(Status::peer_failed, "rank " + std::to_string(me) + " dispatch step " + std::to_string(step_) +
+                                     ": count header from rank " + std::to_string(s) + " " + what);
+    };
+    if (counts[0] == kPoisonCount) bad("reports that its dispatch failed (invalid input on that rank)");
+    for (int d = 0; d < R; ++d) {
+      if (counts[d] < 0 || counts[d] > layout_.max_tokens)
+        bad("claims " + std::to_string(counts[d]) + " records for rank " + std::to_string(d) +
+            ", outside [0, max_tokens=" + std::to_string(layout_.max_tokens) + "]");
+      count_matrix_[size_t(s) * R + d] = counts[d];
+    }
+    const int32_t mine = counts[me];
+    int64_t routes = 0;
+    for (int e = 0; e < epr; ++e) {
+      if (experts[e] < 0 || experts[e] > mine)
+        bad("claims " + std::to_string(experts[e]) + " rows for local expert " + std::to_string(e) + " out of " +
+            std::to_string(mine) + " records");
+      routes += experts[e];
+      expert_counts_[size_t(s) * epr + e] = experts[e];
+    }
+    if (routes < mine || routes > int64_t(mine) * layout_.max_routes_per_record())
+      bad("claims " + std::to_string(routes) + " expert rows for " + std::to_string(mine) + " records");
+  }
+}
+
+const RecvPlan& Protocol::wait_dispatch() {
+  expect_phase(Phase::dispatch_posted, "dispatch RECV");
+  guarded("dispatch RECV", [&] {
+    const int R = layout_.world_size, me = layout_.rank;
+    std::vector<te::ImmExpect> expects;
+    for (int s = 0; s < R; ++s)
+      if (s != me) expects.push_back({imm(kPrivate, s), 1});
+    wait_or_throw(expects, "dispatch: waiting for the count headers and private records");
+    read_count_headers();
+    recv_plan_ = make_recv_plan(layout_, count_matrix_.data(), expert_counts_.data());
+
+    // Overflow: records beyond the private region, at offsets every rank derives from the matrix.
+    std::vector<te::ScatterDst> dsts;
+    for (int d = 0; d < R; ++d) {
+      const int n = overflow_count(layout_, dest_count_[d]);
+      if (n == 0) continue;
+      const uint64_t src = layout_.send_record_offset(d, dest_offset_[d], layout_.private_tokens);
+      const int64_t before = overflow_before(layout_, count_matrix_.data(), me, d);
+      const uint64_t dst = layout_.overflow_offset() + uint64_t(before) * layout_.record_bytes;
+      const uint64_t bytes = uint64_t(n) * layout_.record_bytes;
+      if (d == me) {
+        copy(static_cast<uint8_t*>(buffers_.recv) + dst, static_cast<const uint8_t*>(buffers_.send) + src, bytes);
+        continue;
+      }
+      dsts.push_back({uint32_t(peer_index_[d]), src, dst, bytes});
+      stats_.dispatch_bytes_sent += bytes;
+      stats_.dispatch_records_sent += uint64_t(n);
+      stats_.overflow_records_sent += uint64_t(n);
+    }
+    if (!dsts.empty()) engine_.scatter(*dispatch_peers_, *send_mr_, dsts, imm(kOverflow, me));
+    expects.clear();
+    for (int s = 0; s < R; ++s) {
+      const int n = overflow_count(layout_, recv_plan_.count[s]);
+      if (s != me && n > 0)
+        expects.push_back({imm(kOverflow, s), engine_.pieces_for(uint64_t(n) * layout_.record_bytes)});
+    }
+    wait_or_throw(expects, "dispatch: waiting for overflow records");
+  });
+  phase_ = Phase::dispatched;
+  return recv_plan_;
+}
+
+void Protocol::begin_combine() {
+  expect_phase(Phase::dispatched, "combine SEND");
+  guarded("combine SEND", [&] { engine_.flush(timeout_ms_); });
+  phase_ = Phase::combine_packing;
+}
+
+void Protocol::post_combine() {
+  expect_phase(Phase::combine_packing, "combine SEND");
+  guarded("combine SEND", [&] {
+    const int R = layout_.world_size, me = layout_.rank, dp = layout_.dp_size;
+    const uint64_t pb = layout_.partial_bytes;
+    std::vector<te::ScatterDst> dsts;
+    stats_.combine_bytes_sent = 0;
+    // Every member of a dp group gets the partials of the whole group's tokens; every peer gets at
+    // least an empty write, whose arrival proves this rank is done reading its receive region.
+    for (int g = 0; g < R / dp; ++g) {
+      for (int m = g * dp; m < g * dp + dp; ++m) {
+        const size_t first = dsts.size();
+        for (int s = g * dp; s < g * dp + dp; ++s) {
+          const int32_t n = recv_plan_.count[s];
+          if (n == 0) continue;
+          const uint64_t src = uint64_t(recv_plan_.record_base[s]) * pb;
+          const uint64_t dst = uint64_t(combine_slot_base(layout_, count_matrix_.data(), s, me)) * pb;
+          const uint64_t bytes = uint64_t(n) * pb;
+          if (m == me) {
+            copy(static_cast<uint8_t*>(buffers_.combine_recv) + dst,
+                 static_cast<const uint8_t*>(buffers_.combine_send) + src, bytes);
+            continue;
+          }
+          dsts.push_back({uint32_t(peer_index_[m]), src, dst, bytes});
+          stats_.combine_bytes_sent += bytes;
+        }
+        if (m != me && dsts.size() == first) dsts.push_back({uint32_t(peer_index_[m]), 0, 0, 0});
+      }
+    }
+    if (!dsts.empty()) engine_.scatter(*combine_peers_, *combine_send_mr_, dsts, imm(kCombine, me));
+  });
+  phase_ = Phase::combine_posted;
+}
+
+void Protocol::wait_combine() {
+  expect_phase(Phase::combine_posted, "combine RECV");
+  guarded("combine RECV", [&] {
+    const int R = layout_.world_size, me = layout_.rank, dp = layout_.dp_size;
+    const int first_member = me - layout_.dp_member(me);
+    std::vector<te::ImmExpect> expects;
+    for (int d = 0; d < R; ++d) {
+      if (d == me) continue;
+      uint32_t pieces = 0;
+      for (int j = first_member; j < first_member + dp; ++j) {
+        const int32_t n = count_matrix_[size_t(j) * R + d];
+        if (n > 0) pieces += engine_.pieces_for(uint64_t(n) * layout_.partial_bytes);
+      }
+      expects.push_back({imm(kCombine, d), pieces == 0 ? 1u : pieces});
+    }
+    wait_or_throw(expects, "combine: waiting for partials");
+  });
+  phase_ = Phase::idle;
+  ++step_;
+}
+
+}  // namespace ferry::ep

@@ -1,0 +1,145 @@
+// The all-to-all exchange over the TransferEngine, shared by the host backend and the CUDA backend:
+// the backends pack and unpack (CPU loops here, kernels there) into the buffers this class
+// registers and moves. Nothing here reads or writes token payloads.
+//
+// One step = dispatch (post_dispatch, wait_dispatch) then combine (post_combine, wait_combine), in
+// that order; anything else throws Status::invalid_argument.
+//
+// Immediates: imm::encode(tag, sender) with tag = kind (dispatch-private, dispatch-overflow,
+// combine) and step sequence mod kStepTags. A fast peer is at most one step ahead (see "Back-to-back
+// steps" below), so an early arrival of step n+1 carries another tag and is never counted for step n.
+//
+// Back-to-back steps with ranks of different speeds. Rank A finishes wait_combine of step n only
+// after every peer B wrote A its combine partials of step n, and B posts those only after it has
+// unpacked its step-n dispatch records into the caller's output and read their headers into its
+// combine bookkeeping (post_combine is called after combine-send packing). So when A starts step n+1
+// and writes into B's receive region, B no longer reads it. A's own send and combine-send buffers
+// are reused only after flush() (local completion of every earlier write). A's combine region is
+// written by B at step n+1 only after B received A's step n+1 dispatch, which A posts after it
+// consumed its step-n combine region. Hence one receive region per peer suffices, no parity bit.
+//
+// Peers are not trusted: count headers are checked (counts within max_tokens, expert counts
+// consistent) before any offset is derived from them; record headers are checked by the unpacker
+// with check_record_header (plan.h). A peer's bad data fails the step with Status::peer_failed
+// naming it; every wait has the configured deadline and names the peers still missing.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "csrc/plan.h"
+#include "transfer_engine/engine.h"
+
+namespace ferry::ep {
+
+// Buffers owned by the backend: host memory for the host backend, pinned host or device memory for
+// the CUDA backend. Sizes from Layout: send_buffer_bytes, recv_buffer_bytes, combine_send_bytes,
+// combine_recv_bytes.
+struct ProtocolBuffers {
+  void* send = nullptr;
+  void* recv = nullptr;
+  void* combine_send = nullptr;
+  void* combine_recv = nullptr;
+  te::MemoryKind kind = te::MemoryKind::host;
+  int cuda_device = -1;
+  // Copies between any of these buffers and host memory (count headers are read through it, and a
+  // rank's records to itself never cross the network). Empty: memcpy.
+  std::function<void(void* dst, const void* src, size_t bytes)> copy;
+};
+
+struct ProtocolStats {
+  uint64_t dispatch_bytes_sent = 0;  // last step, over the network
+  uint64_t combine_bytes_sent = 0;
+  uint64_t dispatch_records_sent = 0;
+  uint64_t overflow_records_sent = 0;
+};
+
+class Protocol {
+ public:
+  static constexpr uint32_t kStepTags = 8;  // step sequence modulus carried in each tag
+
+  Protocol(const Layout& layout, te::TransferEngine& engine, const ProtocolBuffers& buffers, int timeout_ms);
+  ~Protocol();
+  Protocol(const Protocol&) = delete;
+  Protocol& operator=(const Protocol&) = delete;
+
+  const Layout& layout() const { return layout_; }
+  te::TransferEngine& engine() { return engine_; }
+
+  // Call before packing the send buffer: checks the step order and waits for local completion of
+  // every earlier write out of it.
+  void begin_dispatch();
+  // The send buffer holds, for every destination d, [count header | run of dest_count[d] records]
+  // at layout.send_section_offset(d, dest_offset[d]). Writes every peer its section's header and
+  // first min(count, private_tokens) records, one write per peer, also when the count is 0.
+  void post_dispatch(std::span<const int32_t> dest_count, std::span<const int64_t> dest_offset);
+  // Instead of post_dispatch when this rank cannot take part in the step (e.g. invalid input):
+  // writes every peer a poisoned count header so that they fail at once naming this rank.
+  void post_dispatch_failure();
+  // Waits for every peer's count header, checks them, learns the count matrix, writes the overflow
+  // records (at offsets every rank derives from the matrix) and waits for the peers' overflow.
+  // Afterwards every received record lies at recv_record_offset(sender, index).
+  const RecvPlan& wait_dispatch();
+
+  // Call before writing partials into the combine-send buffer.
+  void begin_combine();
+  // The combine-send buffer holds one partial (partial_bytes) per received record in receive order
+  // (record_base of the RecvPlan). Writes each sender's partials to every member of its dp group,
+  // at the slots the records had in the sender's send runs; every peer gets a write, possibly empty.
+  void post_combine();
+  // Waits for every peer's partials; then partial of slot i lies at combine_recv + i * partial_bytes
+  // (slots of member j of this rank's dp group follow those of members before it).
+  void wait_combine();
+
+  // The backend failed between the steps above (e.g. a bad record while unpacking): later calls
+  // throw Status::internal with this reason; peers see this rank missing at their deadline.
+  void mark_failed(const std::string& reason);
+
+  const RecvPlan& recv_plan() const { return recv_plan_; }
+  // count_matrix()[s * world_size + d]: records rank s sent to rank d in this step.
+  const std::vector<int32_t>& count_matrix() const { return count_matrix_; }
+  uint64_t recv_record_offset(int sender, int64_t index) const {
+    return layout_.recv_record_offset(sender, index, recv_plan_.overflow_before[sender]);
+  }
+  uint32_t step() const { return step_; }
+  const ProtocolStats& stats() const { return stats_; }
+
+ private:
+  enum class Phase { idle, dispatch_packing, dispatch_posted, dispatched, combine_packing, combine_posted, broken };
+  enum Kind : uint32_t { kPrivate = 0, kOverflow = 1, kCombine = 2 };
+  uint32_t imm(Kind kind, int sender) const;
+  void expect_phase(Phase want, const char* operation);
+  void copy(void* dst, const void* src, size_t bytes);
+  void post_private(bool poisoned);
+  void wait_or_throw(std::vector<te::ImmExpect>& expects, const char* what);
+  void read_count_headers();
+  template <class Fn>
+  void guarded(const char* operation, Fn&& fn);
+
+  Layout layout_;
+  te::TransferEngine& engine_;
+  ProtocolBuffers buffers_;
+  int timeout_ms_;
+  te::MemoryRegion* send_mr_ = nullptr;
+  te::MemoryRegion* recv_mr_ = nullptr;
+  te::MemoryRegion* combine_send_mr_ = nullptr;
+  te::MemoryRegion* combine_recv_mr_ = nullptr;
+  te::PeerGroup* dispatch_peers_ = nullptr;  // remote: each peer's receive region
+  te::PeerGroup* combine_peers_ = nullptr;   // remote: each peer's combine region
+  std::vector<int> peer_index_;              // rank -> index in the groups (-1 for this rank)
+
+  Phase phase_ = Phase::idle;
+  std::string broken_reason_;
+  uint32_t step_ = 0;
+  std::vector<int32_t> dest_count_;
+  std::vector<int64_t> dest_offset_;
+  std::vector<int32_t> count_matrix_;
+  std::vector<int32_t> expert_counts_;  // [sender][local expert] to this rank
+  std::vector<uint8_t> header_scratch_;
+  RecvPlan recv_plan_;
+  ProtocolStats stats_;
+};
+
+}  // namespace ferry::ep
