@@ -1,0 +1,73 @@
+// Combine, receive half: wait for every partial, then per token the sum of its partials (one per
+// destination rank it went to) in fp32, written to out_tokens or added to it, rounded once.
+#include "csrc/cuda/api.cuh"
+#include "csrc/cuda/cuda_check.h"
+#include "csrc/cuda/device.cuh"
+
+namespace ferry::cuda {
+namespace {
+
+template <typename T>
+__global__ void __launch_bounds__(kCopyThreads)
+    combine_recv_kernel(CombineRecvParams p, Workspace ws) {
+  using V = Vec16<T>;
+  const ep::Layout& L = p.layout;
+  const int lane = lane_id();
+  if (p.arrived != nullptr && *ws.arrived == 0) return;
+
+  const int num_tokens = *ws.num_tokens;
+  const int gw = blockIdx.x * kCopyWarps + threadIdx.x / kWarpSize;
+  const int tw = gridDim.x * kCopyWarps;
+  const uint64_t row_bytes = L.out_row_bytes();
+  const int nvec = int(row_bytes / 16);
+  uint8_t* out_tokens = static_cast<uint8_t*>(p.out_tokens);
+
+  for (int t = gw; t < num_tokens; t += tw) {
+    int slot = -1;
+    if (lane < ep::kMaxTopK && ws.token_dest[t * ep::kMaxTopK + lane] >= 0)
+      slot = ws.token_slot[t * ep::kMaxTopK + lane];
+    int slots[ep::kMaxTopK];
+#pragma unroll
+    for (int j = 0; j < ep::kMaxTopK; ++j) slots[j] = __shfl_sync(0xffffffffu, slot, j);
+    uint8_t* out = out_tokens + uint64_t(t) * row_bytes;
+    for (int i = lane; i < nvec; i += kWarpSize) {
+      float acc[V::kN];
+#pragma unroll
+      for (int x = 0; x < V::kN; ++x) acc[x] = 0.f;
+#pragma unroll
+      for (int j = 0; j < ep::kMaxTopK; ++j) {
+        if (slots[j] < 0) continue;
+        V in;
+        in.raw = ld_v4(p.partial_buf + uint64_t(slots[j]) * L.partial_bytes + 16 * uint64_t(i));
+#pragma unroll
+        for (int x = 0; x < V::kN; ++x) acc[x] += Elem<T>::load(in.v[x]);
+      }
+      if (p.accumulate) {
+        V prev;
+        prev.raw = *reinterpret_cast<const uint4*>(out + 16 * uint64_t(i));
+#pragma unroll
+        for (int x = 0; x < V::kN; ++x) acc[x] += Elem<T>::load(prev.v[x]);
+      }
+      V o;
+#pragma unroll
+      for (int x = 0; x < V::kN; ++x) o.v[x] = Elem<T>::store(acc[x]);
+      st_v4(out + 16 * uint64_t(i), o.raw);
+    }
+  }
+}
+
+}  // namespace
+
+void combine_recv(const CombineRecvParams& p, const Workspace& ws, int num_sms, cudaStream_t stream) {
+  if (p.arrived != nullptr) wait_arrival(p.arrived, ws.combine_epoch, p.timeout_ns, kErrCombineTimeout, ws, stream);
+  const dim3 grid(num_sms * kCopyBlocksPerSm), block(kCopyThreads);
+  switch (p.layout.out_dtype) {
+    case FERRY_BF16: combine_recv_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(p, ws); break;
+    case FERRY_F16: combine_recv_kernel<__half><<<grid, block, 0, stream>>>(p, ws); break;
+    case FERRY_F32: combine_recv_kernel<float><<<grid, block, 0, stream>>>(p, ws); break;
+    default: raise(Status::unsupported, "cuda combine: out_dtype " + std::to_string(p.layout.out_dtype));
+  }
+  check_cuda(cudaGetLastError(), "launch combine_recv_kernel");
+}
+
+}  // namespace ferry::cuda

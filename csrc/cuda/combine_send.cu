@@ -1,0 +1,85 @@
+// Combine, send half: per received record, the weighted sum over this rank's local experts of that
+// token's expert outputs, accumulated in fp32 and rounded once to out_dtype. One partial per record
+// travels back (not one per expert); partial g sits at g * partial_bytes, in receive order.
+#include "csrc/cuda/api.cuh"
+#include "csrc/cuda/cuda_check.h"
+#include "csrc/cuda/device.cuh"
+
+namespace ferry::cuda {
+namespace {
+
+template <typename T>
+__global__ void __launch_bounds__(kCopyThreads)
+    combine_send_kernel(CombineSendParams p, Workspace ws) {
+  using V = Vec16<T>;
+  const ep::Layout& L = p.layout;
+  const int lane = lane_id();
+  if (blockIdx.x == 0 && threadIdx.x == 0) *ws.combine_epoch += 1;
+  const int N = *ws.num_recv;
+  const int gw = blockIdx.x * kCopyWarps + threadIdx.x / kWarpSize;
+  const int tw = gridDim.x * kCopyWarps;
+  const uint64_t row_bytes = L.out_row_bytes();
+  const int nvec = int(row_bytes / 16);
+  const uint8_t* y = static_cast<const uint8_t*>(p.expert_y);
+
+  for (int g = gw; g < N; g += tw) {
+    int row = -1;
+    float w = 0.f;
+    if (lane < ep::kMaxTopK) {
+      row = ws.recv_row[g * ep::kMaxTopK + lane];
+      w = ws.recv_weight[g * ep::kMaxTopK + lane];
+    }
+    int rows[ep::kMaxTopK];
+    float ws_[ep::kMaxTopK];
+#pragma unroll
+    for (int j = 0; j < ep::kMaxTopK; ++j) {
+      rows[j] = __shfl_sync(0xffffffffu, row, j);
+      ws_[j] = __shfl_sync(0xffffffffu, w, j);
+    }
+    uint8_t* out = p.partial_buf + uint64_t(g) * L.partial_bytes;
+    for (int i = lane; i < nvec; i += kWarpSize) {
+      float acc[V::kN];
+#pragma unroll
+      for (int x = 0; x < V::kN; ++x) acc[x] = 0.f;
+#pragma unroll
+      for (int j = 0; j < ep::kMaxTopK; ++j) {
+        if (rows[j] < 0) continue;
+        V in;
+        in.raw = ld_nc_v4(y + uint64_t(rows[j]) * row_bytes + 16 * uint64_t(i));
+#pragma unroll
+        for (int x = 0; x < V::kN; ++x) acc[x] = fmaf(ws_[j], Elem<T>::load(in.v[x]), acc[x]);
+      }
+      V o;
+#pragma unroll
+      for (int x = 0; x < V::kN; ++x) o.v[x] = Elem<T>::store(acc[x]);
+      st_v4(out + 16 * uint64_t(i), o.raw);
+    }
+  }
+
+  // The last block to finish tells the proxy thread that the partials are complete.
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0 && ws.partials_ready != nullptr) {
+    const uint32_t done = atomicAdd(&ws.blocks_done[1], 1u);
+    if (done == gridDim.x - 1) {
+      ws.blocks_done[1] = 0;
+      __threadfence_system();
+      st_release_sys(ws.partials_ready, *ws.combine_epoch);
+    }
+  }
+}
+
+}  // namespace
+
+void combine_send(const CombineSendParams& p, const Workspace& ws, int num_sms, cudaStream_t stream) {
+  const dim3 grid(num_sms * kCopyBlocksPerSm), block(kCopyThreads);
+  switch (p.layout.out_dtype) {
+    case FERRY_BF16: combine_send_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(p, ws); break;
+    case FERRY_F16: combine_send_kernel<__half><<<grid, block, 0, stream>>>(p, ws); break;
+    case FERRY_F32: combine_send_kernel<float><<<grid, block, 0, stream>>>(p, ws); break;
+    default: raise(Status::unsupported, "cuda combine: out_dtype " + std::to_string(p.layout.out_dtype));
+  }
+  check_cuda(cudaGetLastError(), "launch combine_send_kernel");
+}
+
+}  // namespace ferry::cuda

@@ -1,0 +1,25 @@
+// Launch shapes and limits of the CUDA backend's kernels, in one place.
+#pragma once
+#include <cstdint>
+
+namespace ferry::cuda {
+
+constexpr int kWarpSize = 32;
+// Routing kernels run in one block so that their prefix sums need no grid-wide synchronisation.
+constexpr int kRouteThreads = 1024;
+constexpr int kRouteWarps = kRouteThreads / kWarpSize;
+// Copy kernels: one warp per token or record, a persistent grid of kCopyBlocksPerSm blocks per SM
+// (the device-side token count decides how much each warp does, so the grid is fixed at capture).
+constexpr int kCopyThreads = 256;
+constexpr int kCopyWarps = kCopyThreads / kWarpSize;
+constexpr int kCopyBlocksPerSm = 8;
+// 16-byte vectors each lane keeps in flight before storing them: hides load latency on long rows.
+constexpr int kCopyUnroll = 4;
+// Tokens (or received records) ranked together by one warp with ballot-style bitmasks.
+constexpr int kChunk = 32;
+// Shared memory a routing block may use (H100: 227 KiB per block after opting in).
+constexpr int kRouteSmemBytes = 160 * 1024;
+// A receive kernel gives up waiting for its arrival flag after this long and reports a timeout.
+constexpr uint64_t kDefaultWaitTimeoutNs = 30ull * 1000 * 1000 * 1000;
+
+}  // namespace ferry::cuda

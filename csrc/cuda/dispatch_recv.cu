@@ -1,0 +1,256 @@
+// Dispatch, receive half: wait for the arrival flag, rank every received route per local expert,
+// and unpack records into the expert-major layout (per local expert, rows ordered by source rank
+// then source token; padding rows up to expert_alignment zeroed). Nothing a peer sent is trusted to
+// index memory: counts, ranks and experts are checked before use.
+#include "csrc/cuda/api.cuh"
+#include "csrc/cuda/cuda_check.h"
+#include "csrc/cuda/device.cuh"
+
+namespace ferry::cuda {
+namespace {
+
+// Dynamic shared memory of the ranking kernel, in ints.
+struct RecvSmem {
+  int cnt, base, obase, scratch, masks, total_ints;
+};
+__host__ __device__ inline RecvSmem recv_smem(const ep::Layout& L) {
+  RecvSmem s{};
+  s.cnt = 0;
+  s.base = s.cnt + L.world_size;
+  s.obase = s.base + L.world_size;
+  s.scratch = s.obase + L.world_size;
+  s.masks = s.scratch + kCopyThreads + 1;
+  s.total_ints = s.masks + kCopyWarps * L.experts_per_rank;
+  return s;
+}
+
+// Received records are numbered sender-major (the row order), so ranking them in chunks of 32 by
+// local expert gives every route its row: rows of chunks before + routes before it in its chunk.
+__global__ void __launch_bounds__(kCopyThreads)
+    dispatch_recv_route_kernel(DispatchRecvParams p, Workspace ws) {
+  extern __shared__ int smem[];
+  const ep::Layout& L = p.layout;
+  const int R = L.world_size, EPR = L.experts_per_rank, me = L.rank;
+  const RecvSmem lay = recv_smem(L);
+  int* cnt = smem + lay.cnt;
+  int* base = smem + lay.base;
+  int* obase = smem + lay.obase;
+  int* scratch = smem + lay.scratch;
+  const int tid = threadIdx.x, warp = tid / kWarpSize, lane = lane_id();
+  uint32_t* mask = reinterpret_cast<uint32_t*>(smem + lay.masks) + warp * EPR;
+
+  if (p.arrived != nullptr && *ws.arrived == 0) {
+    if (blockIdx.x == 0 && tid == 0) *ws.num_recv = 0;
+    return;
+  }
+  for (int e = tid; e < kCopyWarps * EPR; e += blockDim.x) smem[lay.masks + e] = 0;
+  __syncthreads();
+
+  for (int s = tid; s < R; s += blockDim.x) {
+    const int32_t* counts = ep::header_counts(p.recv_buf + L.recv_private_offset(s));
+    int c = counts[me];
+    if (counts[0] == ep::kPoisonCount) {
+      if (blockIdx.x == 0) set_error(ws.error, kErrPeerPoisoned, s, 0, 0);
+      c = 0;
+    } else if (c < 0 || c > L.max_tokens) {
+      if (blockIdx.x == 0) set_error(ws.error, kErrPeerCount, s, c, 0);
+      c = 0;
+    }
+    cnt[s] = c;
+    base[s] = c;
+    obase[s] = ep::overflow_count(L, c);
+  }
+  __syncthreads();
+  const int N = block_exclusive_scan(base, R, scratch);
+  block_exclusive_scan(obase, R, scratch);
+  if (blockIdx.x == 0) {
+    for (int s = tid; s < R; s += blockDim.x) {
+      ws.recv_count[s] = cnt[s];
+      if (ws.host_recv_count != nullptr) ws.host_recv_count[s] = cnt[s];
+    }
+    if (tid == 0) *ws.num_recv = N;
+  }
+
+  const int nchunks = (N + kChunk - 1) / kChunk;
+  for (int c = blockIdx.x * kCopyWarps + warp; c < nchunks; c += gridDim.x * kCopyWarps) {
+    const int g = c * kChunk + lane;
+    int expert[ep::kMaxTopK];
+    float weight[ep::kMaxTopK];
+#pragma unroll
+    for (int k = 0; k < ep::kMaxTopK; ++k) {
+      expert[k] = -1;
+      weight[k] = 0.f;
+    }
+    if (g < N) {
+      // The sender owning record g: the last one whose run starts at or before g.
+      int lo = 0, hi = R - 1;
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (base[mid] <= g) lo = mid;
+        else hi = mid - 1;
+      }
+      const int s = lo, i = g - base[s];
+      const uint64_t off = L.recv_record_offset(s, i, obase[s]);
+      ws.recv_offset[g] = off;
+      ep::RecordHeader h;
+      uint4* hv = reinterpret_cast<uint4*>(&h);
+#pragma unroll
+      for (int v = 0; v < 4; ++v) hv[v] = ld_v4(p.recv_buf + off + 16 * v);
+      int problem = 0;
+      if (h.src_rank != s || h.src_token < 0 || h.src_token >= L.max_tokens) problem = kRecordSource;
+      else if (h.num_routes < 1 || h.num_routes > L.max_routes_per_record()) problem = kRecordRoutes;
+#pragma unroll
+      for (int k = 0; k < ep::kMaxTopK; ++k) {
+        if (problem || k >= h.num_routes) continue;
+        const int e = h.local_expert[k];
+        bool bad = e < 0 || e >= EPR;
+#pragma unroll
+        for (int j = 0; j < k; ++j) bad |= expert[j] == e;
+        if (bad) problem = kRecordExpert;
+        expert[k] = e;
+        weight[k] = h.weight[k];
+      }
+      if (problem) {
+        set_error(ws.error, kErrPeerRecord, s, i, problem);
+#pragma unroll
+        for (int k = 0; k < ep::kMaxTopK; ++k) expert[k] = -1;
+      }
+#pragma unroll
+      for (int k = 0; k < ep::kMaxTopK; ++k)
+        if (expert[k] >= 0) atomicOr(&mask[expert[k]], 1u << lane);
+    }
+    __syncwarp();
+    if (g < N) {
+#pragma unroll
+      for (int k = 0; k < ep::kMaxTopK; ++k) {
+        const int e = expert[k];
+        ws.recv_expert[g * ep::kMaxTopK + k] = e;
+        ws.recv_row[g * ep::kMaxTopK + k] = e >= 0 ? __popc(mask[e] & lanemask_lt()) : -1;
+        ws.recv_weight[g * ep::kMaxTopK + k] = weight[k];
+      }
+    }
+    __syncwarp();
+    for (int e = lane; e < EPR; e += kWarpSize) {
+      ws.recv_chunk_base[c * EPR + e] = __popc(mask[e]);
+      mask[e] = 0;
+    }
+    __syncwarp();
+  }
+}
+
+// One block: per local expert, an exclusive scan over chunks gives each chunk's first row; the totals
+// are the rows per expert.
+__global__ void __launch_bounds__(kRouteThreads, 1)
+    dispatch_recv_scan_kernel(DispatchRecvParams p, Workspace ws) {
+  const ep::Layout& L = p.layout;
+  const int EPR = L.experts_per_rank;
+  const int N = *ws.num_recv;
+  chunk_scan(ws.recv_chunk_base, (N + kChunk - 1) / kChunk, EPR, ws.expert_rows);
+  __syncthreads();
+  for (int e = threadIdx.x; e < EPR; e += blockDim.x) {
+    const int rows = ws.expert_rows[e];
+    if (int(ep::align_up(rows, L.expert_alignment)) > L.max_rows_per_expert)
+      set_error(ws.error, kErrExpertOverflow, e, rows, L.max_rows_per_expert);
+    p.out_expert_num_tokens[e] = rows < L.max_rows_per_expert ? rows : L.max_rows_per_expert;
+  }
+}
+
+// One warp per received record: its payload and scales are read once and stored into the row of each
+// of its routes. The remaining warps zero the padding rows.
+__global__ void __launch_bounds__(kCopyThreads)
+    dispatch_unpack_kernel(DispatchRecvParams p, Workspace ws) {
+  const ep::Layout& L = p.layout;
+  const int EPR = L.experts_per_rank, max_rows = L.max_rows_per_expert, ns = L.num_scales;
+  const int lane = lane_id();
+  const int N = *ws.num_recv;
+  const int gw = blockIdx.x * kCopyWarps + threadIdx.x / kWarpSize;
+  const int tw = gridDim.x * kCopyWarps;
+  const int nvec = int(L.payload_bytes / 16);
+  uint8_t* out_x = static_cast<uint8_t*>(p.out_expert_x);
+
+  for (int g = gw; g < N; g += tw) {
+    int row = -1;
+    if (lane < ep::kMaxTopK) {
+      const int e = ws.recv_expert[g * ep::kMaxTopK + lane];
+      if (e >= 0) {
+        const int r = ws.recv_chunk_base[(g / kChunk) * EPR + e] + ws.recv_row[g * ep::kMaxTopK + lane];
+        if (r < max_rows) row = e * max_rows + r;
+      }
+      ws.recv_row[g * ep::kMaxTopK + lane] = row;
+    }
+    int rows[ep::kMaxTopK];
+#pragma unroll
+    for (int j = 0; j < ep::kMaxTopK; ++j) rows[j] = __shfl_sync(0xffffffffu, row, j);
+    const uint8_t* src = p.recv_buf + ws.recv_offset[g];
+    const uint8_t* payload = src + L.payload_offset();
+    for (int b = 0; b < nvec; b += kWarpSize * kCopyUnroll) {
+      uint4 v[kCopyUnroll];
+#pragma unroll
+      for (int u = 0; u < kCopyUnroll; ++u) {
+        const int i = b + u * kWarpSize + lane;
+        if (i < nvec) v[u] = ld_v4(payload + 16 * uint64_t(i));
+      }
+#pragma unroll
+      for (int j = 0; j < ep::kMaxTopK; ++j) {
+        if (rows[j] < 0) continue;
+        uint8_t* dst = out_x + uint64_t(rows[j]) * L.payload_bytes;
+#pragma unroll
+        for (int u = 0; u < kCopyUnroll; ++u) {
+          const int i = b + u * kWarpSize + lane;
+          if (i < nvec) st_v4(dst + 16 * uint64_t(i), v[u]);
+        }
+      }
+    }
+    if (p.out_expert_x_scale != nullptr) {
+      const float* scales = reinterpret_cast<const float*>(src + L.scale_offset());
+      for (int i = lane; i < ns; i += kWarpSize) {
+        const float s = scales[i];
+#pragma unroll
+        for (int j = 0; j < ep::kMaxTopK; ++j)
+          if (rows[j] >= 0) p.out_expert_x_scale[uint64_t(rows[j]) * ns + i] = s;
+      }
+    }
+  }
+
+  // Padding rows: local expert e's rows [count, align_up(count)) are zero.
+  const int align = L.expert_alignment;
+  if (align > 1) {
+    for (int w = gw; w < EPR * (align - 1); w += tw) {
+      const int e = w / (align - 1);
+      const int rows = ws.expert_rows[e];
+      const int r = rows + w % (align - 1);
+      if (r >= int(ep::align_up(rows, align)) || r >= max_rows) continue;
+      const uint64_t row = uint64_t(e) * max_rows + r;
+      uint8_t* dst = out_x + row * L.payload_bytes;
+      for (int i = lane; i < nvec; i += kWarpSize) st_v4(dst + 16 * uint64_t(i), make_uint4(0, 0, 0, 0));
+      if (p.out_expert_x_scale != nullptr)
+        for (int i = lane; i < ns; i += kWarpSize) p.out_expert_x_scale[row * ns + i] = 0.f;
+    }
+  }
+}
+
+}  // namespace
+
+void prepare_dispatch_recv(const ep::Layout& layout) {
+  const int bytes = recv_smem(layout).total_ints * 4;
+  if (bytes > kRouteSmemBytes)
+    raise(Status::unsupported, "cuda dispatch: " + std::to_string(layout.world_size) + " ranks with " +
+                                   std::to_string(layout.experts_per_rank) +
+                                   " local experts do not fit the receive kernel's shared memory");
+  check_cuda(cudaFuncSetAttribute(dispatch_recv_route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+             "cudaFuncSetAttribute(dispatch_recv_route_kernel)");
+}
+
+void dispatch_recv(const DispatchRecvParams& p, const Workspace& ws, int num_sms, cudaStream_t stream) {
+  if (p.arrived != nullptr) wait_arrival(p.arrived, ws.dispatch_epoch, p.timeout_ns, kErrDispatchTimeout, ws, stream);
+  const int bytes = recv_smem(p.layout).total_ints * 4;
+  // Fewer blocks than the copy kernels: each one reads every sender's count header.
+  dispatch_recv_route_kernel<<<num_sms * 2, kCopyThreads, bytes, stream>>>(p, ws);
+  check_cuda(cudaGetLastError(), "launch dispatch_recv_route_kernel");
+  dispatch_recv_scan_kernel<<<1, kRouteThreads, 0, stream>>>(p, ws);
+  check_cuda(cudaGetLastError(), "launch dispatch_recv_scan_kernel");
+  dispatch_unpack_kernel<<<num_sms * kCopyBlocksPerSm, kCopyThreads, 0, stream>>>(p, ws);
+  check_cuda(cudaGetLastError(), "launch dispatch_unpack_kernel");
+}
+
+}  // namespace ferry::cuda

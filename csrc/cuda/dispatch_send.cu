@@ -1,0 +1,264 @@
+// Dispatch, send half: route counting, prefix sums over destinations, and packing of records into
+// the send buffer layout of plan.h (per destination: count header, then its run of records ordered
+// by source token).
+#include "csrc/cuda/api.cuh"
+#include "csrc/cuda/cuda_check.h"
+#include "csrc/cuda/device.cuh"
+
+namespace ferry::cuda {
+namespace {
+
+struct RouteSmem {
+  // Offsets (in ints) of the arrays in dynamic shared memory.
+  int expert_cnt, dest_cnt, dest_off, scratch, masks, total_ints;
+};
+__host__ __device__ inline RouteSmem route_smem(const ep::Layout& L, int mask_warps) {
+  RouteSmem s{};
+  s.expert_cnt = 0;
+  s.dest_cnt = s.expert_cnt + L.num_experts;
+  s.dest_off = s.dest_cnt + L.world_size;
+  s.scratch = s.dest_off + L.world_size;
+  s.masks = s.scratch + kRouteThreads + 1;
+  s.total_ints = s.masks + mask_warps * L.world_size;
+  return s;
+}
+
+int route_mask_warps(const ep::Layout& L) {
+  const RouteSmem base = route_smem(L, 0);
+  const int room = (kRouteSmemBytes / 4 - base.total_ints) / L.world_size;
+  return room < 1 ? 0 : (room < kRouteWarps ? room : kRouteWarps);
+}
+
+// One block. Chunks of 32 tokens are ranked per destination with bitmasks (rank of token t in the
+// run to d = tokens before t in its chunk that also go to d, plus the chunk's base), which keeps
+// every run ordered by source token without sorting.
+__global__ void __launch_bounds__(kRouteThreads, 1)
+    dispatch_route_kernel(DispatchSendParams p, Workspace ws, int mask_warps) {
+  extern __shared__ int smem[];
+  __shared__ int poisoned;
+  const ep::Layout& L = p.layout;
+  const int R = L.world_size, E = L.num_experts, K = L.top_k, EPR = L.experts_per_rank;
+  const RouteSmem lay = route_smem(L, mask_warps);
+  int* expert_cnt = smem + lay.expert_cnt;
+  int* dest_cnt = smem + lay.dest_cnt;
+  int* dest_off = smem + lay.dest_off;
+  int* scratch = smem + lay.scratch;
+  uint32_t* masks = reinterpret_cast<uint32_t*>(smem + lay.masks);
+  const int tid = threadIdx.x, warp = tid / kWarpSize, lane = lane_id();
+
+  int T = p.num_tokens;
+  if (p.bound_m != nullptr) {
+    const int b = *p.bound_m;
+    if (b < 0 || b > p.num_tokens) {
+      if (tid == 0) set_error(ws.error, kErrBoundTooLarge, b, p.num_tokens, 0);
+      T = b < 0 ? 0 : p.num_tokens;
+    } else {
+      T = b;
+    }
+  }
+  for (int i = tid; i < lay.masks + mask_warps * R; i += blockDim.x) smem[i] = 0;
+  if (tid == 0) {
+    poisoned = 0;
+    *ws.num_tokens = T;
+    *ws.dispatch_epoch += 1;
+  }
+  __syncthreads();
+
+  const int nchunks = (T + kChunk - 1) / kChunk;
+  if (warp < mask_warps) {
+    uint32_t* mask = masks + warp * R;
+    for (int c = warp; c < nchunks; c += mask_warps) {
+      const int t = c * kChunk + lane;
+      int32_t idx[ep::kMaxTopK];
+      int32_t dests[ep::kMaxTopK];
+      int nd = 0;
+      if (t < T) {
+        for (int k = 0; k < K; ++k) {
+          int e = p.indices[t * K + k];
+          if (e < -1 || e >= E) {
+            set_error(ws.error, kErrInvalidExpert, t, k, e);
+            poisoned = 1;
+            e = -1;
+          }
+          for (int j = 0; j < k && e >= 0; ++j) {
+            if (idx[j] == e) {
+              set_error(ws.error, kErrRepeatedExpert, t, k, e);
+              poisoned = 1;
+              e = -1;
+            }
+          }
+          idx[k] = e;
+          if (e >= 0) atomicAdd(&expert_cnt[e], 1);
+        }
+        nd = ep::token_destinations(idx, K, EPR, dests);
+        for (int j = 0; j < nd; ++j) atomicOr(&mask[dests[j]], 1u << lane);
+      }
+      __syncwarp();
+      if (t < T) {
+        for (int j = 0; j < ep::kMaxTopK; ++j) {
+          const int d = j < nd ? dests[j] : -1;
+          ws.token_dest[t * ep::kMaxTopK + j] = d;
+          ws.token_slot[t * ep::kMaxTopK + j] = d >= 0 ? __popc(mask[d] & lanemask_lt()) : -1;
+        }
+      }
+      __syncwarp();
+      for (int d = lane; d < R; d += kWarpSize) {
+        ws.send_chunk_base[c * R + d] = __popc(mask[d]);
+        mask[d] = 0;
+      }
+      __syncwarp();
+    }
+  }
+  __syncthreads();
+
+  // Per destination, an exclusive scan over chunks; the totals are the destination counts.
+  chunk_scan(ws.send_chunk_base, nchunks, R, dest_cnt);
+  __syncthreads();
+  for (int d = tid; d < R; d += blockDim.x) {
+    dest_off[d] = dest_cnt[d];
+    ws.dest_count[d] = dest_cnt[d];
+    if (ws.host_dest_count != nullptr) ws.host_dest_count[d] = dest_cnt[d];
+  }
+  __syncthreads();
+  block_exclusive_scan(dest_off, R, scratch);
+  for (int d = tid; d < R; d += blockDim.x) ws.dest_offset[d] = dest_off[d];
+
+  // Count headers, one warp per destination. A rank whose input was bad poisons every header so
+  // its peers fail at once naming it.
+  const int header_ints = int(L.count_header_bytes / 4);
+  for (int d = warp; d < R; d += kRouteWarps) {
+    int32_t* header = reinterpret_cast<int32_t*>(p.send_buf + L.send_section_offset(d, dest_off[d]));
+    for (int i = lane; i < header_ints; i += kWarpSize) {
+      int v = 0;
+      if (i < R) v = (i == 0 && poisoned) ? ep::kPoisonCount : dest_cnt[i];
+      else if (i < R + EPR) v = expert_cnt[d * EPR + (i - R)];
+      header[i] = v;
+    }
+  }
+}
+
+// One warp per token: the token's payload and scales are read once and stored into the record of
+// each of its destinations (lane j < 8 owns destination j's address and header).
+__global__ void __launch_bounds__(kCopyThreads)
+    dispatch_pack_kernel(DispatchSendParams p, Workspace ws) {
+  const ep::Layout& L = p.layout;
+  const int R = L.world_size, E = L.num_experts, K = L.top_k, EPR = L.experts_per_rank;
+  const int lane = lane_id();
+  const int T = *ws.num_tokens;
+  const int gw = blockIdx.x * kCopyWarps + threadIdx.x / kWarpSize;
+  const int tw = gridDim.x * kCopyWarps;
+  const int nvec = int(L.payload_bytes / 16);
+  const int ns = L.num_scales;
+  const uint64_t tail_begin = L.scale_offset() + L.scale_bytes;
+  const int pad_words = int((L.record_bytes - tail_begin) / 4);
+  const uint8_t* x = static_cast<const uint8_t*>(p.x);
+
+  for (int t = gw; t < T; t += tw) {
+    uint8_t* rec = nullptr;
+    int d = -1;
+    if (lane < ep::kMaxTopK) {
+      d = ws.token_dest[t * ep::kMaxTopK + lane];
+      if (d >= 0) {
+        const int slot = ws.dest_offset[d] + ws.send_chunk_base[(t / kChunk) * R + d] +
+                         ws.token_slot[t * ep::kMaxTopK + lane];
+        ws.token_slot[t * ep::kMaxTopK + lane] = slot;
+        rec = p.send_buf + L.send_section_offset(d, 0) + L.count_header_bytes + uint64_t(slot) * L.record_bytes;
+        // Header: this destination's routes, in top-k order.
+        ep::RecordHeader h;
+        h.src_token = t;
+        h.src_rank = L.rank;
+        h.reserved = 0;
+        int n = 0;
+        for (int j = 0; j < ep::kMaxTopK; ++j) {
+          h.local_expert[j] = -1;
+          h.weight[j] = 0.f;
+        }
+        for (int k = 0; k < K; ++k) {
+          const int e = p.indices[t * K + k];
+          if (e < 0 || e >= E || ep::owner_rank(e, EPR) != d) continue;
+          bool repeated = false;
+          for (int j = 0; j < k; ++j) repeated |= p.indices[t * K + j] == e;
+          if (repeated) continue;
+          h.local_expert[n] = int16_t(ep::local_expert(e, EPR));
+          h.weight[n] = p.weights[t * K + k];
+          ++n;
+        }
+        h.num_routes = n;
+        const uint4* hv = reinterpret_cast<const uint4*>(&h);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) st_v4(rec + 16 * i, hv[i]);
+      }
+    }
+    const int nd = __popc(__ballot_sync(0xffffffffu, d >= 0));
+    uint8_t* dst[ep::kMaxTopK];
+#pragma unroll
+    for (int j = 0; j < ep::kMaxTopK; ++j)
+      dst[j] = reinterpret_cast<uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<uint64_t>(rec), j));
+
+    const uint8_t* src = x + uint64_t(t) * L.payload_bytes;
+    for (int base = 0; base < nvec; base += kWarpSize * kCopyUnroll) {
+      uint4 v[kCopyUnroll];
+#pragma unroll
+      for (int u = 0; u < kCopyUnroll; ++u) {
+        const int i = base + u * kWarpSize + lane;
+        if (i < nvec) v[u] = ld_nc_v4(src + 16 * uint64_t(i));
+      }
+#pragma unroll
+      for (int j = 0; j < ep::kMaxTopK; ++j) {
+        if (j >= nd) break;
+#pragma unroll
+        for (int u = 0; u < kCopyUnroll; ++u) {
+          const int i = base + u * kWarpSize + lane;
+          if (i < nvec) st_v4(dst[j] + L.payload_offset() + 16 * uint64_t(i), v[u]);
+        }
+      }
+    }
+    for (int i = lane; i < ns; i += kWarpSize) {
+      const float s = p.x_scale[uint64_t(t) * ns + i];
+#pragma unroll
+      for (int j = 0; j < ep::kMaxTopK; ++j)
+        if (j < nd) reinterpret_cast<float*>(dst[j] + L.scale_offset())[i] = s;
+    }
+    for (int i = lane; i < pad_words; i += kWarpSize) {
+#pragma unroll
+      for (int j = 0; j < ep::kMaxTopK; ++j)
+        if (j < nd) reinterpret_cast<uint32_t*>(dst[j] + tail_begin)[i] = 0;
+    }
+  }
+
+  // The last block to finish tells the proxy thread that the send buffer is complete.
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0 && ws.send_ready != nullptr) {
+    const uint32_t done = atomicAdd(&ws.blocks_done[0], 1u);
+    if (done == gridDim.x - 1) {
+      ws.blocks_done[0] = 0;
+      __threadfence_system();
+      st_release_sys(ws.send_ready, *ws.dispatch_epoch);
+    }
+  }
+}
+
+}  // namespace
+
+void prepare_dispatch_send(const ep::Layout& layout) {
+  const int warps = route_mask_warps(layout);
+  if (warps < 1)
+    raise(Status::unsupported, "cuda dispatch: " + std::to_string(layout.world_size) + " ranks and " +
+                                   std::to_string(layout.num_experts) +
+                                   " experts do not fit the routing kernel's shared memory");
+  const int bytes = route_smem(layout, warps).total_ints * 4;
+  check_cuda(cudaFuncSetAttribute(dispatch_route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+             "cudaFuncSetAttribute(dispatch_route_kernel)");
+}
+
+void dispatch_send(const DispatchSendParams& p, const Workspace& ws, int num_sms, cudaStream_t stream) {
+  const int warps = route_mask_warps(p.layout);
+  const int bytes = route_smem(p.layout, warps).total_ints * 4;
+  dispatch_route_kernel<<<1, kRouteThreads, bytes, stream>>>(p, ws, warps);
+  check_cuda(cudaGetLastError(), "launch dispatch_route_kernel");
+  dispatch_pack_kernel<<<num_sms * kCopyBlocksPerSm, kCopyThreads, 0, stream>>>(p, ws);
+  check_cuda(cudaGetLastError(), "launch dispatch_pack_kernel");
+}
+
+}  // namespace ferry::cuda
