@@ -1,0 +1,346 @@
+// The plan on its own: config validation, routing checks, counts, prefix sums, slots, receive rows,
+// wire sizes, dtype rounding, and the reference's generator.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+#include "csrc/backend.h"
+#include "csrc/dtype.h"
+#include "csrc/plan.h"
+#include "csrc/reference.h"
+#include "transfer_engine/error.h"
+
+namespace ferry::ep {
+namespace {
+
+ferry_a2a_config_t config(int world_size, int num_experts, int top_k, int max_tokens, int hidden) {
+  ferry_a2a_config_t c;
+  ferry_a2a_config_init(&c);
+  c.world_size = world_size;
+  c.num_experts = num_experts;
+  c.experts_per_token = top_k;
+  c.max_tokens_per_rank = max_tokens;
+  c.hidden_dim = hidden;
+  return c;
+}
+
+Status status_of(const ferry_a2a_config_t& c) {
+  try {
+    make_layout(c);
+    return Status::ok;
+  } catch (const Error& e) {
+    return e.status();
+  }
+}
+
+std::string error_of(const ferry_a2a_config_t& c) {
+  try {
+    make_layout(c);
+    return "";
+  } catch (const Error& e) {
+    return e.what();
+  }
+}
+
+TEST(Config, DefaultsDescribeABf16HostAllToAll) {
+  ferry_a2a_config_t c;
+  ferry_a2a_config_init(&c);
+  EXPECT_EQ(c.in_dtype, FERRY_BF16);
+  EXPECT_EQ(c.out_dtype, FERRY_BF16);
+  EXPECT_EQ(c.expert_alignment, 1);
+  EXPECT_EQ(c.dp_size, 1);
+  EXPECT_EQ(c.nets_per_rank, 1);
+  EXPECT_EQ(c.device, FERRY_DEVICE_HOST);
+  EXPECT_EQ(c.private_tokens, -1);
+}
+
+TEST(Config, RejectsEachInvalidFieldNamingIt) {
+  auto c = config(4, 16, 2, 8, 64);
+  EXPECT_EQ(status_of(c), Status::ok);
+  { auto b = c; b.num_experts = 18; EXPECT_NE(error_of(b).find("num_experts 18"), std::string::npos); }
+  { auto b = c; b.rank = 4; EXPECT_NE(error_of(b).find("rank 4"), std::string::npos); }
+  { auto b = c; b.experts_per_token = 9; EXPECT_EQ(status_of(b), Status::unsupported); }
+  { auto b = c; b.experts_per_token = 0; EXPECT_EQ(status_of(b), Status::unsupported); }
+  { auto b = c; b.hidden_dim = 60; EXPECT_EQ(status_of(b), Status::unsupported); }  // 120 bytes
+  { auto b = c; b.hidden_dim = 64; b.scale_block = 48; EXPECT_EQ(status_of(b), Status::unsupported); }
+  { auto b = c; b.out_dtype = FERRY_FP8_E4M3; EXPECT_EQ(status_of(b), Status::unsupported); }
+  { auto b = c; b.in_dtype = ferry_dtype_t(7); EXPECT_EQ(status_of(b), Status::unsupported); }
+  { auto b = c; b.dp_size = 3; EXPECT_NE(error_of(b).find("dp_size 3"), std::string::npos); }
+  { auto b = c; b.max_tokens_per_rank = 0; EXPECT_EQ(status_of(b), Status::invalid_argument); }
+  { auto b = c; b.private_tokens = 9; EXPECT_NE(error_of(b).find("private_tokens 9"), std::string::npos); }
+  { auto b = c; b.expert_alignment = 0; EXPECT_EQ(status_of(b), Status::invalid_argument); }
+  { auto b = c; b.world_size = 5000; b.num_experts = 5000; EXPECT_EQ(status_of(b), Status::invalid_argument); }
+}
+
+TEST(Config, Fp8PayloadNeedsSixteenBytesAndScaleBlockDividingHidden) {
+  auto c = config(2, 4, 1, 4, 16);
+  c.in_dtype = FERRY_FP8_E4M3;
+  EXPECT_EQ(status_of(c), Status::ok);
+  c.hidden_dim = 24;
+  EXPECT_EQ(status_of(c), Status::unsupported);
+  c.hidden_dim = 7168;
+  c.scale_block = 128;
+  EXPECT_EQ(status_of(c), Status::ok);
+}
+
+TEST(Layout, RecordIsHeaderPayloadScalesPaddedTo16) {
+  auto c = config(64, 256, 8, 128, 7168);
+  c.in_dtype = FERRY_FP8_E4M3;
+  c.scale_block = 128;
+  const Layout l = make_layout(c);
+  EXPECT_EQ(l.experts_per_rank, 4);
+  EXPECT_EQ(l.payload_bytes, 7168u);
+  EXPECT_EQ(l.scale_bytes, 56u * 4);
+  EXPECT_EQ(l.record_bytes, align_up(64 + 7168 + 224));
+  EXPECT_EQ(l.count_header_bytes, align_up(4 * (64 + 4)));
+  EXPECT_EQ(l.partial_bytes, 7168u * 2);
+  EXPECT_EQ(l.private_tokens, 128);  // automatic: the whole run
+  EXPECT_EQ(l.max_rows_per_expert, 64 * 128);
+  // The receive region holds world_size * max_tokens records whatever the private split.
+  auto c0 = c;
+  c0.private_tokens = 0;
+  const Layout l0 = make_layout(c0);
+  EXPECT_EQ(l0.recv_buffer_bytes() - 64 * l0.count_header_bytes,
+            l.recv_buffer_bytes() - 64 * l.count_header_bytes);
+}
+
+TEST(Layout, BufferSizesMatchTheLayout) {
+  auto c = config(8, 32, 4, 16, 256);
+  c.expert_alignment = 8;
+  const ferry_buffer_sizes_t s = buffer_sizes_for(c);
+  const Layout l = make_layout(c);
+  EXPECT_EQ(s.record_bytes, l.record_bytes);
+  EXPECT_EQ(s.send_bytes, 8 * l.count_header_bytes + 16 * 4 * l.record_bytes);
+  EXPECT_EQ(s.recv_bytes, l.recv_buffer_bytes());
+  EXPECT_EQ(s.total_registered_bytes, s.send_bytes + s.recv_bytes + s.combine_send_bytes + s.combine_recv_bytes);
+  EXPECT_EQ(s.max_rows_per_expert, 128);
+  EXPECT_EQ(s.num_local_experts, 4);
+}
+
+TEST(Routing, RejectsOutOfRangeIdsAndRepeatedExperts) {
+  const Layout l = make_layout(config(2, 8, 2, 4, 64));
+  const int32_t ok[] = {0, 7, -1, -1, 3, -1};
+  EXPECT_NO_THROW(validate_routing(l, ok, 3));
+  const int32_t too_big[] = {0, 8};
+  try {
+    validate_routing(l, too_big, 1);
+    FAIL() << "expert 8 of 8 accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), Status::invalid_argument);
+    EXPECT_NE(std::string(e.what()).find("indices[0][1] = 8"), std::string::npos) << e.what();
+  }
+  const int32_t negative[] = {-2, 1};
+  EXPECT_THROW(validate_routing(l, negative, 1), Error);
+  const int32_t repeated[] = {0, 1, 5, 5};
+  try {
+    validate_routing(l, repeated, 2);
+    FAIL() << "token naming expert 5 twice accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("token 1 names expert 5 twice"), std::string::npos) << e.what();
+  }
+}
+
+TEST(SendPlan, TokensTravelOncePerDestinationRankInSourceOrder) {
+  // 4 ranks x 2 experts. Token 0 -> experts 0,1 (rank 0 twice), 5 (rank 2); token 1 -> 7, -1, 2;
+  // token 2 -> no route; token 3 -> 6, 4, 0.
+  const Layout l = make_layout(config(4, 8, 3, 4, 64));
+  const int32_t idx[] = {0, 1, 5, 7, -1, 2, -1, -1, -1, 6, 4, 0};
+  const SendPlan p = make_send_plan(l, idx, 4, 0);
+  EXPECT_EQ(p.dest_count, (std::vector<int32_t>{2, 1, 2, 2}));
+  EXPECT_EQ(p.dest_offset, (std::vector<int64_t>{0, 2, 3, 5, 7}));
+  EXPECT_EQ(p.total_records, 7);
+  EXPECT_EQ(p.token_num_dests, (std::vector<int32_t>{2, 2, 0, 3}));
+  // Per (destination, local expert) routes.
+  EXPECT_EQ(p.dest_expert_count, (std::vector<int32_t>{2, 1, 1, 0, 1, 1, 1, 1}));
+  // Runs ordered by source token: rank 0 gets tokens 0, 3; rank 2 gets 0, 3; rank 3 gets 1, 3.
+  EXPECT_EQ(p.slot_token, (std::vector<int32_t>{0, 3, 1, 0, 3, 1, 3}));
+  EXPECT_EQ(p.slot_dest, (std::vector<int32_t>{0, 0, 1, 2, 2, 3, 3}));
+  const int md = l.max_dests_per_token();
+  EXPECT_EQ(p.token_slot[0 * md + 0], 0);  // token 0 -> rank 0, slot 0
+  EXPECT_EQ(p.token_slot[0 * md + 1], 3);  // token 0 -> rank 2, slot 3
+  EXPECT_EQ(p.token_slot[3 * md + 2], 6);  // token 3 -> rank 3, slot 6
+}
+
+TEST(SendPlan, DataParallelMembersSplitTokensByIndex) {
+  auto c = config(4, 4, 1, 6, 64);
+  c.dp_size = 2;
+  const Layout l = make_layout(c);
+  const int32_t idx[] = {0, 1, 2, 3, 0, 1};
+  const SendPlan m0 = make_send_plan(l, idx, 6, 0), m1 = make_send_plan(l, idx, 6, 1);
+  EXPECT_EQ(m0.dest_count, (std::vector<int32_t>{2, 0, 1, 0}));  // tokens 0, 2, 4
+  EXPECT_EQ(m1.dest_count, (std::vector<int32_t>{0, 2, 0, 1}));  // tokens 1, 3, 5
+  EXPECT_EQ(m0.total_records + m1.total_records, 6);
+}
+
+TEST(RecvPlan, RowsAreSourceRankMajorAndOverflowIsPackedBySender) {
+  auto c = config(3, 6, 2, 5, 64);
+  c.private_tokens = 2;
+  c.rank = 1;
+  c.expert_alignment = 4;
+  const Layout l = make_layout(c);
+  // count_matrix[s][d]; this rank is 1.
+  const int32_t counts[] = {0, 3, 0,   //
+                            0, 1, 0,   //
+                            0, 5, 0};
+  // Routes from each sender to local experts 0, 1.
+  const int32_t experts[] = {2, 2, 1, 0, 5, 1};
+  const RecvPlan p = make_recv_plan(l, counts, experts);
+  EXPECT_EQ(p.count, (std::vector<int32_t>{3, 1, 5}));
+  EXPECT_EQ(p.record_base, (std::vector<int64_t>{0, 3, 4, 9}));
+  EXPECT_EQ(p.overflow_before, (std::vector<int64_t>{0, 1, 1}));  // sender 0 overflows 1, sender 2 three
+  EXPECT_EQ(p.expert_row_base, (std::vector<int32_t>{0, 0, 2, 2, 3, 2}));
+  EXPECT_EQ(p.expert_count, (std::vector<int32_t>{8, 3}));
+  EXPECT_EQ(p.expert_padded, (std::vector<int32_t>{8, 4}));
+  EXPECT_EQ(l.recv_record_offset(2, 1, p.overflow_before[2]),
+            l.recv_private_offset(2) + l.count_header_bytes + l.record_bytes);
+  EXPECT_EQ(l.recv_record_offset(2, 3, p.overflow_before[2]), l.overflow_offset() + 2 * l.record_bytes);
+  EXPECT_EQ(overflow_before(l, counts, 2, 1), 1);
+}
+
+TEST(RecvPlan, CombineSlotsFollowTheSendersRunsAndDpMembers) {
+  auto c = config(4, 4, 1, 8, 64);
+  c.dp_size = 2;
+  const Layout l = make_layout(c);
+  const int32_t counts[] = {1, 2, 3, 4,  //
+                            5, 6, 7, 8,  //
+                            0, 0, 0, 0,  //
+                            1, 1, 1, 1};
+  EXPECT_EQ(combine_slot_base(l, counts, 0, 2), 3);           // member 0: runs to ranks 0, 1 first
+  EXPECT_EQ(combine_slot_base(l, counts, 1, 0), 10);          // member 1 after all of member 0
+  EXPECT_EQ(combine_slot_base(l, counts, 1, 3), 10 + 18);
+  EXPECT_EQ(combine_slot_base(l, counts, 3, 2), 0 + 2);       // group 1: member 0 sent nothing
+}
+
+TEST(RecordHeader, ChecksEveryFieldAPeerCouldLieAbout) {
+  auto c = config(4, 16, 4, 8, 64);
+  const Layout l = make_layout(c);
+  RecordHeader h{};
+  h.src_rank = 2;
+  h.src_token = 5;
+  h.num_routes = 2;
+  h.local_expert[0] = 1;
+  h.local_expert[1] = 3;
+  EXPECT_EQ(check_record_header(l, h, 2, 4), nullptr);
+  EXPECT_NE(check_record_header(l, h, 1, 4), nullptr);  // claims another rank
+  EXPECT_NE(check_record_header(l, h, 2, 5), nullptr);  // not after the previous token
+  auto bad = h;
+  bad.src_token = 8;
+  EXPECT_NE(check_record_header(l, bad, 2, -1), nullptr);
+  bad = h;
+  bad.num_routes = 5;
+  EXPECT_NE(check_record_header(l, bad, 2, -1), nullptr);
+  bad = h;
+  bad.local_expert[1] = 4;
+  EXPECT_NE(check_record_header(l, bad, 2, -1), nullptr);
+  bad = h;
+  bad.local_expert[1] = 1;
+  EXPECT_NE(check_record_header(l, bad, 2, -1), nullptr);
+}
+
+TEST(Dtype, RoundsToNearestEven) {
+  using namespace dtype;
+  EXPECT_EQ(f32_to_bf16(1.0f), 0x3f80);
+  EXPECT_EQ(f32_to_bf16(f32_from_bits(0x3f808000u)), 0x3f80);  // tie -> even
+  EXPECT_EQ(f32_to_bf16(f32_from_bits(0x3f818000u)), 0x3f82);
+  EXPECT_EQ(f32_to_f16(1.0f), 0x3c00);
+  EXPECT_EQ(f32_to_f16(65504.0f), 0x7bff);
+  EXPECT_EQ(f32_to_f16(1e6f), 0x7c00);
+  EXPECT_EQ(f32_to_f16(5.9604645e-08f), 0x0001);  // smallest subnormal
+  EXPECT_EQ(f32_to_f16(-2.0f), 0xc000);
+  EXPECT_EQ(f32_to_fp8e4m3(448.0f), 0x7e);
+  EXPECT_EQ(f32_to_fp8e4m3(1000.0f), 0x7e);  // saturates
+  EXPECT_EQ(f32_to_fp8e4m3(-1.0f), 0xb8);
+  EXPECT_EQ(f32_to_fp8e4m3(0.001953125f), 0x01);  // 2^-9
+  EXPECT_EQ(f32_to_fp8e4m3(1.0625f), 0x38);       // tie between 1 and 1.125 -> even (1)
+  EXPECT_TRUE(std::isnan(fp8e4m3_to_f32(0x7f)));
+}
+
+TEST(Dtype, EveryEncodingRoundTrips) {
+  using namespace dtype;
+  for (uint32_t b = 0; b < 256; ++b) {
+    if ((b & 0x7f) == 0x7f) continue;
+    EXPECT_EQ(f32_to_fp8e4m3(fp8e4m3_to_f32(uint8_t(b))), b) << b;
+  }
+  for (uint32_t h = 0; h < 65536; ++h) {
+    if ((h & 0x7c00) == 0x7c00) continue;
+    ASSERT_EQ(f32_to_f16(f16_to_f32(uint16_t(h))), h) << h;
+    ASSERT_EQ(f32_to_bf16(bf16_to_f32(uint16_t(h))), h) << h;
+  }
+}
+
+TEST(Reference, InputsDependOnlyOnSeedAndGroup) {
+  auto c = config(4, 8, 2, 6, 64);
+  c.dp_size = 2;
+  reference::InputSpec spec;
+  spec.seed = 42;
+  const auto a = reference::generate_input(c, spec, 2), b = reference::generate_input(c, spec, 3);
+  EXPECT_EQ(a.indices, b.indices);
+  EXPECT_EQ(a.x, b.x);
+  EXPECT_NE(reference::generate_input(c, spec, 0).indices, a.indices);
+  spec.seed = 43;
+  EXPECT_NE(reference::generate_input(c, spec, 2).x, a.x);
+}
+
+TEST(Reference, RoutingModesShapeTheExpertLoad) {
+  auto c = config(4, 16, 4, 64, 64);
+  reference::InputSpec spec;
+  spec.routing = reference::Routing::one_expert;
+  const auto all = reference::generate_all(c, spec);
+  const int hot = all[0].indices[0];
+  for (const auto& in : all)
+    for (int t = 0; t < in.num_tokens; ++t) EXPECT_EQ(in.indices[size_t(t) * 4], hot);
+  spec.routing = reference::Routing::uniform;
+  spec.drop_fraction = 0.3;
+  const auto dropped = reference::generate_input(c, spec, 1);
+  EXPECT_EQ(std::count(dropped.indices.begin() + 3 * 4, dropped.indices.begin() + 4 * 4, -1), 4);  // token 3
+  spec = {};
+  spec.zero_tokens_every = 2;
+  EXPECT_EQ(reference::generate_input(c, spec, 1).num_tokens, 0);
+  EXPECT_EQ(reference::generate_input(c, spec, 2).num_tokens, 64);
+}
+
+TEST(Reference, DispatchCountsEveryRouteOnce) {
+  auto c = config(4, 8, 3, 10, 64);
+  c.expert_alignment = 4;
+  reference::InputSpec spec;
+  spec.drop_fraction = 0.2;
+  const auto all = reference::generate_all(c, spec);
+  int64_t routes = 0;
+  for (const auto& in : all) routes += std::count_if(in.indices.begin(), in.indices.end(), [](int e) { return e >= 0; });
+  int64_t rows = 0;
+  for (int r = 0; r < 4; ++r) {
+    const auto out = reference::dispatch(c, all, r);
+    for (int e = 0; e < 2; ++e) {
+      rows += out.expert_num_tokens[e];
+      EXPECT_EQ(out.expert_padded_rows[e] % 4, 0);
+    }
+  }
+  EXPECT_EQ(rows, routes);
+}
+
+TEST(Reference, CombineOfTheStandardModelMatchesTheGeneralForm) {
+  auto c = config(2, 4, 2, 5, 32);
+  c.out_dtype = FERRY_F32;
+  const auto all = reference::generate_all(c, {});
+  std::vector<std::vector<uint8_t>> y(2);
+  for (int r = 0; r < 2; ++r) {
+    auto cr = c;
+    cr.rank = r;
+    const Layout l = make_layout(cr);
+    const auto d = reference::dispatch(cr, all, r);
+    y[r].resize(size_t(l.experts_per_rank) * l.max_rows_per_expert * l.out_row_bytes());
+    reference::apply_experts(l, d.expert_num_tokens.data(), d.expert_x.data(), nullptr, y[r].data());
+  }
+  const Layout l = make_layout(c);
+  const auto general = reference::combine(c, all, 0, [&](int rank, int e, int row) -> const void* {
+    return y[rank].data() + (size_t(e) * l.max_rows_per_expert + row) * l.out_row_bytes();
+  });
+  const auto standard = reference::combine_standard(c, all[0]);
+  ASSERT_EQ(general.size(), standard.size());
+  for (size_t i = 0; i < general.size(); ++i) EXPECT_FLOAT_EQ(general[i], standard[i]) << i;
+}
+
+}  // namespace
+}  // namespace ferry::ep
