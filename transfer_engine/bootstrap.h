@@ -29,6 +29,7 @@ struct TcpBootstrapConfig {
   int world_size = 1;
   int local_rank = -1;  // -1: derive from host names
   int timeout_ms = 60000;
+  int local_size = -1;  // -1: derive from host names (LOCAL_WORLD_SIZE in bootstrap_from_env)
 };
 
 // Rank 0 listens on master_addr:master_port; the others connect (retrying until the deadline).
