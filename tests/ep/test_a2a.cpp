@@ -1,0 +1,471 @@
+// Dispatch and combine between real processes over libfabric (tcp, shm): every rank regenerates
+// every rank's inputs from the seed, checks every count and byte of its dispatch output against the
+// reference, computes expert_y with the reference's expert model, and checks combine within the
+// output dtype's tolerance.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+
+#include "csrc/backend.h"
+#include "csrc/dtype.h"
+#include "csrc/reference.h"
+#include "tests/common/multiprocess.h"
+#include "transfer_engine/error.h"
+
+namespace ferry::ep {
+namespace {
+
+using reference::Routing;
+
+struct Case {
+  int world_size = 2;
+  int num_experts = 4;
+  int top_k = 2;
+  int max_tokens = 16;
+  int hidden = 128;
+  ferry_dtype_t in_dtype = FERRY_BF16;
+  ferry_dtype_t out_dtype = FERRY_BF16;
+  int scale_block = 0;
+  int expert_alignment = 1;
+  int dp_size = 1;
+  int private_tokens = -1;
+  std::string provider = "tcp";
+  reference::InputSpec spec;
+  int steps = 1;
+  bool split = false;         // SEND and RECV as separate calls, with work in between
+  int max_skew_ms = 0;        // each rank sleeps up to this long, at random, before each half-step
+  bool accumulate = false;
+  int timeout_ms = 30000;
+  int launch_timeout_ms = 100000;
+};
+
+ferry_a2a_config_t config_of(const Case& c, int rank) {
+  ferry_a2a_config_t cfg;
+  ferry_a2a_config_init(&cfg);
+  cfg.rank = rank;
+  cfg.world_size = c.world_size;
+  cfg.num_experts = c.num_experts;
+  cfg.experts_per_token = c.top_k;
+  cfg.max_tokens_per_rank = c.max_tokens;
+  cfg.hidden_dim = c.hidden;
+  cfg.in_dtype = c.in_dtype;
+  cfg.out_dtype = c.out_dtype;
+  cfg.scale_block = c.scale_block;
+  cfg.expert_alignment = c.expert_alignment;
+  cfg.dp_size = c.dp_size;
+  cfg.private_tokens = c.private_tokens;
+  cfg.provider = c.provider.c_str();
+  cfg.timeout_ms = c.timeout_ms;
+  return cfg;
+}
+
+// One rank's whole run: create, then `steps` dispatch/combine rounds, each checked.
+void run_rank(te::Bootstrap& bootstrap, const Case& c) {
+  const ferry_a2a_config_t cfg = config_of(c, bootstrap.rank());
+  const Layout l = make_layout(cfg);
+  auto backend = make_host_backend(cfg, bootstrap);
+  const size_t rows = size_t(l.experts_per_rank) * l.max_rows_per_expert;
+  std::vector<int32_t> counts(l.experts_per_rank, -1);
+  std::vector<uint8_t> expert_x(rows * l.payload_bytes, 0xee);
+  std::vector<float> expert_scale(rows * l.num_scales, -1.0f);
+  std::vector<uint8_t> expert_y(rows * l.out_row_bytes(), 0);
+  std::vector<uint8_t> out(size_t(l.max_tokens) * l.out_row_bytes());
+  std::mt19937 skew(1234 + l.rank);
+  auto maybe_sleep = [&] {
+    if (c.max_skew_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(skew() % (c.max_skew_ms + 1)));
+  };
+
+  for (int step = 0; step < c.steps; ++step) {
+    reference::InputSpec spec = c.spec;
+    spec.seed = c.spec.seed * 1000 + step;
+    const auto inputs = reference::generate_all(cfg, spec);
+    const reference::RankInput& in = inputs[l.rank];
+
+    ferry_dispatch_args_t d{};
+    d.out_expert_num_tokens = counts.data();
+    d.out_expert_x = expert_x.data();
+    d.out_expert_x_scale = l.num_scales ? expert_scale.data() : nullptr;
+    d.dp_x = in.x.data();
+    d.dp_x_scale = l.num_scales ? in.x_scale.data() : nullptr;
+    d.indices = in.indices.data();
+    d.weights = in.weights.data();
+    d.num_tokens = in.num_tokens;
+    maybe_sleep();
+    if (c.split) {
+      d.flags = FERRY_SEND;
+      backend->dispatch(d, nullptr);
+      maybe_sleep();  // the caller's work between the halves
+      d.flags = FERRY_RECV;
+      backend->dispatch(d, nullptr);
+    } else {
+      d.flags = FERRY_SEND_RECV;
+      backend->dispatch(d, nullptr);
+    }
+
+    const auto want = reference::dispatch(cfg, inputs, l.rank);
+    const std::string diff = reference::compare_dispatch(cfg, want, counts.data(), expert_x.data(), expert_scale.data());
+    ASSERT_TRUE(diff.empty()) << "step " << step << "\n" << diff;
+
+    reference::apply_experts(l, counts.data(), expert_x.data(), expert_scale.data(), expert_y.data());
+    std::vector<float> initial(size_t(in.num_tokens) * l.hidden, 0.0f);
+    if (c.accumulate) {
+      for (size_t i = 0; i < initial.size(); ++i) {
+        initial[i] = float(i % 5) * 0.25f - 0.5f;
+        dtype::store(out.data(), l.out_dtype, int64_t(i), initial[i]);
+      }
+    }
+    ferry_combine_args_t cb{};
+    cb.out_tokens = out.data();
+    cb.indices = in.indices.data();
+    cb.weights = in.weights.data();
+    cb.expert_y = expert_y.data();
+    cb.num_tokens = in.num_tokens;
+    cb.accumulate = c.accumulate;
+    maybe_sleep();
+    if (c.split) {
+      cb.flags = FERRY_SEND;
+      backend->combine(cb, nullptr);
+      maybe_sleep();
+      cb.flags = FERRY_RECV;
+      backend->combine(cb, nullptr);
+    } else {
+      cb.flags = FERRY_SEND_RECV;
+      backend->combine(cb, nullptr);
+    }
+    std::vector<float> expected = reference::combine_standard(cfg, in);
+    std::vector<float> magnitude = reference::combine_magnitude_standard(cfg, in);
+    for (size_t i = 0; i < expected.size(); ++i) {
+      expected[i] += initial[i];
+      magnitude[i] += std::fabs(initial[i]);
+    }
+    const std::string cdiff = reference::compare_combine(cfg, expected, magnitude, out.data(), in.num_tokens);
+    ASSERT_TRUE(cdiff.empty()) << "step " << step << "\n" << cdiff;
+  }
+}
+
+void run_case(const Case& c) {
+  testing::LaunchOptions opts;
+  opts.world_size = c.world_size;
+  opts.timeout_ms = c.launch_timeout_ms;
+  testing::expect_all_ok(testing::run_ranks(opts, [&](te::Bootstrap& b) { run_rank(b, c); }));
+}
+
+// ---- scale ---------------------------------------------------------------------------------
+
+TEST(AllToAll, Ep2UniformRoutingMatchesTheReference) {
+  Case c;
+  run_case(c);
+}
+
+TEST(AllToAll, Ep4OverShm) {
+  Case c;
+  c.world_size = 4;
+  c.num_experts = 8;
+  c.provider = "shm";
+  run_case(c);
+}
+
+TEST(AllToAll, Ep8SeveralExpertsPerRankTop8) {
+  Case c;
+  c.world_size = 8;
+  c.num_experts = 32;
+  c.top_k = 8;
+  c.max_tokens = 12;
+  c.hidden = 256;
+  run_case(c);
+}
+
+TEST(AllToAll, Ep16OneExpertPerRankHidden2048) {
+  Case c;
+  c.world_size = 16;
+  c.num_experts = 16;
+  c.top_k = 4;
+  c.max_tokens = 6;
+  c.hidden = 2048;
+  run_case(c);
+}
+
+TEST(AllToAll, Ep64TinyShapesFinishQuickly) {
+  Case c;
+  c.world_size = 64;
+  c.num_experts = 128;
+  c.top_k = 4;
+  c.max_tokens = 4;
+  c.hidden = 64;
+  c.timeout_ms = 50000;
+  run_case(c);
+}
+
+// ---- routing -------------------------------------------------------------------------------
+
+TEST(AllToAll, AllTokensToOneExpert) {
+  Case c;
+  c.world_size = 4;
+  c.num_experts = 8;
+  c.top_k = 1;
+  c.spec.routing = Routing::one_expert;
+  run_case(c);
+}
+
+TEST(AllToAll, ZipfSkewedRoutingWithAlignment) {
+  Case c;
+  c.world_size = 4;
+  c.num_experts = 16;
+  c.top_k = 4;
+  c.expert_alignment = 8;
+  c.spec.routing = Routing::zipf;
+  run_case(c);
+}
+
+TEST(AllToAll, RanksWithZeroTokensAndDroppedRoutes) {
+  Case c;
+  c.world_size = 4;
+  c.num_experts = 8;
+  c.top_k = 3;
+  c.spec.zero_tokens_every = 2;
+  c.spec.drop_fraction = 0.3;
+  c.steps = 2;
+  run_case(c);
+}
+
+TEST(AllToAll, VaryingTokenCountsOverShm) {
+  Case c;
+  c.world_size = 3;
+  c.num_experts = 6;
+  c.provider = "shm";
+  c.spec.vary_tokens = true;
+  c.steps = 3;
+  run_case(c);
+}
+
+// ---- shapes and types ------------------------------------------------------------------------
+
+TEST(AllToAll, DeepSeekShapeFp8WithBlockScales) {
+  Case c;
+  c.world_size = 4;
+  c.num_experts = 16;
+  c.top_k = 8;
+  c.max_tokens = 8;
+  c.hidden = 7168;
+  c.in_dtype = FERRY_FP8_E4M3;
+  c.scale_block = 128;
+  c.out_dtype = FERRY_BF16;
+  run_case(c);
+}
+
+TEST(AllToAll, EveryInputAndOutputDtype) {
+  for (ferry_dtype_t in : {FERRY_BF16, FERRY_F16, FERRY_F32, FERRY_FP8_E4M3}) {
+    for (ferry_dtype_t out : {FERRY_BF16, FERRY_F16, FERRY_F32}) {
+      Case c;
+      c.in_dtype = in;
+      c.out_dtype = out;
+      c.scale_block = in == FERRY_FP8_E4M3 ? 32 : 0;
+      c.max_tokens = 8;
+      SCOPED_TRACE("in " + std::to_string(in) + " out " + std::to_string(out));
+      run_case(c);
+    }
+  }
+}
+
+TEST(AllToAll, CombineAccumulatesIntoOutTokens) {
+  Case c;
+  c.out_dtype = FERRY_F32;
+  c.accumulate = true;
+  run_case(c);
+}
+
+// ---- protocol paths ----------------------------------------------------------------------------
+
+TEST(AllToAll, DataParallelGroupsOfTwoEachGetTheFullCombine) {
+  Case c;
+  c.world_size = 4;
+  c.num_experts = 8;
+  c.dp_size = 2;
+  c.top_k = 3;
+  c.spec.drop_fraction = 0.1;
+  c.steps = 2;
+  run_case(c);
+}
+
+TEST(AllToAll, NoPrivateRegionSendsEverythingAsOverflow) {
+  Case c;
+  c.world_size = 4;
+  c.num_experts = 8;
+  c.private_tokens = 0;
+  c.steps = 2;
+  run_case(c);
+}
+
+TEST(AllToAll, SmallPrivateRegionSplitsRuns) {
+  Case c;
+  c.world_size = 4;
+  c.num_experts = 8;
+  c.private_tokens = 3;
+  c.spec.routing = Routing::zipf;
+  c.steps = 2;
+  run_case(c);
+}
+
+TEST(AllToAll, TwentyBackToBackStepsWithSkewedRanks) {
+  Case c;
+  c.world_size = 4;
+  c.num_experts = 8;
+  c.max_tokens = 8;
+  c.hidden = 64;
+  c.steps = 20;
+  c.max_skew_ms = 15;
+  c.private_tokens = 4;
+  c.spec.vary_tokens = true;
+  run_case(c);
+}
+
+TEST(AllToAll, SendAndRecvSplitWithWorkBetween) {
+  Case c;
+  c.world_size = 4;
+  c.num_experts = 8;
+  c.split = true;
+  c.max_skew_ms = 10;
+  c.steps = 3;
+  run_case(c);
+}
+
+// ---- errors ------------------------------------------------------------------------------------
+
+// Runs a 4-rank step where rank 2 passes `bad` inputs; every rank must fail within the deadline
+// with the expected status and a message naming rank 2.
+void expect_bad_input_fails_everywhere(const std::function<void(ferry_dispatch_args_t&, std::vector<int32_t>&)>& bad,
+                                       Status bad_rank_status) {
+  Case c;
+  c.world_size = 4;
+  c.num_experts = 8;
+  c.timeout_ms = 20000;
+  testing::LaunchOptions opts;
+  opts.world_size = c.world_size;
+  opts.timeout_ms = 60000;
+  const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) {
+    const ferry_a2a_config_t cfg = config_of(c, b.rank());
+    const Layout l = make_layout(cfg);
+    auto backend = make_host_backend(cfg, b);
+    auto inputs = reference::generate_all(cfg, c.spec);
+    auto& in = inputs[l.rank];
+    std::vector<int32_t> counts(l.experts_per_rank);
+    std::vector<uint8_t> expert_x(size_t(l.experts_per_rank) * l.max_rows_per_expert * l.payload_bytes);
+    ferry_dispatch_args_t d{};
+    d.out_expert_num_tokens = counts.data();
+    d.out_expert_x = expert_x.data();
+    d.dp_x = in.x.data();
+    d.indices = in.indices.data();
+    d.weights = in.weights.data();
+    d.num_tokens = in.num_tokens;
+    d.flags = FERRY_SEND_RECV;
+    std::vector<int32_t> bad_indices = in.indices;
+    if (l.rank == 2) bad(d, bad_indices);
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      backend->dispatch(d, nullptr);
+      ADD_FAILURE() << "rank " << l.rank << ": dispatch succeeded";
+    } catch (const Error& e) {
+      const std::string what = e.what();
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      EXPECT_LT(seconds, 10.0) << "rank " << l.rank << " waited for its deadline instead of failing fast: " << what;
+      if (l.rank == 2) {
+        EXPECT_EQ(e.status(), bad_rank_status) << what;
+      } else {
+        EXPECT_EQ(e.status(), Status::peer_failed) << what;
+        EXPECT_NE(what.find("rank 2"), std::string::npos) << what;
+      }
+    }
+    // The step is over for everyone: a later call says so instead of hanging.
+    try {
+      backend->dispatch(d, nullptr);
+      ADD_FAILURE() << "dispatch after a failed step succeeded";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.status(), Status::internal) << e.what();
+    }
+  });
+  testing::expect_all_ok(results);
+}
+
+TEST(AllToAllErrors, ExpertIdOutOfRangeFailsEveryRankFast) {
+  expect_bad_input_fails_everywhere(
+      [](ferry_dispatch_args_t& d, std::vector<int32_t>& idx) {
+        idx[3] = 8;  // num_experts is 8
+        d.indices = idx.data();
+      },
+      Status::invalid_argument);
+}
+
+TEST(AllToAllErrors, TooManyTokensFailsEveryRankFast) {
+  expect_bad_input_fails_everywhere([](ferry_dispatch_args_t& d, std::vector<int32_t>&) { d.num_tokens = 17; },
+                                    Status::invalid_argument);
+}
+
+TEST(AllToAllErrors, AMissingRankIsNamedAtTheDeadline) {
+  Case c;
+  c.world_size = 3;
+  c.num_experts = 3;
+  c.top_k = 1;
+  c.timeout_ms = 3000;
+  testing::LaunchOptions opts;
+  opts.world_size = c.world_size;
+  opts.timeout_ms = 60000;
+  const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) {
+    const ferry_a2a_config_t cfg = config_of(c, b.rank());
+    const Layout l = make_layout(cfg);
+    auto backend = make_host_backend(cfg, b);
+    auto inputs = reference::generate_all(cfg, c.spec);
+    auto& in = inputs[l.rank];
+    std::vector<int32_t> counts(l.experts_per_rank);
+    std::vector<uint8_t> expert_x(size_t(l.experts_per_rank) * l.max_rows_per_expert * l.payload_bytes);
+    ferry_dispatch_args_t d{};
+    d.out_expert_num_tokens = counts.data();
+    d.out_expert_x = expert_x.data();
+    d.dp_x = in.x.data();
+    d.indices = in.indices.data();
+    d.weights = in.weights.data();
+    d.num_tokens = in.num_tokens;
+    d.flags = FERRY_SEND_RECV;
+    if (l.rank == 1) {
+      b.barrier(30000);  // never dispatches; leaves after the others gave up
+      return;
+    }
+    try {
+      backend->dispatch(d, nullptr);
+      ADD_FAILURE() << "dispatch succeeded without rank 1";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.status(), Status::timeout) << e.what();
+      EXPECT_NE(std::string(e.what()).find("1"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("count headers"), std::string::npos) << e.what();
+    }
+    b.barrier(30000);
+  });
+  testing::expect_all_ok(results);
+}
+
+TEST(AllToAllErrors, StepsOutOfOrderAreRejected) {
+  Case c;
+  testing::LaunchOptions opts;
+  opts.world_size = 2;
+  const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) {
+    const ferry_a2a_config_t cfg = config_of(c, b.rank());
+    auto backend = make_host_backend(cfg, b);
+    ferry_combine_args_t cb{};
+    cb.flags = FERRY_SEND_RECV;
+    try {
+      backend->combine(cb, nullptr);
+      ADD_FAILURE() << "combine before any dispatch succeeded";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.status(), Status::invalid_argument);
+      EXPECT_NE(std::string(e.what()).find("must alternate"), std::string::npos) << e.what();
+    }
+  });
+  testing::expect_all_ok(results);
+}
+
+}  // namespace
+}  // namespace ferry::ep
