@@ -264,9 +264,10 @@ TransferEngine::TransferEngine(const EngineConfig& config, Bootstrap& bootstrap)
 
 TransferEngine::~TransferEngine() {
   if (!impl_ || !impl_->worker) return;
-  // Writes still in flight reference registered memory: let them finish before the MRs close.
+  // Writes still in flight reference registered memory: let them finish before the MRs close. A
+  // short deadline: writes to a dead peer never complete, and closing the endpoint cancels them.
   try {
-    impl_->worker->flush(impl_->config.timeout_ms);
+    impl_->worker->flush(std::min(impl_->config.timeout_ms, 2000));
   } catch (const Error&) {
     // A failed peer cannot complete them; closing the endpoint cancels them.
   }

@@ -225,6 +225,21 @@ FidPtr<fid_mr> Nic::register_memory(void* data, size_t bytes, MemoryKind kind, i
             where + ": provider does not report FI_HMEM, so CUDA memory cannot be registered; "
                     "use pinned host memory (host-staged transfers) with this provider");
     }
+    // The NIC would fault on a host pointer tagged as device memory; say so here instead.
+    if (CUresult rc = cuInit(0); rc != CUDA_SUCCESS) {
+      const char* text = nullptr;
+      cuGetErrorString(rc, &text);
+      raise(Status::unsupported, where + ": CUDA driver unavailable (" +
+                                     std::string(text ? text : "unknown") +
+                                     "); cannot register CUDA memory");
+    }
+    unsigned int memory_type = 0;
+    if (cuPointerGetAttribute(&memory_type, CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+                              reinterpret_cast<CUdeviceptr>(data)) != CUDA_SUCCESS ||
+        memory_type != CU_MEMORYTYPE_DEVICE) {
+      raise(Status::invalid_argument,
+            where + ": registering as CUDA memory a pointer that is not device memory");
+    }
     attr.iface = FI_HMEM_CUDA;
     attr.device.cuda = cuda_device;
 #if FI_VERSION_GE(FI_VERSION(FI_MAJOR_VERSION, FI_MINOR_VERSION), FI_VERSION(1, 20))
