@@ -1,0 +1,221 @@
+#include "bench/ep/mpi_baseline.h"
+
+#include <chrono>
+#include <cstring>
+#include <string>
+
+#include "csrc/dtype.h"
+#include "csrc/plan.h"
+#include "transfer_engine/error.h"
+
+#if defined(FERRY_HAVE_MPI)
+// The C bindings only: Open MPI's C++ bindings would need libmpi_cxx.
+#define OMPI_SKIP_MPICXX 1
+#define MPICH_SKIP_MPICXX 1
+#include <mpi.h>
+#endif
+
+namespace ferry::bench {
+
+#if defined(FERRY_HAVE_MPI)
+
+namespace {
+
+void check_mpi(int rc, const char* what, int rank) {
+  if (rc == MPI_SUCCESS) return;
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(rc, text, &len);
+  raise(Status::transport, "rank " + std::to_string(rank) + ": " + what + " failed: " + std::string(text, len));
+}
+
+double now_us() {
+  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace
+
+MpiSession::MpiSession(bool under_mpi) {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (!under_mpi || initialized) return;
+  int provided = 0;
+  check_mpi(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided), "MPI_Init_thread", -1);
+  active_ = true;
+}
+
+MpiSession::~MpiSession() {
+  if (active_) MPI_Finalize();
+}
+
+bool MpiBaseline::available() {
+  int initialized = 0, finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  return initialized && !finalized;
+}
+
+MpiBaseline::MpiBaseline(const BaselineShape& shape, int max_tokens) : s_(shape) {
+  const int r = s_.world_size;
+  const uint64_t max_send = uint64_t(max_tokens) * std::min(s_.topk, r);
+  send_.resize(max_send * s_.record_bytes);
+  recv_.resize(uint64_t(r) * max_tokens * s_.record_bytes);
+  partial_send_.resize(uint64_t(r) * max_tokens * s_.partial_bytes);
+  partial_recv_.resize(max_send * s_.partial_bytes);
+  for (auto* v : {&send_counts_, &recv_counts_, &send_displs_, &recv_displs_, &send_bytes_, &recv_bytes_,
+                  &send_bytes_displs_, &recv_bytes_displs_}) {
+    v->assign(r, 0);
+  }
+  slot_token_.resize(max_send);
+  // Partials carry a recognisable value; the baseline times bytes and the sum, not expert math.
+  for (size_t i = 0; i + 1 < partial_send_.size(); i += 2) {
+    const uint16_t one = 0x3f80;  // 1.0 in bf16 (and a small normal in f16)
+    std::memcpy(&partial_send_[i], &one, 2);
+  }
+}
+
+MpiBaseline::~MpiBaseline() = default;
+
+void MpiBaseline::barrier() { check_mpi(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier", s_.rank); }
+
+double MpiBaseline::dispatch(const int32_t* indices, const float* weights, const uint8_t* x,
+                             const float* x_scale, int num_tokens) {
+  const double t0 = now_us();
+  const int r = s_.world_size;
+  const int experts_per_rank = s_.num_experts / r;
+  const int member = s_.rank % s_.dp_size;
+  num_tokens_ = num_tokens;
+  std::fill(send_counts_.begin(), send_counts_.end(), 0);
+  int32_t dests[ep::kMaxTopK];
+  for (int t = member; t < num_tokens; t += s_.dp_size) {
+    const int n = ep::token_destinations(indices + size_t(t) * s_.topk, s_.topk, experts_per_rank, dests);
+    for (int i = 0; i < n; ++i) ++send_counts_[dests[i]];
+  }
+  for (int d = 0, acc = 0; d < r; ++d) {
+    send_displs_[d] = acc;
+    acc += send_counts_[d];
+  }
+  // Pack: a header naming the token and its routes on the destination, payload, scales.
+  std::vector<int> fill(send_displs_);
+  for (int t = member; t < num_tokens; t += s_.dp_size) {
+    const int32_t* idx = indices + size_t(t) * s_.topk;
+    const int n = ep::token_destinations(idx, s_.topk, experts_per_rank, dests);
+    for (int i = 0; i < n; ++i) {
+      const int slot = fill[dests[i]]++;
+      slot_token_[slot] = t;
+      uint8_t* rec = send_.data() + uint64_t(slot) * s_.record_bytes;
+      ep::RecordHeader h{};
+      h.src_token = t;
+      h.src_rank = s_.rank;
+      for (int k = 0; k < s_.topk; ++k) {
+        if (idx[k] >= 0 && ep::owner_rank(idx[k], experts_per_rank) == dests[i]) {
+          h.local_expert[h.num_routes] = int16_t(ep::local_expert(idx[k], experts_per_rank));
+          h.weight[h.num_routes++] = weights[size_t(t) * s_.topk + k];
+        }
+      }
+      std::memcpy(rec, &h, sizeof(h));
+      std::memcpy(rec + sizeof(h), x + uint64_t(t) * s_.payload_bytes, s_.payload_bytes);
+      if (s_.scale_bytes) {
+        std::memcpy(rec + sizeof(h) + s_.payload_bytes,
+                    reinterpret_cast<const uint8_t*>(x_scale) + uint64_t(t) * s_.scale_bytes, s_.scale_bytes);
+      }
+    }
+  }
+  check_mpi(MPI_Alltoall(send_counts_.data(), 1, MPI_INT, recv_counts_.data(), 1, MPI_INT, MPI_COMM_WORLD),
+            "MPI_Alltoall of record counts", s_.rank);
+  dispatch_bytes_sent_ = 0;
+  for (int d = 0, sacc = 0, racc = 0; d < r; ++d) {
+    recv_displs_[d] = racc;
+    send_bytes_[d] = int(send_counts_[d] * s_.record_bytes);
+    recv_bytes_[d] = int(recv_counts_[d] * s_.record_bytes);
+    send_bytes_displs_[d] = int(send_displs_[d] * s_.record_bytes);
+    recv_bytes_displs_[d] = int(racc * s_.record_bytes);
+    racc += recv_counts_[d];
+    sacc += send_counts_[d];
+    if (d != s_.rank) dispatch_bytes_sent_ += uint64_t(send_bytes_[d]) + sizeof(int);
+  }
+  check_mpi(MPI_Alltoallv(send_.data(), send_bytes_.data(), send_bytes_displs_.data(), MPI_BYTE, recv_.data(),
+                          recv_bytes_.data(), recv_bytes_displs_.data(), MPI_BYTE, MPI_COMM_WORLD),
+            "MPI_Alltoallv of token records", s_.rank);
+  unpack_expert_major();
+  return now_us() - t0;
+}
+
+void MpiBaseline::unpack_expert_major() {
+  // What ferry's RECV also does: rows per local expert, ordered by source rank then token.
+  const int experts_per_rank = s_.num_experts / s_.world_size;
+  int total = 0;
+  for (int d = 0; d < s_.world_size; ++d) total += recv_counts_[d];
+  std::vector<int> rows(experts_per_rank + 1, 0);
+  for (int i = 0; i < total; ++i) {
+    ep::RecordHeader h;
+    std::memcpy(&h, recv_.data() + uint64_t(i) * s_.record_bytes, sizeof(h));
+    for (int k = 0; k < h.num_routes; ++k) ++rows[h.local_expert[k] + 1];
+  }
+  for (int e = 0; e < experts_per_rank; ++e) rows[e + 1] += rows[e];
+  const uint64_t row_bytes = s_.payload_bytes + s_.scale_bytes;
+  if (expert_rows_.size() < uint64_t(rows[experts_per_rank]) * row_bytes) {
+    expert_rows_.resize(uint64_t(rows[experts_per_rank]) * row_bytes);
+  }
+  for (int i = 0; i < total; ++i) {
+    const uint8_t* rec = recv_.data() + uint64_t(i) * s_.record_bytes;
+    ep::RecordHeader h;
+    std::memcpy(&h, rec, sizeof(h));
+    for (int k = 0; k < h.num_routes; ++k) {
+      std::memcpy(expert_rows_.data() + uint64_t(rows[h.local_expert[k]]++) * row_bytes, rec + sizeof(h),
+                  row_bytes);
+    }
+  }
+}
+
+double MpiBaseline::combine(float* out_tokens) {
+  const double t0 = now_us();
+  const int r = s_.world_size;
+  // Partials go back the way the records came: what we received from s returns to s.
+  std::vector<int> psend(r), psend_displs(r), precv(r), precv_displs(r);
+  combine_bytes_sent_ = 0;
+  for (int d = 0; d < r; ++d) {
+    psend[d] = int(recv_counts_[d] * s_.partial_bytes);
+    psend_displs[d] = int(recv_displs_[d] * s_.partial_bytes);
+    precv[d] = int(send_counts_[d] * s_.partial_bytes);
+    precv_displs[d] = int(send_displs_[d] * s_.partial_bytes);
+    if (d != s_.rank) combine_bytes_sent_ += uint64_t(psend[d]);
+  }
+  check_mpi(MPI_Alltoallv(partial_send_.data(), psend.data(), psend_displs.data(), MPI_BYTE,
+                          partial_recv_.data(), precv.data(), precv_displs.data(), MPI_BYTE, MPI_COMM_WORLD),
+            "MPI_Alltoallv of combine partials", s_.rank);
+  std::memset(out_tokens, 0, sizeof(float) * size_t(num_tokens_) * s_.hidden);
+  int total = 0;
+  for (int d = 0; d < r; ++d) total += send_counts_[d];
+  for (int slot = 0; slot < total; ++slot) {
+    float* out = out_tokens + size_t(slot_token_[slot]) * s_.hidden;
+    const uint8_t* p = partial_recv_.data() + uint64_t(slot) * s_.partial_bytes;
+    if (s_.out_dtype == FERRY_F32) {
+      const float* f = reinterpret_cast<const float*>(p);
+      for (int h = 0; h < s_.hidden; ++h) out[h] += f[h];
+    } else {
+      const uint16_t* v = reinterpret_cast<const uint16_t*>(p);
+      for (int h = 0; h < s_.hidden; ++h) {
+        out[h] += s_.out_dtype == FERRY_BF16 ? ep::dtype::bf16_to_f32(v[h]) : ep::dtype::f16_to_f32(v[h]);
+      }
+    }
+  }
+  return now_us() - t0;
+}
+
+#else  // no MPI in this build
+
+MpiSession::MpiSession(bool) {}
+MpiSession::~MpiSession() = default;
+bool MpiBaseline::available() { return false; }
+MpiBaseline::MpiBaseline(const BaselineShape& shape, int) : s_(shape) {
+  raise(Status::unsupported, "this ferry-bench was built without MPI: no MPI baseline");
+}
+MpiBaseline::~MpiBaseline() = default;
+double MpiBaseline::dispatch(const int32_t*, const float*, const uint8_t*, const float*, int) { return 0; }
+double MpiBaseline::combine(float*) { return 0; }
+void MpiBaseline::barrier() {}
+
+#endif
+
+}  // namespace ferry::bench

@@ -1,0 +1,292 @@
+#include "bench/ep/results.h"
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "bench/ep/published.h"
+#include "transfer_engine/error.h"
+
+namespace ferry::bench {
+
+using tools::format;
+using nlohmann::json;
+
+namespace {
+
+const OpResult* find_op(const std::vector<OpResult>& ops, const std::string& name) {
+  for (const auto& o : ops) if (o.name == name) return &o;
+  return nullptr;
+}
+
+std::string shape_label(const Options& o) {
+  std::string s = format("%d tokens/rank, hidden %d, top-%d, %d experts, %s", o.tokens, o.hidden, o.topk,
+                         o.experts, dtype_name(o.in_dtype));
+  if (o.scale_block > 0) s += format(" + f32 scale/%d", o.scale_block);
+  s += format(" -> %s", dtype_name(o.out_dtype));
+  if (o.dp_size > 1) s += format(", dp %d", o.dp_size);
+  return s;
+}
+
+json stats_json(const OpResult& op) {
+  const auto& p = op.latency_us;
+  return json{{"samples", p.count},  {"min_us", p.min},  {"mean_us", p.mean},
+              {"p50_us", p.p50},     {"p90_us", p.p90},  {"p99_us", p.p99},
+              {"max_us", p.max},     {"bytes_per_rank", op.bytes_per_rank},
+              {"gbps_per_rank_mean", op.gbps_per_rank_mean}, {"gbps_per_rank_min", op.gbps_per_rank_min},
+              {"rank_p50_us", op.rank_p50_us}, {"rank_bytes", op.rank_bytes}};
+}
+
+json config_json(const BenchResult& r) {
+  const Options& o = r.options;
+  return json{{"preset", o.preset},
+              {"world_size", r.world_size},
+              {"tokens", o.tokens},
+              {"hidden", o.hidden},
+              {"topk", o.topk},
+              {"experts", o.experts},
+              {"in_dtype", dtype_name(o.in_dtype)},
+              {"out_dtype", dtype_name(o.out_dtype)},
+              {"scale_block", o.scale_block},
+              {"dp_size", o.dp_size},
+              {"nets_per_rank", o.nets_per_rank},
+              {"provider", r.provider},
+              {"backend", backend_name(o.backend)},
+              {"private_tokens", o.private_tokens},
+              {"expert_alignment", o.expert_alignment},
+              {"warmup", o.warmup},
+              {"iters", o.iters},
+              {"timeout_ms", o.timeout_ms},
+              {"seed", o.seed},
+              {"routing", routing_name(o.routing)},
+              {"zipf_s", o.zipf_s},
+              {"routing_file", o.routing_file},
+              {"overlap", o.overlap},
+              {"gemm_m", o.gemm_m},
+              {"gemm_n", o.gemm_n},
+              {"gemm_k", o.gemm_k},
+              {"verify", o.verify},
+              {"launcher", r.launcher}};
+}
+
+json environment_json(const BenchResult& r) {
+  const auto& h = r.host;
+  return json{{"hostname", h.hostname},         {"num_hosts", r.num_hosts},
+              {"date_utc", h.date_utc},         {"provider", r.provider},
+              {"nics", h.nics},                 {"gpus", h.gpus},
+              {"cuda_driver", h.cuda_driver_version}, {"ferry_version", h.ferry_version},
+              {"libfabric_version", h.libfabric_version}, {"hwloc_version", h.hwloc_version},
+              {"cpu_model", h.cpu_model},       {"num_cpus", h.num_cpus}};
+}
+
+}  // namespace
+
+void print_table(const BenchResult& r, std::FILE* out) {
+  const Options& o = r.options;
+  std::fprintf(out, "ferry-bench  EP%d  %s\n", r.world_size, shape_label(o).c_str());
+  std::fprintf(out, "  backend %s, provider %s, %d NIC(s)/rank, %d rank(s) on %d host(s), launcher %s, "
+               "routing %s, %d warm-up + %d timed iterations\n",
+               backend_name(o.backend), r.provider.c_str(), o.nets_per_rank, r.world_size, r.num_hosts,
+               r.launcher.c_str(), routing_name(o.routing), o.warmup, o.iters);
+  std::fprintf(out, "  buffers per rank: %s registered (dispatch recv %s, record %llu B)\n",
+               tools::format_bytes(double(r.sizes.total_registered_bytes)).c_str(),
+               tools::format_bytes(double(r.sizes.recv_bytes)).c_str(),
+               static_cast<unsigned long long>(r.sizes.record_bytes));
+  if (r.verify_requested) {
+    std::fprintf(out, "  verify: %s\n", r.verify_passed ? "passed (every byte of dispatch, combine within tolerance, all ranks)"
+                                                         : "FAILED");
+  }
+  std::fprintf(out, "\n");
+
+  const auto published = o.compare ? published_for(o, r.world_size) : std::vector<PublishedFigure>{};
+  tools::Table t;
+  t.add_column("operation", tools::Table::Align::left);
+  for (const char* c : {"p50 us", "p90 us", "p99 us", "max us", "bytes/rank", "GB/s/rank"}) t.add_column(c);
+  const bool baseline = !r.baseline.empty();
+  if (baseline) {
+    t.add_column("MPI p50 us");
+    t.add_column("ferry/MPI");
+  }
+  if (o.compare) t.add_column("published us (other hardware)");
+  auto add = [&](const OpResult& op, const char* label) {
+    std::vector<std::string> cells{label,
+                                   format("%.1f", op.latency_us.p50),
+                                   format("%.1f", op.latency_us.p90),
+                                   format("%.1f", op.latency_us.p99),
+                                   format("%.1f", op.latency_us.max),
+                                   op.bytes_per_rank > 0 ? tools::format_bytes(op.bytes_per_rank) : "",
+                                   op.bytes_per_rank > 0 ? format(op.gbps_per_rank_mean < 0.1 ? "%.4f" : "%.2f", op.gbps_per_rank_mean) : ""};
+    if (baseline) {
+      const OpResult* b = find_op(r.baseline, op.name);
+      cells.push_back(b ? format("%.1f", b->latency_us.p50) : "");
+      cells.push_back(b && b->latency_us.p50 > 0 ? format("%.2f", op.latency_us.p50 / b->latency_us.p50) : "");
+    }
+    if (o.compare) {
+      std::string s;
+      for (const auto& f : published) {
+        const double v = op.name == "dispatch" ? f.dispatch_us : op.name == "combine" ? f.combine_us : -1;
+        if (v < 0) continue;
+        s += (s.empty() ? "" : ", ") + format("%.1f", v);
+      }
+      cells.push_back(s);
+    }
+    t.add_row(cells);
+  };
+  const std::pair<const char*, const char*> rows[] = {
+      {"dispatch", "dispatch"},          {"combine", "combine"},
+      {"dispatch_send", "dispatch SEND"}, {"dispatch_recv", "dispatch RECV"},
+      {"combine_send", "combine SEND"},   {"combine_recv", "combine RECV"}};
+  for (const auto& [name, label] : rows) {
+    if (const OpResult* op = find_op(r.ferry, name)) add(*op, label);
+    if (std::string(name) == "combine") t.add_separator();
+  }
+  if (r.overlap) {
+    t.add_separator();
+    add(r.overlap->dispatch_overlapped, "dispatch SEND+GEMM+RECV");
+    add(r.overlap->combine_overlapped, "combine SEND+GEMM+RECV");
+  }
+  t.print(out);
+  std::fprintf(out, "  p50/p90/p99/max over all ranks' samples (%zu per operation); GB/s/rank = bytes sent by "
+               "the rank over the network / its p50.\n",
+               r.ferry.empty() ? size_t(0) : r.ferry.front().latency_us.count);
+  if (baseline) {
+    std::fprintf(out, "  baseline: MPI_Alltoall of counts + MPI_Alltoallv of the same records (and partials "
+                 "back), timed the same way; ferry/MPI < 1 means ferry is faster.\n");
+  } else {
+    std::fprintf(out, "  baseline: none (%s)\n", r.baseline_note.c_str());
+  }
+  if (r.overlap) {
+    const auto& ov = r.overlap.value();
+    std::fprintf(out, "  overlap: GEMM %dx%dx%d alone %.1f us (%.2f GFLOP/s); hidden share of SEND+RECV: "
+                 "dispatch %.0f%%, combine %.0f%%\n",
+                 ov.gemm_m, ov.gemm_n, ov.gemm_k, ov.gemm_alone_us,
+                 ov.gemm_alone_us > 0 ? ov.gemm_flops / ov.gemm_alone_us / 1e3 : 0.0,
+                 100 * ov.dispatch_hidden_fraction, 100 * ov.combine_hidden_fraction);
+  }
+  if (o.compare) {
+    if (published.empty()) {
+      std::fprintf(out, "  published figures: none for EP%d with this shape (published: decode = 128 "
+                   "tokens/rank, hidden 7168, top-8, 256 experts, fp8 -> bf16; prefill = 4096 tokens/rank; "
+                   "EP8..EP64)\n", r.world_size);
+    } else {
+      std::fprintf(out, "\n  published, other hardware (EP%d, same shape; dispatch / combine us):\n", r.world_size);
+      for (const auto& f : published) {
+        std::fprintf(out, "    %-28s %8.1f / %-8.1f  ferry here: %.2fx / %.2fx\n", f.system, f.dispatch_us,
+                     f.combine_us,
+                     find_op(r.ferry, "dispatch") ? find_op(r.ferry, "dispatch")->latency_us.p50 / f.dispatch_us : 0,
+                     find_op(r.ferry, "combine") ? find_op(r.ferry, "combine")->latency_us.p50 / f.combine_us : 0);
+      }
+    }
+  }
+  std::fflush(out);
+}
+
+void write_json(const BenchResult& r, const std::string& path) {
+  json j;
+  j["tool"] = "ferry-bench";
+  j["config"] = config_json(r);
+  j["environment"] = environment_json(r);
+  j["buffer_sizes"] = json{{"record_bytes", r.sizes.record_bytes},
+                           {"send_bytes", r.sizes.send_bytes},
+                           {"recv_bytes", r.sizes.recv_bytes},
+                           {"combine_send_bytes", r.sizes.combine_send_bytes},
+                           {"combine_recv_bytes", r.sizes.combine_recv_bytes},
+                           {"total_registered_bytes", r.sizes.total_registered_bytes},
+                           {"max_rows_per_expert", r.sizes.max_rows_per_expert},
+                           {"num_local_experts", r.sizes.num_local_experts}};
+  json results = json::object();
+  for (const auto& op : r.ferry) results[op.name] = stats_json(op);
+  j["results"] = results;
+  json baseline = json::object();
+  baseline["kind"] = r.baseline_kind.empty() ? json(nullptr) : json(r.baseline_kind);
+  baseline["note"] = r.baseline_note;
+  for (const auto& op : r.baseline) {
+    baseline[op.name] = stats_json(op);
+    if (const OpResult* f = find_op(r.ferry, op.name); f && op.latency_us.p50 > 0) {
+      baseline["ratio_p50"][op.name] = f->latency_us.p50 / op.latency_us.p50;
+    }
+  }
+  j["baseline"] = baseline;
+  if (r.overlap) {
+    const auto& ov = r.overlap.value();
+    j["overlap"] = json{{"gemm_m", ov.gemm_m}, {"gemm_n", ov.gemm_n}, {"gemm_k", ov.gemm_k},
+                        {"gemm_alone_p50_us", ov.gemm_alone_us},
+                        {"dispatch_overlapped", stats_json(ov.dispatch_overlapped)},
+                        {"combine_overlapped", stats_json(ov.combine_overlapped)},
+                        {"dispatch_hidden_fraction", ov.dispatch_hidden_fraction},
+                        {"combine_hidden_fraction", ov.combine_hidden_fraction}};
+  } else {
+    j["overlap"] = nullptr;
+  }
+  j["verify"] = json{{"requested", r.verify_requested}, {"passed", r.verify_passed},
+                     {"failed_ranks", r.verify_failed_ranks}};
+  json pub = json::array();
+  for (const auto& f : published_for(r.options, r.world_size)) {
+    pub.push_back(json{{"system", f.system}, {"shape", f.shape}, {"ep_size", f.ep_size},
+                       {"dispatch_us", f.dispatch_us}, {"combine_us", f.combine_us},
+                       {"note", "published, other hardware"}});
+  }
+  j["published"] = pub;
+  j["wall_seconds"] = r.wall_seconds;
+  std::ofstream f(path);
+  if (!f) raise(Status::invalid_argument, "--json: cannot write '" + path + "'");
+  f << j.dump(2) << "\n";
+  if (!f) raise(Status::invalid_argument, "--json: writing '" + path + "' failed");
+}
+
+void write_csv(const BenchResult& r, const std::string& path) {
+  std::ofstream f(path);
+  if (!f) raise(Status::invalid_argument, "--csv: cannot write '" + path + "'");
+  const json config = config_json(r);
+  const json env = environment_json(r);
+  auto cell = [](const json& v) {
+    std::string s = v.is_string() ? v.get<std::string>() : v.dump();
+    if (s.find_first_of(",\"\n") != std::string::npos) {
+      std::string q = "\"";
+      for (char c : s) q += c == '"' ? std::string("\"\"") : std::string(1, c);
+      return q + "\"";
+    }
+    return s;
+  };
+  std::vector<std::string> header;
+  for (auto it = config.begin(); it != config.end(); ++it) header.push_back(it.key());
+  for (auto it = env.begin(); it != env.end(); ++it) header.push_back("env_" + it.key());
+  for (const char* c : {"impl", "operation", "samples", "min_us", "mean_us", "p50_us", "p90_us", "p99_us",
+                        "max_us", "bytes_per_rank", "gbps_per_rank_mean", "gbps_per_rank_min",
+                        "ratio_to_baseline_p50", "verify_passed"}) {
+    header.push_back(c);
+  }
+  for (size_t i = 0; i < header.size(); ++i) f << (i ? "," : "") << header[i];
+  f << "\n";
+  auto row = [&](const char* impl, const OpResult& op, double ratio) {
+    bool first = true;
+    auto put = [&](const std::string& s) {
+      f << (first ? "" : ",") << s;
+      first = false;
+    };
+    for (auto it = config.begin(); it != config.end(); ++it) put(cell(*it));
+    for (auto it = env.begin(); it != env.end(); ++it) put(cell(*it));
+    const auto& p = op.latency_us;
+    put(impl);
+    put(op.name);
+    put(std::to_string(p.count));
+    for (double v : {p.min, p.mean, p.p50, p.p90, p.p99, p.max, op.bytes_per_rank, op.gbps_per_rank_mean,
+                     op.gbps_per_rank_min}) {
+      put(format("%.3f", v));
+    }
+    put(ratio > 0 ? format("%.4f", ratio) : "");
+    put(r.verify_requested ? (r.verify_passed ? "true" : "false") : "");
+    f << "\n";
+  };
+  for (const auto& op : r.ferry) {
+    const OpResult* b = find_op(r.baseline, op.name);
+    row("ferry", op, b && b->latency_us.p50 > 0 ? op.latency_us.p50 / b->latency_us.p50 : 0);
+  }
+  for (const auto& op : r.baseline) row(r.baseline_kind.c_str(), op, 0);
+  if (r.overlap) {
+    row("ferry", r.overlap->dispatch_overlapped, 0);
+    row("ferry", r.overlap->combine_overlapped, 0);
+  }
+  if (!f) raise(Status::invalid_argument, "--csv: writing '" + path + "' failed");
+}
+
+}  // namespace ferry::bench

@@ -1,0 +1,59 @@
+// What one ferry-bench run measured, and its three renderings: the table on stdout, --json, --csv.
+#pragma once
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "bench/ep/options.h"
+#include "ferry/ferry.h"
+#include "tools/common/env.h"
+#include "tools/common/report.h"
+
+namespace ferry::bench {
+
+struct OpResult {
+  std::string name;                  // "dispatch", "combine", "dispatch_send", ...
+  tools::Percentiles latency_us;     // over every rank's timed samples
+  std::vector<double> rank_p50_us;   // per rank
+  std::vector<double> rank_bytes;    // per rank, mean bytes sent per call (0: not measured)
+  double bytes_per_rank = 0;         // mean over ranks
+  double gbps_per_rank_mean = 0;     // bytes / p50 per rank, averaged; 0 when no bytes
+  double gbps_per_rank_min = 0;
+};
+
+struct OverlapResult {
+  double gemm_alone_us = 0;          // p50
+  double gemm_flops = 0;
+  int gemm_m = 0, gemm_n = 0, gemm_k = 0;
+  // Per step: p50 of SEND + GEMM + RECV in one go, and the fraction of SEND + RECV it hid:
+  // (t_send + t_recv + t_gemm_alone - t_overlapped) / (t_send + t_recv).
+  OpResult dispatch_overlapped, combine_overlapped;
+  double dispatch_hidden_fraction = 0;
+  double combine_hidden_fraction = 0;
+};
+
+struct BenchResult {
+  Options options;
+  int world_size = 1;
+  int num_hosts = 1;
+  std::string launcher;              // how the ranks were started
+  std::string provider;              // requested libfabric provider
+  tools::HostInfo host;              // rank 0's
+  ferry_buffer_sizes_t sizes{};
+  std::vector<OpResult> ferry;       // dispatch, combine, dispatch_send, dispatch_recv, combine_send, combine_recv
+  std::string baseline_kind;         // "mpi" or "" (none)
+  std::string baseline_note;         // why there is none
+  std::vector<OpResult> baseline;    // dispatch, combine
+  std::optional<OverlapResult> overlap;
+  bool verify_requested = false;
+  bool verify_passed = false;
+  std::vector<int> verify_failed_ranks;
+  double wall_seconds = 0;
+};
+
+void print_table(const BenchResult& r, std::FILE* out);
+// Throws ferry::Error(Status::invalid_argument) naming the path when it cannot be written.
+void write_json(const BenchResult& r, const std::string& path);
+void write_csv(const BenchResult& r, const std::string& path);
+
+}  // namespace ferry::bench

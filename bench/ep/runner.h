@@ -1,0 +1,12 @@
+// One rank of a ferry-bench run: rendezvous, create the all-to-all, verify, time, gather to rank 0
+// and report there.
+#pragma once
+#include "bench/ep/options.h"
+
+namespace ferry::bench {
+
+// Returns this rank's exit code: 0, 1 (verification or run failure; the message names the rank),
+// or 2 (options that do not fit the world size).
+int run_rank(const Options& options, const char* launcher_label);
+
+}  // namespace ferry::bench
