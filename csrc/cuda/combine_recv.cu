@@ -31,9 +31,17 @@ __global__ void __launch_bounds__(kCopyThreads)
     for (int j = 0; j < ep::kMaxTopK; ++j) slots[j] = __shfl_sync(0xffffffffu, slot, j);
     uint8_t* out = out_tokens + uint64_t(t) * row_bytes;
     for (int i = lane; i < nvec; i += kWarpSize) {
+      // Same order as the host: the previous value (with accumulate), then partials by destination.
       float acc[V::kN];
+      if (p.accumulate) {
+        V prev;
+        prev.raw = *reinterpret_cast<const uint4*>(out + 16 * uint64_t(i));
 #pragma unroll
-      for (int x = 0; x < V::kN; ++x) acc[x] = 0.f;
+        for (int x = 0; x < V::kN; ++x) acc[x] = Elem<T>::load(prev.v[x]);
+      } else {
+#pragma unroll
+        for (int x = 0; x < V::kN; ++x) acc[x] = 0.f;
+      }
 #pragma unroll
       for (int j = 0; j < ep::kMaxTopK; ++j) {
         if (slots[j] < 0) continue;
@@ -41,12 +49,6 @@ __global__ void __launch_bounds__(kCopyThreads)
         in.raw = ld_v4(p.partial_buf + uint64_t(slots[j]) * L.partial_bytes + 16 * uint64_t(i));
 #pragma unroll
         for (int x = 0; x < V::kN; ++x) acc[x] += Elem<T>::load(in.v[x]);
-      }
-      if (p.accumulate) {
-        V prev;
-        prev.raw = *reinterpret_cast<const uint4*>(out + 16 * uint64_t(i));
-#pragma unroll
-        for (int x = 0; x < V::kN; ++x) acc[x] += Elem<T>::load(prev.v[x]);
       }
       V o;
 #pragma unroll

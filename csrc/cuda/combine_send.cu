@@ -47,7 +47,8 @@ __global__ void __launch_bounds__(kCopyThreads)
         V in;
         in.raw = ld_nc_v4(y + uint64_t(rows[j]) * row_bytes + 16 * uint64_t(i));
 #pragma unroll
-        for (int x = 0; x < V::kN; ++x) acc[x] = fmaf(ws_[j], Elem<T>::load(in.v[x]), acc[x]);
+        // Separate multiply and add (no FMA contraction), rounding exactly as the host's loop does.
+        for (int x = 0; x < V::kN; ++x) acc[x] = __fadd_rn(acc[x], __fmul_rn(ws_[j], Elem<T>::load(in.v[x])));
       }
       V o;
 #pragma unroll

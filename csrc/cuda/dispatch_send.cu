@@ -169,8 +169,8 @@ __global__ void __launch_bounds__(kCopyThreads)
         h.src_rank = L.rank;
         h.reserved = 0;
         int n = 0;
-        for (int j = 0; j < ep::kMaxTopK; ++j) {
-          h.local_expert[j] = -1;
+        for (int j = 0; j < ep::kMaxTopK; ++j) {  // unused routes are zero, as the host writes them
+          h.local_expert[j] = 0;
           h.weight[j] = 0.f;
         }
         for (int k = 0; k < K; ++k) {
