@@ -94,6 +94,7 @@ struct EngineStats {
   uint64_t bytes_posted = 0;
   uint64_t eagain_retries = 0;
   uint64_t imms_received = 0;
+  uint64_t bytes_posted_per_nic[kMaxNics] = {};  // shows how a route spread the bytes
 };
 
 class TransferEngine {

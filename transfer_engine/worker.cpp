@@ -143,6 +143,8 @@ EngineStats Worker::stats() const {
   s.bytes_posted = bytes_posted_.load(std::memory_order_relaxed);
   s.eagain_retries = eagain_retries_.load(std::memory_order_relaxed);
   s.imms_received = imms_received_.load(std::memory_order_relaxed);
+  for (int n = 0; n < kMaxNics; ++n)
+    s.bytes_posted_per_nic[n] = bytes_per_nic_[n].load(std::memory_order_relaxed);
   return s;
 }
 
@@ -303,6 +305,8 @@ bool Worker::post_some() {
     ops_posted_.store(ops_posted_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
     bytes_posted_.store(bytes_posted_.load(std::memory_order_relaxed) + op.bytes,
                         std::memory_order_relaxed);
+    std::atomic<uint64_t>& nic_bytes = bytes_per_nic_[op.nic];
+    nic_bytes.store(nic_bytes.load(std::memory_order_relaxed) + op.bytes, std::memory_order_relaxed);
   }
   return any || attempts > 0;
 }

@@ -127,6 +127,7 @@ class Worker {
   std::atomic<uint64_t> bytes_posted_{0};
   std::atomic<uint64_t> eagain_retries_{0};
   std::atomic<uint64_t> imms_received_{0};
+  std::atomic<uint64_t> bytes_per_nic_[kMaxNics] = {};
 };
 
 template <typename Fill>

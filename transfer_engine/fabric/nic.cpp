@@ -59,14 +59,20 @@ InfoPtr get_info(const std::string& provider, const std::string& domain, int& la
     last_rc = fi_getinfo(kApiVersion, nullptr, nullptr, 0, hints.get(), &list);
     if (last_rc != 0 || list == nullptr) continue;
     InfoPtr all(list);
-    // Prefer an IPv4 address format (tcp lists IPv4 and IPv6 fabrics for the same interface).
-    fi_info* chosen = list;
+    // The layered tcp;ofi_rxm does not always filter by domain name, so match it here; among the
+    // matches prefer IPv4 (tcp lists IPv4 and IPv6 fabrics for the same interface).
+    fi_info* chosen = nullptr;
+    int best = -1;
     for (fi_info* it = list; it != nullptr; it = it->next) {
-      if (it->addr_format == FI_SOCKADDR_IN) {
+      const char* name = it->domain_attr->name;
+      if (!domain.empty() && (name == nullptr || domain != name)) continue;
+      const int score = it->addr_format == FI_SOCKADDR_IN ? 1 : 0;
+      if (score > best) {
+        best = score;
         chosen = it;
-        break;
       }
     }
+    if (chosen == nullptr) continue;
     InfoPtr copy(fi_dupinfo(chosen));
     if (!copy) raise(Status::out_of_memory, "fi_dupinfo failed");
     return copy;
