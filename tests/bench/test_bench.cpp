@@ -1,0 +1,256 @@
+// ferry-bench as a user runs it: argument errors, --dry-run sizing at EP64, scaled-down local runs
+// of both presets with --verify whose JSON is checked field by field, CSV, routing files, and the
+// plot script on that JSON.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <regex>
+#include <string>
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+struct RunResult {
+  int exit_code = -1;
+  std::string out;  // stdout and stderr together
+};
+
+RunResult run_command(const std::string& cmd) {
+  RunResult r;
+  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+  if (!p) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
+  const int status = pclose(p);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+RunResult bench(const std::string& args) { return run_command(std::string(FERRY_BENCH) + " " + args); }
+
+fs::path temp_dir(const std::string& name) {
+  const fs::path dir = fs::path(::testing::TempDir()) / ("ferry_bench_" + name + "_" + std::to_string(getpid()));
+  fs::create_directories(dir);
+  return dir;
+}
+
+json read_json(const fs::path& path) {
+  std::ifstream f(path);
+  EXPECT_TRUE(f.good()) << "no JSON at " << path;
+  return json::parse(f);
+}
+
+// Small enough for a loaded 2-core machine: 4 ranks, 8 tokens, hidden 256, 16 experts.
+const char* kScaledDown = "--local-ranks 4 --tokens 8 --hidden 256 --experts 16 --warmup 1 --iters 6 "
+                          "--timeout-ms 20000 --no-progress";
+
+void expect_ordered_stats(const json& s, const std::string& what) {
+  SCOPED_TRACE(what);
+  ASSERT_TRUE(s.is_object());
+  EXPECT_GT(s["samples"].get<int>(), 0);
+  EXPECT_GT(s["p50_us"].get<double>(), 0.0);
+  EXPECT_LE(s["min_us"].get<double>(), s["p50_us"].get<double>());
+  EXPECT_LE(s["p50_us"].get<double>(), s["p90_us"].get<double>());
+  EXPECT_LE(s["p90_us"].get<double>(), s["p99_us"].get<double>());
+  EXPECT_LE(s["p99_us"].get<double>(), s["max_us"].get<double>());
+}
+
+void expect_scaled_down_run(const json& j, const std::string& preset, int tokens) {
+  const json& c = j["config"];
+  EXPECT_EQ(c["preset"], preset);
+  EXPECT_EQ(c["world_size"], 4);
+  EXPECT_EQ(c["tokens"], tokens);
+  EXPECT_EQ(c["hidden"], 256);
+  EXPECT_EQ(c["topk"], 8);
+  EXPECT_EQ(c["experts"], 16);
+  EXPECT_EQ(c["in_dtype"], "fp8_e4m3");
+  EXPECT_EQ(c["out_dtype"], "bf16");
+  EXPECT_EQ(c["scale_block"], 128);
+  EXPECT_EQ(c["backend"], "host");
+  EXPECT_EQ(c["iters"], 6);
+  EXPECT_EQ(c["warmup"], 1);
+  EXPECT_EQ(c["verify"], true);
+  for (const char* op : {"dispatch", "combine", "dispatch_send", "dispatch_recv", "combine_send", "combine_recv"}) {
+    expect_ordered_stats(j["results"][op], op);
+    // Every rank's samples are in the statistics: 4 ranks x 6 timed iterations.
+    EXPECT_EQ(j["results"][op]["samples"], 24) << op;
+    EXPECT_EQ(j["results"][op]["rank_p50_us"].size(), 4u) << op;
+  }
+  EXPECT_GT(j["results"]["dispatch"]["bytes_per_rank"].get<double>(), 0.0);
+  EXPECT_GT(j["results"]["combine"]["bytes_per_rank"].get<double>(), 0.0);
+  EXPECT_GT(j["results"]["dispatch"]["gbps_per_rank_mean"].get<double>(), 0.0);
+  EXPECT_EQ(j["verify"]["requested"], true);
+  EXPECT_EQ(j["verify"]["passed"], true);
+  EXPECT_TRUE(j["verify"]["failed_ranks"].empty());
+  EXPECT_GT(j["buffer_sizes"]["record_bytes"].get<uint64_t>(), 64u + 256u);
+  EXPECT_FALSE(j["environment"]["hostname"].get<std::string>().empty());
+  EXPECT_FALSE(j["environment"]["date_utc"].get<std::string>().empty());
+  EXPECT_FALSE(j["environment"]["libfabric_version"].get<std::string>().empty());
+}
+
+std::string python_with_matplotlib() {
+  for (const char* py : {"/usr/bin/python3", "python3"}) {
+    if (run_command(std::string(py) + " -c 'import matplotlib'").exit_code == 0) return py;
+  }
+  return {};
+}
+
+}  // namespace
+
+TEST(BenchArguments, BadValuesExitWithCode2AndNameTheArgument) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"--tokens abc", "--tokens"},
+      {"--topk 9", "--topk"},
+      {"--in-dtype fp4", "--in-dtype"},
+      {"--backend tpu", "--backend"},
+      {"--routing banana", "--routing"},
+      {"--routing file", "--routing-file"},
+      {"--no-such-option", "--no-such-option"},
+      {"--hidden 7168 --scale-block 100", "--scale-block"},
+      {"--out-dtype fp8_e4m3", "--out-dtype"},
+      {"--dry-run --world-size 64 --experts 100", "--experts"},
+  };
+  for (const auto& [args, name] : cases) {
+    const auto r = bench(args);
+    EXPECT_EQ(r.exit_code, 2) << args << "\n" << r.out;
+    EXPECT_NE(r.out.find(name), std::string::npos) << args << " should name " << name << ":\n" << r.out;
+  }
+}
+
+TEST(BenchArguments, HelpDocumentsPresetsAndTheRoutingFileFormat) {
+  const auto r = bench("--help");
+  EXPECT_EQ(r.exit_code, 0) << r.out;
+  for (const char* s : {"--preset", "--local-ranks", "--overlap", "--routing-file", "RANK E0 E1", "--dry-run"}) {
+    EXPECT_NE(r.out.find(s), std::string::npos) << s;
+  }
+}
+
+TEST(BenchDryRun, Ep64DecodeSizesAndTrafficAreSane) {
+  const auto r = bench("--dry-run --world-size 64 --preset decode");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("EP64"), std::string::npos);
+  // A record is the 64-byte header + 7168 fp8 + 56 fp32 scales = 7456 bytes.
+  EXPECT_NE(r.out.find("7456"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("670.0 MiB"), std::string::npos) << "pplx-garden reference point missing";
+  EXPECT_NE(r.out.find("1.9 GB"), std::string::npos) << "DeepEP reference point missing";
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(r.out, m, std::regex(R"(destination ranks per token: ([0-9.]+))"))) << r.out;
+  const double dests = std::stod(m[1]);
+  // 8 distinct experts out of 256 over 64 ranks of 4: almost always 8 ranks, never more.
+  EXPECT_GT(dests, 7.0);
+  EXPECT_LE(dests, 8.0);
+  ASSERT_TRUE(std::regex_search(r.out, m, std::regex(R"(total registered\s+(\d+))"))) << r.out;
+  const double total = std::stod(m[1]);
+  EXPECT_GT(total, 10e6);
+  EXPECT_LT(total, 2e9);
+  // Ferry sends each token once per rank, never more than a per-expert sender.
+  ASSERT_TRUE(std::regex_search(r.out, m, std::regex(R"(dispatch bytes\s+\S+ \S+\s+\S+ \S+\s+([0-9.]+))"))) << r.out;
+  EXPECT_LE(std::stod(m[1]), 1.0);
+}
+
+TEST(BenchRun, DecodePresetScaledDownVerifiesAndWritesJson) {
+  const fs::path dir = temp_dir("decode");
+  const auto r = bench(std::string(kScaledDown) + " --preset decode --verify --compare --json " +
+                       (dir / "decode.json").string());
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("verify: passed"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("dispatch RECV"), std::string::npos) << r.out;
+  const json j = read_json(dir / "decode.json");
+  expect_scaled_down_run(j, "decode", 8);
+  // Launched through mpirun when it exists: the MPI baseline ran on the same records.
+  if (j["config"]["launcher"] == "local-mpi") {
+    EXPECT_EQ(j["baseline"]["kind"], "mpi");
+    expect_ordered_stats(j["baseline"]["dispatch"], "MPI dispatch");
+    expect_ordered_stats(j["baseline"]["combine"], "MPI combine");
+    EXPECT_GT(j["baseline"]["ratio_p50"]["dispatch"].get<double>(), 0.0);
+    EXPECT_NE(r.out.find("ferry/MPI"), std::string::npos) << r.out;
+  }
+  fs::remove_all(dir);
+}
+
+TEST(BenchRun, PrefillPresetScaledDownWithOverlapAndCsv) {
+  const fs::path dir = temp_dir("prefill");
+  const auto r = bench(std::string(kScaledDown) + " --preset prefill --verify --overlap --gemm-m 64 --gemm-n 64 "
+                       "--gemm-k 64 --launcher fork --json " + (dir / "prefill.json").string() + " --csv " +
+                       (dir / "prefill.csv").string());
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  const json j = read_json(dir / "prefill.json");
+  expect_scaled_down_run(j, "prefill", 8);
+  EXPECT_EQ(j["config"]["overlap"], true);
+  EXPECT_GT(j["overlap"]["gemm_alone_p50_us"].get<double>(), 0.0);
+  expect_ordered_stats(j["overlap"]["dispatch_overlapped"], "dispatch overlapped");
+  expect_ordered_stats(j["overlap"]["combine_overlapped"], "combine overlapped");
+  EXPECT_TRUE(j["overlap"]["dispatch_hidden_fraction"].is_number());
+  // Without mpirun underneath there is no baseline, and the report says why.
+  EXPECT_TRUE(j["baseline"]["kind"].is_null());
+  EXPECT_NE(j["baseline"]["note"].get<std::string>().find("MPI"), std::string::npos);
+
+  std::ifstream csv(dir / "prefill.csv");
+  std::string header, line;
+  ASSERT_TRUE(std::getline(csv, header));
+  EXPECT_NE(header.find("p50_us"), std::string::npos);
+  EXPECT_NE(header.find("env_hostname"), std::string::npos);
+  int rows = 0;
+  while (std::getline(csv, line)) ++rows;
+  EXPECT_EQ(rows, 6 + 2) << "six ferry operations and the two overlapped steps";
+  fs::remove_all(dir);
+}
+
+TEST(BenchRun, RoutingFileIsUsedAndBadLinesAreNamed) {
+  const fs::path dir = temp_dir("routing");
+  {
+    std::ofstream f(dir / "routing.txt");
+    f << "# rank experts...\n";
+    for (int rank = 0; rank < 4; ++rank) {
+      for (int t = 0; t < 6; ++t) {
+        f << rank;
+        for (int k = 0; k < 8; ++k) f << " " << (k == 7 && t % 3 == 0 ? -1 : (rank * 3 + t + 2 * k) % 16);
+        f << "\n";
+      }
+    }
+  }
+  const auto r = bench(std::string(kScaledDown) + " --launcher fork --verify --routing file --routing-file " +
+                       (dir / "routing.txt").string() + " --json " + (dir / "r.json").string());
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  const json j = read_json(dir / "r.json");
+  EXPECT_EQ(j["config"]["routing"], "file");
+  EXPECT_EQ(j["verify"]["passed"], true);
+
+  {
+    std::ofstream f(dir / "bad.txt");
+    f << "0 1 2 3 4 5 6 7 8\n1 1 2 3 4 5 6 7 99\n";
+  }
+  const auto bad = bench(std::string(kScaledDown) + " --launcher fork --routing file --routing-file " +
+                         (dir / "bad.txt").string());
+  EXPECT_EQ(bad.exit_code, 1) << bad.out;
+  EXPECT_NE(bad.out.find("bad.txt:2: expert 99 is outside [0, 16)"), std::string::npos) << bad.out;
+  fs::remove_all(dir);
+}
+
+TEST(BenchPlot, ScriptTurnsJsonIntoPngs) {
+  const std::string python = python_with_matplotlib();
+  if (python.empty()) GTEST_SKIP() << "matplotlib is not installed (scripts/install_deps.sh installs it)";
+  const fs::path dir = temp_dir("plot");
+  const auto r = bench(std::string(kScaledDown) + " --launcher fork --json " + (dir / "run.json").string());
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  const auto plot = run_command(python + " " + PLOT_SCRIPT + " " + (dir / "run.json").string() + " -o " +
+                                (dir / "png").string());
+  ASSERT_EQ(plot.exit_code, 0) << plot.out;
+  for (const char* name : {"latency_vs_ep.png", "latency_vs_tokens.png"}) {
+    std::ifstream png(dir / "png" / name, std::ios::binary);
+    ASSERT_TRUE(png.good()) << name;
+    char magic[8] = {};
+    png.read(magic, 8);
+    EXPECT_EQ(std::string(magic + 1, 3), "PNG") << name;
+    EXPECT_GT(fs::file_size(dir / "png" / name), 10000u) << name;
+  }
+  fs::remove_all(dir);
+}
