@@ -1,0 +1,335 @@
+// ferry-check: the cluster acceptance test. Launched like ferry-bench (mpirun, srun, torchrun-style
+// variables, or --local-ranks N); every rank runs every stage under deadlines, rank 0 gathers the
+// results between stages and writes the summary, --json and --html. Exit code 0 only when every
+// check passed.
+#include <signal.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cstdarg>
+#include <cstdio>
+#include <ctime>
+#include <fstream>
+#include <optional>
+#include <regex>
+#include <set>
+
+#include "ferry/ferry.h"
+#include "tools/check/check.h"
+#include "tools/common/bootstrap.h"
+#include "tools/common/env.h"
+#include "tools/common/launch.h"
+#include "tools/common/report.h"
+#include "transfer_engine/error.h"
+
+namespace ferry::check {
+
+using nlohmann::json;
+
+namespace {
+
+const char* kStages[] = {"inventory", "engines", "nic_loopback", "links", "alltoall", "nccl"};
+
+std::string utc_now() {
+  char buf[32];
+  const std::time_t t = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+// Raised when a collective step (a gather, an engine setup) fails: the job cannot go on together.
+struct Abort {
+  std::string stage;
+  std::string reason;
+};
+
+class Driver {
+ public:
+  Driver(const Options& opt, te::Bootstrap& boot) : opt_(opt), boot_(boot), me_(boot.rank()) {
+    report_.version = std::to_string(FERRY_VERSION_MAJOR) + "." + std::to_string(FERRY_VERSION_MINOR);
+    report_.started_utc = utc_now();
+    report_.provider = opt.provider;
+    report_.world_size = boot.world_size();
+    report_.options = json{{"provider", opt.provider},
+                           {"nics", opt.nics},
+                           {"nics_per_rank", opt.nics_per_rank},
+                           {"expect_nics_per_node", opt.expect_nics_per_node},
+                           {"timeout_ms", opt.timeout_ms},
+                           {"latency_iters", opt.latency_iters},
+                           {"latency_bytes", opt.latency_bytes},
+                           {"bw_bytes", opt.bw_bytes},
+                           {"bw_iters", opt.bw_iters},
+                           {"min_gbps", opt.min_gbps},
+                           {"outlier_ratio", opt.outlier_ratio},
+                           {"loopback_bytes", opt.loopback_bytes},
+                           {"a2a_tokens", opt.a2a_tokens},
+                           {"a2a_decode_hidden", opt.a2a_decode_hidden},
+                           {"a2a_wide_hidden", opt.a2a_wide_hidden},
+                           {"a2a_iters", opt.a2a_iters},
+                           {"max_dispatch_us", opt.max_dispatch_us},
+                           {"max_combine_us", opt.max_combine_us},
+                           {"seed", opt.seed}};
+  }
+
+  int run() {
+    const auto t0 = std::chrono::steady_clock::now();
+    int code = 0;
+    try {
+      stages();
+    } catch (const Abort& a) {
+      code = 1;
+      rank_failure(me_, "stage " + a.stage + ": " + a.reason);
+      if (me_ == 0) {
+        report_.add(CheckResult{"liveness", "stage " + a.stage, Verdict::fail, a.reason, json::object()});
+        bool after = false;
+        for (const char* s : kStages) {
+          if (after && (!opt_.topo_only)) {
+            report_.add(CheckResult{s, "stage " + std::string(s), Verdict::skip,
+                                    "not run: stage " + a.stage + " failed", json::object()});
+          }
+          after = after || a.stage == s;
+        }
+      }
+    }
+    if (me_ != 0) return code;
+    report_.duration_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    finish();
+    return report_.passed() ? code : 1;
+  }
+
+ private:
+  void maybe_die(const char* stage) {
+    if (opt_.debug_die_at == stage && opt_.debug_die_rank == me_) {
+      std::fprintf(stderr, "[ferry-check] rank %d: --debug-die-at=%s: killing myself\n", me_, stage);
+      std::fflush(stderr);
+      ::raise(SIGKILL);
+    }
+  }
+
+  // Names the host and process of every rank a failure text mentions, so "rank 3 disconnected"
+  // becomes something an operator can walk up to.
+  std::string with_hosts(const std::string& text) const {
+    if (inventory_.empty()) return text;
+    std::set<int> ranks;
+    static const std::regex re("rank[s]? ([0-9]+)");
+    for (auto it = std::sregex_iterator(text.begin(), text.end(), re); it != std::sregex_iterator(); ++it) {
+      const int r = std::stoi((*it)[1].str());
+      if (r >= 0 && r < int(inventory_.size())) ranks.insert(r);
+    }
+    std::string out = text;
+    for (int r : ranks)
+      out += " [rank " + std::to_string(r) + ": host " + inventory_[size_t(r)].host + ", pid " +
+             std::to_string(inventory_[size_t(r)].pid) + "]";
+    return out;
+  }
+
+  // Every rank's share of a stage, on every rank (rank 0 merges them). A failed gather means a
+  // rank is gone or stuck: the job stops here.
+  std::vector<Share> gather(const char* stage, const Share& mine) {
+    std::vector<std::string> blobs;
+    try {
+      blobs = tools::allgather_strings(boot_, mine.to_json().dump(), opt_.timeout_ms);
+    } catch (const std::exception& e) {
+      throw Abort{stage, with_hosts(std::string("results could not be gathered: ") + e.what())};
+    }
+    std::vector<Share> out;
+    for (const std::string& b : blobs) out.push_back(Share::from_json(json::parse(b)));
+    return out;
+  }
+
+  void merge(const std::vector<Share>& shares) {
+    if (me_ != 0) return;
+    for (const Share& s : shares) {
+      for (const CheckResult& c : s.checks) report_.add(c);
+      report_.links.insert(report_.links.end(), s.links.begin(), s.links.end());
+      report_.alltoall.insert(report_.alltoall.end(), s.alltoall.begin(), s.alltoall.end());
+    }
+  }
+
+  void stages() {
+    // 1. Inventory.
+    maybe_die("inventory");
+    progress(me_, "inventory: %d ranks, provider %s", boot_.world_size(), opt_.provider.c_str());
+    Share inv;
+    inv.inventory.push_back(collect_inventory(opt_, boot_));
+    for (const Share& s : gather("inventory", inv)) inventory_.push_back(s.inventory.at(0));
+    if (me_ == 0) {
+      report_.inventory = inventory_;
+      std::set<std::string> hosts;
+      for (const RankInventory& r : inventory_) {
+        if (hosts.insert(r.host).second) report_.hosts.push_back(r.host);
+      }
+      for (CheckResult& c : judge_inventory(opt_, inventory_)) report_.add(std::move(c));
+      if (!opt_.quiet) std::printf("%s\n", inventory_table(report_).c_str());
+    }
+    if (opt_.topo_only) return;
+
+    // 2 and 3. NICs and links, one engine per NIC slot.
+    if (opt_.run_links) {
+      maybe_die("engines");
+      progress(me_, "engines: %d NIC slot(s)", max_slots(inventory_));
+      std::unique_ptr<SlotEngines> engines;
+      try {
+        engines = std::make_unique<SlotEngines>(opt_, boot_, inventory_);
+      } catch (const std::exception& e) {
+        throw Abort{"engines", with_hosts(std::string("rank ") + std::to_string(me_) + " (" +
+                                          inventory_[size_t(me_)].host + "): transfer engine setup failed: " + e.what())};
+      }
+      maybe_die("nic_loopback");
+      progress(me_, "nic_loopback: every NIC writes to itself");
+      merge(gather("nic_loopback", run_loopback(opt_, *engines, inventory_)));
+      maybe_die("links");
+      progress(me_, "links: all pairs, %d round(s) per NIC slot", num_rounds(boot_.world_size()));
+      merge(gather("links", run_links(opt_, *engines, inventory_)));
+      if (me_ == 0) judge_links(opt_, report_);
+      engines.reset();
+    } else if (me_ == 0) {
+      report_.add(CheckResult{"links", "all pairs", Verdict::skip, "--no-links", json::object()});
+    }
+
+    // 4. All-to-all through the C API.
+    if (opt_.run_alltoall) {
+      maybe_die("alltoall");
+      Share a2a;
+      try {
+        a2a = run_alltoall(opt_, boot_, inventory_);
+      } catch (const std::exception& e) {
+        throw Abort{"alltoall", with_hosts(e.what())};
+      }
+      merge(gather("alltoall", a2a));
+    } else if (me_ == 0) {
+      report_.add(CheckResult{"alltoall", "dispatch/combine", Verdict::skip, "--no-alltoall", json::object()});
+    }
+
+    // 5. NCCL.
+    if (opt_.run_nccl) {
+      maybe_die("nccl");
+      progress(me_, "nccl: all_reduce");
+      Share n;
+      try {
+        n = run_nccl(opt_, boot_, inventory_);
+      } catch (const std::exception& e) {
+        throw Abort{"nccl", with_hosts(e.what())};
+      }
+      merge(gather("nccl", n));
+    } else if (me_ == 0) {
+      report_.add(CheckResult{"nccl", "all_reduce sum across GPUs", Verdict::skip, "--no-nccl", json::object()});
+    }
+  }
+
+  void finish() {
+    std::printf("\n%s", summary_table(report_).c_str());
+    std::fflush(stdout);
+    if (!opt_.json_path.empty()) {
+      std::ofstream f(opt_.json_path);
+      f << report_to_json(report_).dump(2) << '\n';
+      if (!f) std::fprintf(stderr, "[ferry-check] cannot write %s\n", opt_.json_path.c_str());
+    }
+    if (!opt_.html_path.empty()) {
+      std::ofstream f(opt_.html_path);
+      f << render_html(report_);
+      if (!f) std::fprintf(stderr, "[ferry-check] cannot write %s\n", opt_.html_path.c_str());
+    }
+  }
+
+  const Options& opt_;
+  te::Bootstrap& boot_;
+  int me_;
+  std::vector<RankInventory> inventory_;
+  Report report_;
+};
+
+std::vector<std::string> split_list(const std::string& s) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start <= s.size()) {
+    const size_t comma = s.find(',', start);
+    const std::string item = s.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    if (!item.empty()) out.push_back(item);
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace ferry::check
+
+int main(int argc, char** argv) {
+  using namespace ferry;
+  check::Options opt;
+  int local_ranks = 0;
+  std::string launcher = "fork";
+  std::string nics;
+  int job_timeout_s = 1800;
+  CLI::App app{"ferry-check: cluster acceptance test (inventory, NIC loopback, all-pairs links, "
+               "all-to-all correctness and timing, NCCL). Exit code 0 only when every check passes."};
+  app.add_option("--local-ranks", local_ranks, "start N ranks on this machine");
+  app.add_option("--launcher", launcher, "how --local-ranks starts them: fork or mpi")->check(CLI::IsMember({"fork", "mpi"}));
+  app.add_option("--job-timeout-s", job_timeout_s, "--local-ranks: stop the whole job after this long");
+  app.add_option("--provider", opt.provider, "libfabric provider: efa, efa-direct, tcp, shm, verbs")->envname("FERRY_PROVIDER");
+  app.add_option("--nics", nics, "comma list of the NICs (domains) of every host, in slot order; default: all the provider lists");
+  app.add_option("--nics-per-rank", opt.nics_per_rank, "NICs each rank uses (default: host NICs / ranks per host)");
+  app.add_option("--expect-nics-per-node", opt.expect_nics_per_node, "fail a host with fewer NICs");
+  app.add_option("--timeout-ms", opt.timeout_ms, "deadline of every wait; a peer silent this long is reported")->check(CLI::PositiveNumber);
+  app.add_option("--latency-iters", opt.latency_iters, "ping-pongs per pair and NIC")->check(CLI::PositiveNumber);
+  app.add_option("--latency-bytes", opt.latency_bytes, "bytes per ping (at most 64)")->check(CLI::Range(0, 64));
+  app.add_option("--bw-bytes", opt.bw_bytes, "bytes per bandwidth write")->check(CLI::PositiveNumber);
+  app.add_option("--bw-iters", opt.bw_iters, "bandwidth writes per direction")->check(CLI::PositiveNumber);
+  app.add_option("--loopback-bytes", opt.loopback_bytes, "bytes of the per-NIC loopback check")->check(CLI::PositiveNumber);
+  app.add_option("--min-gbps", opt.min_gbps, "a link below this is slow (0: no floor)");
+  app.add_option("--outlier-ratio", opt.outlier_ratio, "a link below this fraction of the median of its kind is slow (0: off)");
+  app.add_option("--a2a-tokens", opt.a2a_tokens, "tokens per rank of the decode shape (the wide shape uses a quarter)")->check(CLI::PositiveNumber);
+  app.add_option("--a2a-decode-hidden", opt.a2a_decode_hidden, "hidden size of the decode shape")->check(CLI::PositiveNumber);
+  app.add_option("--a2a-wide-hidden", opt.a2a_wide_hidden, "hidden size of the wide shape")->check(CLI::PositiveNumber);
+  app.add_option("--a2a-iters", opt.a2a_iters, "timed iterations per all-to-all case")->check(CLI::PositiveNumber);
+  app.add_option("--a2a-warmup", opt.a2a_warmup, "untimed (but verified) iterations per case");
+  app.add_option("--max-dispatch-us", opt.max_dispatch_us, "fail when dispatch p99 exceeds this (0: no limit)");
+  app.add_option("--max-combine-us", opt.max_combine_us, "fail when combine p99 exceeds this (0: no limit)");
+  app.add_option("--seed", opt.seed, "seed of the all-to-all inputs");
+  app.add_option("--nccl-bytes", opt.nccl_bytes, "bytes of the NCCL all-reduce")->check(CLI::PositiveNumber);
+  bool no_links = false, no_alltoall = false, no_nccl = false;
+  app.add_flag("--no-links", no_links, "skip the NIC and link checks");
+  app.add_flag("--no-alltoall", no_alltoall, "skip the all-to-all checks");
+  app.add_flag("--no-nccl", no_nccl, "skip the NCCL check");
+  app.add_flag("--topo", opt.topo_only, "print the inventory and topology, then stop");
+  app.add_option("--json", opt.json_path, "write the whole report as JSON");
+  app.add_option("--html", opt.html_path, "write the report as one self-contained HTML page");
+  app.add_flag("--quiet", opt.quiet, "no progress lines");
+  app.add_option("--debug-die-at", opt.debug_die_at, "")->group("");  // testing the checker itself
+  app.add_option("--debug-die-rank", opt.debug_die_rank, "")->group("");
+  CLI11_PARSE(app, argc, argv);
+  opt.nics = check::split_list(nics);
+  opt.run_links = !no_links;
+  opt.run_alltoall = !no_alltoall;
+  opt.run_nccl = !no_nccl;
+  check::set_quiet(opt.quiet);
+
+  try {
+    if (local_ranks > 0 && !tools::is_local_launch_child()) {
+      tools::LocalLaunchOptions launch;
+      launch.num_ranks = local_ranks;
+      launch.launcher = launcher == "mpi" ? tools::LocalLauncher::mpi : tools::LocalLauncher::fork;
+      launch.args = tools::args_without_launch_options(argc, argv);
+      launch.timeout_ms = job_timeout_s * 1000;
+      // The surviving ranks report a dead one themselves; give them the time their deadlines need
+      // (a wait per NIC slot, then the gather) before the launcher stops them.
+      launch.kill_grace_ms = 8 * opt.timeout_ms + 5000;
+      return tools::run_local_ranks(launch);
+    }
+    if (tools::is_local_launch_child()) {
+      // The launcher's SIGTERM means "another rank failed"; reporting that is this tool's job, and
+      // every wait is bounded, so finish the report instead of dying silently.
+      ::signal(SIGTERM, SIG_IGN);
+    }
+    const tools::RankEnv env = tools::discover_rank_env();
+    std::unique_ptr<te::Bootstrap> boot = tools::make_bootstrap(env, opt.timeout_ms);
+    check::Driver driver(opt, *boot);
+    return driver.run();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "[ferry-check] FAIL: %s\n", e.what());
+    return 2;
+  }
+}
