@@ -83,6 +83,12 @@ int run_dry_run(const Options& o) {
   row("combine send", static_cast<double>(sizes.combine_send_bytes));
   row("combine receive", static_cast<double>(sizes.combine_recv_bytes));
   row("total registered", static_cast<double>(sizes.total_registered_bytes));
+  // The caller's side of the contract: the batched expert-major layout in and out of the experts.
+  const double layout_rows = double(sizes.num_local_experts) * sizes.max_rows_per_expert;
+  row("caller: out_expert_x + scales (batched layout)",
+      layout_rows * (double(o.hidden) * ep::elem_bytes_of(o.in_dtype) +
+                     (o.scale_block > 0 ? 4.0 * o.hidden / o.scale_block : 0.0)));
+  row("caller: expert_y (batched layout)", layout_rows * o.hidden * ep::elem_bytes_of(o.out_dtype));
   mem.add_separator();
   mem.add_row({"reference: pplx-garden EP64 decode, per receive buffer", "",
                "~" + format_bytes(kPplxGardenEp64RecvBufferBytes)});
