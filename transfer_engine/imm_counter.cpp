@@ -5,6 +5,10 @@
 #include <chrono>
 #include <thread>
 
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -124,7 +128,7 @@ void wait_for_imms(const ImmCounter& counter, std::span<const ImmExpect> expects
   auto& mutable_counter = const_cast<ImmCounter&>(counter);
   const auto start = std::chrono::steady_clock::now();
   const auto deadline = start + std::chrono::milliseconds(timeout_ms);
-  Backoff backoff(100);
+  Backoff backoff(1000);
   for (;;) {
     if (mutable_counter.try_consume_all(expects)) return;
     if (check) check();
@@ -134,22 +138,60 @@ void wait_for_imms(const ImmCounter& counter, std::span<const ImmExpect> expects
       raise(Status::timeout, what + ": timed out after " + std::to_string(timeout_ms) +
                                  " ms waiting for " + describe_missing(counter, expects));
     }
-    backoff.pause();
+    if (backoff.sleeping()) {
+      // Woken by the worker's next batch of immediates; the timeout bounds how late a deadline
+      // or a transport error is noticed.
+      counter.sleep_until_arrival(backoff.sleep_us());
+    } else {
+      backoff.pause();
+    }
   }
+}
+
+int64_t Backoff::idle_ns() const {
+  return std::chrono::steady_clock::now().time_since_epoch().count() - idle_since_ns_;
 }
 
 void Backoff::pause() {
-  ++idle_;
-  if (idle_ < 256) {
-    cpu_relax();
-  } else if (idle_ < 512) {
+  if (idle_since_ns_ == 0) {
+    idle_since_ns_ = std::chrono::steady_clock::now().time_since_epoch().count();
+    return;
+  }
+  const int64_t idle = idle_ns();
+  if (idle < int64_t{spin_us_} * 1000) {
+    for (int i = 0; i < 16; ++i) cpu_relax();
+  } else if (idle < int64_t{yield_us_} * 1000) {
     std::this_thread::yield();
   } else {
-    int us = std::min<int>(max_sleep_us_, 1 << std::min<uint32_t>((idle_ - 512) / 16, 8));
-    std::this_thread::sleep_for(std::chrono::microseconds(us));
+    std::this_thread::sleep_for(std::chrono::microseconds(sleep_us()));
   }
 }
 
-bool Backoff::sleeping() const { return idle_ >= 512; }
+bool Backoff::sleeping() const {
+  return idle_since_ns_ != 0 && idle_ns() >= int64_t{yield_us_} * 1000;
+}
+
+int Backoff::sleep_us() const {
+  // 10 us right after the yield phase, doubling every 10 ms of further idleness.
+  const int64_t beyond_ms = std::max<int64_t>(0, idle_ns() / 1000000 - yield_us_ / 1000);
+  return static_cast<int>(std::min<int64_t>(max_sleep_us_, int64_t{10} << std::min<int64_t>(beyond_ms / 10, 8)));
+}
+
+void ImmCounter::sleep_until_arrival(int timeout_us) const {
+  const uint32_t seen = epoch_.load(std::memory_order_acquire);
+  sleepers_.fetch_add(1, std::memory_order_acq_rel);
+  timespec timeout{0, static_cast<long>(timeout_us) * 1000};
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&epoch_), FUTEX_WAIT_PRIVATE, seen, &timeout,
+          nullptr, 0);
+  sleepers_.fetch_sub(1, std::memory_order_acq_rel);
+}
+
+void ImmCounter::notify_arrivals() {
+  epoch_.fetch_add(1, std::memory_order_acq_rel);
+  if (sleepers_.load(std::memory_order_acquire) != 0) {
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&epoch_), FUTEX_WAKE_PRIVATE, INT32_MAX,
+            nullptr, nullptr, 0);
+  }
+}
 
 }  // namespace ferry::te

@@ -29,6 +29,12 @@ class ImmCounter {
   bool try_consume_all(std::span<const ImmExpect> expects);
   size_t capacity() const { return mask_ + 1; }
 
+  // Waiters past their spin phase block here until the next notify_arrivals() or timeout_us; the
+  // worker calls notify_arrivals() after each CQ batch that brought immediates (a syscall only
+  // when someone sleeps).
+  void sleep_until_arrival(int timeout_us) const;
+  void notify_arrivals();
+
  private:
   struct alignas(16) Slot {
     std::atomic<uint64_t> key{0};  // 0: empty; else (1 << 32) | imm
@@ -39,6 +45,8 @@ class ImmCounter {
 
   std::unique_ptr<Slot[]> slots_;
   size_t mask_;
+  mutable std::atomic<uint32_t> epoch_{0};
+  mutable std::atomic<uint32_t> sleepers_{0};
 };
 
 // "imm 0x12345 (tag 18, from rank 5): 2 of 3 missing; ..." for every unmet expectation.
@@ -50,18 +58,24 @@ std::string describe_missing(const ImmCounter& counter, std::span<const ImmExpec
 void wait_for_imms(const ImmCounter& counter, std::span<const ImmExpect> expects, int timeout_ms,
                    const std::string& what, const std::function<void()>& check);
 
-// Idle backoff shared by the worker and waiters: many engines share few cores in tests, so spinning
-// gives way to yields and then to sleeps of growing length (capped at max_sleep_us).
+// Idle backoff shared by the worker and waiters, by time since the last progress: spin briefly
+// (latency), then yield (other threads of a busy job get the core), then sleep in growing steps up
+// to max_sleep_us (tests run dozens of engines on two cores).
 class Backoff {
  public:
-  explicit Backoff(int max_sleep_us = 200) : max_sleep_us_(max_sleep_us) {}
-  void reset() { idle_ = 0; }
+  explicit Backoff(int max_sleep_us = 200, int spin_us = 20, int yield_us = 2000)
+      : max_sleep_us_(max_sleep_us), spin_us_(spin_us), yield_us_(yield_us) {}
+  void reset() { idle_since_ns_ = 0; }
   void pause();
+  // Past the yield phase: the caller may block (with a timeout) instead of pausing.
   bool sleeping() const;
+  // The next sleep step in microseconds (grows with idle time).
+  int sleep_us() const;
 
  private:
-  uint32_t idle_ = 0;
-  int max_sleep_us_;
+  int64_t idle_ns() const;
+  int64_t idle_since_ns_ = 0;
+  int max_sleep_us_, spin_us_, yield_us_;
 };
 
 }  // namespace ferry::te

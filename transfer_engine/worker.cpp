@@ -157,7 +157,7 @@ void Worker::fail(Status status, const std::string& text) {
 }
 
 void Worker::loop() {
-  Backoff backoff(200);
+  Backoff backoff(50);
   while (!stop_.load(std::memory_order_acquire)) {
     bool busy = poll_cqs();
     if (has_control_.load(std::memory_order_acquire)) busy |= run_control();
@@ -174,13 +174,12 @@ void Worker::loop() {
       // Producers notify when they see the worker asleep; the timeout keeps CQs progressing for
       // arrivals (tcp and shm only move bytes when the target polls).
       std::unique_lock<std::mutex> lock(sleep_mutex_);
-      sleeping_.store(true, std::memory_order_release);
+      sleeping_.store(true, std::memory_order_seq_cst);
       if (!stop_.load(std::memory_order_acquire) && !has_control_.load(std::memory_order_acquire) &&
           slot(next_post_).published.load(std::memory_order_acquire) != next_post_ + 1) {
-        sleep_cv_.wait_for(lock, std::chrono::microseconds(100));
+        sleep_cv_.wait_for(lock, std::chrono::microseconds(backoff.sleep_us()));
       }
       sleeping_.store(false, std::memory_order_release);
-      backoff.pause();
     } else {
       backoff.pause();
     }
@@ -254,7 +253,10 @@ bool Worker::poll_cqs() {
     }
   }
   if (any) retire();
-  if (any_imm) waiters_dirty_.store(true, std::memory_order_relaxed);
+  if (any_imm) {
+    waiters_dirty_.store(true, std::memory_order_relaxed);
+    counter_.notify_arrivals();
+  }
   return any;
 }
 

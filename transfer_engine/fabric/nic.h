@@ -91,6 +91,10 @@ class Nic {
   // Reads the pending error entry; `text` gets fi_strerror + the provider's explanation.
   bool read_error(fi_cq_err_entry& entry, std::string& text);
 
+  // The raw handles, for baselines that drive libfabric directly (ferry-te-bench's raw loop).
+  fid_ep* endpoint() const { return ep_.get(); }
+  fid_cq* cq() const { return cq_.get(); }
+
  private:
   NicOptions options_;
   InfoPtr info_;
