@@ -12,25 +12,29 @@ __global__ void __launch_bounds__(kCopyThreads)
     combine_recv_kernel(CombineRecvParams p, Workspace ws) {
   using V = Vec16<T>;
   const ep::Layout& L = p.layout;
-  const int lane = lane_id();
+  __shared__ int slots_s[ep::kMaxTopK];
+  const int tid = threadIdx.x;
   if (p.arrived != nullptr && *ws.arrived == 0) return;
 
   const int num_tokens = *ws.num_tokens;
-  const int gw = blockIdx.x * kCopyWarps + threadIdx.x / kWarpSize;
-  const int tw = gridDim.x * kCopyWarps;
   const uint64_t row_bytes = L.out_row_bytes();
   const int nvec = int(row_bytes / 16);
   uint8_t* out_tokens = static_cast<uint8_t*>(p.out_tokens);
 
-  for (int t = gw; t < num_tokens; t += tw) {
-    int slot = -1;
-    if (lane < ep::kMaxTopK && ws.token_dest[t * ep::kMaxTopK + lane] >= 0)
-      slot = ws.token_slot[t * ep::kMaxTopK + lane];
+  // One block per token (grid-stride), each thread a 16-byte slice of the hidden vector.
+  for (int t = blockIdx.x; t < num_tokens; t += gridDim.x) {
+    if (tid < ep::kMaxTopK)
+      slots_s[tid] = ws.token_dest[t * ep::kMaxTopK + tid] >= 0 ? ws.token_slot[t * ep::kMaxTopK + tid] : -1;
+    __syncthreads();
     int slots[ep::kMaxTopK];
 #pragma unroll
-    for (int j = 0; j < ep::kMaxTopK; ++j) slots[j] = __shfl_sync(0xffffffffu, slot, j);
+    for (int j = 0; j < ep::kMaxTopK; ++j) slots[j] = slots_s[j];
     uint8_t* out = out_tokens + uint64_t(t) * row_bytes;
-    for (int i = lane; i < nvec; i += kWarpSize) {
+    for (int i = tid; i < nvec; i += kCopyThreads) {
+      V in[ep::kMaxTopK];
+#pragma unroll
+      for (int j = 0; j < ep::kMaxTopK; ++j)
+        if (slots[j] >= 0) in[j].raw = ld_v4(p.partial_buf + uint64_t(slots[j]) * L.partial_bytes + 16 * uint64_t(i));
       // Same order as the host: the previous value (with accumulate), then partials by destination.
       float acc[V::kN];
       if (p.accumulate) {
@@ -45,16 +49,15 @@ __global__ void __launch_bounds__(kCopyThreads)
 #pragma unroll
       for (int j = 0; j < ep::kMaxTopK; ++j) {
         if (slots[j] < 0) continue;
-        V in;
-        in.raw = ld_v4(p.partial_buf + uint64_t(slots[j]) * L.partial_bytes + 16 * uint64_t(i));
 #pragma unroll
-        for (int x = 0; x < V::kN; ++x) acc[x] += Elem<T>::load(in.v[x]);
+        for (int x = 0; x < V::kN; ++x) acc[x] += Elem<T>::load(in[j].v[x]);
       }
       V o;
 #pragma unroll
       for (int x = 0; x < V::kN; ++x) o.v[x] = Elem<T>::store(acc[x]);
       st_v4(out + 16 * uint64_t(i), o.raw);
     }
+    __syncthreads();  // slots_s is rewritten for the next token
   }
 }
 

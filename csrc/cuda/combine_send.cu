@@ -13,48 +13,51 @@ __global__ void __launch_bounds__(kCopyThreads)
     combine_send_kernel(CombineSendParams p, Workspace ws) {
   using V = Vec16<T>;
   const ep::Layout& L = p.layout;
-  const int lane = lane_id();
-  if (blockIdx.x == 0 && threadIdx.x == 0) *ws.combine_epoch += 1;
+  __shared__ int rows_s[ep::kMaxTopK];
+  __shared__ float weights_s[ep::kMaxTopK];
+  const int tid = threadIdx.x;
+  if (blockIdx.x == 0 && tid == 0) *ws.combine_epoch += 1;
   const int N = *ws.num_recv;
-  const int gw = blockIdx.x * kCopyWarps + threadIdx.x / kWarpSize;
-  const int tw = gridDim.x * kCopyWarps;
   const uint64_t row_bytes = L.out_row_bytes();
   const int nvec = int(row_bytes / 16);
   const uint8_t* y = static_cast<const uint8_t*>(p.expert_y);
 
-  for (int g = gw; g < N; g += tw) {
-    int row = -1;
-    float w = 0.f;
-    if (lane < ep::kMaxTopK) {
-      row = ws.recv_row[g * ep::kMaxTopK + lane];
-      w = ws.recv_weight[g * ep::kMaxTopK + lane];
+  // One block per received record (grid-stride), each thread a 16-byte slice of the hidden vector.
+  for (int g = blockIdx.x; g < N; g += gridDim.x) {
+    if (tid < ep::kMaxTopK) {
+      rows_s[tid] = ws.recv_row[g * ep::kMaxTopK + tid];
+      weights_s[tid] = ws.recv_weight[g * ep::kMaxTopK + tid];
     }
+    __syncthreads();
     int rows[ep::kMaxTopK];
-    float ws_[ep::kMaxTopK];
+    float w[ep::kMaxTopK];
 #pragma unroll
     for (int j = 0; j < ep::kMaxTopK; ++j) {
-      rows[j] = __shfl_sync(0xffffffffu, row, j);
-      ws_[j] = __shfl_sync(0xffffffffu, w, j);
+      rows[j] = rows_s[j];
+      w[j] = weights_s[j];
     }
     uint8_t* out = p.partial_buf + uint64_t(g) * L.partial_bytes;
-    for (int i = lane; i < nvec; i += kWarpSize) {
+    for (int i = tid; i < nvec; i += kCopyThreads) {
+      V in[ep::kMaxTopK];
+#pragma unroll
+      for (int j = 0; j < ep::kMaxTopK; ++j)  // every route's load in flight before the first use
+        if (rows[j] >= 0) in[j].raw = ld_nc_v4(y + uint64_t(rows[j]) * row_bytes + 16 * uint64_t(i));
       float acc[V::kN];
 #pragma unroll
       for (int x = 0; x < V::kN; ++x) acc[x] = 0.f;
 #pragma unroll
       for (int j = 0; j < ep::kMaxTopK; ++j) {
         if (rows[j] < 0) continue;
-        V in;
-        in.raw = ld_nc_v4(y + uint64_t(rows[j]) * row_bytes + 16 * uint64_t(i));
-#pragma unroll
         // Separate multiply and add (no FMA contraction), rounding exactly as the host's loop does.
-        for (int x = 0; x < V::kN; ++x) acc[x] = __fadd_rn(acc[x], __fmul_rn(ws_[j], Elem<T>::load(in.v[x])));
+#pragma unroll
+        for (int x = 0; x < V::kN; ++x) acc[x] = __fadd_rn(acc[x], __fmul_rn(w[j], Elem<T>::load(in[j].v[x])));
       }
       V o;
 #pragma unroll
       for (int x = 0; x < V::kN; ++x) o.v[x] = Elem<T>::store(acc[x]);
       st_v4(out + 16 * uint64_t(i), o.raw);
     }
+    __syncthreads();  // rows_s is rewritten for the next record
   }
 
   // The last block to finish tells the proxy thread that the partials are complete.

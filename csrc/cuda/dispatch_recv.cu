@@ -155,39 +155,40 @@ __global__ void __launch_bounds__(kRouteThreads, 1)
   }
 }
 
-// One warp per received record: its payload and scales are read once and stored into the row of each
-// of its routes. The remaining warps zero the padding rows.
+// One block per received record (grid-stride): its payload and scales are read once and stored into
+// the row of each of its routes. The padding rows are zeroed after the records.
 __global__ void __launch_bounds__(kCopyThreads)
     dispatch_unpack_kernel(DispatchRecvParams p, Workspace ws) {
+  __shared__ int rows_s[ep::kMaxTopK];
   const ep::Layout& L = p.layout;
   const int EPR = L.experts_per_rank, max_rows = L.max_rows_per_expert, ns = L.num_scales;
-  const int lane = lane_id();
+  const int tid = threadIdx.x, lane = lane_id();
   const int N = *ws.num_recv;
-  const int gw = blockIdx.x * kCopyWarps + threadIdx.x / kWarpSize;
-  const int tw = gridDim.x * kCopyWarps;
   const int nvec = int(L.payload_bytes / 16);
   uint8_t* out_x = static_cast<uint8_t*>(p.out_expert_x);
 
-  for (int g = gw; g < N; g += tw) {
-    int row = -1;
-    if (lane < ep::kMaxTopK) {
-      const int e = ws.recv_expert[g * ep::kMaxTopK + lane];
+  for (int g = blockIdx.x; g < N; g += gridDim.x) {
+    if (tid < ep::kMaxTopK) {
+      int row = -1;
+      const int e = ws.recv_expert[g * ep::kMaxTopK + tid];
       if (e >= 0) {
-        const int r = ws.recv_chunk_base[(g / kChunk) * EPR + e] + ws.recv_row[g * ep::kMaxTopK + lane];
+        const int r = ws.recv_chunk_base[(g / kChunk) * EPR + e] + ws.recv_row[g * ep::kMaxTopK + tid];
         if (r < max_rows) row = e * max_rows + r;
       }
-      ws.recv_row[g * ep::kMaxTopK + lane] = row;
+      ws.recv_row[g * ep::kMaxTopK + tid] = row;
+      rows_s[tid] = row;
     }
+    __syncthreads();
     int rows[ep::kMaxTopK];
 #pragma unroll
-    for (int j = 0; j < ep::kMaxTopK; ++j) rows[j] = __shfl_sync(0xffffffffu, row, j);
+    for (int j = 0; j < ep::kMaxTopK; ++j) rows[j] = rows_s[j];
     const uint8_t* src = p.recv_buf + ws.recv_offset[g];
     const uint8_t* payload = src + L.payload_offset();
-    for (int b = 0; b < nvec; b += kWarpSize * kCopyUnroll) {
+    for (int b = 0; b < nvec; b += kCopyThreads * kCopyUnroll) {
       uint4 v[kCopyUnroll];
 #pragma unroll
       for (int u = 0; u < kCopyUnroll; ++u) {
-        const int i = b + u * kWarpSize + lane;
+        const int i = b + u * kCopyThreads + tid;
         if (i < nvec) v[u] = ld_v4(payload + 16 * uint64_t(i));
       }
 #pragma unroll
@@ -196,22 +197,25 @@ __global__ void __launch_bounds__(kCopyThreads)
         uint8_t* dst = out_x + uint64_t(rows[j]) * L.payload_bytes;
 #pragma unroll
         for (int u = 0; u < kCopyUnroll; ++u) {
-          const int i = b + u * kWarpSize + lane;
+          const int i = b + u * kCopyThreads + tid;
           if (i < nvec) st_v4(dst + 16 * uint64_t(i), v[u]);
         }
       }
     }
     if (p.out_expert_x_scale != nullptr) {
       const float* scales = reinterpret_cast<const float*>(src + L.scale_offset());
-      for (int i = lane; i < ns; i += kWarpSize) {
+      for (int i = tid; i < ns; i += kCopyThreads) {
         const float s = scales[i];
 #pragma unroll
         for (int j = 0; j < ep::kMaxTopK; ++j)
           if (rows[j] >= 0) p.out_expert_x_scale[uint64_t(rows[j]) * ns + i] = s;
       }
     }
+    __syncthreads();  // rows_s is rewritten for the next record
   }
 
+  const int gw = blockIdx.x * kCopyWarps + tid / kWarpSize;
+  const int tw = gridDim.x * kCopyWarps;
   // Padding rows: local expert e's rows [count, align_up(count)) are zero.
   const int align = L.expert_alignment;
   if (align > 1) {

@@ -137,70 +137,77 @@ __global__ void __launch_bounds__(kRouteThreads, 1)
   }
 }
 
-// One warp per token: the token's payload and scales are read once and stored into the record of
-// each of its destinations (lane j < 8 owns destination j's address and header).
+// One block per token (grid-stride): the token's payload and scales are read once and stored into
+// the record of each of its destinations. A block rather than a warp per token keeps the whole GPU
+// busy at decode sizes (128 tokens), where a warp each would leave most SMs idle.
 __global__ void __launch_bounds__(kCopyThreads)
     dispatch_pack_kernel(DispatchSendParams p, Workspace ws) {
+  __shared__ uint8_t* dst_s[ep::kMaxTopK];
+  __shared__ int nd_s;
   const ep::Layout& L = p.layout;
   const int R = L.world_size, E = L.num_experts, K = L.top_k, EPR = L.experts_per_rank;
-  const int lane = lane_id();
+  const int tid = threadIdx.x;
   const int T = *ws.num_tokens;
-  const int gw = blockIdx.x * kCopyWarps + threadIdx.x / kWarpSize;
-  const int tw = gridDim.x * kCopyWarps;
   const int nvec = int(L.payload_bytes / 16);
   const int ns = L.num_scales;
   const uint64_t tail_begin = L.scale_offset() + L.scale_bytes;
   const int pad_words = int((L.record_bytes - tail_begin) / 4);
   const uint8_t* x = static_cast<const uint8_t*>(p.x);
 
-  for (int t = gw; t < T; t += tw) {
-    uint8_t* rec = nullptr;
-    int d = -1;
-    if (lane < ep::kMaxTopK) {
-      d = ws.token_dest[t * ep::kMaxTopK + lane];
-      if (d >= 0) {
-        const int slot = ws.dest_offset[d] + ws.send_chunk_base[(t / kChunk) * R + d] +
-                         ws.token_slot[t * ep::kMaxTopK + lane];
-        ws.token_slot[t * ep::kMaxTopK + lane] = slot;
-        rec = p.send_buf + L.send_section_offset(d, 0) + L.count_header_bytes + uint64_t(slot) * L.record_bytes;
-        // Header: this destination's routes, in top-k order.
-        ep::RecordHeader h;
-        h.src_token = t;
-        h.src_rank = L.rank;
-        h.reserved = 0;
-        int n = 0;
-        for (int j = 0; j < ep::kMaxTopK; ++j) {  // unused routes are zero, as the host writes them
-          h.local_expert[j] = 0;
-          h.weight[j] = 0.f;
-        }
-        for (int k = 0; k < K; ++k) {
-          const int e = p.indices[t * K + k];
-          if (e < 0 || e >= E || ep::owner_rank(e, EPR) != d) continue;
-          bool repeated = false;
-          for (int j = 0; j < k; ++j) repeated |= p.indices[t * K + j] == e;
-          if (repeated) continue;
-          h.local_expert[n] = int16_t(ep::local_expert(e, EPR));
-          h.weight[n] = p.weights[t * K + k];
-          ++n;
-        }
-        h.num_routes = n;
-        const uint4* hv = reinterpret_cast<const uint4*>(&h);
+  for (int t = blockIdx.x; t < T; t += gridDim.x) {
+    if (tid < kWarpSize) {
+      const int lane = tid;
+      uint8_t* rec = nullptr;
+      int d = -1;
+      if (lane < ep::kMaxTopK) {
+        d = ws.token_dest[t * ep::kMaxTopK + lane];
+        if (d >= 0) {
+          const int slot = ws.dest_offset[d] + ws.send_chunk_base[(t / kChunk) * R + d] +
+                           ws.token_slot[t * ep::kMaxTopK + lane];
+          ws.token_slot[t * ep::kMaxTopK + lane] = slot;
+          rec = p.send_buf + L.send_section_offset(d, 0) + L.count_header_bytes + uint64_t(slot) * L.record_bytes;
+          // Header: this destination's routes, in top-k order; unused routes are zero, as on the host.
+          ep::RecordHeader h;
+          h.src_token = t;
+          h.src_rank = L.rank;
+          h.reserved = 0;
+          int n = 0;
+          for (int j = 0; j < ep::kMaxTopK; ++j) {
+            h.local_expert[j] = 0;
+            h.weight[j] = 0.f;
+          }
+          for (int k = 0; k < K; ++k) {
+            const int e = p.indices[t * K + k];
+            if (e < 0 || e >= E || ep::owner_rank(e, EPR) != d) continue;
+            bool repeated = false;
+            for (int j = 0; j < k; ++j) repeated |= p.indices[t * K + j] == e;
+            if (repeated) continue;
+            h.local_expert[n] = int16_t(ep::local_expert(e, EPR));
+            h.weight[n] = p.weights[t * K + k];
+            ++n;
+          }
+          h.num_routes = n;
+          const uint4* hv = reinterpret_cast<const uint4*>(&h);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) st_v4(rec + 16 * i, hv[i]);
+          for (int i = 0; i < 4; ++i) st_v4(rec + 16 * i, hv[i]);
+        }
+        dst_s[lane] = rec;
       }
+      const int nd = __popc(__ballot_sync(0xffffffffu, d >= 0));
+      if (lane == 0) nd_s = nd;
     }
-    const int nd = __popc(__ballot_sync(0xffffffffu, d >= 0));
+    __syncthreads();
+    const int nd = nd_s;
     uint8_t* dst[ep::kMaxTopK];
 #pragma unroll
-    for (int j = 0; j < ep::kMaxTopK; ++j)
-      dst[j] = reinterpret_cast<uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<uint64_t>(rec), j));
+    for (int j = 0; j < ep::kMaxTopK; ++j) dst[j] = dst_s[j];
 
     const uint8_t* src = x + uint64_t(t) * L.payload_bytes;
-    for (int base = 0; base < nvec; base += kWarpSize * kCopyUnroll) {
+    for (int b = 0; b < nvec; b += kCopyThreads * kCopyUnroll) {
       uint4 v[kCopyUnroll];
 #pragma unroll
       for (int u = 0; u < kCopyUnroll; ++u) {
-        const int i = base + u * kWarpSize + lane;
+        const int i = b + u * kCopyThreads + tid;
         if (i < nvec) v[u] = ld_nc_v4(src + 16 * uint64_t(i));
       }
 #pragma unroll
@@ -208,22 +215,23 @@ __global__ void __launch_bounds__(kCopyThreads)
         if (j >= nd) break;
 #pragma unroll
         for (int u = 0; u < kCopyUnroll; ++u) {
-          const int i = base + u * kWarpSize + lane;
+          const int i = b + u * kCopyThreads + tid;
           if (i < nvec) st_v4(dst[j] + L.payload_offset() + 16 * uint64_t(i), v[u]);
         }
       }
     }
-    for (int i = lane; i < ns; i += kWarpSize) {
+    for (int i = tid; i < ns; i += kCopyThreads) {
       const float s = p.x_scale[uint64_t(t) * ns + i];
 #pragma unroll
       for (int j = 0; j < ep::kMaxTopK; ++j)
         if (j < nd) reinterpret_cast<float*>(dst[j] + L.scale_offset())[i] = s;
     }
-    for (int i = lane; i < pad_words; i += kWarpSize) {
+    for (int i = tid; i < pad_words; i += kCopyThreads) {
 #pragma unroll
       for (int j = 0; j < ep::kMaxTopK; ++j)
         if (j < nd) reinterpret_cast<uint32_t*>(dst[j] + tail_begin)[i] = 0;
     }
+    __syncthreads();  // dst_s is rewritten for the next token
   }
 
   // The last block to finish tells the proxy thread that the send buffer is complete.

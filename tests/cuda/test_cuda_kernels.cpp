@@ -41,6 +41,8 @@ struct Shape {
   bool vary_tokens;
 };
 
+void PrintTo(const Shape& s, std::ostream* os) { *os << s.name; }
+
 ferry_a2a_config_t config_of(const Shape& s, int rank) {
   ferry_a2a_config_t c;
   ferry_a2a_config_init(&c);
@@ -263,7 +265,13 @@ void run_and_compare(std::vector<std::unique_ptr<SimRank>>& ranks, const ferry_a
   std::vector<std::vector<uint8_t>> ys(R);
   for (int d = 0; d < R; ++d) {
     SimRank& k = *ranks[d];
-    ys[d] = random_expert_y(k.L, k.rows(), seed * 131 + d);
+    // The standard expert model (y = dequant(x) * gain(e)) on the rows this rank received.
+    ys[d].assign(k.rows() * k.L.out_row_bytes(), 0);
+    ep::reference::apply_experts(k.L, download<int32_t>(k.out_num.get(), k.L.experts_per_rank).data(),
+                                 download<uint8_t>(k.out_x.get(), k.out_x.bytes()).data(),
+                                 k.L.num_scales ? download<float>(k.out_x_scale.get(), k.rows() * k.L.num_scales).data()
+                                                : nullptr,
+                                 ys[d].data());
     upload(k.expert_y.get(), ys[d].data(), ys[d].size());
     poison(k.partials.get(), k.partials.bytes());
     combine_send(k.combine_send_params(), k.ws, sms, nullptr);
@@ -313,11 +321,10 @@ void run_and_compare(std::vector<std::unique_ptr<SimRank>>& ranks, const ferry_a
         // Against the fp32 reference: sum_k w * y[row], within out_dtype tolerance.
         ferry_a2a_config_t cs = base;
         cs.rank = s;
-        auto row_of = [&](int rank, int e, int row) -> const void* {
-          return ys[rank].data() + (uint64_t(e) * ranks[rank]->L.max_rows_per_expert + row) * ranks[rank]->L.out_row_bytes();
-        };
-        const auto want = ep::reference::combine(cs, bounded, s, row_of);
-        EXPECT_EQ(ep::reference::compare_combine(cs, want, {}, dout.data(), bounded[s].num_tokens), "") << "rank " << s;
+        const auto want = ep::reference::combine_standard(cs, bounded[s]);
+        const auto magnitude = ep::reference::combine_magnitude_standard(cs, bounded[s]);
+        EXPECT_EQ(ep::reference::compare_combine(cs, want, magnitude, dout.data(), bounded[s].num_tokens), "")
+            << "rank " << s;
       }
     }
   }
@@ -474,7 +481,7 @@ TEST_F(KernelErrors, GraphReplayOfEveryHalfMatchesTheHostOnFreshInputs) {
   auto ranks = make_ranks(base);
   const int R = base.world_size, sms = num_sms();
   Stream stream;
-  std::vector<cudaGraphExec_t> send_g(R), recv_g(R), comb_g(R);
+  std::vector<cudaGraphExec_t> send_g(R), recv_g(R), csend_g(R), comb_g(R);
   auto capture = [&](auto&& body) {
     cudaGraph_t g;
     check_cuda(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal), "begin capture");
@@ -490,10 +497,8 @@ TEST_F(KernelErrors, GraphReplayOfEveryHalfMatchesTheHostOnFreshInputs) {
     // Parameters are captured once: the token count comes from bound_m on the device.
     k.in.num_tokens = k.L.max_tokens;
     send_g[r] = capture([&] { dispatch_send(k.send_params(), k.ws, sms, stream.get()); });
-    recv_g[r] = capture([&] {
-      dispatch_recv(k.recv_params(), k.ws, sms, stream.get());
-      combine_send(k.combine_send_params(), k.ws, sms, stream.get());
-    });
+    recv_g[r] = capture([&] { dispatch_recv(k.recv_params(), k.ws, sms, stream.get()); });
+    csend_g[r] = capture([&] { combine_send(k.combine_send_params(), k.ws, sms, stream.get()); });
     comb_g[r] = capture([&] { combine_recv(k.combine_recv_params(false), k.ws, sms, stream.get()); });
   }
   for (int replay = 0; replay < 100; ++replay) {
@@ -516,8 +521,6 @@ TEST_F(KernelErrors, GraphReplayOfEveryHalfMatchesTheHostOnFreshInputs) {
       k.in.num_tokens = k.L.max_tokens;
       plans.push_back(ep::make_send_plan(k.L, inputs[r].indices.data(), n, 0));
       for (int d = 0; d < R; ++d) cm[size_t(r) * R + d] = plans[r].dest_count[d];
-      ys[r] = random_expert_y(k.L, k.rows(), replay * 7 + r);
-      upload(k.expert_y.get(), ys[r].data(), ys[r].size());
       poison(k.out_x.get(), k.out_x.bytes());
       poison(k.out_tokens.get(), k.out_tokens.bytes());
       check_cuda(cudaGraphLaunch(send_g[r], stream.get()), "launch send graph");
@@ -527,6 +530,15 @@ TEST_F(KernelErrors, GraphReplayOfEveryHalfMatchesTheHostOnFreshInputs) {
         loopback_dispatch(ranks[s]->L, cm.data(), s, d, ranks[s]->send.get<uint8_t>(), ranks[d]->recv.get<uint8_t>(),
                           stream.get());
     for (int r = 0; r < R; ++r) check_cuda(cudaGraphLaunch(recv_g[r], stream.get()), "launch recv graph");
+    check_cuda(cudaStreamSynchronize(stream.get()), "dispatch replay");
+    for (int r = 0; r < R; ++r) {  // the experts, on the host: y = dequant(x) * gain(e)
+      SimRank& k = *ranks[r];
+      ys[r].assign(k.rows() * k.L.out_row_bytes(), 0);
+      ep::reference::apply_experts(k.L, download<int32_t>(k.out_num.get(), k.L.experts_per_rank).data(),
+                                   download<uint8_t>(k.out_x.get(), k.out_x.bytes()).data(), nullptr, ys[r].data());
+      upload(k.expert_y.get(), ys[r].data(), ys[r].size());
+      check_cuda(cudaGraphLaunch(csend_g[r], stream.get()), "launch combine send graph");
+    }
     for (int s = 0; s < R; ++s)
       for (int d = 0; d < R; ++d)
         loopback_combine(ranks[s]->L, cm.data(), s, d, ranks[d]->partials.get<uint8_t>(),
@@ -542,11 +554,9 @@ TEST_F(KernelErrors, GraphReplayOfEveryHalfMatchesTheHostOnFreshInputs) {
       const auto n = download<int32_t>(k.out_num.get(), k.L.experts_per_rank);
       const auto x = download<uint8_t>(k.out_x.get(), k.out_x.bytes());
       ASSERT_EQ(ep::reference::compare_dispatch(cr, want, n.data(), x.data(), nullptr), "") << "replay " << replay;
-      auto row_of = [&](int rank, int e, int row) -> const void* {
-        return ys[rank].data() + (uint64_t(e) * ranks[rank]->L.max_rows_per_expert + row) * ranks[rank]->L.out_row_bytes();
-      };
       const auto out = download<uint8_t>(k.out_tokens.get(), k.out_tokens.bytes());
-      ASSERT_EQ(ep::reference::compare_combine(cr, ep::reference::combine(cr, inputs, r, row_of), {}, out.data(),
+      ASSERT_EQ(ep::reference::compare_combine(cr, ep::reference::combine_standard(cr, inputs[r]),
+                                               ep::reference::combine_magnitude_standard(cr, inputs[r]), out.data(),
                                                inputs[r].num_tokens),
                 "")
           << "replay " << replay << " rank " << r;
@@ -555,6 +565,7 @@ TEST_F(KernelErrors, GraphReplayOfEveryHalfMatchesTheHostOnFreshInputs) {
   for (int r = 0; r < R; ++r) {
     cudaGraphExecDestroy(send_g[r]);
     cudaGraphExecDestroy(recv_g[r]);
+    cudaGraphExecDestroy(csend_g[r]);
     cudaGraphExecDestroy(comb_g[r]);
   }
 }
