@@ -44,9 +44,9 @@ run)
       "$(grep -E '^\[  (PASSED|FAILED) |ERROR SUMMARY' "$out/$name.log" | tr '\n' ' ' | cut -c1-120)" | tee -a "$summary"
   }
   bin=$stage/bin
-  step kernels "$bin/test_cuda_kernels"
-  [ -x "$bin/test_cuda_backend" ] && step backend "$bin/test_cuda_backend"
-  cs="compute-sanitizer --error-exitcode 9 --print-limit 20"
+  step kernels timeout 300 "$bin/test_cuda_kernels"
+  [ -x "$bin/test_cuda_backend" ] && step backend timeout 400 "$bin/test_cuda_backend"
+  cs="timeout 240 compute-sanitizer --error-exitcode 9 --print-limit 20"
   step memcheck_kernels $cs --tool memcheck "$bin/test_cuda_kernels" \
     --gtest_filter='KernelErrors.Invalid*:KernelErrors.Lying*:KernelErrors.Repeated*:Shapes/KernelsVsHost.*fp8*'
   step racecheck_kernels $cs --tool racecheck "$bin/test_cuda_kernels" \

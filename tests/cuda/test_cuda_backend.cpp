@@ -1,0 +1,368 @@
+// The CUDA backend between real processes sharing one GPU, over libfabric tcp and shm with
+// host-staged (pinned, mapped) buffers: every rank regenerates every rank's inputs from the seed,
+// checks every count and byte of its dispatch output against the reference, runs the reference's
+// expert model, and checks combine within the output dtype's tolerance. Outputs are poisoned before
+// every step. Also: bad input fails the receive call (naming the token on the bad rank, the rank on
+// its peers), and a step captured once in a CUDA graph replays 100 times with fresh inputs.
+#include <gtest/gtest.h>
+
+#include <cuda_runtime.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+
+#include "csrc/backend.h"
+#include "csrc/cuda/cuda_check.h"
+#include "csrc/cuda/memory.h"
+#include "csrc/dtype.h"
+#include "csrc/reference.h"
+#include "tests/common/multiprocess.h"
+#include "tests/cuda/gpu.h"
+#include "transfer_engine/error.h"
+
+namespace ferry::ep {
+namespace {
+
+using cuda::check_cuda;
+using cuda::DeviceBuffer;
+
+struct Case {
+  int world_size = 2;
+  int num_experts = 8;
+  int top_k = 4;
+  int max_tokens = 48;
+  int hidden = 2048;
+  ferry_dtype_t in_dtype = FERRY_FP8_E4M3;
+  int scale_block = 128;
+  ferry_dtype_t out_dtype = FERRY_BF16;
+  int expert_alignment = 4;
+  int private_tokens = 12;  // small, so the overflow path runs too
+  std::string provider = "tcp";
+  reference::InputSpec spec;
+  int steps = 3;
+  bool split = false;
+  int max_skew_ms = 0;
+  int timeout_ms = 30000;
+  int launch_timeout_ms = 150000;
+};
+
+ferry_a2a_config_t config_of(const Case& c, int rank) {
+  ferry_a2a_config_t cfg;
+  ferry_a2a_config_init(&cfg);
+  cfg.rank = rank;
+  cfg.world_size = c.world_size;
+  cfg.num_experts = c.num_experts;
+  cfg.experts_per_token = c.top_k;
+  cfg.max_tokens_per_rank = c.max_tokens;
+  cfg.hidden_dim = c.hidden;
+  cfg.in_dtype = c.in_dtype;
+  cfg.out_dtype = c.out_dtype;
+  cfg.scale_block = c.scale_block;
+  cfg.expert_alignment = c.expert_alignment;
+  cfg.private_tokens = c.private_tokens;
+  cfg.provider = c.provider.c_str();
+  cfg.timeout_ms = c.timeout_ms;
+  cfg.device = FERRY_DEVICE_CUDA;
+  cfg.cuda_device = 0;
+  return cfg;
+}
+
+template <typename T>
+std::vector<T> download(const void* dev, size_t count) {
+  std::vector<T> out(count);
+  check_cuda(cudaMemcpy(out.data(), dev, count * sizeof(T), cudaMemcpyDeviceToHost), "download");
+  return out;
+}
+void upload(void* dev, const void* host, size_t bytes) {
+  if (bytes) check_cuda(cudaMemcpy(dev, host, bytes, cudaMemcpyHostToDevice), "upload");
+}
+
+// One rank's device buffers for a config: inputs sized for max_tokens, the batched outputs.
+struct RankBuffers {
+  Layout l;
+  size_t rows;
+  DeviceBuffer x, x_scale, indices, weights, bound_m, counts, expert_x, expert_scale, expert_y, out;
+  explicit RankBuffers(const Layout& layout)
+      : l(layout),
+        rows(size_t(l.experts_per_rank) * l.max_rows_per_expert),
+        x(size_t(l.max_tokens) * l.payload_bytes),
+        x_scale(size_t(l.max_tokens) * l.num_scales * 4 + 4),
+        indices(size_t(l.max_tokens) * l.top_k * 4),
+        weights(size_t(l.max_tokens) * l.top_k * 4),
+        bound_m(4),
+        counts(size_t(l.experts_per_rank) * 4),
+        expert_x(rows * l.payload_bytes),
+        expert_scale(rows * l.num_scales * 4 + 4),
+        expert_y(rows * l.out_row_bytes()),
+        out(size_t(l.max_tokens) * l.out_row_bytes()) {}
+
+  void set_input(const reference::RankInput& in) {
+    upload(x.get(), in.x.data(), in.x.size());
+    upload(x_scale.get(), in.x_scale.data(), in.x_scale.size() * 4);
+    upload(indices.get(), in.indices.data(), in.indices.size() * 4);
+    upload(weights.get(), in.weights.data(), in.weights.size() * 4);
+    upload(bound_m.get(), &in.num_tokens, 4);
+  }
+  void poison_outputs() {
+    check_cuda(cudaMemset(counts.get(), 0xee, counts.bytes()), "poison");
+    check_cuda(cudaMemset(expert_x.get(), 0xee, expert_x.bytes()), "poison");
+    check_cuda(cudaMemset(expert_scale.get(), 0xee, expert_scale.bytes()), "poison");
+    check_cuda(cudaMemset(out.get(), 0xee, out.bytes()), "poison");
+  }
+  ferry_dispatch_args_t dispatch_args(int num_tokens, int flags) const {
+    ferry_dispatch_args_t d{};
+    d.out_expert_num_tokens = counts.get<int32_t>();
+    d.out_expert_x = expert_x.get();
+    d.out_expert_x_scale = l.num_scales ? expert_scale.get<float>() : nullptr;
+    d.dp_x = x.get();
+    d.dp_x_scale = l.num_scales ? x_scale.get<float>() : nullptr;
+    d.indices = indices.get<int32_t>();
+    d.weights = weights.get<float>();
+    d.bound_m = bound_m.get<int32_t>();
+    d.num_tokens = num_tokens;
+    d.flags = flags;
+    return d;
+  }
+  ferry_combine_args_t combine_args(int num_tokens, int flags, const void* y) const {
+    ferry_combine_args_t cb{};
+    cb.out_tokens = out.get();
+    cb.indices = indices.get<int32_t>();
+    cb.weights = weights.get<float>();
+    cb.expert_y = y;
+    cb.bound_m = bound_m.get<int32_t>();
+    cb.num_tokens = num_tokens;
+    cb.flags = flags;
+    return cb;
+  }
+};
+
+void run_rank(te::Bootstrap& bootstrap, const Case& c) {
+  check_cuda(cudaSetDevice(0), "cudaSetDevice");
+  const ferry_a2a_config_t cfg = config_of(c, bootstrap.rank());
+  const Layout l = make_layout(cfg);
+  auto backend = make_cuda_backend(cfg, bootstrap);
+  RankBuffers b(l);
+  cuda::Stream stream;
+  std::mt19937 skew(1234 + l.rank);
+  auto maybe_sleep = [&] {
+    if (c.max_skew_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(skew() % (c.max_skew_ms + 1)));
+  };
+
+  for (int step = 0; step < c.steps; ++step) {
+    reference::InputSpec spec = c.spec;
+    spec.seed = c.spec.seed * 1000 + step;
+    const auto inputs = reference::generate_all(cfg, spec);
+    const reference::RankInput& in = inputs[l.rank];
+    b.set_input(in);
+    b.poison_outputs();
+    maybe_sleep();
+    if (c.split) {
+      backend->dispatch(b.dispatch_args(in.num_tokens, FERRY_SEND), stream.get());
+      maybe_sleep();  // the caller's work between the halves
+      backend->dispatch(b.dispatch_args(in.num_tokens, FERRY_RECV), stream.get());
+    } else {
+      backend->dispatch(b.dispatch_args(in.num_tokens, FERRY_SEND_RECV), stream.get());
+    }
+    const auto counts = download<int32_t>(b.counts.get(), l.experts_per_rank);
+    const auto x = download<uint8_t>(b.expert_x.get(), b.expert_x.bytes());
+    const auto xs = download<float>(b.expert_scale.get(), b.rows * l.num_scales);
+    const auto want = reference::dispatch(cfg, inputs, l.rank);
+    const std::string diff = reference::compare_dispatch(cfg, want, counts.data(), x.data(), xs.data());
+    ASSERT_TRUE(diff.empty()) << "rank " << l.rank << " step " << step << "\n" << diff;
+
+    std::vector<uint8_t> y(b.rows * l.out_row_bytes(), 0);
+    reference::apply_experts(l, counts.data(), x.data(), xs.data(), y.data());
+    upload(b.expert_y.get(), y.data(), y.size());
+    maybe_sleep();
+    if (c.split) {
+      backend->combine(b.combine_args(in.num_tokens, FERRY_SEND, b.expert_y.get()), stream.get());
+      maybe_sleep();
+      backend->combine(b.combine_args(in.num_tokens, FERRY_RECV, b.expert_y.get()), stream.get());
+    } else {
+      backend->combine(b.combine_args(in.num_tokens, FERRY_SEND_RECV, b.expert_y.get()), stream.get());
+    }
+    const auto out = download<uint8_t>(b.out.get(), size_t(in.num_tokens) * l.out_row_bytes());
+    const std::string cdiff =
+        reference::compare_combine(cfg, reference::combine_standard(cfg, in),
+                                   reference::combine_magnitude_standard(cfg, in), out.data(), in.num_tokens);
+    ASSERT_TRUE(cdiff.empty()) << "rank " << l.rank << " step " << step << "\n" << cdiff;
+  }
+}
+
+void run_case(const Case& c) {
+  testing::LaunchOptions opts;
+  opts.world_size = c.world_size;
+  opts.timeout_ms = c.launch_timeout_ms;
+  testing::expect_all_ok(testing::run_ranks(opts, [&](te::Bootstrap& b) { run_rank(b, c); }));
+}
+
+class CudaBackend : public ::testing::Test {
+ protected:
+  void SetUp() override { FERRY_REQUIRE_GPU(); }
+};
+
+TEST_F(CudaBackend, TwoRanksOverTcpMatchTheReference) {
+  Case c;
+  run_case(c);
+}
+
+TEST_F(CudaBackend, FourRanksOverShmWithSplitHalvesAndSkewedRanks) {
+  Case c;
+  c.world_size = 4;
+  c.num_experts = 16;
+  c.provider = "shm";
+  c.split = true;
+  c.max_skew_ms = 20;
+  c.spec.routing = reference::Routing::zipf;
+  c.spec.drop_fraction = 0.2;
+  c.spec.vary_tokens = true;
+  run_case(c);
+}
+
+TEST_F(CudaBackend, EightRanksTop8Hidden7168OverTcp) {
+  Case c;
+  c.world_size = 8;
+  c.num_experts = 32;
+  c.top_k = 8;
+  c.max_tokens = 16;
+  c.hidden = 7168;
+  c.private_tokens = 4;
+  c.steps = 2;
+  run_case(c);
+}
+
+TEST_F(CudaBackend, Bf16InF16OutHidden4096OverTcp) {
+  Case c;
+  c.world_size = 4;
+  c.num_experts = 8;
+  c.in_dtype = FERRY_BF16;
+  c.scale_block = 0;
+  c.out_dtype = FERRY_F16;
+  c.hidden = 4096;
+  c.expert_alignment = 1;
+  c.private_tokens = -1;
+  run_case(c);
+}
+
+// An id outside [0, num_experts) fails the bad rank's receive call naming the token, and its peers'
+// receive calls naming that rank; nothing waits for a deadline.
+TEST_F(CudaBackend, InvalidExpertIdFailsTheReceiveCallOnEveryRank) {
+  Case c;
+  c.world_size = 3;
+  c.num_experts = 6;
+  testing::LaunchOptions opts;
+  opts.world_size = c.world_size;
+  opts.timeout_ms = c.launch_timeout_ms;
+  testing::expect_all_ok(testing::run_ranks(opts, [&](te::Bootstrap& bs) {
+    check_cuda(cudaSetDevice(0), "cudaSetDevice");
+    const ferry_a2a_config_t cfg = config_of(c, bs.rank());
+    const Layout l = make_layout(cfg);
+    auto backend = make_cuda_backend(cfg, bs);
+    RankBuffers b(l);
+    cuda::Stream stream;
+    auto inputs = reference::generate_all(cfg, c.spec);
+    reference::RankInput in = inputs[l.rank];
+    if (l.rank == 1) in.indices[5 * l.top_k + 1] = 1000;
+    b.set_input(in);
+    const auto t0 = std::chrono::steady_clock::now();
+    try {
+      backend->dispatch(b.dispatch_args(in.num_tokens, FERRY_SEND_RECV), stream.get());
+      ADD_FAILURE() << "rank " << l.rank << ": dispatch with an invalid expert id on rank 1 succeeded";
+    } catch (const Error& e) {
+      const std::string what = e.what();
+      if (l.rank == 1) {
+        EXPECT_EQ(e.status(), Status::invalid_argument) << what;
+        EXPECT_NE(what.find("token 5"), std::string::npos) << what;
+        EXPECT_NE(what.find("1000"), std::string::npos) << what;
+      } else {
+        EXPECT_NE(what.find("rank 1"), std::string::npos) << what;
+      }
+    }
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(c.timeout_ms / 2))
+        << "rank " << l.rank << " waited for a deadline instead of failing at once";
+  }));
+}
+
+// dispatch + combine captured once in a CUDA graph, replayed 100 times with fresh inputs (and a fresh
+// device-side token count) in the same buffers: every replay equals the reference. The expert is the
+// identity (expert_y = out_expert_x), so combine returns x[t] * sum_k w[t][k].
+TEST_F(CudaBackend, GraphOfDispatchAndCombineReplays100TimesLikeEagerCalls) {
+  Case c;
+  c.world_size = 2;
+  c.num_experts = 8;
+  c.in_dtype = FERRY_BF16;
+  c.scale_block = 0;
+  c.out_dtype = FERRY_BF16;
+  c.expert_alignment = 1;
+  c.max_tokens = 32;
+  testing::LaunchOptions opts;
+  opts.world_size = c.world_size;
+  opts.timeout_ms = c.launch_timeout_ms;
+  testing::expect_all_ok(testing::run_ranks(opts, [&](te::Bootstrap& bs) {
+    check_cuda(cudaSetDevice(0), "cudaSetDevice");
+    const ferry_a2a_config_t cfg = config_of(c, bs.rank());
+    const Layout l = make_layout(cfg);
+    auto backend = make_cuda_backend(cfg, bs);
+    RankBuffers b(l);
+    cuda::Stream stream;
+    cudaGraph_t graph;
+    check_cuda(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal), "begin capture");
+    backend->dispatch(b.dispatch_args(l.max_tokens, FERRY_SEND_RECV), stream.get());
+    backend->combine(b.combine_args(l.max_tokens, FERRY_SEND_RECV, b.expert_x.get()), stream.get());
+    check_cuda(cudaStreamEndCapture(stream.get(), &graph), "end capture");
+    cudaGraphExec_t exec;
+    check_cuda(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+    for (int replay = 0; replay < 100; ++replay) {
+      reference::InputSpec spec;
+      spec.seed = 500 + replay;
+      spec.vary_tokens = true;
+      spec.drop_fraction = replay % 4 == 0 ? 0.3 : 0.0;
+      const auto inputs = reference::generate_all(cfg, spec);
+      const reference::RankInput& in = inputs[l.rank];
+      b.set_input(in);
+      b.poison_outputs();
+      check_cuda(cudaGraphLaunch(exec, stream.get()), "graph launch");
+      check_cuda(cudaStreamSynchronize(stream.get()), "replay");
+      const auto counts = download<int32_t>(b.counts.get(), l.experts_per_rank);
+      const auto x = download<uint8_t>(b.expert_x.get(), b.expert_x.bytes());
+      const std::string diff =
+          reference::compare_dispatch(cfg, reference::dispatch(cfg, inputs, l.rank), counts.data(), x.data(), nullptr);
+      ASSERT_TRUE(diff.empty()) << "rank " << l.rank << " replay " << replay << "\n" << diff;
+      std::vector<float> want(size_t(in.num_tokens) * l.hidden), magnitude(want.size());
+      for (int t = 0; t < in.num_tokens; ++t) {
+        float w = 0, wabs = 0;
+        for (int k = 0; k < l.top_k; ++k)
+          if (in.indices[size_t(t) * l.top_k + k] >= 0) {
+            w += in.weights[size_t(t) * l.top_k + k];
+            wabs += std::fabs(in.weights[size_t(t) * l.top_k + k]);
+          }
+        for (int h = 0; h < l.hidden; ++h) {
+          const float xv = dtype::load(in.x.data(), l.in_dtype, int64_t(t) * l.hidden + h);
+          want[size_t(t) * l.hidden + h] = xv * w;
+          magnitude[size_t(t) * l.hidden + h] = std::fabs(xv) * wabs;
+        }
+      }
+      const auto out = download<uint8_t>(b.out.get(), size_t(in.num_tokens) * l.out_row_bytes());
+      const std::string cdiff = reference::compare_combine(cfg, want, magnitude, out.data(), in.num_tokens);
+      ASSERT_TRUE(cdiff.empty()) << "rank " << l.rank << " replay " << replay << "\n" << cdiff;
+    }
+    // An eager step after the replays still works: the proxy followed the device's step counter.
+    const auto inputs = reference::generate_all(cfg, reference::InputSpec{});
+    b.set_input(inputs[l.rank]);
+    backend->dispatch(b.dispatch_args(inputs[l.rank].num_tokens, FERRY_SEND_RECV), stream.get());
+    const auto counts = download<int32_t>(b.counts.get(), l.experts_per_rank);
+    const auto x = download<uint8_t>(b.expert_x.get(), b.expert_x.bytes());
+    EXPECT_EQ(reference::compare_dispatch(cfg, reference::dispatch(cfg, inputs, l.rank), counts.data(), x.data(), nullptr),
+              "");
+    backend->combine(b.combine_args(inputs[l.rank].num_tokens, FERRY_SEND_RECV, b.expert_x.get()), stream.get());
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+  }));
+}
+
+}  // namespace
+}  // namespace ferry::ep
