@@ -25,6 +25,7 @@ struct Options {
   int latency_bytes = 8;
   int bw_bytes = 1 << 20;
   int bw_iters = 8;
+  int bw_reps = 3;                    // bursts of bw_iters writes; the fastest counts
   double min_gbps = 0;                // 0: no absolute floor
   double outlier_ratio = 0.5;         // a link below this fraction of the median of its kind is slow
   int loopback_bytes = 1 << 20;

@@ -96,7 +96,8 @@ static void inventory_section(std::ostringstream& o, const Report& r) {
     for (size_t i = 0; i < inv.host_nics.size(); ++i) {
       const NicInfo& n = inv.host_nics[i];
       host_nics += (i ? "<br>" : "") + escape(n.name) + " (" +
-                   (n.link_gbps < 0 ? std::string("?") : fixed(n.link_gbps, 0) + " Gb/s") + ")";
+                   (n.link_gbps < 0 ? std::string("?") : fixed(n.link_gbps, 0) + " Gb/s") + ", link " +
+                   escape(n.link_state.empty() ? "unknown" : n.link_state) + ")";
     }
     for (size_t i = 0; i < inv.host_gpus.size(); ++i)
       gpus += (i ? "<br>" : "") + std::to_string(inv.host_gpus[i].index) + ": " + escape(inv.host_gpus[i].name);

@@ -81,6 +81,11 @@ static std::vector<NicInfo> list_provider_nics(const std::string& provider) {
       nic.link_gbps = double(i->nic->link_attr->speed) / 1e9;
       nic.speed_source = "provider";
     }
+    nic.link_state = "unknown";
+    if (i->nic && i->nic->link_attr) {
+      if (i->nic->link_attr->state == FI_LINK_UP) nic.link_state = "up";
+      if (i->nic->link_attr->state == FI_LINK_DOWN) nic.link_state = "down";
+    }
     if (i->nic && i->nic->bus_attr && i->nic->bus_attr->bus_type == FI_BUS_PCI) {
       const auto& p = i->nic->bus_attr->attr.pci;
       char buf[32];
@@ -96,6 +101,14 @@ static std::vector<NicInfo> list_provider_nics(const std::string& provider) {
           nic.link_gbps = mbps / 1000.0;
           nic.speed_source = "sysfs";
         }
+      }
+      // carrier reads 1/0 only while the interface is administratively up; loopback has no carrier file
+      // worth trusting, so it stays "unknown" when operstate says so.
+      if (nic.link_state == "unknown") {
+        const std::string oper = read_line(sys + "/operstate");
+        const int carrier = read_int(sys + "/carrier", -1);
+        if (oper == "down" || carrier == 0) nic.link_state = "down";
+        else if (oper == "up" || carrier == 1) nic.link_state = "up";
       }
       std::error_code ec;
       const fs::path dev = fs::read_symlink(sys + "/device", ec);
@@ -274,6 +287,24 @@ std::vector<CheckResult> judge_inventory(const Options& opt, const std::vector<R
         c.verdict = Verdict::fail;
         c.reason = "host " + host + ": " + why;
       }
+      out.push_back(std::move(c));
+    }
+    // Link state of every NIC a rank uses: a NIC that libfabric lists but whose link is down (a
+    // pulled cable, a switch port down) would only show up later as timeouts.
+    {
+      CheckResult c{"inventory", "host " + host + ": NIC links up", Verdict::pass, "", nlohmann::json::object()};
+      std::set<std::string> used;
+      for (const RankInventory* r : ranks) used.insert(r->nics.begin(), r->nics.end());
+      nlohmann::json states = nlohmann::json::object();
+      for (const NicInfo& n : first.host_nics) {
+        states[n.name] = n.link_state;
+        if (used.count(n.name) && n.link_state == "down") {
+          c.verdict = Verdict::fail;
+          c.reason += (c.reason.empty() ? "" : "; ") + std::string("NIC ") + n.name + " on host " + host +
+                      " is listed by the provider but its link is down";
+        }
+      }
+      c.metrics["link_state"] = states;
       out.push_back(std::move(c));
     }
     // Ranks sharing a NIC although the host has one for each of them.

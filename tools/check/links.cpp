@@ -263,22 +263,32 @@ struct PairRun {
     fill_pattern(slot.at(slot.bulk_out()), slot.bulk_bytes, pair_seed(me, peer, slot.index));
     const uint32_t data = imm::encode(kBulk, uint32_t(me));
     const uint32_t ack = imm::encode(kBulkAck, uint32_t(peer));
-    const auto t0 = Clock::now();
-    for (int i = 0; i < opt.bw_iters; ++i)
-      e.write(*slot.group, size_t(peer), *slot.region, slot.bulk_out(), slot.bulk_in(me), slot.bulk_bytes, data);
-    e.wait(ack, 1, opt.timeout_ms);
-    const double us = us_since(t0);
+    // Best of several bursts: on a shared host one burst can lose the CPU to a neighbour, and a
+    // link is judged by what it can carry, not by the scheduler.
+    double best_us = 0;
+    for (int rep = 0; rep < opt.bw_reps; ++rep) {
+      const auto t0 = Clock::now();
+      for (int i = 0; i < opt.bw_iters; ++i)
+        e.write(*slot.group, size_t(peer), *slot.region, slot.bulk_out(), slot.bulk_in(me), slot.bulk_bytes, data);
+      e.wait(ack, 1, opt.timeout_ms);
+      const double us = us_since(t0);
+      if (rep == 0 || us < best_us) best_us = us;
+    }
     e.flush(opt.timeout_ms);
-    return double(slot.bulk_bytes) * opt.bw_iters * 8 / (us * 1e3);
+    return double(slot.bulk_bytes) * opt.bw_iters * 8 / (best_us * 1e3);
   }
 
   // Waits for the peer's bulk writes, checks every byte, acknowledges. Empty or a mismatch text.
   std::string receive_bulk() {
     const uint32_t data = imm::encode(kBulk, uint32_t(peer));
-    e.wait(data, uint32_t(opt.bw_iters) * e.pieces_for(slot.bulk_bytes), opt.timeout_ms);
-    const std::string bad = compare_pattern(slot.at(slot.bulk_in(peer)), slot.bulk_bytes, pair_seed(peer, me, slot.index));
     const uint32_t ack = imm::encode(kBulkAck, uint32_t(me));
-    e.write(*slot.group, size_t(peer), *slot.region, slot.ack_out(), slot.ack_in(me), 8, ack);
+    std::string bad;
+    for (int rep = 0; rep < opt.bw_reps; ++rep) {
+      e.wait(data, uint32_t(opt.bw_iters) * e.pieces_for(slot.bulk_bytes), opt.timeout_ms);
+      if (bad.empty())
+        bad = compare_pattern(slot.at(slot.bulk_in(peer)), slot.bulk_bytes, pair_seed(peer, me, slot.index));
+      e.write(*slot.group, size_t(peer), *slot.region, slot.ack_out(), slot.ack_in(me), 8, ack);
+    }
     return bad;
   }
 };
@@ -375,19 +385,20 @@ void judge_links(const Options& opt, Report& report) {
     }
   }
   // Intra-host links run through the kernel or shared memory, inter-host ones through the wire:
-  // each kind is compared with its own median.
-  std::map<std::pair<int, bool>, std::vector<double>> kinds;
+  // each kind is compared with its own median, over all NIC slots (the NICs of a cluster are
+  // alike, and a whole rail running slow must stand out too).
+  std::map<bool, std::vector<double>> kinds;
   for (const LinkResult& l : report.links)
-    if (l.ok && l.gbps >= 0) kinds[{l.slot, l.src_host == l.dst_host}].push_back(l.gbps);
-  std::map<std::pair<int, bool>, double> medians;
+    if (l.ok && l.gbps >= 0) kinds[l.src_host == l.dst_host].push_back(l.gbps);
+  std::map<bool, double> medians;
   for (auto& [k, v] : kinds) medians[k] = median(v);
 
   std::map<int, std::vector<const LinkResult*>> by_slot;
   for (LinkResult& l : report.links) {
     if (l.ok) {
-      const double med = medians[{l.slot, l.src_host == l.dst_host}];
+      const double med = medians[l.src_host == l.dst_host];
       const bool below_floor = opt.min_gbps > 0 && l.gbps < opt.min_gbps;
-      const bool outlier = opt.outlier_ratio > 0 && kinds[{l.slot, l.src_host == l.dst_host}].size() >= 2 &&
+      const bool outlier = opt.outlier_ratio > 0 && kinds[l.src_host == l.dst_host].size() >= 2 &&
                            l.gbps < opt.outlier_ratio * med;
       l.slow = below_floor || outlier;
     }
@@ -408,7 +419,7 @@ void judge_links(const Options& opt, Report& report) {
       }
       if (l->slow) ++slow;
       if (!l->ok || l->slow) {
-        const double med = medians[{l->slot, l->src_host == l->dst_host}];
+        const double med = medians[l->src_host == l->dst_host];
         CheckResult bad{"links",
                         "rank " + std::to_string(l->src) + " -> rank " + std::to_string(l->dst) + " on " +
                             (l->src_nic.empty() ? "slot " + std::to_string(slot) : l->src_nic),

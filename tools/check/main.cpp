@@ -61,6 +61,7 @@ class Driver {
                            {"latency_bytes", opt.latency_bytes},
                            {"bw_bytes", opt.bw_bytes},
                            {"bw_iters", opt.bw_iters},
+                           {"bw_reps", opt.bw_reps},
                            {"min_gbps", opt.min_gbps},
                            {"outlier_ratio", opt.outlier_ratio},
                            {"loopback_bytes", opt.loopback_bytes},
@@ -278,6 +279,7 @@ int main(int argc, char** argv) {
   app.add_option("--latency-bytes", opt.latency_bytes, "bytes per ping (at most 64)")->check(CLI::Range(0, 64));
   app.add_option("--bw-bytes", opt.bw_bytes, "bytes per bandwidth write")->check(CLI::PositiveNumber);
   app.add_option("--bw-iters", opt.bw_iters, "bandwidth writes per direction")->check(CLI::PositiveNumber);
+  app.add_option("--bw-reps", opt.bw_reps, "bandwidth bursts per direction; the fastest counts")->check(CLI::PositiveNumber);
   app.add_option("--loopback-bytes", opt.loopback_bytes, "bytes of the per-NIC loopback check")->check(CLI::PositiveNumber);
   app.add_option("--min-gbps", opt.min_gbps, "a link below this is slow (0: no floor)");
   app.add_option("--outlier-ratio", opt.outlier_ratio, "a link below this fraction of the median of its kind is slow (0: off)");

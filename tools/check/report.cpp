@@ -52,7 +52,7 @@ void from_json(const json& j, CheckResult& v) {
 
 void to_json(json& j, const NicInfo& v) {
   j = json{{"name", v.name}, {"provider", v.provider}, {"fabric", v.fabric},
-           {"link_gbps", number_or_null(v.link_gbps)}, {"speed_source", v.speed_source},
+           {"link_gbps", number_or_null(v.link_gbps)}, {"speed_source", v.speed_source}, {"link_state", v.link_state},
            {"pci_bus_id", v.pci_bus_id}, {"numa_node", v.numa_node}};
 }
 void from_json(const json& j, NicInfo& v) {
@@ -61,6 +61,7 @@ void from_json(const json& j, NicInfo& v) {
   v.fabric = j.value("fabric", "");
   v.link_gbps = number_from(j, "link_gbps");
   v.speed_source = j.value("speed_source", "");
+  v.link_state = j.value("link_state", "unknown");
   v.pci_bus_id = j.value("pci_bus_id", "");
   v.numa_node = j.value("numa_node", -1);
 }

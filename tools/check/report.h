@@ -31,6 +31,7 @@ struct NicInfo {
   std::string fabric;
   double link_gbps = -1;     // -1: unknown
   std::string speed_source;  // "provider" (fi_info nic->link_attr), "sysfs", or ""
+  std::string link_state;    // "up", "down" or "unknown" (provider link_attr, else sysfs carrier)
   std::string pci_bus_id;    // "" when unknown
   int numa_node = -1;
 };

@@ -1,0 +1,151 @@
+// ferry-check over 4 ranks on this machine (tcp over loopback, and shm): a healthy job passes, and
+// the JSON report says so field by field.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "tests/check/check_process.h"
+
+namespace ferry::testing {
+namespace {
+
+using nlohmann::json;
+
+// Small sizes: the point is that every check runs and verifies, not the numbers.
+std::vector<std::string> small_run(const std::string& provider, const std::string& json_path) {
+  std::vector<std::string> argv = {ferry_check_binary(), "--local-ranks", "4", "--provider", provider,
+                                   "--timeout-ms", "15000", "--latency-iters", "20", "--bw-bytes", "131072",
+                                   "--bw-iters", "4", "--bw-reps", "2", "--loopback-bytes", "65536",
+                                   "--a2a-tokens", "16", "--a2a-decode-hidden", "256", "--a2a-wide-hidden", "1024",
+                                   "--a2a-iters", "2", "--a2a-warmup", "1", "--json", json_path,
+                                   // Four ranks on two busy cores measure the scheduler as much as the
+                                   // links; slow-link detection has its own test with a real slow link.
+                                   "--outlier-ratio", "0"};
+  if (provider == "tcp") argv.insert(argv.end(), {"--nics", "lo"});
+  return argv;
+}
+
+void expect_healthy_report(const json& j, int world, const std::string& nic) {
+  EXPECT_EQ(j["summary"]["result"], "PASS");
+  EXPECT_EQ(j["summary"]["fail"], 0);
+  EXPECT_GT(j["summary"]["pass"].get<int>(), 10);
+  EXPECT_EQ(j["world_size"], world);
+  ASSERT_EQ(j["hosts"].size(), 1u);
+
+  // Inventory: one entry per rank, in rank order, each using the expected NIC.
+  ASSERT_EQ(j["inventory"].size(), size_t(world));
+  for (int r = 0; r < world; ++r) {
+    const json& inv = j["inventory"][r];
+    EXPECT_EQ(inv["rank"], r);
+    EXPECT_EQ(inv["local_rank"], r);
+    EXPECT_EQ(inv["host"], j["hosts"][0]);
+    EXPECT_GT(inv["pid"].get<int>(), 0);
+    ASSERT_EQ(inv["nics"].size(), 1u);
+    EXPECT_EQ(inv["nics"][0], nic);
+    EXPECT_TRUE(inv["missing_nics"].empty());
+    bool listed = false;
+    for (const json& n : inv["host_nics"]) listed = listed || n["name"] == nic;
+    EXPECT_TRUE(listed) << nic << " not in the host's NIC list";
+  }
+
+  // Every check has a verdict, and the stages that must run did.
+  int loopbacks = 0, alltoalls = 0;
+  for (const json& c : j["checks"]) {
+    EXPECT_TRUE(c["verdict"] == "PASS" || c["verdict"] == "SKIP") << c.dump();
+    if (c["verdict"] == "SKIP") EXPECT_FALSE(c["reason"].get<std::string>().empty()) << c.dump();
+    if (c["stage"] == "nic_loopback") {
+      ++loopbacks;
+      EXPECT_EQ(c["verdict"], "PASS");
+      EXPECT_GT(c["metrics"]["bytes"].get<int>(), 0);
+      EXPECT_EQ(c["metrics"]["nic"], nic);
+    }
+    if (c["stage"] == "alltoall") ++alltoalls;
+  }
+  EXPECT_EQ(loopbacks, world);
+  EXPECT_EQ(alltoalls, 6);
+
+  // Links: every ordered pair exactly once, measured and verified.
+  ASSERT_EQ(j["links"].size(), size_t(world * (world - 1)));
+  std::set<std::pair<int, int>> seen;
+  for (const json& l : j["links"]) {
+    EXPECT_TRUE(seen.insert({l["src"].get<int>(), l["dst"].get<int>()}).second);
+    EXPECT_NE(l["src"], l["dst"]);
+    EXPECT_EQ(l["slot"], 0);
+    EXPECT_TRUE(l["ok"].get<bool>()) << l.dump();
+    EXPECT_TRUE(l["verified"].get<bool>()) << l.dump();
+    EXPECT_FALSE(l["slow"].get<bool>());
+    EXPECT_GT(l["gbps"].get<double>(), 0);
+    EXPECT_GT(l["latency_us_p50"].get<double>(), 0);
+    EXPECT_GE(l["latency_us_p99"].get<double>(), l["latency_us_p50"].get<double>());
+    EXPECT_EQ(l["src_nic"], nic);
+    EXPECT_EQ(l["dst_nic"], nic);
+  }
+  const json& m = j["matrices"]["0"]["gbps"];
+  ASSERT_EQ(m.size(), size_t(world));
+  for (int a = 0; a < world; ++a) {
+    ASSERT_EQ(m[a].size(), size_t(world));
+    for (int b = 0; b < world; ++b) {
+      if (a == b) EXPECT_TRUE(m[a][b].is_null());
+      else EXPECT_GT(m[a][b].get<double>(), 0);
+    }
+  }
+
+  // All-to-all: three routings of two shapes, every one verified, with timings.
+  ASSERT_EQ(j["alltoall"].size(), 6u);
+  std::set<std::string> routings, shapes;
+  for (const json& a : j["alltoall"]) {
+    EXPECT_TRUE(a["ok"].get<bool>()) << a.dump();
+    routings.insert(a["routing"].get<std::string>());
+    shapes.insert(a["shape"].get<std::string>());
+    EXPECT_EQ(a["num_experts"].get<int>() % world, 0);
+    EXPECT_GT(a["bytes_checked"].get<uint64_t>(), 0u);
+    EXPECT_GT(a["dispatch_us_p50"].get<double>(), 0);
+    EXPECT_GE(a["dispatch_us_p99"].get<double>(), a["dispatch_us_p50"].get<double>());
+    EXPECT_GT(a["combine_us_p50"].get<double>(), 0);
+    EXPECT_GE(a["combine_us_p99"].get<double>(), a["combine_us_p50"].get<double>());
+  }
+  EXPECT_EQ(routings, (std::set<std::string>{"uniform", "skewed", "all_to_one"}));
+  EXPECT_EQ(shapes, (std::set<std::string>{"decode", "wide"}));
+}
+
+TEST(CheckLocal, FourRanksOverTcpPass) {
+  const std::string dir = make_temp_dir("tcp");
+  const ProcessResult r = run_process(small_run("tcp", dir + "/report.json"), 55000);
+  ASSERT_FALSE(r.timed_out) << r.output;
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("PASS"), std::string::npos);
+  const json j = json::parse(read_text(dir + "/report.json"));
+  EXPECT_EQ(j["provider"], "tcp");
+  expect_healthy_report(j, 4, "lo");
+}
+
+TEST(CheckLocal, FourRanksOverShmPass) {
+  const std::string dir = make_temp_dir("shm");
+  const ProcessResult r = run_process(small_run("shm", dir + "/report.json"), 55000);
+  ASSERT_FALSE(r.timed_out) << r.output;
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const json j = json::parse(read_text(dir + "/report.json"));
+  EXPECT_EQ(j["provider"], "shm");
+  expect_healthy_report(j, 4, "shm");
+}
+
+TEST(CheckLocal, ThresholdsTheJobCannotMeetFail) {
+  const std::string dir = make_temp_dir("threshold");
+  std::vector<std::string> argv = small_run("tcp", dir + "/report.json");
+  argv[2] = "2";  // --local-ranks 2
+  argv.insert(argv.end(), {"--no-links", "--max-dispatch-us", "0.001"});
+  const ProcessResult r = run_process(argv, 55000);
+  ASSERT_FALSE(r.timed_out) << r.output;
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  const json j = json::parse(read_text(dir + "/report.json"));
+  EXPECT_EQ(j["summary"]["result"], "FAIL");
+  int over = 0;
+  for (const json& c : j["checks"])
+    if (c["stage"] == "alltoall" && c["verdict"] == "FAIL" &&
+        c["reason"].get<std::string>().find("over --max-dispatch-us") != std::string::npos)
+      ++over;
+  EXPECT_EQ(over, 6);
+}
+
+}  // namespace
+}  // namespace ferry::testing

@@ -1,0 +1,166 @@
+// ferry-check across network-namespace "hosts" (one rank per host, two NICs each, provider tcp on
+// fnic0/fnic1): a rate-limited link is named as slow, a downed NIC is named, and a killed rank is
+// reported by the others, who exit non-zero within the deadline instead of hanging.
+#include <gtest/gtest.h>
+
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "tests/check/check_process.h"
+#include "tests/common/multiprocess.h"
+#include "tests/common/netns.h"
+
+namespace ferry::testing {
+namespace {
+
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+constexpr int kTimeoutMs = 4000;
+
+class CheckNetns : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const NetnsAvailability a = NetnsCluster::available();
+    if (!a.ok) GTEST_SKIP() << "network namespaces unavailable: " << a.reason;
+    dir_ = make_temp_dir(::testing::UnitTest::GetInstance()->current_test_info()->name());
+  }
+
+  static std::string host_name(int h) { return "host" + std::to_string(h); }
+
+  // One ferry-check per host, inside the host's namespace and with its own host name (a UTS
+  // namespace), so the report tells the hosts apart as it would on a cluster.
+  std::vector<ProcessResult> run_cluster(NetnsCluster& cluster, std::vector<std::string> args, int deadline_ms) {
+    const int world = cluster.hosts();
+    const std::string port = std::to_string(pick_free_port());
+    std::vector<std::unique_ptr<Process>> procs;
+    for (int h = 0; h < world; ++h) {
+      std::vector<std::string> argv = {"ip", "netns", "exec", cluster.netns(h), "unshare", "--uts", "--", "sh", "-c",
+                                       "hostname \"$0\" && exec \"$@\"", host_name(h), ferry_check_binary()};
+      argv.insert(argv.end(), args.begin(), args.end());
+      procs.push_back(std::make_unique<Process>(
+          argv, std::map<std::string, std::string>{{"RANK", std::to_string(h)},
+                                                   {"WORLD_SIZE", std::to_string(world)},
+                                                   {"LOCAL_RANK", "0"},
+                                                   {"LOCAL_WORLD_SIZE", "1"},
+                                                   {"MASTER_ADDR", cluster.address(0, 0)},
+                                                   {"MASTER_PORT", port}}));
+    }
+    const auto deadline = Clock::now() + std::chrono::milliseconds(deadline_ms);
+    std::vector<ProcessResult> out;
+    for (auto& p : procs) out.push_back(p->wait(deadline));
+    return out;
+  }
+
+  std::vector<std::string> base_args(int nics) const {
+    std::vector<std::string> a = {"--provider", "tcp", "--nics", nics == 2 ? "fnic0,fnic1" : "fnic0",
+                                  "--expect-nics-per-node", std::to_string(nics), "--timeout-ms",
+                                  std::to_string(kTimeoutMs), "--latency-iters", "20", "--bw-bytes", "131072",
+                                  "--bw-iters", "4", "--bw-reps", "2", "--loopback-bytes", "65536", "--a2a-tokens", "8",
+                                  "--a2a-decode-hidden", "256", "--a2a-wide-hidden", "512", "--a2a-iters", "1",
+                                  "--no-nccl", "--json", dir_ + "/report.json", "--html", dir_ + "/report.html"};
+    return a;
+  }
+
+  static std::string all_output(const std::vector<ProcessResult>& rs) {
+    std::string s;
+    for (size_t i = 0; i < rs.size(); ++i) s += "---- rank " + std::to_string(i) + " ----\n" + rs[i].output;
+    return s;
+  }
+
+  std::string dir_;
+};
+
+TEST_F(CheckNetns, RateLimitedLinkIsNamedAsSlow) {
+  NetnsCluster cluster(3, 2);
+  cluster.set_rate(1, 1, "20mbit");  // host1's second NIC: every link through it
+  const auto rs = run_cluster(cluster, base_args(2), 100000);
+  for (const auto& r : rs) ASSERT_FALSE(r.timed_out) << all_output(rs);
+  EXPECT_EQ(rs[0].exit_code, 1) << all_output(rs);
+  const json j = json::parse(read_text(dir_ + "/report.json"));
+  EXPECT_EQ(j["summary"]["result"], "FAIL");
+  EXPECT_EQ(j["hosts"], json({"host0", "host1", "host2"}));
+
+  // Exactly the links through host1's fnic1 are slow; everything else measured fine.
+  ASSERT_EQ(j["links"].size(), 12u);  // 2 slots x 3 x 2 directed links
+  for (const json& l : j["links"]) {
+    const bool through_slowed = l["slot"] == 1 && (l["src_host"] == "host1" || l["dst_host"] == "host1");
+    EXPECT_TRUE(l["ok"].get<bool>()) << l.dump();
+    EXPECT_EQ(l["slow"].get<bool>(), through_slowed) << l.dump();
+    if (through_slowed) EXPECT_LT(l["gbps"].get<double>(), 0.05) << l.dump();
+  }
+  // The summary names the link: ranks, hosts and the NIC.
+  int named = 0;
+  for (const json& c : j["checks"]) {
+    if (c["verdict"] != "FAIL") continue;
+    const std::string reason = c["reason"];
+    EXPECT_EQ(c["stage"], "links") << c.dump();  // nothing but the slow links fails
+    if (reason.find("host1, fnic1") != std::string::npos && reason.find("slow link") != std::string::npos) ++named;
+  }
+  EXPECT_EQ(named, 4);
+  // The all-to-all is still correct over the slow link.
+  for (const json& a : j["alltoall"]) EXPECT_TRUE(a["ok"].get<bool>()) << a.dump();
+  const std::string html = read_text(dir_ + "/report.html");
+  EXPECT_NE(html.find("class=\"slow\""), std::string::npos);
+}
+
+TEST_F(CheckNetns, DownedNicIsNamed) {
+  NetnsCluster cluster(3, 2);
+  cluster.set_down(1, 1);
+  std::vector<std::string> args = base_args(2);
+  args.push_back("--no-alltoall");
+  const auto start = Clock::now();
+  const auto rs = run_cluster(cluster, args, 100000);
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  for (const auto& r : rs) ASSERT_FALSE(r.timed_out) << all_output(rs);
+  EXPECT_EQ(rs[0].exit_code, 1) << all_output(rs);
+  // Two rounds touch host1 on slot 1; each may cost a deadline on each side of the pair.
+  EXPECT_LT(seconds, 60.0);
+  const json j = json::parse(read_text(dir_ + "/report.json"));
+  bool link_down_named = false;
+  int failed_links = 0;
+  for (const json& c : j["checks"]) {
+    if (c["verdict"] != "FAIL") continue;
+    const std::string reason = c["reason"];
+    if (c["stage"] == "inventory") {
+      EXPECT_NE(reason.find("fnic1"), std::string::npos) << reason;
+      EXPECT_NE(reason.find("host1"), std::string::npos) << reason;
+      link_down_named = true;
+    }
+    if (c["stage"] == "links" && reason.find("host1, fnic1") != std::string::npos) ++failed_links;
+  }
+  EXPECT_TRUE(link_down_named) << j["checks"].dump(1);
+  EXPECT_GE(failed_links, 2) << j["checks"].dump(1);
+  for (const json& l : j["links"]) {
+    const bool through_down = l["slot"] == 1 && (l["src_host"] == "host1" || l["dst_host"] == "host1");
+    EXPECT_EQ(l["ok"].get<bool>(), !through_down) << l.dump();
+  }
+}
+
+TEST_F(CheckNetns, KilledRankIsReportedByTheOthers) {
+  NetnsCluster cluster(3, 1);
+  std::vector<std::string> args = base_args(1);
+  args.insert(args.end(), {"--debug-die-at", "links", "--debug-die-rank", "2"});
+  const auto start = Clock::now();
+  const auto rs = run_cluster(cluster, args, 100000);
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  for (const auto& r : rs) ASSERT_FALSE(r.timed_out) << all_output(rs);
+  EXPECT_EQ(rs[2].term_signal, 9) << all_output(rs);
+  EXPECT_NE(rs[0].exit_code, 0) << all_output(rs);
+  EXPECT_NE(rs[1].exit_code, 0) << all_output(rs);
+  EXPECT_LT(seconds, 8.0 * kTimeoutMs / 1000 + 20) << all_output(rs);
+  EXPECT_NE(rs[1].output.find("rank 2"), std::string::npos) << rs[1].output;
+  const json j = json::parse(read_text(dir_ + "/report.json"));
+  EXPECT_EQ(j["summary"]["result"], "FAIL");
+  bool named = false;
+  for (const json& c : j["checks"]) {
+    if (c["stage"] == "liveness" && c["verdict"] == "FAIL") {
+      const std::string reason = c["reason"];
+      named = reason.find("rank 2") != std::string::npos && reason.find("host2") != std::string::npos;
+    }
+  }
+  EXPECT_TRUE(named) << j["checks"].dump(1);
+}
+
+}  // namespace
+}  // namespace ferry::testing

@@ -1,0 +1,160 @@
+// The report model on its own: the JSON round trip, the link matrices, the verdict arithmetic,
+// the HTML page's self-containment, and the round-robin schedule the link checks follow.
+#include <gtest/gtest.h>
+
+#include <set>
+
+#include "tools/check/check.h"
+
+namespace ferry::check {
+namespace {
+
+Report sample_report() {
+  Report r;
+  r.version = "0.1";
+  r.provider = "tcp";
+  r.world_size = 3;
+  r.hosts = {"host0", "host1"};
+  RankInventory inv;
+  inv.rank = 0;
+  inv.host = "host0";
+  inv.nics = {"fnic0"};
+  inv.host_nics = {NicInfo{"fnic0", "tcp;ofi_rxm", "198.18.0.0/24", 10.0, "sysfs", "up", "", -1}};
+  r.inventory.push_back(inv);
+  r.add(CheckResult{"inventory", "host host0: NICs", Verdict::pass, "", nlohmann::json::object()});
+  r.add(CheckResult{"links", "rank 0 -> rank 1 on fnic0", Verdict::fail, "slow <script>", nlohmann::json{{"gbps", 0.1}}});
+  r.add(CheckResult{"nccl", "all_reduce", Verdict::skip, "no GPU", nlohmann::json::object()});
+  LinkResult l;
+  l.slot = 0;
+  l.src = 0;
+  l.dst = 1;
+  l.src_host = "host0";
+  l.dst_host = "host1";
+  l.src_nic = l.dst_nic = "fnic0";
+  l.ok = true;
+  l.gbps = 0.1;
+  l.latency_us_p50 = 40;
+  l.slow = true;
+  r.links.push_back(l);
+  l.src = 1;
+  l.dst = 0;
+  l.gbps = 9.5;
+  l.slow = false;
+  r.links.push_back(l);
+  AlltoallResult a;
+  a.shape = "decode";
+  a.routing = "uniform";
+  a.ok = true;
+  a.dispatch_us_p50 = 10;
+  r.alltoall.push_back(a);
+  return r;
+}
+
+TEST(CheckReport, OneFailMakesTheWholeReportFail) {
+  Report r = sample_report();
+  EXPECT_FALSE(r.passed());
+  EXPECT_EQ(r.count(Verdict::fail), 1);
+  r.checks[1].verdict = Verdict::pass;
+  EXPECT_TRUE(r.passed());
+}
+
+TEST(CheckReport, OnlySkipsIsNotAPass) {
+  Report r;
+  r.add(CheckResult{"nccl", "x", Verdict::skip, "no GPU", nlohmann::json::object()});
+  EXPECT_FALSE(r.passed());
+}
+
+TEST(CheckReport, JsonRoundTripKeepsEveryField) {
+  const Report r = sample_report();
+  const nlohmann::json j = report_to_json(r);
+  const Report back = report_from_json(nlohmann::json::parse(j.dump()));
+  EXPECT_EQ(report_to_json(back), j);
+  EXPECT_EQ(j["summary"]["result"], "FAIL");
+  EXPECT_EQ(j["summary"]["fail"], 1);
+  EXPECT_EQ(j["checks"][1]["verdict"], "FAIL");
+  EXPECT_EQ(j["inventory"][0]["host_nics"][0]["link_gbps"], 10.0);
+}
+
+TEST(CheckReport, MatricesAreWorldByWorldWithNullWhereNotMeasured) {
+  const nlohmann::json j = report_to_json(sample_report());
+  const auto& m = j["matrices"]["0"]["gbps"];
+  ASSERT_EQ(m.size(), 3u);
+  for (const auto& row : m) ASSERT_EQ(row.size(), 3u);
+  EXPECT_EQ(m[0][1], 0.1);
+  EXPECT_EQ(m[1][0], 9.5);
+  EXPECT_TRUE(m[0][0].is_null());
+  EXPECT_TRUE(m[2][0].is_null());
+  EXPECT_EQ(j["matrices"]["0"]["latency_us"][0][1], 40.0);
+  // An unmeasured number is null, never a made-up zero.
+  EXPECT_TRUE(j["alltoall"][0]["combine_us_p50"].is_null());
+}
+
+TEST(CheckReport, HtmlIsSelfContainedAndEscapesText) {
+  const std::string html = render_html(sample_report());
+  EXPECT_NE(html.find("<style>"), std::string::npos);
+  EXPECT_EQ(html.find("<script"), std::string::npos);  // the reason text "<script>" is escaped
+  EXPECT_NE(html.find("slow &lt;script&gt;"), std::string::npos);
+  EXPECT_EQ(html.find("http://"), std::string::npos);
+  EXPECT_EQ(html.find("https://"), std::string::npos);
+  EXPECT_NE(html.find("id=\"bandwidth-slot-0\""), std::string::npos);
+  EXPECT_NE(html.find("class=\"slow\""), std::string::npos);
+  EXPECT_NE(html.find("id=\"inventory-table\""), std::string::npos);
+  EXPECT_NE(html.find("id=\"summary-table\""), std::string::npos);
+}
+
+TEST(CheckReport, SummaryTableNamesEveryFailureReason) {
+  const std::string table = summary_table(sample_report());
+  EXPECT_NE(table.find("FAIL"), std::string::npos);
+  EXPECT_NE(table.find("slow <script>"), std::string::npos);
+  EXPECT_NE(table.find("1 passed, 1 failed, 1 skipped: FAIL"), std::string::npos);
+}
+
+TEST(CheckReport, SlowLinksAreJudgedAgainstTheMedianOfTheirKind) {
+  Options opt;
+  opt.outlier_ratio = 0.5;
+  Report r;
+  r.world_size = 3;
+  auto link = [&](int slot, int src, int dst, double gbps) {
+    LinkResult l;
+    l.slot = slot;
+    l.src = src;
+    l.dst = dst;
+    l.src_host = "host" + std::to_string(src);
+    l.dst_host = "host" + std::to_string(dst);
+    l.src_nic = l.dst_nic = "fnic" + std::to_string(slot);
+    l.ok = true;
+    l.gbps = gbps;
+    r.links.push_back(l);
+  };
+  for (int slot = 0; slot < 2; ++slot)
+    for (int a = 0; a < 3; ++a)
+      for (int b = 0; b < 3; ++b)
+        if (a != b) link(slot, a, b, slot == 1 && (a == 1 || b == 1) ? 0.02 : 5.0);
+  judge_links(opt, r);
+  for (const LinkResult& l : r.links) EXPECT_EQ(l.slow, l.slot == 1 && (l.src == 1 || l.dst == 1)) << l.src << "->" << l.dst;
+  int named = 0;
+  for (const CheckResult& c : r.checks)
+    if (c.verdict == Verdict::fail && c.reason.find("host1, fnic1") != std::string::npos) ++named;
+  EXPECT_EQ(named, 4);
+}
+
+TEST(CheckSchedule, EveryPairMeetsExactlyOnceAndNobodyTwicePerRound) {
+  for (int world = 1; world <= 9; ++world) {
+    std::set<std::pair<int, int>> met;
+    for (int round = 0; round < num_rounds(world); ++round) {
+      for (int r = 0; r < world; ++r) {
+        const int p = round_partner(r, round, world);
+        if (p < 0) continue;
+        ASSERT_NE(p, r);
+        ASSERT_EQ(round_partner(p, round, world), r) << "world " << world << " round " << round;
+        if (r < p) {
+          ASSERT_TRUE(met.insert({r, p}).second) << "pair met twice";
+        }
+      }
+    }
+    EXPECT_EQ(int(met.size()), world * (world - 1) / 2) << "world " << world;
+  }
+}
+
+}  // namespace
+}  // namespace ferry::check
