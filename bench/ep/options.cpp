@@ -115,8 +115,12 @@ ParseResult parse_options(int argc, const char* const* argv) {
                  "--timeout-ms)")
       ->check(CLI::Range(1, 86400000));
 
-  // Presets fill defaults first; explicit options then override them. CLI11 writes option values
-  // during parse, so parse twice: once to learn the preset, then over the preset's values.
+  app.add_option("--inject-verify-fault", o.inject_verify_fault_rank,
+                 "self-test: this rank corrupts one received byte before --verify checks it")
+      ->group("");
+
+  // The defaults are the decode preset; prefill differs only in tokens, so it applies after parsing
+  // unless --tokens was given (explicit options always win over the preset).
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp&) {
@@ -150,6 +154,10 @@ ParseResult parse_options(int argc, const char* const* argv) {
   }
   if (o.dry_run_world_size > 0 && !o.dry_run) return bad("--world-size is only used with --dry-run");
   if (!o.launcher.empty() && o.local_ranks == 0) return bad("--launcher is only used with --local-ranks");
+  if (o.local_ranks > 0 && !o.dry_run) {
+    if (auto msg = check_world_size(o, o.local_ranks); !msg.empty()) return bad(msg + " (--local-ranks)");
+  }
+  if (o.inject_verify_fault_rank >= 0 && !o.verify) return bad("--inject-verify-fault needs --verify");
   return {o, 0};
 }
 

@@ -50,6 +50,10 @@ struct Options {
   int local_ranks = 0;           // >0: launch this many ranks here
   std::string launcher;          // "mpi" | "fork"; empty: mpi when mpirun exists
   int launch_timeout_ms = 0;     // 0: derived from iterations and timeout_ms
+
+  // Self-test of --verify: this rank flips one received byte before checking, so the check must
+  // fail naming it. Hidden from --help.
+  int inject_verify_fault_rank = -1;
 };
 
 const char* dtype_name(ferry_dtype_t t);

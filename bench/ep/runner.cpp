@@ -336,6 +336,14 @@ int run_rank(const Options& o, const char* launcher_label) {
     expert_num_tokens.download(got_counts.data(), got_counts.size() * sizeof(int32_t));
     expert_x.download(got_x.data(), got_x.size());
     expert_x_scale.download(got_scale.data(), got_scale.size() * sizeof(float));
+    if (rank == o.inject_verify_fault_rank) {
+      for (int e = 0; e < num_local; ++e) {
+        if (got_counts[e] > 0) {
+          got_x[size_t(e) * sizes.max_rows_per_expert * o.hidden * in_elem] ^= 0x5a;
+          break;
+        }
+      }
+    }
     const auto want = ep::reference::dispatch(config, all_inputs, rank);
     failure = ep::reference::compare_dispatch(config, want, got_counts.data(), got_x.data(),
                                               num_scales ? got_scale.data() : nullptr);

@@ -204,6 +204,22 @@ TEST(BenchRun, PrefillPresetScaledDownWithOverlapAndCsv) {
   fs::remove_all(dir);
 }
 
+TEST(BenchRun, VerifyFailureExitsWithCode1NamingTheRank) {
+  // Rank 2 corrupts one byte it received: its dispatch check fails naming it (and the corrupted row,
+  // run through the expert, may also spoil the combine of the token's source rank).
+  const auto r = bench(std::string(kScaledDown) + " --launcher fork --verify --inject-verify-fault 2");
+  EXPECT_EQ(r.exit_code, 1) << r.out;
+  EXPECT_NE(r.out.find("verify FAILED on rank 2: dispatch"), std::string::npos) << r.out;
+  EXPECT_TRUE(std::regex_search(r.out, std::regex(R"(verify FAILED on rank\(s\) ([0-9]+,)*2(,|\n))"))) << r.out;
+  EXPECT_EQ(r.out.find("dispatch: rank 1 "), std::string::npos) << "only rank 2's dispatch output was touched";
+}
+
+TEST(BenchRun, OptionsThatDoNotFitTheWorldSizeExitWithCode2) {
+  const auto r = bench("--local-ranks 3 --experts 16 --tokens 8 --hidden 256");
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_NE(r.out.find("--experts 16 is not divisible by the world size 3"), std::string::npos) << r.out;
+}
+
 TEST(BenchRun, RoutingFileIsUsedAndBadLinesAreNamed) {
   const fs::path dir = temp_dir("routing");
   {
