@@ -10,7 +10,12 @@
 #include "transfer_engine/fabric/nic.h"
 #include "transfer_engine/imm_counter.h"
 #include "transfer_engine/route.h"
+#include "transfer_engine/topology.h"
 #include "transfer_engine/worker.h"
+
+#ifdef FERRY_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
 
 namespace ferry::te {
 namespace {
@@ -34,6 +39,28 @@ std::vector<std::string> split_list(const std::string& text) {
   return items;
 }
 
+// hwloc's index of the GPU CUDA calls `cuda_device` (CUDA's default order is not PCI order).
+int topology_gpu(const Topology& topology, int cuda_device) {
+  if (cuda_device < 0) return -1;
+#ifdef FERRY_HAVE_CUDA
+  char bus_id[32] = {};
+  if (cudaDeviceGetPCIBusId(bus_id, sizeof(bus_id), cuda_device) == cudaSuccess)
+    return topology.find_gpu(bus_id);
+#endif
+  return -1;
+}
+
+// The CPUs the worker should run on: NUMA-local to its first NIC, else to its GPU; empty when the
+// topology knows neither (loopback interfaces, shm), in which case the worker stays unpinned.
+std::vector<int> worker_cpus(const Topology& topology, const std::string& first_domain,
+                             int cuda_device) {
+  const int nic = topology.find_nic(first_domain);
+  if (nic >= 0) return topology.cores_near(DeviceKind::nic, nic);
+  const int gpu = topology_gpu(topology, cuda_device);
+  if (gpu >= 0) return topology.cores_near(DeviceKind::gpu, gpu);
+  return {};
+}
+
 std::string hex(uint64_t value) {
   char buffer[32];
   snprintf(buffer, sizeof(buffer), "0x%llx", static_cast<unsigned long long>(value));
@@ -55,6 +82,7 @@ class RegionImpl final : public MemoryRegion {
   RegionDesc desc_;
   std::vector<fabric::FidPtr<fid_mr>> mrs;
   void* local_desc[kMaxNics] = {};
+  const void* owner = nullptr;
 };
 
 class GroupImpl final : public PeerGroup {
@@ -67,6 +95,7 @@ class GroupImpl final : public PeerGroup {
   std::vector<RegionDesc> remotes;
   // addrs[index * kMaxNics + nic]: the peer's address on that NIC, resolved once.
   std::vector<fi_addr_t> addrs;
+  const void* owner = nullptr;
 };
 
 struct TransferEngine::Impl {
@@ -89,18 +118,21 @@ struct TransferEngine::Impl {
   int wait_ms(int timeout_ms) const { return timeout_ms < 0 ? config.timeout_ms : timeout_ms; }
   std::string who() const { return "rank " + std::to_string(rank); }
 
+  // A cast and a pointer comparison, no lookup: the hot path stays constant-time.
   const RegionImpl& own_region(const MemoryRegion& region, const char* op) const {
-    for (const RegionImpl& r : regions) {
-      if (&r == &region) return r;
+    const auto* r = dynamic_cast<const RegionImpl*>(&region);
+    if (r == nullptr || r->owner != this) {
+      raise(Status::invalid_argument, who() + " " + op + ": source region was not registered "
+                                                         "with this engine");
     }
-    raise(Status::invalid_argument, who() + " " + op + ": source region was not registered with "
-                                                       "this engine (or was deregistered)");
+    return *r;
   }
   const GroupImpl& own_group(const PeerGroup& group, const char* op) const {
-    for (const GroupImpl& g : groups) {
-      if (&g == &group) return g;
+    const auto* g = dynamic_cast<const GroupImpl*>(&group);
+    if (g == nullptr || g->owner != this) {
+      raise(Status::invalid_argument, who() + " " + op + ": peer group was not made by this engine");
     }
-    raise(Status::invalid_argument, who() + " " + op + ": peer group was not made by this engine");
+    return *g;
   }
 
   void check_bounds(const char* op, const RegionImpl& src, const GroupImpl& group,
@@ -186,6 +218,14 @@ TransferEngine::TransferEngine(const EngineConfig& config, Bootstrap& bootstrap)
                                         " ranks an immediate can name");
   }
 
+  // Topology is an optimisation (NIC order, worker placement): without it the engine still runs.
+  std::optional<Topology> topology;
+  if (c.pin_worker || (c.domains.empty() && c.cuda_device >= 0)) {
+    try {
+      topology = Topology::discover();
+    } catch (const Error&) {
+    }
+  }
   std::vector<std::string> domains = c.domains;
   if (domains.empty()) {
     if (c.provider == "tcp" && bootstrap.local_size() == s.world_size) {
@@ -196,6 +236,8 @@ TransferEngine::TransferEngine(const EngineConfig& config, Bootstrap& bootstrap)
         if (c.provider == "tcp" && name == "lo") continue;
         domains.push_back(name);
       }
+      if (topology && topology_gpu(*topology, c.cuda_device) >= 0)
+        domains = topology->order_near_gpu(topology_gpu(*topology, c.cuda_device), domains);
       if (domains.empty()) domains.push_back("");
     }
   }
@@ -258,7 +300,16 @@ TransferEngine::TransferEngine(const EngineConfig& config, Bootstrap& bootstrap)
   }
 
   s.worker = std::make_unique<Worker>(s.nics, s.counter, s.rank, c.max_posts_per_step);
-  s.worker->start(nullptr);
+  std::vector<int> cpus;
+  if (c.pin_worker && topology) cpus = worker_cpus(*topology, s.nics[0]->domain_name(), c.cuda_device);
+  s.worker->start([cpus] {
+    if (cpus.empty()) return;
+    try {
+      bind_thread_to_cores(cpus);
+    } catch (const Error&) {
+      // A cpuset that excludes the NIC's cores: run where the scheduler puts us.
+    }
+  });
   bootstrap.barrier(c.timeout_ms);
 }
 
@@ -299,6 +350,7 @@ MemoryRegion& TransferEngine::register_memory(void* data, size_t bytes, MemoryKi
   if (kind == MemoryKind::cuda && cuda_device < 0) cuda_device = s.config.cuda_device;
   std::lock_guard<std::mutex> lock(s.mutex);
   RegionImpl region;
+  region.owner = &s;
   region.data_ = data;
   region.bytes_ = bytes;
   region.kind_ = kind;
@@ -356,6 +408,7 @@ PeerGroup& TransferEngine::make_group(std::span<const int> peer_ranks,
               " descriptors) or one per rank");
   }
   GroupImpl group;
+  group.owner = &s;
   for (size_t i = 0; i < peer_ranks.size(); ++i) {
     const int peer = peer_ranks[i];
     if (peer < 0 || peer >= s.world_size) {
@@ -445,8 +498,8 @@ void TransferEngine::scatter(const PeerGroup& group, const MemoryRegion& src,
     total += s.pieces(s.resolve(route, d.bytes), d.bytes);
   }
   const int nics = static_cast<int>(s.nics.size());
-  // The template: everything constant across the scatter is set once per record by the same
-  // code path; per record only address, length, key and peer change.
+  // Every record is the same template (source descriptors of `src`, the immediate); per record
+  // only address, length, key and peer change, all read from pre-resolved group state.
   size_t dst = 0;
   uint32_t piece = 0;
   s.worker->enqueue(total, s.config.timeout_ms, [&](WriteOp& op) {

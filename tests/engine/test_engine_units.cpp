@@ -13,6 +13,10 @@
 #include "transfer_engine/imm_counter.h"
 #include "transfer_engine/route.h"
 
+#ifdef FERRY_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
+
 namespace ferry::te {
 namespace {
 
@@ -280,6 +284,47 @@ TEST_P(SoloEngine, CudaMemoryOnAHostOnlyProviderIsClearlyUnsupported) {
     EXPECT_THAT(std::string(e.what()), HasSubstr("CUDA"));
   }
 }
+
+#ifdef FERRY_HAVE_CUDA
+// GPU memory through fi_mr_regattr (FI_HMEM_CUDA, dmabuf where libfabric has it): a device buffer
+// is written from host memory and read back into host memory through the provider.
+TEST_P(SoloEngine, CudaMemoryRegistersAndMovesBytesWhereTheProviderReportsHmem) {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0)
+    GTEST_SKIP() << "no CUDA device on this machine";
+  constexpr size_t kBytes = 1 << 20;
+  void* device = nullptr;
+  ASSERT_EQ(cudaMalloc(&device, kBytes), cudaSuccess);
+  ASSERT_EQ(cudaMemset(device, 0, kBytes), cudaSuccess);
+  MemoryRegion* gpu = nullptr;
+  try {
+    gpu = &engine_->register_memory(device, kBytes, MemoryKind::cuda, 0);
+  } catch (const Error& e) {
+    cudaFree(device);
+    if (e.status() == Status::unsupported) GTEST_SKIP() << e.what();
+    FAIL() << e.what();
+  }
+  std::vector<uint8_t> host(kBytes);
+  for (size_t i = 0; i < kBytes; ++i) host[i] = static_cast<uint8_t>(i * 11 + 3);
+  MemoryRegion& host_region = engine_->register_memory(host.data(), host.size());
+  const int self = 0;
+  const RegionDesc to_gpu = gpu->desc();
+  PeerGroup& gpu_group =
+      engine_->make_group(std::span<const int>(&self, 1), std::span<const RegionDesc>(&to_gpu, 1));
+  engine_->write(gpu_group, 0, host_region, 0, 0, kBytes, imm::encode(26, 0));
+  engine_->wait(imm::encode(26, 0), 1, 10000);
+  std::vector<uint8_t> back(kBytes);
+  ASSERT_EQ(cudaMemcpy(back.data(), device, kBytes, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(back, host);
+  // And from the GPU region into host memory.
+  engine_->write(*group_, 0, *gpu, 0, 0, dst_.size(), imm::encode(27, 0));
+  engine_->wait(imm::encode(27, 0), 1, 10000);
+  EXPECT_TRUE(std::equal(dst_.begin(), dst_.end(), host.begin()));
+  engine_->flush();
+  engine_->deregister(*gpu);
+  cudaFree(device);
+}
+#endif
 
 TEST_P(SoloEngine, WaitTimesOutNamingTheSender) {
   try {
