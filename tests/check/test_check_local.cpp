@@ -52,7 +52,9 @@ void expect_healthy_report(const json& j, int world, const std::string& nic) {
   int loopbacks = 0, alltoalls = 0;
   for (const json& c : j["checks"]) {
     EXPECT_TRUE(c["verdict"] == "PASS" || c["verdict"] == "SKIP") << c.dump();
-    if (c["verdict"] == "SKIP") EXPECT_FALSE(c["reason"].get<std::string>().empty()) << c.dump();
+    if (c["verdict"] == "SKIP") {
+      EXPECT_FALSE(c["reason"].get<std::string>().empty()) << c.dump();
+    }
     if (c["stage"] == "nic_loopback") {
       ++loopbacks;
       EXPECT_EQ(c["verdict"], "PASS");
@@ -85,8 +87,11 @@ void expect_healthy_report(const json& j, int world, const std::string& nic) {
   for (int a = 0; a < world; ++a) {
     ASSERT_EQ(m[a].size(), size_t(world));
     for (int b = 0; b < world; ++b) {
-      if (a == b) EXPECT_TRUE(m[a][b].is_null());
-      else EXPECT_GT(m[a][b].get<double>(), 0);
+      if (a == b) {
+        EXPECT_TRUE(m[a][b].is_null());
+      } else {
+        EXPECT_GT(m[a][b].get<double>(), 0);
+      }
     }
   }
 

@@ -87,7 +87,9 @@ TEST_F(CheckNetns, RateLimitedLinkIsNamedAsSlow) {
     const bool through_slowed = l["slot"] == 1 && (l["src_host"] == "host1" || l["dst_host"] == "host1");
     EXPECT_TRUE(l["ok"].get<bool>()) << l.dump();
     EXPECT_EQ(l["slow"].get<bool>(), through_slowed) << l.dump();
-    if (through_slowed) EXPECT_LT(l["gbps"].get<double>(), 0.05) << l.dump();
+    if (through_slowed) {
+      EXPECT_LT(l["gbps"].get<double>(), 0.05) << l.dump();
+    }
   }
   // The summary names the link: ranks, hosts and the NIC.
   int named = 0;

@@ -76,7 +76,7 @@ double us_since(Clock::time_point t0) {
 // this rank is still checking.
 struct SlotEngines::Slot {
   int index = 0;
-  std::string nic;        // the NIC this rank measures in this slot ("" when it has none)
+  std::string nic;        // this rank's NIC for the slot (named even when absent, for the report)
   std::string problem;    // why this rank cannot take part in this slot's checks
   std::unique_ptr<te::TransferEngine> engine;
   std::unique_ptr<uint8_t, FreeDeleter> memory;
@@ -110,7 +110,7 @@ SlotEngines::SlotEngines(const Options& opt, te::Bootstrap& boot, const std::vec
     auto slot = std::make_unique<Slot>();
     slot->index = s;
     slot->problem = nic_problem(me, s);
-    slot->nic = slot->problem.empty() ? me.nics[size_t(s)] : "";
+    slot->nic = s < int(me.nics.size()) ? me.nics[size_t(s)] : "";
     te::EngineConfig config;
     config.provider = opt.provider;
     const std::string domain = slot->problem.empty() ? slot->nic : fallback;
@@ -310,7 +310,7 @@ Share run_links(const Options& opt, SlotEngines& engines, const std::vector<Rank
       const RankInventory& peer_inv = all[size_t(peer)];
       const std::string peer_problem = nic_problem(peer_inv, s);
       PairRun run{opt, slot, *slot.engine, me, peer, all[size_t(me)], peer_inv,
-                  peer_problem.empty() ? peer_inv.nics[size_t(s)] : ""};
+                  s < int(peer_inv.nics.size()) ? peer_inv.nics[size_t(s)] : ""};
       LinkResult out = run.blank();
       const std::string where = describe(all[size_t(me)], slot.nic) + " -> " + describe(peer_inv, run.peer_nic);
       // Both sides know from the inventory when one of them has no NIC here, so neither waits.
