@@ -231,7 +231,7 @@ int main(int argc, char** argv) {
     check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "sm count");
     cudaDeviceProp prop{};
     check_cuda(cudaGetDeviceProperties(&prop, dev), "properties");
-    Stream stream;
+    Stream stream(/*blocking=*/true);
     const double copy = copy_bandwidth_gbs(stream.get());
     std::printf("device: %s, %d SMs; cudaMemcpy D2D (1 GiB, read + written): %.1f GB/s\n", prop.name, sms, copy);
     for (const auto& p : o.presets) run_preset(o, p, copy, sms, stream.get());

@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kCopyThreads)
 
 void combine_recv(const CombineRecvParams& p, const Workspace& ws, int num_sms, cudaStream_t stream) {
   if (p.arrived != nullptr) wait_arrival(p.arrived, ws.combine_epoch, p.timeout_ns, kErrCombineTimeout, ws, stream);
-  const dim3 grid(num_sms * kCopyBlocksPerSm), block(kCopyThreads);
+  const dim3 grid(copy_grid(num_sms, p.layout.max_tokens)), block(kCopyThreads);
   switch (p.layout.out_dtype) {
     case FERRY_BF16: combine_recv_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(p, ws); break;
     case FERRY_F16: combine_recv_kernel<__half><<<grid, block, 0, stream>>>(p, ws); break;

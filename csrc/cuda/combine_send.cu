@@ -60,23 +60,14 @@ __global__ void __launch_bounds__(kCopyThreads)
     __syncthreads();  // rows_s is rewritten for the next record
   }
 
-  // The last block to finish tells the proxy thread that the partials are complete.
-  __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x == 0 && ws.partials_ready != nullptr) {
-    const uint32_t done = atomicAdd(&ws.blocks_done[1], 1u);
-    if (done == gridDim.x - 1) {
-      ws.blocks_done[1] = 0;
-      __threadfence_system();
-      st_release_sys(ws.partials_ready, *ws.combine_epoch);
-    }
-  }
+  // The last block to finish tells the proxy thread that its buffer is complete.
+  release_when_grid_done(&ws.blocks_done[1], ws.partials_ready, ws.combine_epoch);
 }
 
 }  // namespace
 
 void combine_send(const CombineSendParams& p, const Workspace& ws, int num_sms, cudaStream_t stream) {
-  const dim3 grid(num_sms * kCopyBlocksPerSm), block(kCopyThreads);
+  const dim3 grid(copy_grid(num_sms, p.layout.max_recv_records())), block(kCopyThreads);
   switch (p.layout.out_dtype) {
     case FERRY_BF16: combine_send_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(p, ws); break;
     case FERRY_F16: combine_send_kernel<__half><<<grid, block, 0, stream>>>(p, ws); break;

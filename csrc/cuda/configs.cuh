@@ -13,6 +13,12 @@ constexpr int kRouteWarps = kRouteThreads / kWarpSize;
 constexpr int kCopyThreads = 256;
 constexpr int kCopyWarps = kCopyThreads / kWarpSize;
 constexpr int kCopyBlocksPerSm = 8;
+// Blocks of a copy kernel: enough to fill the GPU, never more than there can be items (tokens or
+// received records) in a step, so small steps do not pay for idle blocks.
+inline int copy_grid(int num_sms, uint64_t max_items) {
+  const uint64_t full = uint64_t(num_sms) * kCopyBlocksPerSm;
+  return int(max_items < 1 ? 1 : (max_items < full ? max_items : full));
+}
 // 16-byte vectors each lane keeps in flight before storing them: hides load latency on long rows.
 constexpr int kCopyUnroll = 4;
 // Tokens (or received records) ranked together by one warp with ballot-style bitmasks.

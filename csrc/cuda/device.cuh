@@ -60,33 +60,42 @@ __device__ __forceinline__ bool wait_epoch(const volatile uint32_t* flag, uint32
 }
 
 // In-place exclusive prefix sum of n ints in shared memory by the whole block; returns the total.
-// Each thread sums a contiguous segment, then thread 0 scans the segment sums (n is at most a few
-// thousand: ranks or local experts).
-__device__ inline int block_exclusive_scan(int* data, int n, int* scratch /* blockDim.x + 1 */) {
+// Each thread sums a contiguous segment; segment sums are scanned with warp shuffles, then the warp
+// totals by the first warp. scratch holds at least blockDim.x / 32 + 1 ints.
+__device__ inline int block_exclusive_scan(int* data, int n, int* scratch) {
   const int per = (n + blockDim.x - 1) / blockDim.x;
   const int begin = min(n, int(threadIdx.x) * per);
   const int end = min(n, begin + per);
+  const int lane = lane_id(), warp = threadIdx.x / kWarpSize, warps = blockDim.x / kWarpSize;
   int sum = 0;
   for (int i = begin; i < end; ++i) sum += data[i];
-  scratch[threadIdx.x] = sum;
+  int incl = sum;
+#pragma unroll
+  for (int off = 1; off < kWarpSize; off <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += v;
+  }
+  if (lane == kWarpSize - 1) scratch[warp] = incl;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    int run = 0;
-    for (int i = 0; i < int(blockDim.x); ++i) {
-      const int v = scratch[i];
-      scratch[i] = run;
-      run += v;
+  if (warp == 0) {
+    const int total = lane < warps ? scratch[lane] : 0;
+    int wincl = total;
+#pragma unroll
+    for (int off = 1; off < kWarpSize; off <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, wincl, off);
+      if (lane >= off) wincl += v;
     }
-    scratch[blockDim.x] = run;
+    if (lane < warps) scratch[lane] = wincl - total;
+    if (lane == kWarpSize - 1) scratch[warps] = wincl;
   }
   __syncthreads();
-  int run = scratch[threadIdx.x];
+  int run = scratch[warp] + incl - sum;
   for (int i = begin; i < end; ++i) {
     const int v = data[i];
     data[i] = run;
     run += v;
   }
-  const int total = scratch[blockDim.x];
+  const int total = scratch[warps];
   __syncthreads();
   return total;
 }
@@ -125,6 +134,22 @@ __device__ inline void chunk_scan(int* base, int num_chunks, int num_items, int*
   }
 }
 
+// Grid-wide "all blocks done" followed by a release of `flag` = *value: every block's writes (also
+// those to host memory) are visible to whoever sees the flag. One system fence per block: the barrier
+// orders the block's writes before thread 0's fence, which is cumulative.
+__device__ inline void release_when_grid_done(uint32_t* blocks_done, volatile uint32_t* flag, const uint32_t* value) {
+  __syncthreads();
+  if (threadIdx.x == 0 && flag != nullptr) {
+    __threadfence_system();
+    const uint32_t done = atomicAdd(blocks_done, 1u);
+    if (done == gridDim.x - 1) {
+      *blocks_done = 0;
+      __threadfence_system();
+      st_release_sys(flag, *value);
+    }
+  }
+}
+
 // Rounding to the output type is round-to-nearest-even, as on the host.
 template <typename T>
 struct Elem;
@@ -159,10 +184,16 @@ __device__ __forceinline__ uint4 ld_nc_v4(const void* p) {
                : "l"(p));
   return r;
 }
-// Loads of data another agent (the NIC, a peer GPU, the CPU) wrote: not through the non-coherent path.
+// Loads of data another agent (the NIC, a peer GPU, the CPU) wrote since earlier steps read the same
+// addresses: .cv fetches again instead of trusting a cached line.
 __device__ __forceinline__ uint4 ld_v4(const void* p) {
   uint4 r;
-  asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  asm volatile("ld.global.cv.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+__device__ __forceinline__ int32_t ld_cv_s32(const void* p) {
+  int32_t r;
+  asm volatile("ld.global.cv.s32 %0, [%1];" : "=r"(r) : "l"(p));
   return r;
 }
 __device__ __forceinline__ void st_v4(void* p, uint4 v) { *static_cast<uint4*>(p) = v; }

@@ -2,6 +2,8 @@
 // and unpack records into the expert-major layout (per local expert, rows ordered by source rank
 // then source token; padding rows up to expert_alignment zeroed). Nothing a peer sent is trusted to
 // index memory: counts, ranks and experts are checked before use.
+#include <algorithm>
+
 #include "csrc/cuda/api.cuh"
 #include "csrc/cuda/cuda_check.h"
 #include "csrc/cuda/device.cuh"
@@ -48,8 +50,8 @@ __global__ void __launch_bounds__(kCopyThreads)
 
   for (int s = tid; s < R; s += blockDim.x) {
     const int32_t* counts = ep::header_counts(p.recv_buf + L.recv_private_offset(s));
-    int c = counts[me];
-    if (counts[0] == ep::kPoisonCount) {
+    int c = ld_cv_s32(counts + me);
+    if (ld_cv_s32(counts) == ep::kPoisonCount) {
       if (blockIdx.x == 0) set_error(ws.error, kErrPeerPoisoned, s, 0, 0);
       c = 0;
     } else if (c < 0 || c > L.max_tokens) {
@@ -205,7 +207,7 @@ __global__ void __launch_bounds__(kCopyThreads)
     if (p.out_expert_x_scale != nullptr) {
       const float* scales = reinterpret_cast<const float*>(src + L.scale_offset());
       for (int i = tid; i < ns; i += kCopyThreads) {
-        const float s = scales[i];
+        const float s = __int_as_float(ld_cv_s32(scales + i));
 #pragma unroll
         for (int j = 0; j < ep::kMaxTopK; ++j)
           if (rows[j] >= 0) p.out_expert_x_scale[uint64_t(rows[j]) * ns + i] = s;
@@ -249,11 +251,15 @@ void dispatch_recv(const DispatchRecvParams& p, const Workspace& ws, int num_sms
   if (p.arrived != nullptr) wait_arrival(p.arrived, ws.dispatch_epoch, p.timeout_ns, kErrDispatchTimeout, ws, stream);
   const int bytes = recv_smem(p.layout).total_ints * 4;
   // Fewer blocks than the copy kernels: each one reads every sender's count header.
-  dispatch_recv_route_kernel<<<num_sms * 2, kCopyThreads, bytes, stream>>>(p, ws);
+  const uint64_t max_chunks = (p.layout.max_recv_records() + kChunk - 1) / kChunk;
+  const int route_blocks = int(std::min<uint64_t>(uint64_t(num_sms) * 2, (max_chunks + kCopyWarps - 1) / kCopyWarps));
+  dispatch_recv_route_kernel<<<route_blocks, kCopyThreads, bytes, stream>>>(p, ws);
   check_cuda(cudaGetLastError(), "launch dispatch_recv_route_kernel");
   dispatch_recv_scan_kernel<<<1, kRouteThreads, 0, stream>>>(p, ws);
   check_cuda(cudaGetLastError(), "launch dispatch_recv_scan_kernel");
-  dispatch_unpack_kernel<<<num_sms * kCopyBlocksPerSm, kCopyThreads, 0, stream>>>(p, ws);
+  const uint64_t pad_blocks = (uint64_t(p.layout.experts_per_rank) * (p.layout.expert_alignment - 1) + kCopyWarps - 1) / kCopyWarps;
+  dispatch_unpack_kernel<<<copy_grid(num_sms, std::max<uint64_t>(p.layout.max_recv_records(), pad_blocks)), kCopyThreads, 0,
+                           stream>>>(p, ws);
   check_cuda(cudaGetLastError(), "launch dispatch_unpack_kernel");
 }
 

@@ -135,6 +135,9 @@ __global__ void __launch_bounds__(kRouteThreads, 1)
       header[i] = v;
     }
   }
+  // The headers and the count mirror may live in host memory that the proxy thread and the NIC read
+  // once the pack kernel's release of send_ready is seen: push them out before this kernel ends.
+  __threadfence_system();
 }
 
 // One block per token (grid-stride): the token's payload and scales are read once and stored into
@@ -234,17 +237,8 @@ __global__ void __launch_bounds__(kCopyThreads)
     __syncthreads();  // dst_s is rewritten for the next token
   }
 
-  // The last block to finish tells the proxy thread that the send buffer is complete.
-  __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x == 0 && ws.send_ready != nullptr) {
-    const uint32_t done = atomicAdd(&ws.blocks_done[0], 1u);
-    if (done == gridDim.x - 1) {
-      ws.blocks_done[0] = 0;
-      __threadfence_system();
-      st_release_sys(ws.send_ready, *ws.dispatch_epoch);
-    }
-  }
+  // The last block to finish tells the proxy thread that its buffer is complete.
+  release_when_grid_done(&ws.blocks_done[0], ws.send_ready, ws.dispatch_epoch);
 }
 
 }  // namespace
@@ -265,7 +259,7 @@ void dispatch_send(const DispatchSendParams& p, const Workspace& ws, int num_sms
   const int bytes = route_smem(p.layout, warps).total_ints * 4;
   dispatch_route_kernel<<<1, kRouteThreads, bytes, stream>>>(p, ws, warps);
   check_cuda(cudaGetLastError(), "launch dispatch_route_kernel");
-  dispatch_pack_kernel<<<num_sms * kCopyBlocksPerSm, kCopyThreads, 0, stream>>>(p, ws);
+  dispatch_pack_kernel<<<copy_grid(num_sms, p.layout.max_tokens), kCopyThreads, 0, stream>>>(p, ws);
   check_cuda(cudaGetLastError(), "launch dispatch_pack_kernel");
 }
 

@@ -69,7 +69,11 @@ class MappedHostBuffer {
 
 class Stream {
  public:
-  Stream() { check_cuda(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking), "cudaStreamCreate"); }
+  // blocking: ordered with the legacy default stream (what plain cudaMemcpy/cudaMemset use), as a
+  // test or benchmark that mixes the two needs; non-blocking otherwise.
+  explicit Stream(bool blocking = false) {
+    check_cuda(cudaStreamCreateWithFlags(&s_, blocking ? cudaStreamDefault : cudaStreamNonBlocking), "cudaStreamCreate");
+  }
   ~Stream() { cudaStreamDestroy(s_); }
   Stream(const Stream&) = delete;
   Stream& operator=(const Stream&) = delete;

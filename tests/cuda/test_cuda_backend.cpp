@@ -146,7 +146,7 @@ void run_rank(te::Bootstrap& bootstrap, const Case& c) {
   const Layout l = make_layout(cfg);
   auto backend = make_cuda_backend(cfg, bootstrap);
   RankBuffers b(l);
-  cuda::Stream stream;
+  cuda::Stream stream(/*blocking=*/true);
   std::mt19937 skew(1234 + l.rank);
   auto maybe_sleep = [&] {
     if (c.max_skew_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(skew() % (c.max_skew_ms + 1)));
@@ -263,7 +263,7 @@ TEST_F(CudaBackend, InvalidExpertIdFailsTheReceiveCallOnEveryRank) {
     const Layout l = make_layout(cfg);
     auto backend = make_cuda_backend(cfg, bs);
     RankBuffers b(l);
-    cuda::Stream stream;
+    cuda::Stream stream(/*blocking=*/true);
     auto inputs = reference::generate_all(cfg, c.spec);
     reference::RankInput in = inputs[l.rank];
     if (l.rank == 1) in.indices[5 * l.top_k + 1] = 1000;
@@ -308,7 +308,7 @@ TEST_F(CudaBackend, GraphOfDispatchAndCombineReplays100TimesLikeEagerCalls) {
     const Layout l = make_layout(cfg);
     auto backend = make_cuda_backend(cfg, bs);
     RankBuffers b(l);
-    cuda::Stream stream;
+    cuda::Stream stream(/*blocking=*/true);
     cudaGraph_t graph;
     check_cuda(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal), "begin capture");
     backend->dispatch(b.dispatch_args(l.max_tokens, FERRY_SEND_RECV), stream.get());

@@ -480,7 +480,7 @@ TEST_F(KernelErrors, GraphReplayOfEveryHalfMatchesTheHostOnFreshInputs) {
   const auto base = small_config();
   auto ranks = make_ranks(base);
   const int R = base.world_size, sms = num_sms();
-  Stream stream;
+  Stream stream(/*blocking=*/true);
   std::vector<cudaGraphExec_t> send_g(R), recv_g(R), csend_g(R), comb_g(R);
   auto capture = [&](auto&& body) {
     cudaGraph_t g;
