@@ -1,6 +1,7 @@
 #include "transfer_engine/engine.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <list>
@@ -112,6 +113,8 @@ struct TransferEngine::Impl {
   std::list<RegionImpl> regions;
   std::list<GroupImpl> groups;
   uint64_t next_key = 1;
+  std::string wait_what;  // "rank N wait", built once so waits allocate nothing
+  std::atomic<uint64_t> ops{0};
 
   Impl(const EngineConfig& c, Bootstrap& b) : config(c), bootstrap(b) {}
 
@@ -195,6 +198,7 @@ TransferEngine::TransferEngine(const EngineConfig& config, Bootstrap& bootstrap)
   Impl& s = *impl_;
   s.rank = bootstrap.rank();
   s.world_size = bootstrap.world_size();
+  s.wait_what = s.who() + " wait";
   if (const char* p = std::getenv("FERRY_PROVIDER"); p && *p) s.config.provider = p;
   if (const char* d = std::getenv("FERRY_DOMAINS"); d && *d) {
     s.config.domains = split_list(d);
@@ -446,6 +450,7 @@ void TransferEngine::write(const PeerGroup& group, size_t peer_index, const Memo
   const uint32_t count = s.pieces(resolved, bytes);
   const int nics = static_cast<int>(s.nics.size());
   uint32_t index = 0;
+  s.ops.fetch_add(1, std::memory_order_relaxed);
   s.worker->enqueue(count, s.config.timeout_ms, [&](WriteOp& op) {
     const route::Piece p = route::piece(bytes, index++, count, peer_index, nics, resolved);
     s.fill(op, r, g, peer_index, src_offset, dst_offset, p, imm);
@@ -476,6 +481,7 @@ void TransferEngine::write_paged(const PeerGroup& group, size_t peer_index,
   // Pages are small by construction: each goes out whole, pages spread over the NICs.
   const int nics = static_cast<int>(s.nics.size());
   size_t i = 0;
+  s.ops.fetch_add(1, std::memory_order_relaxed);
   s.worker->enqueue(src_pages.size(), s.config.timeout_ms, [&](WriteOp& op) {
     route::Piece p;
     p.bytes = page_bytes;
@@ -502,6 +508,7 @@ void TransferEngine::scatter(const PeerGroup& group, const MemoryRegion& src,
   // only address, length, key and peer change, all read from pre-resolved group state.
   size_t dst = 0;
   uint32_t piece = 0;
+  s.ops.fetch_add(1, std::memory_order_relaxed);
   s.worker->enqueue(total, s.config.timeout_ms, [&](WriteOp& op) {
     const ScatterDst& d = dsts[dst];
     const NicRoute resolved = s.resolve(route, d.bytes);
@@ -525,6 +532,7 @@ void TransferEngine::barrier(const PeerGroup& group, uint32_t tag, int timeout_m
   const uint32_t mine = imm::encode(tag, static_cast<uint32_t>(s.rank));
   const int nics = static_cast<int>(s.nics.size());
   size_t i = 0;
+  s.ops.fetch_add(1, std::memory_order_relaxed);
   s.worker->enqueue(g.size(), s.config.timeout_ms, [&](WriteOp& op) {
     route::Piece p;
     p.nic = static_cast<int>(i % static_cast<size_t>(nics));
@@ -555,8 +563,13 @@ uint32_t TransferEngine::imm_count(uint32_t imm) const { return impl_->counter.c
 
 void TransferEngine::wait(std::span<const ImmExpect> expects, int timeout_ms) {
   Impl& s = *impl_;
-  wait_for_imms(s.counter, expects, s.wait_ms(timeout_ms), s.who() + " wait",
-                [&] { s.worker->raise_if_failed(); });
+  try {
+    wait_for_imms(s.counter, expects, s.wait_ms(timeout_ms), s.wait_what,
+                  [&] { s.worker->raise_if_failed(); });
+  } catch (const Error& e) {
+    if (e.status() != Status::timeout) throw;
+    raise(Status::timeout, e.what() + s.worker->in_flight_summary());
+  }
 }
 
 void TransferEngine::wait(uint32_t imm, uint32_t count, int timeout_ms) {
@@ -580,6 +593,10 @@ void TransferEngine::set_flag_on_imm(uint32_t imm, uint32_t count, volatile uint
 
 void TransferEngine::flush(int timeout_ms) { impl_->worker->flush(impl_->wait_ms(timeout_ms)); }
 
-EngineStats TransferEngine::stats() const { return impl_->worker->stats(); }
+EngineStats TransferEngine::stats() const {
+  EngineStats stats = impl_->worker->stats();
+  stats.ops_posted = impl_->ops.load(std::memory_order_relaxed);
+  return stats;
+}
 
 }  // namespace ferry::te

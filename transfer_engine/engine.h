@@ -89,10 +89,10 @@ struct ScatterDst {
 };
 
 struct EngineStats {
-  uint64_t ops_posted = 0;
-  uint64_t writes_posted = 0;
+  uint64_t ops_posted = 0;      // calls of write, write_paged, scatter, barrier
+  uint64_t writes_posted = 0;   // RMA writes handed to libfabric (pieces and pages each count)
   uint64_t bytes_posted = 0;
-  uint64_t eagain_retries = 0;
+  uint64_t eagain_retries = 0;  // posts retried after -FI_EAGAIN (transmit queue full)
   uint64_t imms_received = 0;
   uint64_t bytes_posted_per_nic[kMaxNics] = {};  // shows how a route spread the bytes
 };

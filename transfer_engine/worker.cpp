@@ -138,14 +138,26 @@ void Worker::raise_if_failed() const {
 
 EngineStats Worker::stats() const {
   EngineStats s;
-  s.ops_posted = ops_posted_.load(std::memory_order_relaxed);
-  s.writes_posted = s.ops_posted;
+  s.writes_posted = ops_posted_.load(std::memory_order_relaxed);
   s.bytes_posted = bytes_posted_.load(std::memory_order_relaxed);
   s.eagain_retries = eagain_retries_.load(std::memory_order_relaxed);
   s.imms_received = imms_received_.load(std::memory_order_relaxed);
   for (int n = 0; n < kMaxNics; ++n)
     s.bytes_posted_per_nic[n] = bytes_per_nic_[n].load(std::memory_order_relaxed);
   return s;
+}
+
+std::string Worker::in_flight_summary() const {
+  const uint64_t retired = retired_.load(std::memory_order_acquire);
+  const uint64_t tail = tail_.load(std::memory_order_acquire);
+  if (tail == retired) return "";
+  std::string text = "; " + std::to_string(tail - retired) + " writes not yet completed";
+  const WriteOp& oldest = ring_[retired & mask_];
+  if (oldest.published.load(std::memory_order_acquire) == retired + 1) {
+    text += ", the oldest to rank " + std::to_string(oldest.peer_rank) + " on NIC " +
+            std::to_string(oldest.nic);
+  }
+  return text;
 }
 
 void Worker::fail(Status status, const std::string& text) {

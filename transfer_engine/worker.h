@@ -72,6 +72,10 @@ class Worker {
 
   EngineStats stats() const;
 
+  // "; 3 writes not yet completed, the oldest to rank 5 on NIC 0" or "" (for timeout messages: a
+  // peer that died keeps its writes from completing).
+  std::string in_flight_summary() const;
+
  private:
   struct ImmWaiter {
     uint32_t imm;

@@ -326,6 +326,27 @@ TEST_P(SoloEngine, CudaMemoryRegistersAndMovesBytesWhereTheProviderReportsHmem) 
 }
 #endif
 
+// tcp and shm drop a write whose key the target does not know without telling the initiator; the
+// wait must still end at its deadline, naming the sender and the write that never completed.
+TEST_P(SoloEngine, AWriteWithAnUnknownKeyNeverCountsAndTheWaitSaysWhatIsMissing) {
+  RegionDesc forged = dst_region_->desc();
+  forged.keys[0] += 977;  // no region has this key
+  const int self = 0;
+  PeerGroup& bad =
+      engine_->make_group(std::span<const int>(&self, 1), std::span<const RegionDesc>(&forged, 1));
+  const uint32_t value = imm::encode(28, 0);
+  engine_->write(bad, 0, *src_region_, 0, 0, 64, value);
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    engine_->wait(value, 1, 1000);
+    FAIL() << "a write with an unknown key was delivered";
+  } catch (const Error& e) {
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(3));
+    EXPECT_THAT(std::string(e.what()), HasSubstr("from rank 0): 1 of 1 missing"));
+  }
+  EXPECT_EQ(engine_->imm_count(value), 0u);
+}
+
 TEST_P(SoloEngine, WaitTimesOutNamingTheSender) {
   try {
     engine_->wait(imm::encode(25, 0), 1, 50);
