@@ -11,12 +11,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <exception>
 #include <iostream>
+#include <random>
 #include <stdexcept>
 
 #include "transfer_engine/error.h"
@@ -107,21 +109,31 @@ std::string describe(const RankResult& r) {
 }  // namespace
 
 int pick_free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) throw std::runtime_error(std::string("socket: ") + std::strerror(errno));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_ANY);
-  addr.sin_port = 0;
-  socklen_t len = sizeof(addr);
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-    int err = errno;
-    ::close(fd);
-    throw std::runtime_error(std::string("picking a free port: ") + std::strerror(err));
+  // Below the kernel's ephemeral range: a port from port 0 could be handed to some other test's
+  // outgoing connection between now and the moment rank 0 binds it.
+  int ephemeral_low = 32768;
+  if (FILE* f = std::fopen("/proc/sys/net/ipv4/ip_local_port_range", "r")) {
+    if (std::fscanf(f, "%d", &ephemeral_low) != 1) ephemeral_low = 32768;
+    std::fclose(f);
   }
-  ::close(fd);
-  return ntohs(addr.sin_port);
+  const int low = 10000, high = std::max(ephemeral_low, low + 1000);
+  std::mt19937 rng(static_cast<unsigned>(::getpid()) * 2654435761u ^
+                   static_cast<unsigned>(Clock::now().time_since_epoch().count()));
+  for (int attempt = 0; attempt < 200; ++attempt) {
+    int port = attempt < 199 ? low + static_cast<int>(rng() % static_cast<unsigned>(high - low)) : 0;
+    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) throw std::runtime_error(std::string("socket: ") + std::strerror(errno));
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_ANY);
+    addr.sin_port = htons(static_cast<uint16_t>(port));
+    socklen_t len = sizeof(addr);
+    bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
+              ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0;
+    ::close(fd);
+    if (ok) return ntohs(addr.sin_port);
+  }
+  throw std::runtime_error("pick_free_port: no free TCP port found");
 }
 
 std::vector<RankResult> run_ranks(const LaunchOptions& options,

@@ -59,7 +59,8 @@ std::vector<RankResult> run_ranks(const LaunchOptions& options,
 // gtest: EXPECT every rank exited 0, printing each failed rank's output.
 void expect_all_ok(const std::vector<RankResult>& results);
 
-// A TCP port that was free on this host a moment ago (bound to port 0, then released).
+// A TCP port that was free on this host a moment ago, below the ephemeral range so that no
+// outgoing connection takes it before the caller binds it.
 int pick_free_port();
 
 }  // namespace ferry::testing
