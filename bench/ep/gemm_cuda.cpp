@@ -21,7 +21,7 @@ void check_cublas(cublasStatus_t s, const char* what) {
 
 struct DeviceBuffer {
   float* ptr = nullptr;
-  explicit DeviceBuffer(size_t elems) { check_cuda(cudaMalloc(&ptr, elems * sizeof(float)), "cudaMalloc for the overlap GEMM"); }
+  explicit DeviceBuffer(size_t elems) { check_cuda(cudaMalloc(reinterpret_cast<void**>(&ptr), elems * sizeof(float)), "cudaMalloc for the overlap GEMM"); }
   ~DeviceBuffer() { cudaFree(ptr); }
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
