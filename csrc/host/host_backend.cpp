@@ -1,5 +1,6 @@
 // The host backend: the protocol on the calling thread (pack, unpack, partial sums) and the
 // transfer engine's worker (bytes), over page-aligned host memory.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -81,9 +82,13 @@ class HostBackend final : public Backend {
       });
     }
     if (args.flags & FERRY_RECV) {
+      // Argument errors before the wait leave the step intact: RECV may be called again.
+      if (!args.out_tokens && num_tokens_ > 0) fail_step("combine RECV: out_tokens is null");
+      if (args.num_tokens < num_tokens_)
+        fail_step("combine RECV: num_tokens " + std::to_string(args.num_tokens) + " is smaller than the " +
+                  std::to_string(num_tokens_) + " tokens of the matching dispatch (out_tokens would overflow)");
       protocol_->wait_combine();
       failing_step([&] {
-        if (!args.out_tokens && num_tokens_ > 0) fail_step("combine RECV: out_tokens is null");
         host::unpack_combine(layout_, member_plans_, combine_recv_.get(), args.out_tokens, args.accumulate != 0);
       });
     }
@@ -145,9 +150,27 @@ class HostBackend final : public Backend {
       if (!a.out_expert_num_tokens || !a.out_expert_x || (layout_.num_scales > 0 && !a.out_expert_x_scale))
         fail_step("dispatch RECV: out_expert_num_tokens, out_expert_x (and out_expert_x_scale with scale_block > 0) "
                   "must not be null");
+      check_dp_group_agrees();
       host::unpack_dispatch(layout_, plan, recv_.get(), a.out_expert_num_tokens, a.out_expert_x, a.out_expert_x_scale,
                             routes_);
     });
+  }
+
+  // Combine places the partials of the whole dp group by plans this rank derives from its own
+  // inputs; members that were given different tokens would get each other's rows silently.
+  void check_dp_group_agrees() const {
+    if (layout_.dp_size == 1) return;
+    const int R = layout_.world_size;
+    const int first = layout_.rank - layout_.dp_member(layout_.rank);
+    const std::vector<int32_t>& matrix = protocol_->count_matrix();
+    for (int j = 0; j < layout_.dp_size; ++j) {
+      const SendPlan& plan = member_plans_[j];
+      if (!std::equal(plan.dest_count.begin(), plan.dest_count.end(), matrix.begin() + int64_t(first + j) * R))
+        raise(Status::invalid_argument,
+              rank_text() + "dispatch: rank " + std::to_string(first + j) + " of this rank's dp group (dp_size " +
+                  std::to_string(layout_.dp_size) + ") routed different tokens; members of a group must pass the "
+                  "same num_tokens and indices");
+    }
   }
 
   ferry_a2a_config_t config_;

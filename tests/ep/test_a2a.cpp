@@ -13,8 +13,11 @@
 
 #include "csrc/backend.h"
 #include "csrc/dtype.h"
+#include "csrc/host/pack.h"
+#include "csrc/protocol.h"
 #include "csrc/reference.h"
 #include "tests/common/multiprocess.h"
+#include "transfer_engine/engine.h"
 #include "transfer_engine/error.h"
 
 namespace ferry::ep {
@@ -443,6 +446,135 @@ TEST(AllToAllErrors, AMissingRankIsNamedAtTheDeadline) {
       EXPECT_NE(std::string(e.what()).find("count headers"), std::string::npos) << e.what();
     }
     b.barrier(30000);
+  });
+  testing::expect_all_ok(results);
+}
+
+// Rank 1 runs the protocol by hand and corrupts what it sends rank 0; rank 0 (the host backend)
+// must fail with peer_failed naming rank 1, and write nothing past the end of its output.
+void expect_lie_detected(const std::function<void(const Layout&, const SendPlan&, uint8_t* send)>& corrupt,
+                         const std::string& expected_text) {
+  Case c;
+  c.num_experts = 4;
+  c.max_tokens = 8;
+  c.top_k = 2;
+  testing::LaunchOptions opts;
+  opts.world_size = 2;
+  const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) {
+    const ferry_a2a_config_t cfg = config_of(c, b.rank());
+    const Layout l = make_layout(cfg);
+    const auto inputs = reference::generate_all(cfg, c.spec);
+    const auto& in = inputs[l.rank];
+    if (l.rank == 1) {
+      te::EngineConfig ec;
+      ec.provider = c.provider;
+      te::TransferEngine engine(ec, b);
+      std::vector<uint8_t> send(l.send_buffer_bytes()), recv(l.recv_buffer_bytes()),
+          combine_send(l.combine_send_bytes()), combine_recv(l.combine_recv_bytes());
+      ProtocolBuffers buffers;
+      buffers.send = send.data();
+      buffers.recv = recv.data();
+      buffers.combine_send = combine_send.data();
+      buffers.combine_recv = combine_recv.data();
+      Protocol protocol(l, engine, buffers, 20000);
+      protocol.begin_dispatch();
+      const SendPlan plan = make_send_plan(l, in.indices.data(), in.num_tokens, 0);
+      host::pack_dispatch(l, plan, in.x.data(), nullptr, in.indices.data(), in.weights.data(), send.data());
+      corrupt(l, plan, send.data());
+      protocol.post_dispatch(plan.dest_count, plan.dest_offset);
+      protocol.wait_dispatch();
+      b.barrier(30000);
+      return;
+    }
+    auto backend = make_host_backend(cfg, b);
+    constexpr size_t kGuard = 4096;
+    std::vector<int32_t> counts(l.experts_per_rank);
+    const size_t out_bytes = size_t(l.experts_per_rank) * l.max_rows_per_expert * l.payload_bytes;
+    std::vector<uint8_t> expert_x(out_bytes + kGuard, 0x5a);
+    ferry_dispatch_args_t d{};
+    d.out_expert_num_tokens = counts.data();
+    d.out_expert_x = expert_x.data();
+    d.dp_x = in.x.data();
+    d.indices = in.indices.data();
+    d.weights = in.weights.data();
+    d.num_tokens = in.num_tokens;
+    d.flags = FERRY_SEND_RECV;
+    try {
+      backend->dispatch(d, nullptr);
+      ADD_FAILURE() << "rank 0 accepted corrupted data";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.status(), Status::peer_failed) << e.what();
+      EXPECT_NE(std::string(e.what()).find("rank 1"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(expected_text), std::string::npos) << e.what();
+    }
+    for (size_t i = out_bytes; i < expert_x.size(); ++i) ASSERT_EQ(expert_x[i], 0x5a) << "written past the output";
+    b.barrier(30000);
+  });
+  testing::expect_all_ok(results);
+}
+
+TEST(AllToAllErrors, CountHeaderBeyondMaxTokensIsRejected) {
+  expect_lie_detected(
+      [](const Layout& l, const SendPlan& plan, uint8_t* send) {
+        header_counts(send + l.send_section_offset(0, plan.dest_offset[0]))[0] = l.max_tokens + 1;
+      },
+      "claims 9 records");
+}
+
+TEST(AllToAllErrors, RecordWithOutOfRangeLocalExpertIsRejected) {
+  expect_lie_detected(
+      [](const Layout& l, const SendPlan& plan, uint8_t* send) {
+        ASSERT_GT(plan.dest_count[0], 0);
+        auto* h = reinterpret_cast<RecordHeader*>(send + l.send_record_offset(0, plan.dest_offset[0], 0));
+        h->local_expert[0] = int16_t(l.experts_per_rank);
+      },
+      "local expert out of range");
+}
+
+TEST(AllToAllErrors, MoreRowsThanAnnouncedAreRejected) {
+  expect_lie_detected(
+      [](const Layout& l, const SendPlan& plan, uint8_t* send) {
+        ASSERT_GT(plan.dest_count[0], 1);
+        // Every record claims local expert 0 only: expert 0 exceeds its announced rows.
+        for (int i = 0; i < plan.dest_count[0]; ++i) {
+          auto* h = reinterpret_cast<RecordHeader*>(send + l.send_record_offset(0, plan.dest_offset[0], i));
+          h->num_routes = 1;
+          h->local_expert[0] = 0;
+        }
+      },
+      "announced");
+}
+
+TEST(AllToAllErrors, DpGroupMembersWithDifferentTokensAreRejected) {
+  Case c;
+  c.world_size = 2;
+  c.dp_size = 2;
+  testing::LaunchOptions opts;
+  opts.world_size = 2;
+  const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) {
+    const ferry_a2a_config_t cfg = config_of(c, b.rank());
+    const Layout l = make_layout(cfg);
+    auto backend = make_host_backend(cfg, b);
+    reference::InputSpec spec;
+    spec.seed = 7 + l.rank;  // each member invents its own tokens
+    const auto in = reference::generate_input(cfg, spec, l.rank);
+    std::vector<int32_t> counts(l.experts_per_rank);
+    std::vector<uint8_t> expert_x(size_t(l.experts_per_rank) * l.max_rows_per_expert * l.payload_bytes);
+    ferry_dispatch_args_t d{};
+    d.out_expert_num_tokens = counts.data();
+    d.out_expert_x = expert_x.data();
+    d.dp_x = in.x.data();
+    d.indices = in.indices.data();
+    d.weights = in.weights.data();
+    d.num_tokens = in.num_tokens;
+    d.flags = FERRY_SEND_RECV;
+    try {
+      backend->dispatch(d, nullptr);
+      ADD_FAILURE() << "members with different tokens accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.status(), Status::invalid_argument) << e.what();
+      EXPECT_NE(std::string(e.what()).find("dp group"), std::string::npos) << e.what();
+    }
   });
   testing::expect_all_ok(results);
 }
