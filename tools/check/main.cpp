@@ -117,7 +117,7 @@ class Driver {
     static const std::regex re("rank[s]? ([0-9]+)");
     for (auto it = std::sregex_iterator(text.begin(), text.end(), re); it != std::sregex_iterator(); ++it) {
       const int r = std::stoi((*it)[1].str());
-      if (r >= 0 && r < int(inventory_.size())) ranks.insert(r);
+      if (r >= 0 && r < int(inventory_.size()) && r != me_) ranks.insert(r);
     }
     std::string out = text;
     for (int r : ranks)
@@ -133,6 +133,8 @@ class Driver {
     try {
       blobs = tools::allgather_strings(boot_, mine.to_json().dump(), opt_.timeout_ms);
     } catch (const std::exception& e) {
+      // What rank 0 saw itself still goes into the report (e.g. its own timeouts naming the peer).
+      merge({mine});
       throw Abort{stage, with_hosts(std::string("results could not be gathered: ") + e.what())};
     }
     std::vector<Share> out;
