@@ -157,7 +157,9 @@ class HostBackend final : public Backend {
   }
 
   // Combine places the partials of the whole dp group by plans this rank derives from its own
-  // inputs; members that were given different tokens would get each other's rows silently.
+  // inputs; members that were given different tokens would get each other's rows silently. The
+  // count matrix catches differing token counts and routings that change a member's per-rank
+  // counts (a cheap check, not a proof that the inputs are identical).
   void check_dp_group_agrees() const {
     if (layout_.dp_size == 1) return;
     const int R = layout_.world_size;
