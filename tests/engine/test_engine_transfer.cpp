@@ -30,6 +30,8 @@ struct Case {
   int world_size;
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.provider << " x" << c.world_size; }
+
 std::string case_name(const ::testing::TestParamInfo<Case>& info) {
   return info.param.provider + "_" + std::to_string(info.param.world_size) + "ranks";
 }
