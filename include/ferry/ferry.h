@@ -64,7 +64,7 @@ ferry_status_t ferry_bootstrap_destroy(ferry_bootstrap_t bootstrap);
 typedef struct ferry_a2a_config {
   int rank;                    /* must match the bootstrap's */
   int world_size;
-  int num_experts;             /* global; divisible by world_size / dp_size ... see docs */
+  int num_experts;             /* global; a multiple of world_size (expert e on rank e / (num_experts / world_size)) */
   int experts_per_token;       /* top-k, 1..8 */
   int max_tokens_per_rank;
   int hidden_dim;
@@ -77,8 +77,13 @@ typedef struct ferry_a2a_config {
   int nets_per_rank;           /* NICs per rank (>=1) */
   const char* provider;        /* NULL: "tcp" unless FERRY_PROVIDER is set */
   int timeout_ms;              /* every wait's deadline; 0: 30000 */
-  int dp_size;                 /* ranks of one attention-TP group holding the same tokens (>=1) */
-  int private_tokens;          /* records per sender written speculatively; -1: automatic */
+  int dp_size;                 /* ranks of one attention-TP group holding the same tokens (>=1, divides
+                                  world_size): ranks g*dp_size .. g*dp_size+dp_size-1 pass identical
+                                  inputs, member m sends tokens t % dp_size == m, and every member
+                                  receives the whole combine output */
+  int private_tokens;          /* records per sender written speculatively with the counts, 0..max_tokens;
+                                  the rest follows once counts are known. -1: automatic (max_tokens:
+                                  the receive region has the same size whatever the split) */
 } ferry_a2a_config_t;
 
 /* Fills a config with defaults (bf16 in/out, alignment 1, host, 1 NIC, dp_size 1, timeout 30 s). */

@@ -295,10 +295,11 @@ TEST(AllToAll, DataParallelGroupsOfTwoEachGetTheFullCombine) {
   run_case(c);
 }
 
-TEST(AllToAll, NoPrivateRegionSendsEverythingAsOverflow) {
+TEST(AllToAll, NoPrivateRegionSendsEverythingAsOverflowOverShm) {
   Case c;
   c.world_size = 4;
   c.num_experts = 8;
+  c.provider = "shm";
   c.private_tokens = 0;
   c.steps = 2;
   run_case(c);
@@ -314,7 +315,7 @@ TEST(AllToAll, SmallPrivateRegionSplitsRuns) {
   run_case(c);
 }
 
-TEST(AllToAll, TwentyBackToBackStepsWithSkewedRanks) {
+TEST(AllToAll, TwentyBackToBackStepsWithSkewedRanksOverShm) {
   Case c;
   c.world_size = 4;
   c.num_experts = 8;
@@ -323,6 +324,7 @@ TEST(AllToAll, TwentyBackToBackStepsWithSkewedRanks) {
   c.steps = 20;
   c.max_skew_ms = 15;
   c.private_tokens = 4;
+  c.provider = "shm";
   c.spec.vary_tokens = true;
   run_case(c);
 }
