@@ -74,6 +74,7 @@ int run_dry_run(const Options& o) {
   mem.add_column("buffer", tools::Table::Align::left);
   mem.add_column("bytes");
   mem.add_column("size");
+  auto ratio = [](double a, double b) { return b > 0 ? format("%.2f", a / b) : std::string("n/a"); };
   auto row = [&](const char* name, double bytes) {
     mem.add_row({name, format("%.0f", bytes), format_bytes(bytes)});
   };
@@ -107,14 +108,13 @@ int run_dry_run(const Options& o) {
   traffic.add_column("ferry / per-expert");
   traffic.add_row({"dispatch records", format("%.1f", t.ferry_dispatch_records),
                    format("%.1f", o.tokens * o.topk * double(world - 1) / world / o.dp_size),
-                   format("%.2f", t.ferry_dispatch_records /
-                                      (o.tokens * o.topk * double(world - 1) / world / o.dp_size))});
+                   ratio(t.ferry_dispatch_records, o.tokens * o.topk * double(world - 1) / world / o.dp_size)});
   traffic.add_row({"dispatch bytes", format_bytes(t.ferry_dispatch_bytes),
                    format_bytes(t.per_expert_dispatch_bytes),
-                   format("%.2f", t.ferry_dispatch_bytes / t.per_expert_dispatch_bytes)});
+                   ratio(t.ferry_dispatch_bytes, t.per_expert_dispatch_bytes)});
   traffic.add_row({"combine bytes", format_bytes(t.ferry_combine_bytes),
                    format_bytes(t.per_expert_combine_bytes),
-                   format("%.2f", t.ferry_combine_bytes / t.per_expert_combine_bytes)});
+                   ratio(t.ferry_combine_bytes, t.per_expert_combine_bytes)});
   traffic.print(stdout);
   return 0;
 }

@@ -73,6 +73,22 @@ TEST(RankEnv, SlurmWithoutMpi) {
   EXPECT_FALSE(env.under_mpi());
 }
 
+TEST(RankEnv, SlurmWithoutRendezvousUsesTheFirstNodeAndAJobPort) {
+  const std::map<std::string, std::string> vars{{"SLURM_PROCID", "3"}, {"SLURM_NTASKS", "16"},
+                                                {"SLURM_LOCALID", "3"}, {"SLURM_JOB_ID", "4242"},
+                                                {"SLURM_STEP_NODELIST", "gpu[07-08,11],cpu1"}};
+  const auto a = discover_rank_env(vars);
+  EXPECT_EQ(a.master_addr, "gpu07");
+  EXPECT_GE(a.master_port, 20000);
+  EXPECT_LT(a.master_port, 40000);
+  // Every rank of the step derives the same rendezvous.
+  auto other = vars;
+  other["SLURM_PROCID"] = "12";
+  EXPECT_EQ(discover_rank_env(other).master_port, a.master_port);
+  EXPECT_EQ(first_slurm_host("node1,node2"), "node1");
+  EXPECT_EQ(first_slurm_host("single"), "single");
+}
+
 TEST(RankEnv, TorchrunVariablesIncludingRendezvous) {
   const auto env = discover_rank_env({{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"LOCAL_RANK", "1"},
                                       {"MASTER_ADDR", "10.0.0.1"}, {"MASTER_PORT", "29500"}});

@@ -87,6 +87,18 @@ int slurm_first_tasks_per_node(const std::string& spec) {
 
 }  // namespace
 
+std::string first_slurm_host(const std::string& nodelist) {
+  // "node[03-05,9],gpu7" -> "node03"; "a1,b2" -> "a1"; "host" -> "host".
+  const auto bracket = nodelist.find('[');
+  const auto comma = nodelist.find(',');
+  if (bracket == std::string::npos || (comma != std::string::npos && comma < bracket)) {
+    return nodelist.substr(0, comma);
+  }
+  const auto end = nodelist.find_first_of("-,]", bracket + 1);
+  if (end == std::string::npos) return {};
+  return nodelist.substr(0, bracket) + nodelist.substr(bracket + 1, end - bracket - 1);
+}
+
 RankEnv discover_rank_env(const std::map<std::string, std::string>& vars) {
   VarReader env(vars);
   RankEnv out;
@@ -141,6 +153,18 @@ RankEnv discover_rank_env(const std::map<std::string, std::string>& vars) {
     out.master_port = *port;
   }
   if (out.launcher == Launcher::none) return out;
+  // srun without MPI and without a rendezvous: rank 0 runs on the first node of the step, and every
+  // rank can compute the same port from the job and step ids.
+  if (out.launcher == Launcher::slurm && out.master_addr.empty()) {
+    const std::string nodes = env.has("SLURM_STEP_NODELIST") ? env.get("SLURM_STEP_NODELIST")
+                                                             : env.get("SLURM_JOB_NODELIST");
+    const auto job = env.get_int("SLURM_JOB_ID");
+    if (!nodes.empty() && job) {
+      out.master_addr = first_slurm_host(nodes);
+      out.master_port = 20000 + (*job * 31 + env.get_int("SLURM_STEP_ID").value_or(0)) % 20000;
+      out.source += " (rendezvous: first node of SLURM_STEP_NODELIST, port from SLURM_JOB_ID)";
+    }
+  }
 
   out.rank = rank.value_or(0);
   out.world_size = world.value_or(1);

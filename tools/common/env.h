@@ -36,12 +36,16 @@ struct RankEnv {
 
 // Reads the environment. Precedence: Open MPI (OMPI_COMM_WORLD_*), PMIx (PMIX_RANK), PMI (PMI_RANK /
 // PMI_SIZE), Slurm (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID), torchrun (RANK / WORLD_SIZE /
-// LOCAL_RANK); MASTER_ADDR / MASTER_PORT are read whatever the launcher. Throws
+// LOCAL_RANK); MASTER_ADDR / MASTER_PORT are read whatever the launcher (under srun without them, the
+// first node of the step and a port derived from the job id). Throws
 // ferry::Error(Status::invalid_argument) naming the variable when a value is malformed or
 // inconsistent (rank outside [0, world_size)).
 RankEnv discover_rank_env();
 // Same, from an explicit variable map (testable without touching the process environment).
 RankEnv discover_rank_env(const std::map<std::string, std::string>& vars);
+
+// The first host of a Slurm node list ("node[03-05],gpu1" -> "node03").
+std::string first_slurm_host(const std::string& nodelist);
 
 // A snapshot of every variable in the process environment.
 std::map<std::string, std::string> environment_map();
