@@ -316,12 +316,13 @@ class TcpBootstrap final : public Bootstrap {
     raise(status, prefix() + text);
   }
 
-  // Root only: tell every connected rank why the operation failed, then throw it here too.
-  [[noreturn]] void fail_all(Status status, const std::string& text, int except_rank = -1) {
+  // Root only: tell every connected rank why the operation failed, then throw it here too. A rank
+  // that asked (query) is told as well: the abort is its answer.
+  [[noreturn]] void fail_all(Status status, const std::string& text) {
     Deadline deadline(kAbortSendMs);
     std::string message = text + " (reported by rank 0)";
     for (int r = 1; r < static_cast<int>(peers_.size()); ++r) {
-      if (r == except_rank || !peers_[r].valid()) continue;
+      if (!peers_[r].valid()) continue;
       send_msg(peers_[r].get(), MsgType::abort, static_cast<uint64_t>(status), message.data(),
                message.size(), deadline);
     }
@@ -414,6 +415,29 @@ class TcpBootstrap final : public Bootstrap {
     return missing;
   }
 
+  // A ready rank's first contribution is queued and unread, so poll would report it readable
+  // forever; instead look behind it (without consuming anything) for a query, which means that rank
+  // gave up on setup: its clock started earlier than ours.
+  void check_ready_for_queries(const std::vector<bool>& ready, const std::vector<int>& missing) {
+    constexpr size_t kPeekBytes = 2 * sizeof(MsgHeader) + kHostNameBytes;
+    uint8_t buf[kPeekBytes];
+    for (int r = 1; r < config_.world_size; ++r) {
+      if (!ready[r]) continue;
+      ssize_t n = ::recv(peers_[r].get(), buf, sizeof(buf), MSG_PEEK | MSG_DONTWAIT);
+      MsgHeader first, second;
+      if (n < static_cast<ssize_t>(sizeof(first))) continue;
+      std::memcpy(&first, buf, sizeof(first));
+      size_t next = sizeof(first) + first.bytes;
+      if (first.bytes > kHostNameBytes || n < static_cast<ssize_t>(next + sizeof(second))) continue;
+      std::memcpy(&second, buf + next, sizeof(second));
+      if (second.magic == kMagic && second.type == static_cast<uint32_t>(MsgType::query)) {
+        fail_all(Status::timeout, "bootstrap setup timed out: " + rank_list(missing) +
+                                      " did not connect to rank 0 (rank " + std::to_string(r) +
+                                      " gave up waiting)");
+      }
+    }
+  }
+
   void accept_all(const Deadline& deadline) {
     Fd listener = listen_socket(deadline);
     const std::string where = config_.master_addr + ":" + std::to_string(config_.master_port);
@@ -437,6 +461,7 @@ class TcpBootstrap final : public Bootstrap {
           who.push_back(r);
         }
       }
+      check_ready_for_queries(ready, missing);
       int rc = ::poll(fds.data(), fds.size(), std::min(deadline.remaining_ms(), 100));
       if (rc < 0 && errno != EINTR) fail(Status::internal, "poll: " + errno_text(errno));
       if (rc <= 0) continue;
@@ -543,8 +568,7 @@ class TcpBootstrap final : public Bootstrap {
       late.erase(std::remove(late.begin(), late.end(), rank), late.end());
       if (late.empty()) late.push_back(0);
       fail_all(Status::timeout, op + " timed out: " + rank_list(late) + " did not arrive (rank " +
-                                    std::to_string(rank) + " gave up waiting)",
-               rank);
+                                    std::to_string(rank) + " gave up waiting)");
     }
     fail_all(Status::internal, "rank " + std::to_string(rank) + " sent an unexpected message " +
                                    std::to_string(h.type) + " during " + op);
@@ -593,8 +617,7 @@ class TcpBootstrap final : public Bootstrap {
         if (h.magic == kMagic && h.type == static_cast<uint32_t>(MsgType::query)) {
           if (h.seq < seq) continue;
           fail_all(Status::timeout, op + " timed out: rank " + std::to_string(r) +
-                                        " gave up before its contribution reached rank 0",
-                   r);
+                                        " gave up before its contribution reached rank 0");
         }
         if (h.magic != kMagic || h.type != static_cast<uint32_t>(MsgType::data) || h.seq != seq) {
           fail_all(Status::internal, "rank " + std::to_string(r) + " is out of step: sent " +
