@@ -27,6 +27,15 @@ std::string shape_label(const Options& o) {
   return s;
 }
 
+// Table cells must stay narrow: "pplx-garden, EFA (2x200G)" -> "pplx EFA".
+const char* short_system_name(const std::string& system) {
+  if (system.rfind("pplx-garden, EFA", 0) == 0) return "pplx EFA";
+  if (system.rfind("pplx-garden, ConnectX", 0) == 0) return "pplx CX-7";
+  if (system.rfind("DeepEP", 0) == 0) return "DeepEP-LL CX-7";
+  if (system.rfind("UCCL-EP", 0) == 0) return "UCCL-EP EFA";
+  return "other";
+}
+
 json stats_json(const OpResult& op) {
   const auto& p = op.latency_us;
   return json{{"samples", p.count},  {"min_us", p.min},  {"mean_us", p.mean},
@@ -106,7 +115,7 @@ void print_table(const BenchResult& r, std::FILE* out) {
     t.add_column("MPI p50 us");
     t.add_column("ferry/MPI");
   }
-  if (o.compare) t.add_column("published us (other hardware)");
+  if (o.compare) t.add_column("published, other hardware (us)", tools::Table::Align::left);
   auto add = [&](const OpResult& op, const char* label) {
     std::vector<std::string> cells{label,
                                    format("%.1f", op.latency_us.p50),
@@ -125,7 +134,7 @@ void print_table(const BenchResult& r, std::FILE* out) {
       for (const auto& f : published) {
         const double v = op.name == "dispatch" ? f.dispatch_us : op.name == "combine" ? f.combine_us : -1;
         if (v < 0) continue;
-        s += (s.empty() ? "" : ", ") + format("%.1f", v);
+        s += (s.empty() ? "" : " | ") + format("%s %.1f", short_system_name(f.system), v);
       }
       cells.push_back(s);
     }

@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
+#include <csignal>
+
 #include <chrono>
 #include <cstdio>
 #include <map>
@@ -153,6 +155,16 @@ TEST(LocalRanks, DeadlineKillsHangingRanksAndNamesThem) {
   EXPECT_NE(r.exit_code, 0) << r.out;
   EXPECT_NE(r.out.find("deadline of 1500 ms passed; ranks still running: 1"), std::string::npos) << r.out;
   EXPECT_LT(r.seconds, 20.0);
+}
+
+TEST(LocalRanks, InterruptingTheLauncherStopsEveryRank) {
+  const auto t0 = std::chrono::steady_clock::now();
+  // The launcher gets SIGINT after a second; its ranks (one of them hanging) must all go with it.
+  const auto r = run("--local-ranks 3 --hang-rank 1 --timeout-ms 60000 2>&1 & sleep 1; kill -INT $!; wait $!");
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_EQ(r.exit_code, 128 + SIGINT) << r.out;
+  EXPECT_NE(r.out.find("interrupted"), std::string::npos) << r.out;
+  EXPECT_LT(seconds, 20.0);
 }
 
 TEST(LocalRanks, MpirunLauncherGivesAnMpiJob) {

@@ -102,6 +102,31 @@ void flush_partial(Stream& s) {
   s.partial.clear();
 }
 
+// Set by SIGINT/SIGTERM in the launcher: the ranks get SIGTERM (they run in their own process
+// groups, so a terminal's Ctrl-C reaches only the launcher).
+volatile sig_atomic_t g_interrupted = 0;
+extern "C" void on_interrupt(int sig) { g_interrupted = sig; }
+
+// Installs on_interrupt for the life of the object and restores the previous handlers.
+class InterruptGuard {
+ public:
+  InterruptGuard() {
+    struct sigaction sa{};
+    sa.sa_handler = on_interrupt;
+    sigemptyset(&sa.sa_mask);
+    ::sigaction(SIGINT, &sa, &old_int_);
+    ::sigaction(SIGTERM, &sa, &old_term_);
+    g_interrupted = 0;
+  }
+  ~InterruptGuard() {
+    ::sigaction(SIGINT, &old_int_, nullptr);
+    ::sigaction(SIGTERM, &old_term_, nullptr);
+  }
+
+ private:
+  struct sigaction old_int_{}, old_term_{};
+};
+
 std::string join_ranks(const std::vector<int>& ranks) {
   std::ostringstream os;
   for (size_t i = 0; i < ranks.size(); ++i) os << (i ? "," : "") << ranks[i];
@@ -271,6 +296,8 @@ int run_local_ranks(const LocalLaunchOptions& opt) {
     streams.push_back(Stream{Fd(err_pipe[0]), plan.rank, true, {}});
   }
 
+  InterruptGuard interrupt_guard;
+  bool interrupted = false;
   const auto deadline = Clock::now() + std::chrono::milliseconds(opt.timeout_ms);
   std::optional<Clock::time_point> kill_at;  // SIGKILL time after a SIGTERM round
   bool timed_out = false;
@@ -321,6 +348,12 @@ int run_local_ranks(const LocalLaunchOptions& opt) {
       kill_all(SIGTERM);
       kill_at = Clock::now() + std::chrono::milliseconds(opt.kill_grace_ms);
     }
+    if (g_interrupted && !interrupted) {
+      interrupted = true;
+      std::fprintf(stderr, "ferry launcher: interrupted (%s); stopping the ranks\n", strsignal(g_interrupted));
+      kill_all(SIGTERM);
+      kill_at = Clock::now() + std::chrono::milliseconds(opt.kill_grace_ms);
+    }
     if (kill_at && Clock::now() >= *kill_at) kill_all(SIGKILL);
 
     if (fds.empty()) {
@@ -344,6 +377,7 @@ int run_local_ranks(const LocalLaunchOptions& opt) {
   }
 
   if (timed_out) return 1;
+  if (interrupted) return 128 + g_interrupted;
   if (failed.empty()) return 0;
   std::vector<int> killed;
   for (auto& c : children) if (c.killed_by_us) killed.push_back(c.rank);
