@@ -57,7 +57,16 @@ run)
   cuobjdump --dump-resource-usage "$bin/ferry-cuda-bench" 2>&1 | grep -E "Function|REG" |
     sed -E 's/.*_GLOBAL__N_[^ ]*[0-9]([a-z_]+kernel)[^ ]*/\1/' > "$out/registers.log"
   step bench "$bin/ferry-cuda-bench"
+  # Per-kernel GPU time at decode size (Nsight Compute; the first 128 launches pack the senders' data).
+  if command -v ncu > /dev/null; then
+    for k in 'dispatch_route|dispatch_pack' 'dispatch_recv|dispatch_unpack' 'combine_send|combine_recv'; do
+      timeout 120 ncu --metrics gpu__time_duration.sum -k "regex:$k" -s 128 -c 6 \
+        "$bin/ferry-cuda-bench" --preset decode --replays 1 2>&1 | grep -E "_kernel|gpu__time_duration" |
+        sed -E 's/^ *([a-z:<> ]*::)?([a-z_]+_kernel).*/\2/; s/ +gpu__time_duration.sum +/ /'
+    done > "$out/ncu_decode.log" 2>&1
+  fi
   echo "---- bench"; cat "$out/bench.log"
+  echo "---- decode kernels (ncu)"; cat "$out/ncu_decode.log" 2>/dev/null
   echo "---- registers"; paste - - < "$out/registers.log" | head -20
   echo "---- summary"; cat "$summary"
   ;;

@@ -136,8 +136,10 @@ __global__ void __launch_bounds__(kRouteThreads, 1)
     }
   }
   // The headers and the count mirror may live in host memory that the proxy thread and the NIC read
-  // once the pack kernel's release of send_ready is seen: push them out before this kernel ends.
-  __threadfence_system();
+  // once the pack kernel's release of send_ready is seen: push them out before this kernel ends (the
+  // barrier orders every thread's writes before thread 0's cumulative fence).
+  __syncthreads();
+  if (tid == 0) __threadfence_system();
 }
 
 // One block per token (grid-stride): the token's payload and scales are read once and stored into
@@ -159,43 +161,52 @@ __global__ void __launch_bounds__(kCopyThreads)
 
   for (int t = blockIdx.x; t < T; t += gridDim.x) {
     if (tid < kWarpSize) {
+      // Warp 0 builds the headers: lane k holds route k (expert, weight), lane j < 8 destination j;
+      // routes reach the destination lanes by shuffles, without further loads.
       const int lane = tid;
-      uint8_t* rec = nullptr;
-      int d = -1;
-      if (lane < ep::kMaxTopK) {
-        d = ws.token_dest[t * ep::kMaxTopK + lane];
-        if (d >= 0) {
-          const int slot = ws.dest_offset[d] + ws.send_chunk_base[(t / kChunk) * R + d] +
-                           ws.token_slot[t * ep::kMaxTopK + lane];
-          ws.token_slot[t * ep::kMaxTopK + lane] = slot;
-          rec = p.send_buf + L.send_section_offset(d, 0) + L.count_header_bytes + uint64_t(slot) * L.record_bytes;
-          // Header: this destination's routes, in top-k order; unused routes are zero, as on the host.
-          ep::RecordHeader h;
-          h.src_token = t;
-          h.src_rank = L.rank;
-          h.reserved = 0;
-          int n = 0;
-          for (int j = 0; j < ep::kMaxTopK; ++j) {
-            h.local_expert[j] = 0;
-            h.weight[j] = 0.f;
-          }
-          for (int k = 0; k < K; ++k) {
-            const int e = p.indices[t * K + k];
-            if (e < 0 || e >= E || ep::owner_rank(e, EPR) != d) continue;
-            bool repeated = false;
-            for (int j = 0; j < k; ++j) repeated |= p.indices[t * K + j] == e;
-            if (repeated) continue;
-            h.local_expert[n] = int16_t(ep::local_expert(e, EPR));
-            h.weight[n] = p.weights[t * K + k];
-            ++n;
-          }
-          h.num_routes = n;
-          const uint4* hv = reinterpret_cast<const uint4*>(&h);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) st_v4(rec + 16 * i, hv[i]);
-        }
-        dst_s[lane] = rec;
+      const int e_mine = lane < K ? p.indices[t * K + lane] : -1;
+      const float w_mine = lane < K ? p.weights[t * K + lane] : 0.f;
+      bool repeated = false;  // a repeated expert was reported by the routing kernel; skip it here
+      for (int k = 0; k < K; ++k) {
+        const int e = __shfl_sync(0xffffffffu, e_mine, k);
+        repeated |= k < lane && e == e_mine;
       }
+      const bool usable = e_mine >= 0 && e_mine < E && !repeated;
+      const int d = lane < ep::kMaxTopK ? ws.token_dest[t * ep::kMaxTopK + lane] : -1;
+      ep::RecordHeader h;
+      h.src_token = t;
+      h.src_rank = L.rank;
+      h.num_routes = 0;
+      h.reserved = 0;
+#pragma unroll
+      for (int j = 0; j < ep::kMaxTopK; ++j) {  // unused routes are zero, as on the host
+        h.local_expert[j] = 0;
+        h.weight[j] = 0.f;
+      }
+      for (int k = 0; k < K; ++k) {
+        const int e = __shfl_sync(0xffffffffu, usable ? e_mine : -1, k);
+        const float w = __shfl_sync(0xffffffffu, w_mine, k);
+        if (d >= 0 && e >= 0 && ep::owner_rank(e, EPR) == d) {
+#pragma unroll
+          for (int j = 0; j < ep::kMaxTopK; ++j)  // constant indices keep the header in registers
+            if (j == h.num_routes) {
+              h.local_expert[j] = int16_t(ep::local_expert(e, EPR));
+              h.weight[j] = w;
+            }
+          ++h.num_routes;
+        }
+      }
+      uint8_t* rec = nullptr;
+      if (d >= 0) {
+        const int slot = ws.dest_offset[d] + ws.send_chunk_base[(t / kChunk) * R + d] +
+                         ws.token_slot[t * ep::kMaxTopK + lane];
+        ws.token_slot[t * ep::kMaxTopK + lane] = slot;
+        rec = p.send_buf + L.send_section_offset(d, 0) + L.count_header_bytes + uint64_t(slot) * L.record_bytes;
+        const uint4* hv = reinterpret_cast<const uint4*>(&h);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) st_v4(rec + 16 * i, hv[i]);
+      }
+      if (lane < ep::kMaxTopK) dst_s[lane] = rec;
       const int nd = __popc(__ballot_sync(0xffffffffu, d >= 0));
       if (lane == 0) nd_s = nd;
     }
