@@ -389,20 +389,24 @@ class TcpBootstrap final : public Bootstrap {
       return -1;
     }
     if (recv_all(fd, &hello, sizeof(hello), hello_deadline).io != Io::ok) return -1;
+    std::string problem;
     if (hello.world_size != config_.world_size) {
-      fail_all(Status::invalid_argument,
-               "rank " + std::to_string(hello.rank) + " was started with world_size " +
-                   std::to_string(hello.world_size) + ", rank 0 with " +
-                   std::to_string(config_.world_size));
+      problem = "rank " + std::to_string(hello.rank) + " was started with world_size " +
+                std::to_string(hello.world_size) + ", rank 0 with " +
+                std::to_string(config_.world_size);
+    } else if (hello.rank <= 0 || hello.rank >= config_.world_size) {
+      problem = "a process claims rank " + std::to_string(hello.rank) + " outside world_size " +
+                std::to_string(config_.world_size);
+    } else if (peers_[hello.rank].valid()) {
+      problem = "two processes claim rank " + std::to_string(hello.rank);
     }
-    if (hello.rank <= 0 || hello.rank >= config_.world_size) {
-      fail_all(Status::invalid_argument, "a process claims rank " + std::to_string(hello.rank) +
-                                             " outside world_size " +
-                                             std::to_string(config_.world_size));
-    }
-    if (peers_[hello.rank].valid()) {
-      fail_all(Status::invalid_argument,
-               "two processes claim rank " + std::to_string(hello.rank));
+    if (!problem.empty()) {
+      // The newcomer is not among peers_ yet: tell it first, or it would only see rank 0 leave.
+      std::string message = problem + " (reported by rank 0)";
+      Deadline abort_deadline(kAbortSendMs);
+      send_msg(fd, MsgType::abort, static_cast<uint64_t>(Status::invalid_argument), message.data(),
+               message.size(), abort_deadline);
+      fail_all(Status::invalid_argument, problem);
     }
     return hello.rank;
   }

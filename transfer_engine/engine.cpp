@@ -223,13 +223,19 @@ TransferEngine::TransferEngine(const EngineConfig& config, Bootstrap& bootstrap)
   }
 
   // Topology is an optimisation (NIC order, worker placement): without it the engine still runs.
+  // It is loaded only where it can matter: hwloc's PCI scan costs tens of milliseconds, and tests
+  // start dozens of loopback or shm engines on two cores.
   std::optional<Topology> topology;
-  if (c.pin_worker || (c.domains.empty() && c.cuda_device >= 0)) {
-    try {
-      topology = Topology::discover();
-    } catch (const Error&) {
+  auto load_topology = [&]() -> const Topology* {
+    if (!topology) {
+      try {
+        topology = Topology::discover();
+      } catch (const Error&) {
+        return nullptr;
+      }
     }
-  }
+    return &*topology;
+  };
   std::vector<std::string> domains = c.domains;
   if (domains.empty()) {
     if (c.provider == "tcp" && bootstrap.local_size() == s.world_size) {
@@ -240,8 +246,10 @@ TransferEngine::TransferEngine(const EngineConfig& config, Bootstrap& bootstrap)
         if (c.provider == "tcp" && name == "lo") continue;
         domains.push_back(name);
       }
-      if (topology && topology_gpu(*topology, c.cuda_device) >= 0)
-        domains = topology->order_near_gpu(topology_gpu(*topology, c.cuda_device), domains);
+      if (c.cuda_device >= 0 && domains.size() > 1) {
+        if (const Topology* t = load_topology(); t && topology_gpu(*t, c.cuda_device) >= 0)
+          domains = t->order_near_gpu(topology_gpu(*t, c.cuda_device), domains);
+      }
       if (domains.empty()) domains.push_back("");
     }
   }
@@ -305,7 +313,11 @@ TransferEngine::TransferEngine(const EngineConfig& config, Bootstrap& bootstrap)
 
   s.worker = std::make_unique<Worker>(s.nics, s.counter, s.rank, c.max_posts_per_step);
   std::vector<int> cpus;
-  if (c.pin_worker && topology) cpus = worker_cpus(*topology, s.nics[0]->domain_name(), c.cuda_device);
+  const std::string& first_domain = s.nics[0]->domain_name();
+  const bool local_only = c.provider == "shm" || first_domain == "lo";
+  if (c.pin_worker && (!local_only || c.cuda_device >= 0)) {
+    if (const Topology* t = load_topology()) cpus = worker_cpus(*t, first_domain, c.cuda_device);
+  }
   s.worker->start([cpus] {
     if (cpus.empty()) return;
     try {
@@ -563,6 +575,7 @@ uint32_t TransferEngine::imm_count(uint32_t imm) const { return impl_->counter.c
 
 void TransferEngine::wait(std::span<const ImmExpect> expects, int timeout_ms) {
   Impl& s = *impl_;
+  Worker::WaitScope scope(*s.worker);
   try {
     wait_for_imms(s.counter, expects, s.wait_ms(timeout_ms), s.wait_what,
                   [&] { s.worker->raise_if_failed(); });

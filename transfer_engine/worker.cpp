@@ -80,6 +80,7 @@ uint64_t Worker::claim(size_t count, int timeout_ms) {
 }
 
 void Worker::flush(int timeout_ms) {
+  WaitScope scope(*this);
   const uint64_t target = tail_.load(std::memory_order_acquire);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   Backoff backoff(100);
@@ -119,6 +120,15 @@ void Worker::run_on_worker(const std::function<void()>& fn, int timeout_ms) {
   }
   done.get();
 }
+
+Worker::WaitScope::WaitScope(Worker& worker) : worker_(worker) {
+  if (worker_.active_waiters_.fetch_add(1, std::memory_order_acq_rel) == 0 &&
+      worker_.sleeping_.load(std::memory_order_acquire)) {
+    worker_.wake();
+  }
+}
+
+Worker::WaitScope::~WaitScope() { worker_.active_waiters_.fetch_sub(1, std::memory_order_acq_rel); }
 
 void Worker::add_imm_waiter(uint32_t imm, uint32_t count, std::function<void()> fn) {
   {
@@ -169,7 +179,9 @@ void Worker::fail(Status status, const std::string& text) {
 }
 
 void Worker::loop() {
-  Backoff backoff(50);
+  // Idle sleeps grow to 1 ms so that dozens of idle engines on a few cores cost little; someone
+  // waiting (or registered imm callbacks) keeps them at 20 us.
+  Backoff backoff(1000);
   while (!stop_.load(std::memory_order_acquire)) {
     bool busy = poll_cqs();
     if (has_control_.load(std::memory_order_acquire)) busy |= run_control();
@@ -189,7 +201,10 @@ void Worker::loop() {
       sleeping_.store(true, std::memory_order_seq_cst);
       if (!stop_.load(std::memory_order_acquire) && !has_control_.load(std::memory_order_acquire) &&
           slot(next_post_).published.load(std::memory_order_acquire) != next_post_ + 1) {
-        sleep_cv_.wait_for(lock, std::chrono::microseconds(backoff.sleep_us()));
+        const bool attended = active_waiters_.load(std::memory_order_acquire) != 0 ||
+                              num_waiters_.load(std::memory_order_acquire) != 0;
+        const int sleep_us = attended ? std::min(backoff.sleep_us(), 20) : backoff.sleep_us();
+        sleep_cv_.wait_for(lock, std::chrono::microseconds(sleep_us));
       }
       sleeping_.store(false, std::memory_order_release);
     } else {

@@ -66,6 +66,19 @@ class Worker {
 
   void add_imm_waiter(uint32_t imm, uint32_t count, std::function<void()> fn);
 
+  // Held by a caller blocked in wait/flush: its arrivals need the worker polling, so the worker
+  // keeps its idle sleeps short while any exists (and is woken when the first arrives).
+  class WaitScope {
+   public:
+    explicit WaitScope(Worker& worker);
+    ~WaitScope();
+    WaitScope(const WaitScope&) = delete;
+    WaitScope& operator=(const WaitScope&) = delete;
+
+   private:
+    Worker& worker_;
+  };
+
   // Throws the first transport error the worker saw (sticky: the engine's transport is suspect
   // once a write failed).
   void raise_if_failed() const;
@@ -108,6 +121,7 @@ class Worker {
   uint64_t retire_scan_ = 0;                       // worker-only
 
   std::atomic<bool> stop_{false};
+  std::atomic<int> active_waiters_{0};
   std::atomic<bool> sleeping_{false};
   std::mutex sleep_mutex_;
   std::condition_variable sleep_cv_;
