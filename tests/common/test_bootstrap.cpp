@@ -275,6 +275,37 @@ TEST(Bootstrap, MismatchedAllgatherSizesAreRejectedEverywhere) {
   }));
 }
 
+TEST(Bootstrap, RanksLaunchedWithDifferentWorldSizesAreRejected) {
+  LaunchOptions options;
+  options.world_size = 2;
+  options.bootstrap_timeout_ms = 10000;
+  options.rank_env = [](int rank) {
+    return rank == 1 ? std::map<std::string, std::string>{{"WORLD_SIZE", "3"}}
+                     : std::map<std::string, std::string>{};
+  };
+  auto results = run_ranks(options, [](te::Bootstrap&) {});
+  for (const RankResult& r : results) {
+    EXPECT_EQ(r.exit_code, 1) << r.output;
+    EXPECT_THAT(r.output, AllOf(HasSubstr("rank 1 was started with world_size 3, rank 0 with 2"),
+                                HasSubstr("[invalid argument]")));
+  }
+}
+
+TEST(Bootstrap, TwoProcessesClaimingOneRankAreRejected) {
+  LaunchOptions options;
+  options.world_size = 3;
+  options.bootstrap_timeout_ms = 10000;
+  options.rank_env = [](int rank) {
+    return rank == 2 ? std::map<std::string, std::string>{{"RANK", "1"}}
+                     : std::map<std::string, std::string>{};
+  };
+  auto results = run_ranks(options, [](te::Bootstrap&) {});
+  for (const RankResult& r : results) {
+    EXPECT_EQ(r.exit_code, 1) << r.output;
+    EXPECT_THAT(r.output, HasSubstr("two processes claim rank 1"));
+  }
+}
+
 TEST(Bootstrap, TcpConfigIsValidated) {
   te::TcpBootstrapConfig config;
   config.rank = 2;
