@@ -121,6 +121,8 @@ class TransferEngine {
   // Allgather of `region`'s descriptor: result[r] is rank r's descriptor.
   std::vector<RegionDesc> exchange(const MemoryRegion& region, int timeout_ms = -1);
 
+  // remotes[i] is peer_ranks[i]'s region; or, when remotes holds world_size() descriptors and
+  // peer_ranks does not, remotes is indexed by rank (what exchange() returns).
   PeerGroup& make_group(std::span<const int> peer_ranks, std::span<const RegionDesc> remotes);
 
   // --- operations (enqueued; return at once; errors surface at the next wait) -------------------

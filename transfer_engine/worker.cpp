@@ -71,7 +71,7 @@ uint64_t Worker::claim(size_t count, int timeout_ms) {
     if (std::chrono::steady_clock::now() >= deadline) {
       raise(Status::timeout, "rank " + std::to_string(rank_) + ": operation queue full for " +
                                  std::to_string(timeout_ms) + " ms (" + std::to_string(capacity_) +
-                                 " writes in flight, oldest not completed by its NIC)");
+                                 " records)" + in_flight_summary());
     }
     if (sleeping_.load(std::memory_order_acquire)) wake();
     backoff.pause();
@@ -211,7 +211,7 @@ void Worker::loop() {
       backoff.pause();
     }
   }
-  // Give callers a clean error instead of a hang if they wait after shutdown.
+  // Control tasks queued while stopping still run, so no caller is left waiting on them.
   run_control();
 }
 
@@ -355,7 +355,16 @@ void Worker::fire_waiters() {
     }
     num_waiters_.store(waiters_.size(), std::memory_order_release);
   }
-  for (auto& fn : ready) fn();
+  for (auto& fn : ready) {
+    // A throwing callback must not take the worker (and every NIC) down with it.
+    try {
+      fn();
+    } catch (const std::exception& e) {
+      fail(Status::internal, "rank " + std::to_string(rank_) + ": an on_imm callback threw: " + e.what());
+    } catch (...) {
+      fail(Status::internal, "rank " + std::to_string(rank_) + ": an on_imm callback threw");
+    }
+  }
 }
 
 }  // namespace ferry::te
