@@ -37,6 +37,7 @@ struct Case {
   int expert_alignment = 1;
   int dp_size = 1;
   int private_tokens = -1;
+  int nets_per_rank = 1;
   std::string provider = "tcp";
   reference::InputSpec spec;
   int steps = 1;
@@ -63,6 +64,7 @@ ferry_a2a_config_t config_of(const Case& c, int rank) {
   cfg.dp_size = c.dp_size;
   cfg.private_tokens = c.private_tokens;
   cfg.provider = c.provider.c_str();
+  cfg.nets_per_rank = c.nets_per_rank;
   cfg.timeout_ms = c.timeout_ms;
   return cfg;
 }
@@ -326,6 +328,19 @@ TEST(AllToAll, TwentyBackToBackStepsWithSkewedRanksOverShm) {
   c.private_tokens = 4;
   c.provider = "shm";
   c.spec.vary_tokens = true;
+  run_case(c);
+}
+
+TEST(AllToAll, TwoNicsCutLargeWritesIntoPiecesTheReceiverCounts) {
+  // Overflow runs (~2 MB) and combine partials (2 MB) pass the engine's 1 MiB split threshold, so
+  // they travel as one piece per NIC, each carrying the immediate.
+  Case c;
+  c.nets_per_rank = 2;
+  c.num_experts = 2;
+  c.top_k = 2;
+  c.max_tokens = 128;
+  c.hidden = 8192;
+  c.private_tokens = 8;
   run_case(c);
 }
 
