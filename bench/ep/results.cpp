@@ -42,7 +42,9 @@ json stats_json(const OpResult& op) {
               {"p50_us", p.p50},     {"p90_us", p.p90},  {"p99_us", p.p99},
               {"max_us", p.max},     {"bytes_per_rank", op.bytes_per_rank},
               {"gbps_per_rank_mean", op.gbps_per_rank_mean}, {"gbps_per_rank_min", op.gbps_per_rank_min},
-              {"rank_p50_us", op.rank_p50_us}, {"rank_bytes", op.rank_bytes}};
+              {"rank_p50_us", op.rank_p50_us}, {"rank_bytes", op.rank_bytes},
+              {"step_p50_us", op.step_us.p50}, {"step_p99_us", op.step_us.p99},
+              {"step_max_us", op.step_us.max}};
 }
 
 json config_json(const BenchResult& r) {
@@ -109,7 +111,9 @@ void print_table(const BenchResult& r, std::FILE* out) {
   const auto published = o.compare ? published_for(o, r.world_size) : std::vector<PublishedFigure>{};
   tools::Table t;
   t.add_column("operation", tools::Table::Align::left);
-  for (const char* c : {"p50 us", "p90 us", "p99 us", "max us", "bytes/rank", "GB/s/rank"}) t.add_column(c);
+  for (const char* c : {"p50 us", "p90 us", "p99 us", "max us", "step p50 us", "bytes/rank", "GB/s/rank"}) {
+    t.add_column(c);
+  }
   const bool baseline = !r.baseline.empty();
   if (baseline) {
     t.add_column("MPI p50 us");
@@ -122,6 +126,7 @@ void print_table(const BenchResult& r, std::FILE* out) {
                                    format("%.1f", op.latency_us.p90),
                                    format("%.1f", op.latency_us.p99),
                                    format("%.1f", op.latency_us.max),
+                                   format("%.1f", op.step_us.p50),
                                    op.bytes_per_rank > 0 ? tools::format_bytes(op.bytes_per_rank) : "",
                                    op.bytes_per_rank > 0 ? format(op.gbps_per_rank_mean < 0.1 ? "%.4f" : "%.2f", op.gbps_per_rank_mean) : ""};
     if (baseline) {
@@ -154,8 +159,8 @@ void print_table(const BenchResult& r, std::FILE* out) {
     add(r.overlap->combine_overlapped, "combine SEND+GEMM+RECV");
   }
   t.print(out);
-  std::fprintf(out, "  p50/p90/p99/max over all ranks' samples (%zu per operation); GB/s/rank = bytes sent by "
-               "the rank over the network / its p50.\n",
+  std::fprintf(out, "  p50/p90/p99/max over all ranks' samples (%zu per operation); step p50: the slowest rank "
+               "of each iteration; GB/s/rank = bytes sent by the rank over the network / its p50.\n",
                r.ferry.empty() ? size_t(0) : r.ferry.front().latency_us.count);
   if (baseline) {
     std::fprintf(out, "  baseline: MPI_Alltoall of counts + MPI_Alltoallv of the same records (and partials "
@@ -260,7 +265,7 @@ void write_csv(const BenchResult& r, const std::string& path) {
   for (auto it = config.begin(); it != config.end(); ++it) header.push_back(it.key());
   for (auto it = env.begin(); it != env.end(); ++it) header.push_back("env_" + it.key());
   for (const char* c : {"impl", "operation", "samples", "min_us", "mean_us", "p50_us", "p90_us", "p99_us",
-                        "max_us", "bytes_per_rank", "gbps_per_rank_mean", "gbps_per_rank_min",
+                        "max_us", "step_p50_us", "step_p99_us", "bytes_per_rank", "gbps_per_rank_mean", "gbps_per_rank_min",
                         "ratio_to_baseline_p50", "verify_passed"}) {
     header.push_back(c);
   }
@@ -278,7 +283,8 @@ void write_csv(const BenchResult& r, const std::string& path) {
     put(impl);
     put(op.name);
     put(std::to_string(p.count));
-    for (double v : {p.min, p.mean, p.p50, p.p90, p.p99, p.max, op.bytes_per_rank, op.gbps_per_rank_mean,
+    for (double v : {p.min, p.mean, p.p50, p.p90, p.p99, p.max, op.step_us.p50, op.step_us.p99, op.bytes_per_rank,
+                     op.gbps_per_rank_mean,
                      op.gbps_per_rank_min}) {
       put(format("%.3f", v));
     }

@@ -14,6 +14,9 @@ namespace ferry::bench {
 struct OpResult {
   std::string name;                  // "dispatch", "combine", "dispatch_send", ...
   tools::Percentiles latency_us;     // over every rank's timed samples
+  // Per iteration the slowest rank's time (a step is done when its last rank is): percentiles over
+  // iterations.
+  tools::Percentiles step_us;
   std::vector<double> rank_p50_us;   // per rank
   std::vector<double> rank_bytes;    // per rank, mean bytes sent per call (0: not measured)
   double bytes_per_rank = 0;         // mean over ranks

@@ -180,6 +180,14 @@ OpResult summarize(te::Bootstrap& boot, const std::string& name, const Samples& 
   std::vector<int> counts;
   const auto all = tools::allgather_values(boot, s.us, timeout_ms, &counts);
   r.latency_us = tools::percentiles(all);
+  if (!counts.empty() && std::all_of(counts.begin(), counts.end(), [&](int c) { return c == counts[0]; })) {
+    const size_t n = size_t(counts[0]);
+    std::vector<double> step(n, 0.0);
+    for (size_t rank = 0; rank < counts.size(); ++rank) {
+      for (size_t i = 0; i < n; ++i) step[i] = std::max(step[i], all[rank * n + i]);
+    }
+    r.step_us = tools::percentiles(step);
+  }
   const double my_p50 = tools::percentiles(s.us).p50;
   const double my_bytes = s.bytes_calls ? s.bytes_sum / s.bytes_calls : 0.0;
   const double mine[2] = {my_p50, my_bytes};

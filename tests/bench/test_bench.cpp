@@ -61,6 +61,10 @@ void expect_ordered_stats(const json& s, const std::string& what) {
   EXPECT_LE(s["p50_us"].get<double>(), s["p90_us"].get<double>());
   EXPECT_LE(s["p90_us"].get<double>(), s["p99_us"].get<double>());
   EXPECT_LE(s["p99_us"].get<double>(), s["max_us"].get<double>());
+  // Half the iterations have every rank at or below the step p50, so at least half of all samples
+  // are: the step p50 is never below the sample p50, and never beyond the max.
+  EXPECT_GE(s["step_p50_us"].get<double>(), s["p50_us"].get<double>());
+  EXPECT_LE(s["step_max_us"].get<double>(), s["max_us"].get<double>());
 }
 
 void expect_scaled_down_run(const json& j, const std::string& preset, int tokens) {
