@@ -110,4 +110,59 @@ FERRY_HD float round_to(int type, float v) {
   }
 }
 
+// Whole rows, with the type switch hoisted out of the element loop (the host backend's hot loops).
+// acc[i] += w * row[i] for i < n.
+FERRY_HD void axpy_row(float* acc, const void* row, int type, float w, int64_t n) {
+  switch (type) {
+    case kBf16: {
+      const auto* p = static_cast<const uint16_t*>(row);
+      for (int64_t i = 0; i < n; ++i) acc[i] += w * bf16_to_f32(p[i]);
+      break;
+    }
+    case kF16: {
+      const auto* p = static_cast<const uint16_t*>(row);
+      for (int64_t i = 0; i < n; ++i) acc[i] += w * f16_to_f32(p[i]);
+      break;
+    }
+    case kF32: {
+      const auto* p = static_cast<const float*>(row);
+      for (int64_t i = 0; i < n; ++i) acc[i] += w * p[i];
+      break;
+    }
+    default: {
+      const auto* p = static_cast<const uint8_t*>(row);
+      for (int64_t i = 0; i < n; ++i) acc[i] += w * fp8e4m3_to_f32(p[i]);
+      break;
+    }
+  }
+}
+FERRY_HD void load_row(float* out, const void* row, int type, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = 0.0f;
+  axpy_row(out, row, type, 1.0f, n);
+}
+FERRY_HD void store_row(void* row, int type, const float* v, int64_t n) {
+  switch (type) {
+    case kBf16: {
+      auto* p = static_cast<uint16_t*>(row);
+      for (int64_t i = 0; i < n; ++i) p[i] = f32_to_bf16(v[i]);
+      break;
+    }
+    case kF16: {
+      auto* p = static_cast<uint16_t*>(row);
+      for (int64_t i = 0; i < n; ++i) p[i] = f32_to_f16(v[i]);
+      break;
+    }
+    case kF32: {
+      auto* p = static_cast<float*>(row);
+      for (int64_t i = 0; i < n; ++i) p[i] = v[i];
+      break;
+    }
+    default: {
+      auto* p = static_cast<uint8_t*>(row);
+      for (int64_t i = 0; i < n; ++i) p[i] = f32_to_fp8e4m3(v[i]);
+      break;
+    }
+  }
+}
+
 }  // namespace ferry::ep::dtype

@@ -101,11 +101,9 @@ void pack_combine(const Layout& l, const ReceivedRoutes& routes, const void* exp
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int r = 0; r < routes.num_routes[i]; ++r) {
       const void* yr = y + uint64_t(routes.row[i * K + r]) * row_bytes;
-      const float w = routes.weight[i * K + r];
-      for (int h = 0; h < l.hidden; ++h) acc[h] += w * dtype::load(yr, l.out_dtype, h);
+      dtype::axpy_row(acc.data(), yr, l.out_dtype, routes.weight[i * K + r], l.hidden);
     }
-    void* partial = buf + i * l.partial_bytes;
-    for (int h = 0; h < l.hidden; ++h) dtype::store(partial, l.out_dtype, h, acc[h]);
+    dtype::store_row(buf + i * l.partial_bytes, l.out_dtype, acc.data(), l.hidden);
   }
 }
 
@@ -119,14 +117,14 @@ void unpack_combine(const Layout& l, std::span<const SendPlan> member_plans, con
     for (int t = plan.member; t < plan.num_tokens; t += l.dp_size) {
       void* out = static_cast<uint8_t*>(out_tokens) + uint64_t(t) * l.out_row_bytes();
       if (accumulate)
-        for (int h = 0; h < l.hidden; ++h) acc[h] = dtype::load(out, l.out_dtype, h);
+        dtype::load_row(acc.data(), out, l.out_dtype, l.hidden);
       else
         std::fill(acc.begin(), acc.end(), 0.0f);
       for (int i = 0; i < plan.token_num_dests[t]; ++i) {
         const void* partial = buf + uint64_t(base + plan.token_slot[size_t(t) * md + i]) * l.partial_bytes;
-        for (int h = 0; h < l.hidden; ++h) acc[h] += dtype::load(partial, l.out_dtype, h);
+        dtype::axpy_row(acc.data(), partial, l.out_dtype, 1.0f, l.hidden);
       }
-      for (int h = 0; h < l.hidden; ++h) dtype::store(out, l.out_dtype, h, acc[h]);
+      dtype::store_row(out, l.out_dtype, acc.data(), l.hidden);
     }
     base += plan.total_records;
   }

@@ -270,6 +270,19 @@ TEST(Dtype, EveryEncodingRoundTrips) {
   }
 }
 
+TEST(Dtype, RowHelpersMatchElementwiseConversion) {
+  using namespace dtype;
+  for (int type : {kBf16, kF16, kF32, kFp8E4M3}) {
+    std::vector<uint8_t> row(64 * 4), back(64 * 4);
+    for (int i = 0; i < 64; ++i) store(row.data(), type, i, float(i - 30) * 0.37f);
+    std::vector<float> acc(64, 1.0f);
+    axpy_row(acc.data(), row.data(), type, 0.5f, 64);
+    for (int i = 0; i < 64; ++i) EXPECT_EQ(acc[i], 1.0f + 0.5f * load(row.data(), type, i)) << type << " " << i;
+    store_row(back.data(), type, acc.data(), 64);
+    for (int i = 0; i < 64; ++i) EXPECT_EQ(load(back.data(), type, i), round_to(type, acc[i])) << type << " " << i;
+  }
+}
+
 TEST(Reference, InputsDependOnlyOnSeedAndGroup) {
   auto c = config(4, 8, 2, 6, 64);
   c.dp_size = 2;
