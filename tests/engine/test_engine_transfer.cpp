@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "tests/common/multiprocess.h"
@@ -241,7 +242,9 @@ TEST_P(Transfer, FullTransmitQueueIsRetriedNotLost) {
                 static_cast<unsigned long long>(stats.eagain_retries));
     EXPECT_EQ(stats.writes_posted, kChunks * mesh.peers.size());
     // shm completes writes as it posts them (process_vm_writev), so only tcp;ofi_rxm's queue fills.
-    if (provider == "tcp") EXPECT_GT(stats.eagain_retries, 0u) << "the small queue never filled";
+    if (provider == "tcp") {
+      EXPECT_GT(stats.eagain_retries, 0u) << "the small queue never filled";
+    }
   }));
 }
 
@@ -284,6 +287,42 @@ TEST_P(Transfer, TwoNicsSplitByPeersAndByBytes) {
     for (int p : mesh.peers) mesh.expect_slot(p, 0, mesh.slot_bytes);
     mesh.expect_no_extra_arrivals(300);
     mesh.expect_no_extra_arrivals(301);
+  }));
+}
+
+// Several caller threads share one engine (the ring is multi-producer), and one scatter is larger
+// than the ring, so records wrap around while the worker drains them.
+TEST_P(Transfer, ConcurrentCallersAndScattersLargerThanTheRing) {
+  const std::string provider = GetParam().provider;
+  testing::expect_all_ok(run_ranks(launch(), [&](Bootstrap& b) {
+    TransferEngine engine(config_for(provider), b);
+    constexpr int kThreads = 4;
+    constexpr uint64_t kEntry = 16, kEntries = 3000;  // per thread and peer
+    constexpr uint64_t kPerThread = kEntry * kEntries;
+    Mesh mesh(engine, kThreads * kPerThread);
+    const int me = engine.rank();
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, t] {
+        std::vector<ScatterDst> dsts;
+        for (size_t i = 0; i < mesh.peers.size(); ++i) {
+          const uint64_t src = mesh.peers[i] * mesh.slot_bytes + t * kPerThread;
+          const uint64_t dst = me * mesh.slot_bytes + t * kPerThread;
+          for (uint64_t e = 0; e < kEntries; ++e)
+            dsts.push_back({static_cast<uint32_t>(i), src + e * kEntry, dst + e * kEntry, kEntry});
+        }
+        engine.scatter(*mesh.group, *mesh.send_region, dsts, imm::encode(600 + t, me));
+      });
+    }
+    for (auto& t : threads) t.join();
+    std::vector<ImmExpect> expects;
+    for (int p : mesh.peers)
+      for (int t = 0; t < kThreads; ++t) expects.push_back({imm::encode(600 + t, p), kEntries});
+    engine.wait(expects, kTimeoutMs);
+    for (int p : mesh.peers) mesh.expect_slot(p, 0, mesh.slot_bytes);
+    for (int t = 0; t < kThreads; ++t) mesh.expect_no_extra_arrivals(600 + t);
+    EXPECT_EQ(engine.stats().writes_posted, kThreads * kEntries * mesh.peers.size());
+    EXPECT_EQ(engine.stats().ops_posted, static_cast<uint64_t>(kThreads));
   }));
 }
 
