@@ -56,9 +56,10 @@ Protocol::Protocol(const Layout& layout, te::TransferEngine& engine, const Proto
 }
 
 Protocol::~Protocol() {
-  // Writes still in flight read these buffers; let them finish before the regions go away.
+  // Writes still in flight read these buffers; let them finish before the regions go away. After a
+  // failed step they may target a dead peer and never complete: do not hold the caller for long.
   try {
-    engine_.flush(timeout_ms_);
+    engine_.flush(phase_ == Phase::broken ? std::min(timeout_ms_, 1000) : timeout_ms_);
   } catch (...) {
   }
   for (te::MemoryRegion* mr : {send_mr_, recv_mr_, combine_send_mr_, combine_recv_mr_})
