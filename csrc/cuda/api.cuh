@@ -67,7 +67,7 @@ struct Workspace {
   float* recv_weight;         // [N * K]
   // -- written by combine_send
   uint32_t* combine_epoch;    // [1] combine steps begun; combine_recv waits for this value
-  uint32_t* blocks_done;      // [2] last-block-done counters (pack, combine partials)
+  uint32_t* blocks_done;      // [3] last-block-done counters (pack, combine partials, receive ranking)
   int32_t* arrived;           // [1] 1 once the last wait_arrival saw its flag, 0 after a timeout
   // -- pinned mapped host memory (device pointers); the proxy thread reads them
   DeviceError* error;

@@ -138,18 +138,22 @@ __global__ void __launch_bounds__(kCopyThreads)
     }
     __syncwarp();
   }
-}
 
-// One block: per local expert, an exclusive scan over chunks gives each chunk's first row; the totals
-// are the rows per expert.
-__global__ void __launch_bounds__(kRouteThreads, 1)
-    dispatch_recv_scan_kernel(DispatchRecvParams p, Workspace ws) {
-  const ep::Layout& L = p.layout;
-  const int EPR = L.experts_per_rank;
-  const int N = *ws.num_recv;
-  chunk_scan(ws.recv_chunk_base, (N + kChunk - 1) / kChunk, EPR, ws.expert_rows);
+  // The last block to finish ranking turns the per-chunk counts into first rows (an exclusive scan
+  // over chunks per local expert) and the rows per expert: one launch fewer than a separate scan.
+  __shared__ bool last;
   __syncthreads();
-  for (int e = threadIdx.x; e < EPR; e += blockDim.x) {
+  if (tid == 0) {
+    __threadfence();
+    last = atomicAdd(&ws.blocks_done[2], 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  if (tid == 0) ws.blocks_done[2] = 0;
+  __threadfence();
+  chunk_scan(ws.recv_chunk_base, nchunks, EPR, ws.expert_rows);
+  __syncthreads();
+  for (int e = tid; e < EPR; e += blockDim.x) {
     const int rows = ws.expert_rows[e];
     if (int(ep::align_up(rows, L.expert_alignment)) > L.max_rows_per_expert)
       set_error(ws.error, kErrExpertOverflow, e, rows, L.max_rows_per_expert);
@@ -255,8 +259,6 @@ void dispatch_recv(const DispatchRecvParams& p, const Workspace& ws, int num_sms
   const int route_blocks = int(std::min<uint64_t>(uint64_t(num_sms) * 2, (max_chunks + kCopyWarps - 1) / kCopyWarps));
   dispatch_recv_route_kernel<<<route_blocks, kCopyThreads, bytes, stream>>>(p, ws);
   check_cuda(cudaGetLastError(), "launch dispatch_recv_route_kernel");
-  dispatch_recv_scan_kernel<<<1, kRouteThreads, 0, stream>>>(p, ws);
-  check_cuda(cudaGetLastError(), "launch dispatch_recv_scan_kernel");
   const uint64_t pad_blocks = (uint64_t(p.layout.experts_per_rank) * (p.layout.expert_alignment - 1) + kCopyWarps - 1) / kCopyWarps;
   dispatch_unpack_kernel<<<copy_grid(num_sms, std::max<uint64_t>(p.layout.max_recv_records(), pad_blocks)), kCopyThreads, 0,
                            stream>>>(p, ws);

@@ -69,36 +69,61 @@ __global__ void __launch_bounds__(kRouteThreads, 1)
     uint32_t* mask = masks + warp * R;
     for (int c = warp; c < nchunks; c += mask_warps) {
       const int t = c * kChunk + lane;
-      int32_t idx[ep::kMaxTopK];
-      int32_t dests[ep::kMaxTopK];
-      int nd = 0;
-      if (t < T) {
-        for (int k = 0; k < K; ++k) {
-          int e = p.indices[t * K + k];
-          if (e < -1 || e >= E) {
-            set_error(ws.error, kErrInvalidExpert, t, k, e);
-            poisoned = 1;
-            e = -1;
-          }
-          for (int j = 0; j < k && e >= 0; ++j) {
-            if (idx[j] == e) {
-              set_error(ws.error, kErrRepeatedExpert, t, k, e);
-              poisoned = 1;
-              e = -1;
-            }
-          }
-          idx[k] = e;
-          if (e >= 0) atomicAdd(&expert_cnt[e], 1);
+      // Everything in registers (constant indices only): the token's routes, their owner ranks,
+      // which route is the first to each rank, and that rank's position among the distinct ones.
+      int e[ep::kMaxTopK];
+#pragma unroll
+      for (int k = 0; k < ep::kMaxTopK; ++k) e[k] = (t < T && k < K) ? p.indices[t * K + k] : -1;
+#pragma unroll
+      for (int k = 0; k < ep::kMaxTopK; ++k) {
+        if (e[k] < -1 || e[k] >= E) {
+          set_error(ws.error, kErrInvalidExpert, t, k, e[k]);
+          poisoned = 1;
+          e[k] = -1;
         }
-        nd = ep::token_destinations(idx, K, EPR, dests);
-        for (int j = 0; j < nd; ++j) atomicOr(&mask[dests[j]], 1u << lane);
+#pragma unroll
+        for (int j = 0; j < k; ++j) {
+          if (e[k] >= 0 && e[j] == e[k]) {
+            set_error(ws.error, kErrRepeatedExpert, t, k, e[k]);
+            poisoned = 1;
+            e[k] = -1;
+          }
+        }
+        if (e[k] >= 0) atomicAdd(&expert_cnt[e[k]], 1);
+      }
+      constexpr int kNone = 0x7fffffff;
+      int r[ep::kMaxTopK];
+      bool first[ep::kMaxTopK];
+      int pos[ep::kMaxTopK];
+      int nd = 0;
+#pragma unroll
+      for (int k = 0; k < ep::kMaxTopK; ++k) r[k] = e[k] >= 0 ? ep::owner_rank(e[k], EPR) : kNone;
+#pragma unroll
+      for (int k = 0; k < ep::kMaxTopK; ++k) {
+        first[k] = r[k] != kNone;
+#pragma unroll
+        for (int j = 0; j < k; ++j) first[k] &= r[j] != r[k];
+        nd += first[k];
+      }
+#pragma unroll
+      for (int k = 0; k < ep::kMaxTopK; ++k) {
+        pos[k] = 0;
+#pragma unroll
+        for (int j = 0; j < ep::kMaxTopK; ++j) pos[k] += first[j] && r[j] < r[k];
+        if (first[k]) atomicOr(&mask[r[k]], 1u << lane);
       }
       __syncwarp();
       if (t < T) {
-        for (int j = 0; j < ep::kMaxTopK; ++j) {
-          const int d = j < nd ? dests[j] : -1;
-          ws.token_dest[t * ep::kMaxTopK + j] = d;
-          ws.token_slot[t * ep::kMaxTopK + j] = d >= 0 ? __popc(mask[d] & lanemask_lt()) : -1;
+        // Destinations ascending, as ep::token_destinations lists them; -1 past the last.
+#pragma unroll
+        for (int k = 0; k < ep::kMaxTopK; ++k) {
+          if (!first[k]) continue;
+          ws.token_dest[t * ep::kMaxTopK + pos[k]] = r[k];
+          ws.token_slot[t * ep::kMaxTopK + pos[k]] = __popc(mask[r[k]] & lanemask_lt());
+        }
+        for (int j = nd; j < ep::kMaxTopK; ++j) {
+          ws.token_dest[t * ep::kMaxTopK + j] = -1;
+          ws.token_slot[t * ep::kMaxTopK + j] = -1;
         }
       }
       __syncwarp();
@@ -160,6 +185,14 @@ __global__ void __launch_bounds__(kCopyThreads)
   const uint8_t* x = static_cast<const uint8_t*>(p.x);
 
   for (int t = blockIdx.x; t < T; t += gridDim.x) {
+    const uint8_t* src = x + uint64_t(t) * L.payload_bytes;
+    // The first batch of payload loads is issued before the header work, so its latency overlaps it.
+    uint4 v[kCopyUnroll];
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u) {
+      const int i = u * kCopyThreads + tid;
+      if (i < nvec) v[u] = ld_nc_v4(src + 16 * uint64_t(i));
+    }
     if (tid < kWarpSize) {
       // Warp 0 builds the headers: lane k holds route k (expert, weight), lane j < 8 destination j;
       // routes reach the destination lanes by shuffles, without further loads.
@@ -216,13 +249,13 @@ __global__ void __launch_bounds__(kCopyThreads)
 #pragma unroll
     for (int j = 0; j < ep::kMaxTopK; ++j) dst[j] = dst_s[j];
 
-    const uint8_t* src = x + uint64_t(t) * L.payload_bytes;
     for (int b = 0; b < nvec; b += kCopyThreads * kCopyUnroll) {
-      uint4 v[kCopyUnroll];
+      if (b > 0) {
 #pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u) {
-        const int i = b + u * kCopyThreads + tid;
-        if (i < nvec) v[u] = ld_nc_v4(src + 16 * uint64_t(i));
+        for (int u = 0; u < kCopyUnroll; ++u) {
+          const int i = b + u * kCopyThreads + tid;
+          if (i < nvec) v[u] = ld_nc_v4(src + 16 * uint64_t(i));
+        }
       }
 #pragma unroll
       for (int j = 0; j < ep::kMaxTopK; ++j) {

@@ -42,7 +42,7 @@ Workspace carve(const ep::Layout& L, void* device, void* host, size_t* device_by
   ws.recv_row = d.take<int32_t>(N * K);
   ws.recv_weight = d.take<float>(N * K);
   ws.combine_epoch = d.take<uint32_t>(1);
-  ws.blocks_done = d.take<uint32_t>(2);
+  ws.blocks_done = d.take<uint32_t>(3);
   ws.arrived = d.take<int32_t>(1);
   Carver h{static_cast<uint8_t*>(host)};
   ws.error = h.take<DeviceError>(1);
