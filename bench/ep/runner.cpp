@@ -505,7 +505,11 @@ int run_rank(const Options& o, const char* launcher_label) {
   } else if (device) {
     result.baseline_note = "the MPI baseline moves host memory; it runs with --backend host";
   } else {
+#if defined(FERRY_HAVE_MPI)
     result.baseline_note = "not launched by MPI: run under mpirun, or --local-ranks N --launcher mpi";
+#else
+    result.baseline_note = "this ferry-bench was built without MPI";
+#endif
   }
 
   // ---- gather to rank 0 and report ------------------------------------------------------------------
