@@ -70,6 +70,8 @@ int current_part_count() {
                             const std::function<void(te::Bootstrap&)>& body) {
   // Own process group, so a timeout kills whatever this rank started too.
   ::setpgid(0, 0);
+  // stdout is now a pipe, fully buffered by default: a rank that crashes would lose its last lines.
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   for (const auto& [key, value] : env) ::setenv(key.c_str(), value.c_str(), 1);
   if (!netns.empty()) enter_netns(rank, netns);
   const int first_part = current_part_count();

@@ -1,6 +1,8 @@
 // The fixture itself: what a test can rely on from run_ranks.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -92,6 +94,24 @@ TEST(RunRanks, AHungRankIsKilledAtTheDeadline) {
   EXPECT_TRUE(results[1].timed_out);
   EXPECT_TRUE(results[1].signaled);
   EXPECT_THAT(results[1].output, HasSubstr("rank 1 started")) << "output before the kill is kept";
+}
+
+TEST(RunRanks, ARankThatCrashesIsReportedWithItsSignalAndItsLastLines) {
+  LaunchOptions options;
+  options.world_size = 2;
+  auto results = run_ranks(options, [](te::Bootstrap& b) {
+    std::printf("rank %d about to crash\n", b.rank());
+    if (b.rank() == 1) {
+      rlimit no_core{0, 0};  // no core file left in the build tree
+      ::setrlimit(RLIMIT_CORE, &no_core);
+      std::abort();
+    }
+  });
+  EXPECT_EQ(results[0].exit_code, 0);
+  EXPECT_TRUE(results[1].signaled);
+  EXPECT_EQ(results[1].exit_code, SIGABRT);
+  EXPECT_FALSE(results[1].timed_out);
+  EXPECT_THAT(results[1].output, HasSubstr("rank 1 about to crash"));
 }
 
 pid_t g_parent_pid = 0;
