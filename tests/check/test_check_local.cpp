@@ -154,3 +154,30 @@ TEST(CheckLocal, ThresholdsTheJobCannotMeetFail) {
 
 }  // namespace
 }  // namespace ferry::testing
+
+namespace ferry::testing {
+namespace {
+
+TEST(CheckLocal, KilledRankIsReportedAndTheJobFails) {
+  const std::string dir = make_temp_dir("killed");
+  std::vector<std::string> argv = small_run("tcp", dir + "/report.json");
+  argv[6] = "3000";  // --timeout-ms
+  argv.insert(argv.end(), {"--debug-die-at", "links", "--debug-die-rank", "2"});
+  const ProcessResult r = run_process(argv, 58000);
+  ASSERT_FALSE(r.timed_out) << r.output;
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("rank 2 died of signal 9"), std::string::npos) << r.output;
+  const json j = json::parse(read_text(dir + "/report.json"));
+  EXPECT_EQ(j["summary"]["result"], "FAIL");
+  bool liveness = false, skipped_after = false;
+  for (const json& c : j["checks"]) {
+    if (c["stage"] == "liveness" && c["verdict"] == "FAIL")
+      liveness = c["reason"].get<std::string>().find("rank 2") != std::string::npos;
+    if (c["stage"] == "alltoall" && c["verdict"] == "SKIP") skipped_after = true;
+  }
+  EXPECT_TRUE(liveness) << j["checks"].dump(1);
+  EXPECT_TRUE(skipped_after) << j["checks"].dump(1);
+}
+
+}  // namespace
+}  // namespace ferry::testing

@@ -31,6 +31,14 @@ class CheckNetns : public ::testing::Test {
   // One ferry-check per host, inside the host's namespace and with its own host name (a UTS
   // namespace), so the report tells the hosts apart as it would on a cluster.
   std::vector<ProcessResult> run_cluster(NetnsCluster& cluster, std::vector<std::string> args, int deadline_ms) {
+    auto procs = start_cluster(cluster, std::move(args));
+    const auto deadline = Clock::now() + std::chrono::milliseconds(deadline_ms);
+    std::vector<ProcessResult> out;
+    for (auto& p : procs) out.push_back(p->wait(deadline));
+    return out;
+  }
+
+  std::vector<std::unique_ptr<Process>> start_cluster(NetnsCluster& cluster, std::vector<std::string> args) {
     const int world = cluster.hosts();
     const std::string port = std::to_string(pick_free_port());
     std::vector<std::unique_ptr<Process>> procs;
@@ -46,10 +54,7 @@ class CheckNetns : public ::testing::Test {
                                                    {"MASTER_ADDR", cluster.address(0, 0)},
                                                    {"MASTER_PORT", port}}));
     }
-    const auto deadline = Clock::now() + std::chrono::milliseconds(deadline_ms);
-    std::vector<ProcessResult> out;
-    for (auto& p : procs) out.push_back(p->wait(deadline));
-    return out;
+    return procs;
   }
 
   std::vector<std::string> base_args(int nics) const {
@@ -164,6 +169,33 @@ TEST_F(CheckNetns, KilledRankIsReportedByTheOthers) {
       const std::string reason = c["reason"];
       named = reason.find("rank 2") != std::string::npos && reason.find("host2") != std::string::npos;
     }
+  }
+  EXPECT_TRUE(named) << j["checks"].dump(1);
+}
+
+TEST_F(CheckNetns, HungRankIsReportedWithinTheDeadline) {
+  NetnsCluster cluster(3, 1);
+  std::vector<std::string> args = base_args(1);
+  args.insert(args.end(), {"--debug-hang-at", "links", "--debug-die-rank", "2"});
+  const auto start = Clock::now();
+  auto procs = start_cluster(cluster, args);
+  // The others must give up on the silent rank by themselves; the hung one is killed afterwards.
+  const auto deadline = start + std::chrono::milliseconds(8 * kTimeoutMs + 20000);
+  const ProcessResult r0 = procs[0]->wait(deadline);
+  const ProcessResult r1 = procs[1]->wait(deadline);
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  procs.clear();
+  ASSERT_FALSE(r0.timed_out) << r0.output;
+  ASSERT_FALSE(r1.timed_out) << r1.output;
+  EXPECT_NE(r0.exit_code, 0) << r0.output;
+  EXPECT_NE(r1.exit_code, 0) << r1.output;
+  EXPECT_LT(seconds, 8.0 * kTimeoutMs / 1000 + 20);
+  const json j = json::parse(read_text(dir_ + "/report.json"));
+  bool named = false;
+  for (const json& c : j["checks"]) {
+    if (c["verdict"] != "FAIL") continue;
+    const std::string reason = c["reason"];
+    named = named || (reason.find("rank 2") != std::string::npos && reason.find("host2") != std::string::npos);
   }
   EXPECT_TRUE(named) << j["checks"].dump(1);
 }

@@ -47,8 +47,10 @@ struct Options {
   std::string html_path;
   bool topo_only = false;
   bool quiet = false;
-  // Testing the checker itself: this rank SIGKILLs itself when the named stage starts.
+  // Testing the checker itself: rank debug_die_rank SIGKILLs itself (or stops answering, without
+  // exiting) when the named stage starts.
   std::string debug_die_at;
+  std::string debug_hang_at;
   int debug_die_rank = -1;
 };
 

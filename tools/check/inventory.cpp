@@ -10,11 +10,13 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <set>
 #include <sstream>
 
 #include "tools/check/check.h"
 #include "transfer_engine/error.h"
+#include "transfer_engine/topology.h"
 
 #if defined(FERRY_HAVE_CUDA)
 #include <cuda_runtime_api.h>
@@ -112,7 +114,9 @@ static std::vector<NicInfo> list_provider_nics(const std::string& provider) {
       }
       std::error_code ec;
       const fs::path dev = fs::read_symlink(sys + "/device", ec);
-      if (!ec && nic.pci_bus_id.empty()) nic.pci_bus_id = dev.filename().string();
+      // Only a PCI address ("0000:00:03.0"); a virtio netdev points at "virtio2" instead.
+      const std::string bus = ec ? "" : dev.filename().string();
+      if (nic.pci_bus_id.empty() && std::count(bus.begin(), bus.end(), ':') == 2) nic.pci_bus_id = bus;
     }
     nic.numa_node = pci_numa_node(nic.pci_bus_id);
     out.push_back(std::move(nic));
@@ -198,18 +202,32 @@ RankInventory collect_inventory(const Options& opt, const te::Bootstrap& boot) {
       if (n.name != "lo") host_set.push_back(n.name);
     if (host_set.empty())
       for (const NicInfo& n : inv.host_nics) host_set.push_back(n.name);
-    // Nearest to this rank's GPU first, so a rank that uses fewer NICs than the host has takes
-    // the close ones.
-    if (inv.gpu >= 0) {
-      const int gpu_numa = inv.host_gpus[size_t(inv.gpu)].numa_node;
-      std::stable_sort(host_set.begin(), host_set.end(), [&](const std::string& a, const std::string& b) {
-        auto numa = [&](const std::string& name) {
-          for (const NicInfo& n : inv.host_nics)
-            if (n.name == name) return n.numa_node;
-          return -1;
-        };
-        return (numa(a) == gpu_numa) > (numa(b) == gpu_numa);
-      });
+  }
+  // Topology (hwloc): placement of NICs and GPUs, and the cores near what this rank drives.
+  std::optional<te::Topology> topo;
+  try {
+    topo = te::Topology::discover();
+  } catch (const std::exception& e) {
+    inv.topology = std::string("topology unavailable: ") + e.what();
+  }
+  int topo_gpu = -1;
+  if (topo) {
+    if (inv.local_rank == 0) inv.topology = topo->report();
+    if (inv.gpu >= 0) topo_gpu = topo->find_gpu(inv.host_gpus[size_t(inv.gpu)].pci_bus_id);
+    for (NicInfo& n : inv.host_nics) {
+      const int t = topo->find_nic(n.name);
+      if (t < 0) continue;
+      const te::TopoNic& tn = topo->nics()[size_t(t)];
+      if (n.pci_bus_id.empty()) n.pci_bus_id = tn.pci_bus_id;
+      if (n.numa_node < 0) n.numa_node = tn.numa_node;
+    }
+    // Nearest to this rank's GPU first, so a rank that uses fewer NICs than the host has takes the
+    // close ones.
+    if (topo_gpu >= 0 && opt.nics.empty()) host_set = topo->order_near_gpu(topo_gpu, host_set);
+    if (topo_gpu >= 0) {
+      for (int t : topo->nearest_nics(topo_gpu))
+        for (const NicInfo& n : inv.host_nics)
+          if (topo->find_nic(n.name) == t) inv.near_nics.push_back(n.name);
     }
   }
   for (const std::string& name : host_set) {
@@ -222,6 +240,18 @@ RankInventory collect_inventory(const Options& opt, const te::Bootstrap& boot) {
     const int local_size = std::max(1, inv.local_size);
     const int per_rank = opt.nics_per_rank > 0 ? opt.nics_per_rank : std::max(1, n / local_size);
     for (int j = 0; j < per_rank; ++j) inv.nics.push_back(host_set[size_t((inv.local_rank * per_rank + j) % n)]);
+  }
+  if (topo) {
+    // The cores the engine's worker would be pinned to: those near the first NIC, else near the GPU.
+    std::vector<int> cores;
+    const int first_nic = inv.nics.empty() ? -1 : topo->find_nic(inv.nics[0]);
+    if (first_nic >= 0) cores = topo->cores_near(te::DeviceKind::nic, first_nic);
+    else if (topo_gpu >= 0) cores = topo->cores_near(te::DeviceKind::gpu, topo_gpu);
+    if (!cores.empty()) inv.cores = te::format_cpu_list(cores);
+    for (const std::string& name : inv.nics) {
+      const int t = topo->find_nic(name);
+      inv.nic_paths.push_back(topo_gpu >= 0 && t >= 0 ? te::pci_path_name(topo->distance(topo_gpu, t).path) : "");
+    }
   }
   return inv;
 }
@@ -316,7 +346,10 @@ std::vector<CheckResult> judge_inventory(const Options& opt, const std::vector<R
         for (const std::string& n : r->nics) users[n].push_back(r->rank);
         wanted += r->nics.size();
       }
-      const size_t available = opt.nics.empty() ? first.host_nics.size() : opt.nics.size();
+      size_t available = 0;
+      for (const NicInfo& n : first.host_nics) available += n.name != "lo";
+      if (available == 0) available = first.host_nics.size();
+      if (!opt.nics.empty()) available = opt.nics.size() - first.missing_nics.size();
       nlohmann::json assignment = nlohmann::json::object();
       for (const auto& [nic, rs] : users) assignment[nic] = rs;
       c.metrics["assignment"] = assignment;
@@ -345,9 +378,26 @@ std::vector<CheckResult> judge_inventory(const Options& opt, const std::vector<R
       const int gpu_numa = r->host_gpus[size_t(r->gpu)].numa_node;
       c.metrics["gpu"] = r->gpu;
       c.metrics["gpu_numa"] = gpu_numa;
+      c.metrics["nic_paths"] = r->nic_paths;
+      c.metrics["near_nics"] = r->near_nics;
+      if (!r->near_nics.empty()) {
+        // PCIe distance from hwloc: a NIC not among the nearest crosses more of the machine than
+        // it has to (a shared root complex or the socket link).
+        for (size_t i = 0; i < r->nics.size(); ++i) {
+          const std::string& used = r->nics[i];
+          if (std::find(r->near_nics.begin(), r->near_nics.end(), used) != r->near_nics.end()) continue;
+          c.verdict = Verdict::fail;
+          c.reason += (c.reason.empty() ? "" : "; ") + std::string("rank ") + std::to_string(r->rank) + " on " +
+                      r->host + " uses NIC " + used + " (" +
+                      (i < r->nic_paths.size() && !r->nic_paths[i].empty() ? r->nic_paths[i] : "?") + " from GPU " +
+                      std::to_string(r->gpu) + "), nearest: " + r->near_nics.front();
+        }
+        out.push_back(std::move(c));
+        continue;
+      }
       if (gpu_numa < 0) {
         c.verdict = Verdict::skip;
-        c.reason = "NUMA node of GPU " + std::to_string(r->gpu) + " unknown";
+        c.reason = "placement of GPU " + std::to_string(r->gpu) + " unknown";
         out.push_back(std::move(c));
         continue;
       }

@@ -3,6 +3,7 @@
 // results between stages and writes the summary, --json and --html. Exit code 0 only when every
 // check passed.
 #include <signal.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <chrono>
@@ -83,6 +84,8 @@ class Driver {
       code = 1;
       rank_failure(me_, "stage " + a.stage + ": " + a.reason);
       if (me_ == 0) {
+        // Rank 0's own link measurements name the peers it lost, with their hosts and NICs.
+        if (a.stage == "links") judge_links(opt_, report_);
         report_.add(CheckResult{"liveness", "stage " + a.stage, Verdict::fail, a.reason, json::object()});
         bool after = false;
         for (const char* s : kStages) {
@@ -106,6 +109,11 @@ class Driver {
       std::fprintf(stderr, "[ferry-check] rank %d: --debug-die-at=%s: killing myself\n", me_, stage);
       std::fflush(stderr);
       ::raise(SIGKILL);
+    }
+    if (opt_.debug_hang_at == stage && opt_.debug_die_rank == me_) {
+      std::fprintf(stderr, "[ferry-check] rank %d: --debug-hang-at=%s: hanging\n", me_, stage);
+      std::fflush(stderr);
+      for (;;) ::pause();
     }
   }
 
@@ -165,7 +173,11 @@ class Driver {
         if (hosts.insert(r.host).second) report_.hosts.push_back(r.host);
       }
       for (CheckResult& c : judge_inventory(opt_, inventory_)) report_.add(std::move(c));
-      if (!opt_.quiet) std::printf("%s\n", inventory_table(report_).c_str());
+      if (!opt_.quiet || opt_.topo_only) std::printf("%s\n", inventory_table(report_).c_str());
+      if (opt_.topo_only) {
+        for (const RankInventory& r : inventory_)
+          if (!r.topology.empty()) std::printf("== %s ==\n%s\n", r.host.c_str(), r.topology.c_str());
+      }
     }
     if (opt_.topo_only) return;
 
@@ -303,6 +315,7 @@ int main(int argc, char** argv) {
   app.add_option("--html", opt.html_path, "write the report as one self-contained HTML page");
   app.add_flag("--quiet", opt.quiet, "no progress lines");
   app.add_option("--debug-die-at", opt.debug_die_at, "")->group("");  // testing the checker itself
+  app.add_option("--debug-hang-at", opt.debug_hang_at, "")->group("");
   app.add_option("--debug-die-rank", opt.debug_die_rank, "")->group("");
   CLI11_PARSE(app, argc, argv);
   opt.nics = check::split_list(nics);
@@ -319,8 +332,9 @@ int main(int argc, char** argv) {
       launch.args = tools::args_without_launch_options(argc, argv);
       launch.timeout_ms = job_timeout_s * 1000;
       // The surviving ranks report a dead one themselves; give them the time their deadlines need
-      // (a wait per NIC slot, then the gather) before the launcher stops them.
-      launch.kill_grace_ms = 8 * opt.timeout_ms + 5000;
+      // (waits on partners that waited on the dead rank, then the gather) before the launcher
+      // stops them.
+      launch.kill_grace_ms = (2 * local_ranks + 8) * opt.timeout_ms + 5000;
       return tools::run_local_ranks(launch);
     }
     if (tools::is_local_launch_child()) {

@@ -80,7 +80,8 @@ void to_json(json& j, const RankInventory& v) {
   j = json{{"rank", v.rank}, {"local_rank", v.local_rank}, {"local_size", v.local_size},
            {"host", v.host}, {"pid", v.pid}, {"gpu", v.gpu}, {"nics", v.nics},
            {"missing_nics", v.missing_nics}, {"cores", v.cores}, {"numa_node", v.numa_node},
-           {"host_nics", v.host_nics}, {"host_gpus", v.host_gpus}, {"topology", v.topology}};
+           {"host_nics", v.host_nics}, {"host_gpus", v.host_gpus}, {"topology", v.topology},
+           {"nic_paths", v.nic_paths}, {"near_nics", v.near_nics}};
 }
 void from_json(const json& j, RankInventory& v) {
   v.rank = j.at("rank").get<int>();
@@ -96,6 +97,8 @@ void from_json(const json& j, RankInventory& v) {
   v.host_nics = j.value("host_nics", std::vector<NicInfo>{});
   v.host_gpus = j.value("host_gpus", std::vector<GpuInfo>{});
   v.topology = j.value("topology", "");
+  v.nic_paths = j.value("nic_paths", std::vector<std::string>{});
+  v.near_nics = j.value("near_nics", std::vector<std::string>{});
 }
 
 void to_json(json& j, const LinkResult& v) {

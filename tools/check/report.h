@@ -56,7 +56,9 @@ struct RankInventory {
   int numa_node = -1;
   std::vector<NicInfo> host_nics;       // every NIC the provider lists on this host
   std::vector<GpuInfo> host_gpus;
-  std::string topology;                 // printable topology summary ("" when unavailable)
+  std::string topology;                 // printable topology (hwloc) of the host, from local rank 0
+  std::vector<std::string> nic_paths;   // PCIe path class from the GPU to each used NIC ("PIX".."SYS"; "" unknown)
+  std::vector<std::string> near_nics;   // the host's NICs nearest to this rank's GPU
 };
 
 // One directed link measurement on one NIC slot.
