@@ -73,7 +73,14 @@ int current_part_count() {
   // stdout is now a pipe, fully buffered by default: a rank that crashes would lose its last lines.
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   for (const auto& [key, value] : env) ::setenv(key.c_str(), value.c_str(), 1);
-  if (!netns.empty()) enter_netns(rank, netns);
+  if (!netns.empty()) {
+    enter_netns(rank, netns);
+    if (options.netns_hostname) {
+      if (::unshare(CLONE_NEWUTS) != 0 || ::sethostname(netns.data(), netns.size()) != 0) {
+        child_fail(rank, "giving namespace " + netns + " its own host name: " + std::strerror(errno));
+      }
+    }
+  }
   const int first_part = current_part_count();
   try {
     if (options.before_bootstrap) options.before_bootstrap(rank);

@@ -32,6 +32,10 @@ struct LaunchOptions {
   // Deadline for building the bootstrap in each child; 0: half of timeout_ms, so a rank that does
   // not arrive is reported by the bootstrap (naming it) before the whole run is killed.
   int bootstrap_timeout_ms = 0;
+  // With rank_netns: each child also gets its own UTS namespace whose host name is its network
+  // namespace's name, so host-name based locality (and anything that prints host names) sees
+  // distinct hosts, as on a real cluster.
+  bool netns_hostname = false;
   // Optional: runs in each child after entering its namespace and before the bootstrap is built,
   // e.g. to delay one rank or to make it leave (_exit) without ever joining.
   std::function<void(int rank)> before_bootstrap;

@@ -186,6 +186,25 @@ TEST(NetnsCluster, BootstrapWorksAcrossHosts) {
   }));
 }
 
+TEST(NetnsCluster, HostNamesPerNamespaceGiveLocalRanksPerHost) {
+  SKIP_WITHOUT_NETNS();
+  NetnsCluster cluster(2, 1);
+  LaunchOptions options;
+  options.world_size = 4;
+  options.timeout_ms = 30000;
+  // Two ranks per host; the launcher says nothing about locality, so it comes from host names.
+  options.env = {{"MASTER_ADDR", cluster.address(0, 0)}, {"LOCAL_RANK", ""}, {"LOCAL_WORLD_SIZE", ""}};
+  options.rank_netns = [&](int rank) { return cluster.netns(rank / 2); };
+  options.netns_hostname = true;
+  expect_all_ok(run_ranks(options, [&](te::Bootstrap& b) {
+    char host[256] = {};
+    ::gethostname(host, sizeof(host) - 1);
+    EXPECT_EQ(std::string(host), cluster.netns(b.rank() / 2));
+    EXPECT_EQ(b.local_size(), 2);
+    EXPECT_EQ(b.local_rank(), b.rank() % 2);
+  }));
+}
+
 TEST(NetnsCluster, RateLimitedLinkMeasurablySlowsTcp) {
   SKIP_WITHOUT_NETNS();
   NetnsCluster cluster(2, 1);
