@@ -243,6 +243,7 @@ bool Worker::poll_cqs() {
           std::string peer = "an unknown peer";
           if (op != nullptr && op >= ring_.get() && op < ring_.get() + capacity_) {
             op->done = true;
+            if (in_flight_[n] > 0) --in_flight_[n];
             peer = "rank " + std::to_string(op->peer_rank);
           }
           fail(is_peer_failure(err.err) ? Status::peer_failed : Status::transport,
@@ -274,6 +275,7 @@ bool Worker::poll_cqs() {
           any_imm = true;
         } else if (e.op_context != nullptr) {
           static_cast<WriteOp*>(e.op_context)->done = true;
+          if (in_flight_[n] > 0) --in_flight_[n];
         }
       }
       if (static_cast<size_t>(got) < kCqBatch) break;
@@ -303,12 +305,13 @@ bool Worker::post_some() {
     WriteOp& op = slot(next_post_);
     if (op.published.load(std::memory_order_acquire) != next_post_ + 1) break;
     ++attempts;
-    // FI_MORE only when the next post is known to go to the same NIC within this step, so no
-    // doorbell is left pending when the step ends.
+    // FI_MORE only when the next post is known to go to the same NIC within this step and the
+    // queue has room for it, so no doorbell is left pending when the step ends or a post fails.
     const WriteOp& next = slot(next_post_ + 1);
     const bool more = attempts < max_posts_per_step_ &&
                       next.published.load(std::memory_order_acquire) == next_post_ + 2 &&
-                      next.nic == op.nic;
+                      next.nic == op.nic &&
+                      in_flight_[op.nic] + 2 < nics_[op.nic]->caps().tx_size;
     ssize_t rc = nics_[op.nic]->post_write(op.buf, op.bytes, op.desc, op.dest, op.remote_addr,
                                            op.key, op.has_imm ? &op.imm : nullptr, &op.context,
                                            more);
@@ -331,6 +334,7 @@ bool Worker::post_some() {
       retire();
       continue;
     }
+    ++in_flight_[op.nic];
     ops_posted_.store(ops_posted_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
     bytes_posted_.store(bytes_posted_.load(std::memory_order_relaxed) + op.bytes,
                         std::memory_order_relaxed);
