@@ -393,6 +393,14 @@ void judge_links(const Options& opt, Report& report) {
   std::map<bool, double> medians;
   for (auto& [k, v] : kinds) medians[k] = median(v);
 
+  if (report.links.empty()) {
+    // Nothing measured is never a pass: either there is no pair, or no rank had a NIC to use.
+    const bool alone = report.world_size <= 1;
+    report.add(CheckResult{"links", "all pairs", alone ? Verdict::skip : Verdict::fail,
+                           alone ? "a single rank has no pairs" : "no link measured: no rank has a NIC to use (see inventory)",
+                           nlohmann::json::object()});
+    return;
+  }
   std::map<int, std::vector<const LinkResult*>> by_slot;
   for (LinkResult& l : report.links) {
     if (l.ok) {
