@@ -174,6 +174,15 @@ __global__ void __launch_bounds__(kCopyThreads)
   uint8_t* out_x = static_cast<uint8_t*>(p.out_expert_x);
 
   for (int g = blockIdx.x; g < N; g += gridDim.x) {
+    const uint8_t* src = p.recv_buf + ws.recv_offset[g];
+    const uint8_t* payload = src + L.payload_offset();
+    // The first payload loads are issued before the row lookups, so their latency overlaps them.
+    uint4 v[kCopyUnroll];
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u) {
+      const int i = u * kCopyThreads + tid;
+      if (i < nvec) v[u] = ld_v4(payload + 16 * uint64_t(i));
+    }
     if (tid < ep::kMaxTopK) {
       int row = -1;
       const int e = ws.recv_expert[g * ep::kMaxTopK + tid];
@@ -188,14 +197,13 @@ __global__ void __launch_bounds__(kCopyThreads)
     int rows[ep::kMaxTopK];
 #pragma unroll
     for (int j = 0; j < ep::kMaxTopK; ++j) rows[j] = rows_s[j];
-    const uint8_t* src = p.recv_buf + ws.recv_offset[g];
-    const uint8_t* payload = src + L.payload_offset();
     for (int b = 0; b < nvec; b += kCopyThreads * kCopyUnroll) {
-      uint4 v[kCopyUnroll];
+      if (b > 0) {
 #pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u) {
-        const int i = b + u * kCopyThreads + tid;
-        if (i < nvec) v[u] = ld_v4(payload + 16 * uint64_t(i));
+        for (int u = 0; u < kCopyUnroll; ++u) {
+          const int i = b + u * kCopyThreads + tid;
+          if (i < nvec) v[u] = ld_v4(payload + 16 * uint64_t(i));
+        }
       }
 #pragma unroll
       for (int j = 0; j < ep::kMaxTopK; ++j) {
