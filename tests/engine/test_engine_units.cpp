@@ -357,6 +357,46 @@ TEST_P(SoloEngine, WaitTimesOutNamingTheSender) {
   }
 }
 
+TEST(EngineConfig, EnvironmentOverridesProviderAndDomains) {
+  auto bootstrap = solo_bootstrap();
+  EngineConfig config;
+  config.provider = "shm";
+  config.timeout_ms = 10000;
+  setenv("FERRY_PROVIDER", "tcp", 1);
+  setenv("FERRY_DOMAINS", "lo,lo", 1);
+  try {
+    TransferEngine engine(config, *bootstrap);
+    EXPECT_EQ(engine.provider(), "tcp;ofi_rxm");
+    EXPECT_EQ(engine.nic_names(), (std::vector<std::string>{"lo", "lo"}));
+  } catch (const Error& e) {
+    ADD_FAILURE() << e.what();
+  }
+  unsetenv("FERRY_PROVIDER");
+  unsetenv("FERRY_DOMAINS");
+}
+
+TEST(EngineConfig, RejectsSettingsItCannotHonourWithActionableMessages) {
+  auto bootstrap = solo_bootstrap();
+  EngineConfig config;
+  config.nets_per_rank = kMaxNics + 1;
+  try {
+    TransferEngine engine(config, *bootstrap);
+    FAIL() << "nets_per_rank beyond kMaxNics accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), Status::invalid_argument);
+    EXPECT_THAT(std::string(e.what()), HasSubstr("nets_per_rank 9 must be in [1, 8]"));
+  }
+  config = EngineConfig{};
+  config.domains = {"no-such-interface"};
+  try {
+    TransferEngine engine(config, *bootstrap);
+    FAIL() << "an unknown domain was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), Status::unsupported);
+    EXPECT_THAT(std::string(e.what()), AllOf(HasSubstr("no-such-interface"), HasSubstr("fi_info")));
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Providers, SoloEngine, ::testing::Values("tcp", "shm"),
                          [](const auto& info) { return info.param; });
 
