@@ -40,15 +40,22 @@ def load(paths):
     return runs
 
 
-def shape_key(cfg):
-    """Everything but EP size and tokens: runs that differ only there belong on one line."""
+def shape_key(run):
+    """Everything but EP size and tokens: runs that differ only there belong on one line (runs from
+    different machines never share a line)."""
+    cfg = run["config"]
     return (cfg["hidden"], cfg["topk"], cfg["experts"], cfg["in_dtype"], cfg["out_dtype"],
-            cfg["backend"], cfg["provider"])
+            cfg["backend"], cfg["provider"], machine_of(run))
+
+
+def machine_of(run):
+    env = run.get("environment", {})
+    return f'{env.get("hostname", "?")}/{env.get("num_cpus", "?")}cpu'
 
 
 def shape_label(key):
-    hidden, topk, experts, in_dtype, out_dtype, backend, provider = key
-    return f"h{hidden} top{topk} E{experts} {in_dtype}->{out_dtype} {backend}/{provider}"
+    hidden, topk, experts, in_dtype, out_dtype, backend, provider, host = key
+    return f"h{hidden} top{topk} E{experts} {in_dtype}->{out_dtype} {backend}/{provider} @{host}"
 
 
 def published_shape(cfg):
@@ -61,7 +68,7 @@ def plot_vs_ep(plt, runs, out_path):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
     groups = defaultdict(list)
     for r in runs:
-        groups[(shape_key(r["config"]), r["config"]["tokens"])].append(r)
+        groups[(shape_key(r), r["config"]["tokens"])].append(r)
     for (key, tokens), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
         rs.sort(key=lambda r: r["config"]["world_size"])
         eps = [r["config"]["world_size"] for r in rs]
@@ -100,7 +107,7 @@ def plot_vs_tokens(plt, runs, out_path):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     groups = defaultdict(list)
     for r in runs:
-        groups[(shape_key(r["config"]), r["config"]["world_size"])].append(r)
+        groups[(shape_key(r), r["config"]["world_size"])].append(r)
     eps_seen = set()
     for (key, ep), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
         eps_seen.add(ep)
