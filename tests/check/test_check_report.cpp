@@ -138,6 +138,70 @@ TEST(CheckReport, SlowLinksAreJudgedAgainstTheMedianOfTheirKind) {
   EXPECT_EQ(named, 4);
 }
 
+RankInventory rank_on(int rank, const std::string& host, std::vector<std::string> nics) {
+  RankInventory inv;
+  inv.rank = rank;
+  inv.host = host;
+  inv.nics = std::move(nics);
+  for (const char* n : {"fnic0", "fnic1"}) inv.host_nics.push_back(NicInfo{n, "tcp", "", 100, "sysfs", "up", "", 0});
+  return inv;
+}
+
+const CheckResult* find_check(const std::vector<CheckResult>& checks, const std::string& name) {
+  for (const CheckResult& c : checks)
+    if (c.name == name) return &c;
+  return nullptr;
+}
+
+TEST(CheckInventory, RanksSharingANicTheHostHasSpareAreFlagged) {
+  const std::vector<RankInventory> all = {rank_on(0, "h", {"fnic0"}), rank_on(1, "h", {"fnic0"})};
+  const auto checks = judge_inventory(Options{}, all);
+  const CheckResult* c = find_check(checks, "host h: NIC assignment");
+  ASSERT_NE(c, nullptr);
+  EXPECT_EQ(c->verdict, Verdict::fail);
+  EXPECT_NE(c->reason.find("ranks 0, 1 share NIC fnic0"), std::string::npos) << c->reason;
+}
+
+TEST(CheckInventory, SharingIsExpectedWhenTheHostHasTooFewNics) {
+  const std::vector<RankInventory> all = {rank_on(0, "h", {"fnic0", "fnic1"}), rank_on(1, "h", {"fnic0", "fnic1"})};
+  const auto checks = judge_inventory(Options{}, all);
+  EXPECT_EQ(find_check(checks, "host h: NIC assignment")->verdict, Verdict::pass);
+}
+
+TEST(CheckInventory, FewerNicsThanExpectedNamesTheMissingOne) {
+  std::vector<RankInventory> all = {rank_on(0, "a", {"fnic0"}), rank_on(1, "b", {"fnic0"})};
+  all[1].host_nics.pop_back();  // host b lost fnic1
+  Options opt;
+  opt.expect_nics_per_node = 2;
+  const auto checks = judge_inventory(opt, all);
+  EXPECT_EQ(find_check(checks, "host a: NICs")->verdict, Verdict::pass);
+  const CheckResult* b = find_check(checks, "host b: NICs");
+  EXPECT_EQ(b->verdict, Verdict::fail);
+  EXPECT_NE(b->reason.find("missing NIC(s): fnic1"), std::string::npos) << b->reason;
+  EXPECT_NE(b->reason.find("1 NIC(s) found, expected 2"), std::string::npos) << b->reason;
+}
+
+TEST(CheckInventory, NicFartherThanTheNearestIsFlagged) {
+  RankInventory r = rank_on(0, "g", {"fnic1"});
+  r.gpu = 0;
+  r.host_gpus = {GpuInfo{0, "H100", "0000:53:00.0", 0}};
+  r.near_nics = {"fnic0"};
+  r.nic_paths = {"SYS"};
+  const auto checks = judge_inventory(Options{}, {r});
+  const CheckResult* c = find_check(checks, "rank 0: NIC near GPU");
+  EXPECT_EQ(c->verdict, Verdict::fail);
+  EXPECT_NE(c->reason.find("uses NIC fnic1 (SYS from GPU 0), nearest: fnic0"), std::string::npos) << c->reason;
+}
+
+TEST(CheckInventory, DownLinkOfAUsedNicIsNamed) {
+  RankInventory r = rank_on(0, "d", {"fnic0", "fnic1"});
+  r.host_nics[1].link_state = "down";
+  const auto checks = judge_inventory(Options{}, {r});
+  const CheckResult* c = find_check(checks, "host d: NIC links up");
+  EXPECT_EQ(c->verdict, Verdict::fail);
+  EXPECT_NE(c->reason.find("NIC fnic1 on host d"), std::string::npos) << c->reason;
+}
+
 TEST(CheckSchedule, EveryPairMeetsExactlyOnceAndNobodyTwicePerRound) {
   for (int world = 1; world <= 9; ++world) {
     std::set<std::pair<int, int>> met;

@@ -124,11 +124,11 @@ static void links_section(std::ostringstream& o, const Report& r) {
     if (m.empty()) m.assign(n, std::vector<const LinkResult*>(n, nullptr));
     if (l.src >= 0 && l.src < n && l.dst >= 0 && l.dst < n) m[l.src][l.dst] = &l;
   }
+  // One colour scale for every slot, so a slow rail looks slow next to the others.
+  double max_gbps = 0;
+  for (const LinkResult& l : r.links)
+    if (l.ok && l.gbps > max_gbps) max_gbps = l.gbps;
   for (const auto& [slot, m] : by_slot) {
-    double max_gbps = 0;
-    for (const auto& row : m)
-      for (const LinkResult* l : row)
-        if (l && l->gbps > max_gbps) max_gbps = l->gbps;
     o << "<h3>NIC slot " << slot << ": write bandwidth, Gb/s (row = sender, column = receiver)</h3>\n"
       << "<table class=\"heat\" id=\"bandwidth-slot-" << slot << "\">\n<tr><th>from \\ to</th>";
     for (int b = 0; b < n; ++b) o << "<th>" << b << "</th>";

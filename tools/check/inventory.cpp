@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -235,7 +236,20 @@ RankInventory collect_inventory(const Options& opt, const te::Bootstrap& boot) {
                                     [&](const NicInfo& n) { return n.name == name; });
     if (!listed) inv.missing_nics.push_back(name);
   }
-  if (!host_set.empty()) {
+  // A launcher that pins each rank to its NICs (FERRY_DOMAINS, as the engine reads it) decides for
+  // this rank; the judge then checks that choice instead of making one.
+  const char* pinned = std::getenv("FERRY_DOMAINS");
+  if (opt.nics.empty() && pinned && *pinned) {
+    std::stringstream list(pinned);
+    for (std::string name; std::getline(list, name, ',');)
+      if (!name.empty()) inv.nics.push_back(name);
+    for (const std::string& name : inv.nics) {
+      const bool listed = std::any_of(inv.host_nics.begin(), inv.host_nics.end(),
+                                      [&](const NicInfo& n) { return n.name == name; });
+      if (!listed && std::find(inv.missing_nics.begin(), inv.missing_nics.end(), name) == inv.missing_nics.end())
+        inv.missing_nics.push_back(name);
+    }
+  } else if (!host_set.empty()) {
     const int n = int(host_set.size());
     const int local_size = std::max(1, inv.local_size);
     const int per_rank = opt.nics_per_rank > 0 ? opt.nics_per_rank : std::max(1, n / local_size);
