@@ -1,8 +1,6 @@
 // Dispatch, send half: route counting, prefix sums over destinations, and packing of records into
 // the send buffer layout of plan.h (per destination: count header, then its run of records ordered
 // by source token).
-#include <algorithm>
-
 #include "csrc/cuda/api.cuh"
 #include "csrc/cuda/cuda_check.h"
 #include "csrc/cuda/device.cuh"
@@ -173,35 +171,32 @@ __global__ void __launch_bounds__(kRouteThreads, 1)
 // the record of each of its destinations. A block rather than a warp per token keeps the whole GPU
 // busy at decode sizes (128 tokens), where a warp each would leave most SMs idle.
 __global__ void __launch_bounds__(kCopyThreads)
-    dispatch_pack_kernel(DispatchSendParams p, Workspace ws, int tokens_per_block) {
-  __shared__ uint8_t* dst_s[kCopyWarps][ep::kMaxTopK];
-  __shared__ int nd_s[kCopyWarps];
+    dispatch_pack_kernel(DispatchSendParams p, Workspace ws) {
+  __shared__ uint8_t* dst_s[ep::kMaxTopK];
+  __shared__ int nd_s;
   const ep::Layout& L = p.layout;
   const int R = L.world_size, E = L.num_experts, K = L.top_k, EPR = L.experts_per_rank;
-  const int tid = threadIdx.x, warp = tid / kWarpSize;
+  const int tid = threadIdx.x;
   const int T = *ws.num_tokens;
   const int nvec = int(L.payload_bytes / 16);
   const int ns = L.num_scales;
   const uint64_t tail_begin = L.scale_offset() + L.scale_bytes;
   const int pad_words = int((L.record_bytes - tail_begin) / 4);
   const uint8_t* x = static_cast<const uint8_t*>(p.x);
-  const int tpb = tokens_per_block;
 
-  // A block takes tpb tokens at a time: warp w builds token (base + w)'s headers, then the whole block
-  // copies the tokens one after the other, so one barrier's wait is shared by tpb tokens.
-  for (int base = blockIdx.x * tpb; base < T; base += gridDim.x * tpb) {
-    // The first token's first payload loads are issued before the header work, to overlap it.
+  for (int t = blockIdx.x; t < T; t += gridDim.x) {
+    const uint8_t* src = x + uint64_t(t) * L.payload_bytes;
+    // The first batch of payload loads is issued before the header work, so its latency overlaps it.
     uint4 v[kCopyUnroll];
 #pragma unroll
     for (int u = 0; u < kCopyUnroll; ++u) {
       const int i = u * kCopyThreads + tid;
-      if (i < nvec) v[u] = ld_nc_v4(x + uint64_t(base) * L.payload_bytes + 16 * uint64_t(i));
+      if (i < nvec) v[u] = ld_nc_v4(src + 16 * uint64_t(i));
     }
-    if (warp < tpb && base + warp < T) {
-      // A warp builds one token's headers: lane k holds route k (expert, weight), lane j < 8
-      // destination j; routes reach the destination lanes by shuffles, without further loads.
-      const int t = base + warp;
-      const int lane = lane_id();
+    if (tid < kWarpSize) {
+      // Warp 0 builds the headers: lane k holds route k (expert, weight), lane j < 8 destination j;
+      // routes reach the destination lanes by shuffles, without further loads.
+      const int lane = tid;
       const int e_mine = lane < K ? p.indices[t * K + lane] : -1;
       const float w_mine = lane < K ? p.weights[t * K + lane] : 0.f;
       bool repeated = false;  // a repeated expert was reported by the routing kernel; skip it here
@@ -244,50 +239,46 @@ __global__ void __launch_bounds__(kCopyThreads)
 #pragma unroll
         for (int i = 0; i < 4; ++i) st_v4(rec + 16 * i, hv[i]);
       }
-      if (lane < ep::kMaxTopK) dst_s[warp][lane] = rec;
+      if (lane < ep::kMaxTopK) dst_s[lane] = rec;
       const int nd = __popc(__ballot_sync(0xffffffffu, d >= 0));
-      if (lane == 0) nd_s[warp] = nd;
+      if (lane == 0) nd_s = nd;
     }
     __syncthreads();
-    for (int w = 0; w < tpb && base + w < T; ++w) {
-      const int t = base + w;
-      const uint8_t* src = x + uint64_t(t) * L.payload_bytes;
-      const int nd = nd_s[w];
-      uint8_t* dst[ep::kMaxTopK];
-  #pragma unroll
-      for (int j = 0; j < ep::kMaxTopK; ++j) dst[j] = dst_s[w][j];
+    const int nd = nd_s;
+    uint8_t* dst[ep::kMaxTopK];
+#pragma unroll
+    for (int j = 0; j < ep::kMaxTopK; ++j) dst[j] = dst_s[j];
 
-      for (int b = 0; b < nvec; b += kCopyThreads * kCopyUnroll) {
-        if (b > 0 || w > 0) {
-  #pragma unroll
-          for (int u = 0; u < kCopyUnroll; ++u) {
-            const int i = b + u * kCopyThreads + tid;
-            if (i < nvec) v[u] = ld_nc_v4(src + 16 * uint64_t(i));
-          }
-        }
-  #pragma unroll
-        for (int j = 0; j < ep::kMaxTopK; ++j) {
-          if (j >= nd) break;
-  #pragma unroll
-          for (int u = 0; u < kCopyUnroll; ++u) {
-            const int i = b + u * kCopyThreads + tid;
-            if (i < nvec) st_v4(dst[j] + L.payload_offset() + 16 * uint64_t(i), v[u]);
-          }
+    for (int b = 0; b < nvec; b += kCopyThreads * kCopyUnroll) {
+      if (b > 0) {
+#pragma unroll
+        for (int u = 0; u < kCopyUnroll; ++u) {
+          const int i = b + u * kCopyThreads + tid;
+          if (i < nvec) v[u] = ld_nc_v4(src + 16 * uint64_t(i));
         }
       }
-      for (int i = tid; i < ns; i += kCopyThreads) {
-        const float s = p.x_scale[uint64_t(t) * ns + i];
-  #pragma unroll
-        for (int j = 0; j < ep::kMaxTopK; ++j)
-          if (j < nd) reinterpret_cast<float*>(dst[j] + L.scale_offset())[i] = s;
-      }
-      for (int i = tid; i < pad_words; i += kCopyThreads) {
-  #pragma unroll
-        for (int j = 0; j < ep::kMaxTopK; ++j)
-          if (j < nd) reinterpret_cast<uint32_t*>(dst[j] + tail_begin)[i] = 0;
+#pragma unroll
+      for (int j = 0; j < ep::kMaxTopK; ++j) {
+        if (j >= nd) break;
+#pragma unroll
+        for (int u = 0; u < kCopyUnroll; ++u) {
+          const int i = b + u * kCopyThreads + tid;
+          if (i < nvec) st_v4(dst[j] + L.payload_offset() + 16 * uint64_t(i), v[u]);
+        }
       }
     }
-    __syncthreads();  // dst_s is rewritten for the next tokens
+    for (int i = tid; i < ns; i += kCopyThreads) {
+      const float s = p.x_scale[uint64_t(t) * ns + i];
+#pragma unroll
+      for (int j = 0; j < ep::kMaxTopK; ++j)
+        if (j < nd) reinterpret_cast<float*>(dst[j] + L.scale_offset())[i] = s;
+    }
+    for (int i = tid; i < pad_words; i += kCopyThreads) {
+#pragma unroll
+      for (int j = 0; j < ep::kMaxTopK; ++j)
+        if (j < nd) reinterpret_cast<uint32_t*>(dst[j] + tail_begin)[i] = 0;
+    }
+    __syncthreads();  // dst_s is rewritten for the next token
   }
 
   // The last block to finish tells the proxy thread that its buffer is complete.
@@ -312,12 +303,7 @@ void dispatch_send(const DispatchSendParams& p, const Workspace& ws, int num_sms
   const int bytes = route_smem(p.layout, warps).total_ints * 4;
   dispatch_route_kernel<<<1, kRouteThreads, bytes, stream>>>(p, ws, warps);
   check_cuda(cudaGetLastError(), "launch dispatch_route_kernel");
-  // Several tokens per block once there are more tokens than resident blocks (prefill); one at
-  // decode sizes, where spreading tokens over SMs matters more.
-  const int resident = num_sms * 4;
-  const int tpb = std::max(1, std::min(kCopyWarps, p.layout.max_tokens / resident));
-  dispatch_pack_kernel<<<copy_grid(num_sms, (p.layout.max_tokens + tpb - 1) / tpb), kCopyThreads, 0, stream>>>(
-      p, ws, tpb);
+  dispatch_pack_kernel<<<copy_grid(num_sms, p.layout.max_tokens), kCopyThreads, 0, stream>>>(p, ws);
   check_cuda(cudaGetLastError(), "launch dispatch_pack_kernel");
 }
 
