@@ -1,6 +1,8 @@
-// TCP rendezvous through rank 0, the callback bootstrap, and launcher detection from the environment.
+// TCP rendezvous through rank 0, the callback bootstrap, and launcher detection from the
+// environment.
 //
-// Wire protocol (rank 0 is a star hub): every message is a fixed header followed by `bytes` payload.
+// Wire protocol (rank 0 is a star hub): every message is a fixed header followed by `bytes`
+// payload.
 //   hello   non-root -> root, once after connecting: rank and world size
 //   data    non-root -> root: this rank's contribution to allgather #seq
 //   result  root -> non-root: the whole rank-major allgather #seq
@@ -9,6 +11,8 @@
 //           an abort naming the missing ranks, so every rank reports the same culprit even when
 //           their clocks started at slightly different times.
 // All ranks of one job run the same build, so the header is sent in host byte order.
+#include "transfer_engine/bootstrap.h"
+
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netdb.h>
@@ -30,7 +34,6 @@
 #include <utility>
 #include <vector>
 
-#include "transfer_engine/bootstrap.h"
 #include "transfer_engine/error.h"
 
 namespace ferry::te {
@@ -107,7 +110,9 @@ class Fd {
   int fd_ = -1;
 };
 
-std::string errno_text(int err) { return std::string(std::strerror(err)); }
+std::string errno_text(int err) {
+  return std::string(std::strerror(err));
+}
 
 // "rank 2" or "ranks 2, 5, 7": error messages name the ranks a user has to go and look at.
 std::string rank_list(const std::vector<int>& ranks) {
@@ -254,14 +259,14 @@ class TcpBootstrap final : public Bootstrap {
  public:
   explicit TcpBootstrap(const TcpBootstrapConfig& config) : config_(config) {
     if (config.world_size < 1 || config.rank < 0 || config.rank >= config.world_size) {
-      raise(Status::invalid_argument,
-            "tcp bootstrap: rank " + std::to_string(config.rank) + " is outside world_size " +
-                std::to_string(config.world_size));
+      raise(Status::invalid_argument, "tcp bootstrap: rank " + std::to_string(config.rank) +
+                                          " is outside world_size " +
+                                          std::to_string(config.world_size));
     }
     if (config.master_port <= 0 || config.master_port > 65535) {
-      raise(Status::invalid_argument,
-            "tcp bootstrap rank " + std::to_string(config.rank) + ": master_port " +
-                std::to_string(config.master_port) + " is not a TCP port");
+      raise(Status::invalid_argument, "tcp bootstrap rank " + std::to_string(config.rank) +
+                                          ": master_port " + std::to_string(config.master_port) +
+                                          " is not a TCP port");
     }
     validate_locality("tcp bootstrap", config.rank, config.local_rank, config.local_size);
     local_rank_ = config.local_rank;
@@ -289,8 +294,8 @@ class TcpBootstrap final : public Bootstrap {
       raise(failure_status_, prefix() + "unusable after an earlier failure: " + failure_);
     }
     if (bytes > 0 && (in == nullptr || out == nullptr)) {
-      raise(Status::invalid_argument, prefix() + "allgather of " + std::to_string(bytes) +
-                                          " bytes with a null buffer");
+      raise(Status::invalid_argument,
+            prefix() + "allgather of " + std::to_string(bytes) + " bytes with a null buffer");
     }
     const uint64_t seq = seq_++;
     Deadline deadline(timeout_ms);
@@ -364,15 +369,16 @@ class TcpBootstrap final : public Bootstrap {
           set_socket_options(fd.get());
           return fd;
         }
-        last_error = "bind/listen on port " + std::to_string(config_.master_port) + ": " +
-                     errno_text(errno);
+        last_error =
+            "bind/listen on port " + std::to_string(config_.master_port) + ": " + errno_text(errno);
         if (errno == EADDRINUSE) break;  // IPv4 would collide the same way; wait and retry
       }
       // A previous job on this port may still be shutting down: retry until the deadline.
       if (deadline.expired()) {
         fail(Status::transport, "cannot listen as bootstrap root: " + last_error);
       }
-      std::this_thread::sleep_for(std::chrono::milliseconds(std::min(delay_ms, deadline.remaining_ms())));
+      std::this_thread::sleep_for(
+          std::chrono::milliseconds(std::min(delay_ms, deadline.remaining_ms())));
       delay_ms = std::min(delay_ms * 2, 200);
     }
   }
@@ -450,10 +456,9 @@ class TcpBootstrap final : public Bootstrap {
       std::vector<int> missing = missing_peers();
       if (missing.empty()) return;
       if (deadline.expired()) {
-        fail_all(Status::timeout, "bootstrap setup timed out after " +
-                                      std::to_string(config_.timeout_ms) + " ms: " +
-                                      rank_list(missing) + " did not connect to rank 0 at " +
-                                      where);
+        fail_all(Status::timeout,
+                 "bootstrap setup timed out after " + std::to_string(config_.timeout_ms) +
+                     " ms: " + rank_list(missing) + " did not connect to rank 0 at " + where);
       }
       // Connected ranks are watched too: one that leaves or gives up must fail setup now, not at
       // the deadline.
@@ -547,7 +552,8 @@ class TcpBootstrap final : public Bootstrap {
                                   root_name() + ": " + last_error);
       }
       // The root may simply not be up yet (torchrun starts ranks in any order).
-      std::this_thread::sleep_for(std::chrono::milliseconds(std::min(delay_ms, deadline.remaining_ms())));
+      std::this_thread::sleep_for(
+          std::chrono::milliseconds(std::min(delay_ms, deadline.remaining_ms())));
       delay_ms = std::min(delay_ms * 2, 200);
     }
   }
@@ -562,9 +568,8 @@ class TcpBootstrap final : public Bootstrap {
     IoResult r = recv_all(peers_[rank].get(), &h, sizeof(h), deadline);
     if (r.io != Io::ok) {
       peers_[rank].reset();
-      fail_all(Status::peer_failed,
-               "rank " + std::to_string(rank) + " disconnected during " + op + " (" +
-                   closed_text(r) + ")");
+      fail_all(Status::peer_failed, "rank " + std::to_string(rank) + " disconnected during " + op +
+                                        " (" + closed_text(r) + ")");
     }
     if (h.magic == kMagic && h.type == static_cast<uint32_t>(MsgType::query)) {
       if (h.seq < seq) return;  // a stale question about an operation that completed since
@@ -581,8 +586,8 @@ class TcpBootstrap final : public Bootstrap {
   void root_allgather(uint64_t seq, size_t bytes, uint8_t* out, int timeout_ms,
                       const Deadline& deadline) {
     const int world = config_.world_size;
-    const std::string op = "allgather #" + std::to_string(seq) + " (" + std::to_string(bytes) +
-                           " bytes per rank)";
+    const std::string op =
+        "allgather #" + std::to_string(seq) + " (" + std::to_string(bytes) + " bytes per rank)";
     std::vector<bool> arrived(static_cast<size_t>(world), false);
     arrived[0] = true;
     auto missing = [&] {
@@ -614,8 +619,8 @@ class TcpBootstrap final : public Bootstrap {
         IoResult io = recv_all(peers_[r].get(), &h, sizeof(h), deadline);
         if (io.io == Io::closed) {
           peers_[r].reset();
-          fail_all(Status::peer_failed, "rank " + std::to_string(r) + " disconnected during " +
-                                            op + " (" + closed_text(io) + ")");
+          fail_all(Status::peer_failed, "rank " + std::to_string(r) + " disconnected during " + op +
+                                            " (" + closed_text(io) + ")");
         }
         if (io.io == Io::timeout) break;  // reported as a timeout on the next turn
         if (h.magic == kMagic && h.type == static_cast<uint32_t>(MsgType::query)) {
@@ -629,16 +634,16 @@ class TcpBootstrap final : public Bootstrap {
                                          std::to_string(h.seq) + " during " + op);
         }
         if (h.bytes != bytes) {
-          fail_all(Status::invalid_argument,
-                   "rank " + std::to_string(r) + " contributed " + std::to_string(h.bytes) +
-                       " bytes to allgather #" + std::to_string(seq) + ", rank 0 contributed " +
-                       std::to_string(bytes));
+          fail_all(Status::invalid_argument, "rank " + std::to_string(r) + " contributed " +
+                                                 std::to_string(h.bytes) + " bytes to allgather #" +
+                                                 std::to_string(seq) + ", rank 0 contributed " +
+                                                 std::to_string(bytes));
         }
         io = recv_all(peers_[r].get(), out + bytes * static_cast<size_t>(r), bytes, deadline);
         if (io.io == Io::closed) {
           peers_[r].reset();
-          fail_all(Status::peer_failed, "rank " + std::to_string(r) + " disconnected during " +
-                                            op + " (" + closed_text(io) + ")");
+          fail_all(Status::peer_failed, "rank " + std::to_string(r) + " disconnected during " + op +
+                                            " (" + closed_text(io) + ")");
         }
         if (io.io == Io::timeout) {
           fail_all(Status::timeout, op + " timed out after " + std::to_string(timeout_ms) +
@@ -654,13 +659,12 @@ class TcpBootstrap final : public Bootstrap {
       if (io.io == Io::closed) {
         peers_[r].reset();
         fail_all(Status::peer_failed, "rank " + std::to_string(r) + " disconnected before " +
-                                          "receiving the result of " + op + " (" +
-                                          closed_text(io) + ")");
+                                          "receiving the result of " + op + " (" + closed_text(io) +
+                                          ")");
       }
       if (io.io == Io::timeout) {
         fail_all(Status::timeout, op + " timed out after " + std::to_string(timeout_ms) +
-                                      " ms while sending the result to rank " +
-                                      std::to_string(r));
+                                      " ms while sending the result to rank " + std::to_string(r));
       }
     }
   }
@@ -695,8 +699,8 @@ class TcpBootstrap final : public Bootstrap {
 
   void member_allgather(uint64_t seq, const void* in, size_t bytes, uint8_t* out, int timeout_ms,
                         const Deadline& deadline) {
-    const std::string op = "allgather #" + std::to_string(seq) + " (" + std::to_string(bytes) +
-                           " bytes per rank)";
+    const std::string op =
+        "allgather #" + std::to_string(seq) + " (" + std::to_string(bytes) + " bytes per rank)";
     IoResult io = send_msg(root_.get(), MsgType::data, seq, in, bytes, deadline);
     if (io.io == Io::closed) root_gone(op, io);
     // A send that times out means the root is not reading: ask it below, as for a late result.
@@ -709,8 +713,8 @@ class TcpBootstrap final : public Bootstrap {
       send_msg(root_.get(), MsgType::query, seq, nullptr, 0, grace);
       io = recv_all(root_.get(), &h, sizeof(h), grace);
       if (io.io != Io::ok) {
-        fail(Status::timeout, op + " timed out after " + std::to_string(timeout_ms) + " ms: " +
-                                  root_name() + " did not complete it");
+        fail(Status::timeout, op + " timed out after " + std::to_string(timeout_ms) +
+                                  " ms: " + root_name() + " did not complete it");
       }
     }
     if (h.magic != kMagic) fail(Status::internal, "garbage from rank 0 during " + op);
@@ -718,8 +722,8 @@ class TcpBootstrap final : public Bootstrap {
     const size_t total = bytes * static_cast<size_t>(config_.world_size);
     if (h.type != static_cast<uint32_t>(MsgType::result) || h.seq != seq || h.bytes != total) {
       fail(Status::internal, "rank 0 is out of step: sent message type " + std::to_string(h.type) +
-                                 " for #" + std::to_string(h.seq) + " (" +
-                                 std::to_string(h.bytes) + " bytes) during " + op);
+                                 " for #" + std::to_string(h.seq) + " (" + std::to_string(h.bytes) +
+                                 " bytes) during " + op);
     }
     // The result may arrive after the query's grace started; give its payload the longer deadline.
     Deadline payload_deadline(std::max(deadline.remaining_ms(), kQueryGraceMs));

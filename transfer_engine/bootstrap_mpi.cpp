@@ -39,7 +39,8 @@ class MpiBootstrap final : public Bootstrap {
       int provided = 0;
       // The engine worker never calls MPI, so one calling thread at a time is all we need.
       int rc = MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided);
-      if (rc != MPI_SUCCESS) raise(Status::transport, "mpi bootstrap: MPI_Init_thread: " + mpi_error_text(rc));
+      if (rc != MPI_SUCCESS)
+        raise(Status::transport, "mpi bootstrap: MPI_Init_thread: " + mpi_error_text(rc));
       owns_mpi_ = true;
     }
     // A private communicator: our collectives never match the application's, and errors are
@@ -77,8 +78,8 @@ class MpiBootstrap final : public Bootstrap {
       raise(Status::internal, prefix() + "unusable after an earlier timed-out allgather");
     }
     if (bytes > static_cast<size_t>(INT_MAX)) {
-      raise(Status::invalid_argument, prefix() + "allgather of " + std::to_string(bytes) +
-                                          " bytes exceeds MPI's int count");
+      raise(Status::invalid_argument,
+            prefix() + "allgather of " + std::to_string(bytes) + " bytes exceeds MPI's int count");
     }
     // The non-blocking collective lets us keep a deadline that MPI_Allgather cannot.
     MPI_Request request = MPI_REQUEST_NULL;
@@ -123,12 +124,15 @@ class MpiBootstrap final : public Bootstrap {
 
 }  // namespace
 
-std::unique_ptr<Bootstrap> make_mpi_bootstrap() { return std::make_unique<MpiBootstrap>(); }
+std::unique_ptr<Bootstrap> make_mpi_bootstrap() {
+  return std::make_unique<MpiBootstrap>();
+}
 
 #else
 
 std::unique_ptr<Bootstrap> make_mpi_bootstrap() {
-  raise(Status::unsupported, "mpi bootstrap: Ferry was built without MPI (FERRY_MPI=OFF or no MPI found)");
+  raise(Status::unsupported,
+        "mpi bootstrap: Ferry was built without MPI (FERRY_MPI=OFF or no MPI found)");
 }
 
 #endif

@@ -21,21 +21,30 @@ namespace ferry::te {
 
 const char* pci_path_name(PciPath path) {
   switch (path) {
-    case PciPath::pix: return "PIX";
-    case PciPath::pxb: return "PXB";
-    case PciPath::phb: return "PHB";
-    case PciPath::node: return "NODE";
-    case PciPath::sys: return "SYS";
+    case PciPath::pix:
+      return "PIX";
+    case PciPath::pxb:
+      return "PXB";
+    case PciPath::phb:
+      return "PHB";
+    case PciPath::node:
+      return "NODE";
+    case PciPath::sys:
+      return "SYS";
   }
   return "?";
 }
 
 const char* nic_kind_name(NicKind kind) {
   switch (kind) {
-    case NicKind::efa: return "efa";
-    case NicKind::rdma: return "rdma";
-    case NicKind::ethernet: return "ethernet";
-    case NicKind::other: return "other";
+    case NicKind::efa:
+      return "efa";
+    case NicKind::rdma:
+      return "rdma";
+    case NicKind::ethernet:
+      return "ethernet";
+    case NicKind::other:
+      return "other";
   }
   return "?";
 }
@@ -79,7 +88,9 @@ std::vector<int> cpus_of(hwloc_const_bitmap_t set) {
   std::vector<int> cpus;
   if (set == nullptr) return cpus;
   int i;
-  hwloc_bitmap_foreach_begin(i, set) { cpus.push_back(i); }
+  hwloc_bitmap_foreach_begin(i, set) {
+    cpus.push_back(i);
+  }
   hwloc_bitmap_foreach_end();
   return cpus;
 }
@@ -168,8 +179,8 @@ struct TopologyBuilder {
     t.cpus_ = cpus_of(hwloc_topology_get_allowed_cpuset(topo));
 
     for (hwloc_obj_t n = nullptr; (n = hwloc_get_next_obj_by_type(topo, HWLOC_OBJ_NUMANODE, n));) {
-      t.numa_.push_back({static_cast<int>(n->os_index), n->attr->numanode.local_memory,
-                         cpus_of(n->cpuset)});
+      t.numa_.push_back(
+          {static_cast<int>(n->os_index), n->attr->numanode.local_memory, cpus_of(n->cpuset)});
     }
 
     std::vector<hwloc_obj_t> gpu_objs, nic_objs;
@@ -232,26 +243,29 @@ struct TopologyBuilder {
         verbs |= o->attr->osdev.type == HWLOC_OBJ_OSDEV_OPENFABRICS;
       }
       // Verbs device first: that is the name libfabric's efa and verbs domains are built from.
-      std::stable_sort(n.names.begin(), n.names.end(), [&](const std::string& a, const std::string& b) {
-        auto is_verbs = [&](const std::string& name) {
-          for (hwloc_obj_t o : osdevs) {
-            if (o->name && name == o->name) return o->attr->osdev.type == HWLOC_OBJ_OSDEV_OPENFABRICS;
-          }
-          return false;
-        };
-        return is_verbs(a) && !is_verbs(b);
-      });
+      std::stable_sort(n.names.begin(), n.names.end(),
+                       [&](const std::string& a, const std::string& b) {
+                         auto is_verbs = [&](const std::string& name) {
+                           for (hwloc_obj_t o : osdevs) {
+                             if (o->name && name == o->name)
+                               return o->attr->osdev.type == HWLOC_OBJ_OSDEV_OPENFABRICS;
+                           }
+                           return false;
+                         };
+                         return is_verbs(a) && !is_verbs(b);
+                       });
       if (owner->type == HWLOC_OBJ_PCI_DEVICE) {
         n.pci_bus_id = pci_bus_id(owner);
         n.vendor_id = owner->attr->pcidev.vendor_id;
         n.device_id = owner->attr->pcidev.device_id;
       }
       bool is_efa = n.vendor_id == kVendorAmazon && (n.device_id & 0xfff0) == 0xefa0;
-      bool is_network_class =
-          owner->type == HWLOC_OBJ_PCI_DEVICE && (owner->attr->pcidev.class_id >> 8) == kClassNetwork;
+      bool is_network_class = owner->type == HWLOC_OBJ_PCI_DEVICE &&
+                              (owner->attr->pcidev.class_id >> 8) == kClassNetwork;
       if (is_efa) {
         n.kind = NicKind::efa;
-      } else if (verbs || (owner->type == HWLOC_OBJ_PCI_DEVICE && owner->attr->pcidev.class_id == 0x0207)) {
+      } else if (verbs ||
+                 (owner->type == HWLOC_OBJ_PCI_DEVICE && owner->attr->pcidev.class_id == 0x0207)) {
         n.kind = NicKind::rdma;
       } else if (is_network_class || !osdevs.empty()) {
         n.kind = NicKind::ethernet;
@@ -275,7 +289,8 @@ struct TopologyBuilder {
                        const std::function<int(hwloc_topology_t)>& configure) {
     hwloc_topology_t raw = nullptr;
     if (hwloc_topology_init(&raw) != 0) {
-      raise(Status::internal, "topology: hwloc_topology_init: " + std::string(std::strerror(errno)));
+      raise(Status::internal,
+            "topology: hwloc_topology_init: " + std::string(std::strerror(errno)));
     }
     TopologyHandle topo(raw);
     // GPUs and NICs are I/O objects, which hwloc drops unless asked.
@@ -284,7 +299,8 @@ struct TopologyBuilder {
       raise(failure_status, "topology: " + what + ": " + std::string(std::strerror(errno)));
     }
     if (hwloc_topology_load(raw) != 0) {
-      raise(failure_status, "topology: loading " + what + " failed: " + std::string(std::strerror(errno)));
+      raise(failure_status,
+            "topology: loading " + what + " failed: " + std::string(std::strerror(errno)));
     }
     return build(raw);
   }
@@ -296,21 +312,20 @@ Topology Topology::discover() {
 }
 
 Topology Topology::from_xml(const std::string& xml) {
-  return TopologyBuilder::load(Status::invalid_argument, "hwloc XML (" + std::to_string(xml.size()) + " bytes)",
-                               [&](hwloc_topology_t t) {
-                                 // hwloc counts the terminating NUL in the buffer size.
-                                 return hwloc_topology_set_xmlbuffer(t, xml.c_str(),
-                                                                     static_cast<int>(xml.size() + 1));
-                               });
+  return TopologyBuilder::load(
+      Status::invalid_argument, "hwloc XML (" + std::to_string(xml.size()) + " bytes)",
+      [&](hwloc_topology_t t) {
+        // hwloc counts the terminating NUL in the buffer size.
+        return hwloc_topology_set_xmlbuffer(t, xml.c_str(), static_cast<int>(xml.size() + 1));
+      });
 }
 
 GpuNicDistance Topology::distance(int gpu, int nic) const {
   if (gpu < 0 || gpu >= static_cast<int>(gpus_.size()) || nic < 0 ||
       nic >= static_cast<int>(nics_.size())) {
-    raise(Status::invalid_argument, "topology: no gpu " + std::to_string(gpu) + " / nic " +
-                                        std::to_string(nic) + " (have " +
-                                        std::to_string(gpus_.size()) + " GPUs, " +
-                                        std::to_string(nics_.size()) + " NICs)");
+    raise(Status::invalid_argument,
+          "topology: no gpu " + std::to_string(gpu) + " / nic " + std::to_string(nic) + " (have " +
+              std::to_string(gpus_.size()) + " GPUs, " + std::to_string(nics_.size()) + " NICs)");
   }
   return distance_[gpu][nic];
 }
@@ -333,7 +348,8 @@ std::vector<int> Topology::nearest_nics(int gpu) const {
   const GpuNicDistance best = distance_[gpu][order[0]];
   std::vector<int> nearest;
   for (int n : order) {
-    if (distance_[gpu][n].path == best.path && distance_[gpu][n].hops == best.hops) nearest.push_back(n);
+    if (distance_[gpu][n].path == best.path && distance_[gpu][n].hops == best.hops)
+      nearest.push_back(n);
   }
   return nearest;
 }
@@ -343,7 +359,8 @@ std::vector<int> Topology::cores_near(DeviceKind kind, int index) const {
   const int count = static_cast<int>(gpu ? gpus_.size() : nics_.size());
   if (index < 0 || index >= count) {
     raise(Status::invalid_argument, std::string("topology: no ") + (gpu ? "gpu " : "nic ") +
-                                        std::to_string(index) + " (have " + std::to_string(count) + ")");
+                                        std::to_string(index) + " (have " + std::to_string(count) +
+                                        ")");
   }
   const std::vector<int>& cpus = gpu ? gpus_[index].cpus : nics_[index].cpus;
   return cpus.empty() ? cpus_ : cpus;
@@ -362,7 +379,8 @@ int Topology::find_nic(const std::string& name) const {
     for (const std::string& os : n.names) {
       if (name == os) return n.index;
       // libfabric domains are OS names with a suffix: "rdmap16s27-rdm", "rdmap16s27-dgrm".
-      if (name.size() > os.size() && name.compare(0, os.size(), os) == 0 && name[os.size()] == '-') {
+      if (name.size() > os.size() && name.compare(0, os.size(), os) == 0 &&
+          name[os.size()] == '-') {
         return n.index;
       }
     }
@@ -370,7 +388,8 @@ int Topology::find_nic(const std::string& name) const {
   return -1;
 }
 
-std::vector<std::string> Topology::order_near_gpu(int gpu, const std::vector<std::string>& domains) const {
+std::vector<std::string> Topology::order_near_gpu(int gpu,
+                                                  const std::vector<std::string>& domains) const {
   std::vector<int> order = nics_near_gpu(gpu);
   std::vector<int> rank_of(nics_.size());
   for (size_t i = 0; i < order.size(); ++i) rank_of[order[i]] = static_cast<int>(i);
@@ -414,8 +433,10 @@ std::string Topology::report() const {
   }
 
   o << "\nGPUs\n";
-  if (gpus_.empty()) o << "  (none)\n";
-  else o << "  " << pad("gpu", 6) << pad("pci", 15) << pad("numa", 6) << "device\n";
+  if (gpus_.empty())
+    o << "  (none)\n";
+  else
+    o << "  " << pad("gpu", 6) << pad("pci", 15) << pad("numa", 6) << "device\n";
   for (const TopoGpu& g : gpus_) {
     o << "  " << pad(std::to_string(g.index), 6) << pad(g.pci_bus_id, 15)
       << pad(numa_text(g.numa_node), 6) << ids(g.vendor_id, g.device_id)
@@ -423,14 +444,17 @@ std::string Topology::report() const {
   }
 
   o << "\nNICs\n";
-  if (nics_.empty()) o << "  (none)\n";
-  else o << "  " << pad("nic", 6) << pad("pci", 15) << pad("numa", 6) << pad("kind", 10)
-         << pad("device", 13) << "names\n";
+  if (nics_.empty())
+    o << "  (none)\n";
+  else
+    o << "  " << pad("nic", 6) << pad("pci", 15) << pad("numa", 6) << pad("kind", 10)
+      << pad("device", 13) << "names\n";
   for (const TopoNic& n : nics_) {
     std::string names;
     for (const std::string& s : n.names) names += (names.empty() ? "" : ", ") + s;
-    o << "  " << pad(std::to_string(n.index), 6) << pad(n.pci_bus_id.empty() ? "-" : n.pci_bus_id, 15)
-      << pad(numa_text(n.numa_node), 6) << pad(nic_kind_name(n.kind), 10)
+    o << "  " << pad(std::to_string(n.index), 6)
+      << pad(n.pci_bus_id.empty() ? "-" : n.pci_bus_id, 15) << pad(numa_text(n.numa_node), 6)
+      << pad(nic_kind_name(n.kind), 10)
       << pad(n.pci_bus_id.empty() ? "-" : ids(n.vendor_id, n.device_id), 13)
       << (names.empty() ? "-" : names) << "\n";
   }
@@ -452,8 +476,8 @@ std::string Topology::report() const {
   if (gpus_.empty()) {
     o << "  no GPU: host-only ranks; worker cores follow their NICs\n";
     for (const TopoNic& n : nics_) {
-      o << "  nic" << n.index << " -> cores " << format_cpu_list(cores_near(DeviceKind::nic, n.index))
-        << "\n";
+      o << "  nic" << n.index << " -> cores "
+        << format_cpu_list(cores_near(DeviceKind::nic, n.index)) << "\n";
     }
     if (nics_.empty()) o << "  no NIC either: any core, " << format_cpu_list(cpus_) << "\n";
   }
@@ -467,8 +491,8 @@ std::string Topology::report() const {
       for (size_t i = 0; i < near.size(); ++i) o << (i ? "," : "") << near[i];
       o << " (" << pci_path_name(distance_[g.index][near[0]].path) << ")";
     }
-    o << ", worker cores " << format_cpu_list(cores_near(DeviceKind::gpu, g.index))
-      << " (numa " << numa_text(g.numa_node) << ")\n";
+    o << ", worker cores " << format_cpu_list(cores_near(DeviceKind::gpu, g.index)) << " (numa "
+      << numa_text(g.numa_node) << ")\n";
   }
   return o.str();
 }
@@ -479,7 +503,8 @@ std::vector<int> bind_thread_to_cores(const std::vector<int>& cpus) {
   cpu_set_t allowed;
   CPU_ZERO(&allowed);
   if (sched_getaffinity(getpid(), sizeof(allowed), &allowed) != 0) {
-    raise(Status::internal, "bind_thread_to_cores: sched_getaffinity: " + std::string(std::strerror(errno)));
+    raise(Status::internal,
+          "bind_thread_to_cores: sched_getaffinity: " + std::string(std::strerror(errno)));
   }
   cpu_set_t want;
   CPU_ZERO(&want);
@@ -494,9 +519,9 @@ std::vector<int> bind_thread_to_cores(const std::vector<int>& cpus) {
     }
   }
   if (used.empty()) {
-    raise(Status::invalid_argument, "bind_thread_to_cores: none of cpus " + format_cpu_list(cpus) +
-                                        " is allowed to this process (allowed: " +
-                                        format_cpu_list(allowed_list) + ")");
+    raise(Status::invalid_argument,
+          "bind_thread_to_cores: none of cpus " + format_cpu_list(cpus) +
+              " is allowed to this process (allowed: " + format_cpu_list(allowed_list) + ")");
   }
   int rc = pthread_setaffinity_np(pthread_self(), sizeof(want), &want);
   if (rc != 0) {

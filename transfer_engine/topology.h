@@ -21,13 +21,13 @@ enum class PciPath : uint8_t { pix = 0, pxb = 1, phb = 2, node = 3, sys = 4 };
 const char* pci_path_name(PciPath path);  // "PIX", "PXB", ...
 
 struct TopoGpu {
-  int index = 0;            // in PCI bus id order: CUDA's order with CUDA_DEVICE_ORDER=PCI_BUS_ID
-  std::string pci_bus_id;   // "0000:53:00.0"
+  int index = 0;           // in PCI bus id order: CUDA's order with CUDA_DEVICE_ORDER=PCI_BUS_ID
+  std::string pci_bus_id;  // "0000:53:00.0"
   uint16_t vendor_id = 0;
   uint16_t device_id = 0;
-  std::string name;         // model name when hwloc knows it, else ""
-  int numa_node = -1;       // -1: not attached to a single NUMA node
-  std::vector<int> cpus;    // NUMA-local CPUs (Linux CPU numbers)
+  std::string name;       // model name when hwloc knows it, else ""
+  int numa_node = -1;     // -1: not attached to a single NUMA node
+  std::vector<int> cpus;  // NUMA-local CPUs (Linux CPU numbers)
 };
 
 // efa: an AWS EFA device (vendor 0x1d0f, device 0xefa*). rdma: another verbs device (ConnectX in
@@ -37,11 +37,12 @@ const char* nic_kind_name(NicKind kind);  // "efa", "rdma", "ethernet", "other"
 
 struct TopoNic {
   int index = 0;
-  std::string pci_bus_id;         // "" for a NIC hwloc sees without a PCI device
-  uint16_t vendor_id = 0;         // 0x1d0f: Amazon (EFA, ENA); 0x15b3: Mellanox/NVIDIA
+  std::string pci_bus_id;  // "" for a NIC hwloc sees without a PCI device
+  uint16_t vendor_id = 0;  // 0x1d0f: Amazon (EFA, ENA); 0x15b3: Mellanox/NVIDIA
   uint16_t device_id = 0;
   NicKind kind = NicKind::other;
-  std::vector<std::string> names;  // OS names: verbs device ("rdmap16s27", "mlx5_0"), netdev ("eth0")
+  // OS names, verbs device first: "rdmap16s27" or "mlx5_0", then the netdev ("eth0").
+  std::vector<std::string> names;
   int numa_node = -1;
   std::vector<int> cpus;
 };

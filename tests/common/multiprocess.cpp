@@ -41,7 +41,8 @@ constexpr size_t kMaxOutputBytes = 4 << 20;
 void enter_netns(int rank, const std::string& name) {
   std::string path = "/var/run/netns/" + name;
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) child_fail(rank, "cannot open network namespace " + path + ": " + std::strerror(errno));
+  if (fd < 0)
+    child_fail(rank, "cannot open network namespace " + path + ": " + std::strerror(errno));
   if (::setns(fd, CLONE_NEWNET) != 0) {
     child_fail(rank, "setns(" + path + "): " + std::strerror(errno));
   }
@@ -77,7 +78,8 @@ int current_part_count() {
     enter_netns(rank, netns);
     if (options.netns_hostname) {
       if (::unshare(CLONE_NEWUTS) != 0 || ::sethostname(netns.data(), netns.size()) != 0) {
-        child_fail(rank, "giving namespace " + netns + " its own host name: " + std::strerror(errno));
+        child_fail(rank,
+                   "giving namespace " + netns + " its own host name: " + std::strerror(errno));
       }
     }
   }
@@ -129,7 +131,8 @@ int pick_free_port() {
   std::mt19937 rng(static_cast<unsigned>(::getpid()) * 2654435761u ^
                    static_cast<unsigned>(Clock::now().time_since_epoch().count()));
   for (int attempt = 0; attempt < 200; ++attempt) {
-    int port = attempt < 199 ? low + static_cast<int>(rng() % static_cast<unsigned>(high - low)) : 0;
+    int port =
+        attempt < 199 ? low + static_cast<int>(rng() % static_cast<unsigned>(high - low)) : 0;
     int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) throw std::runtime_error(std::string("socket: ") + std::strerror(errno));
     sockaddr_in addr{};
@@ -288,8 +291,7 @@ void expect_all_ok(const std::vector<RankResult>& results) {
   EXPECT_FALSE(results.empty()) << "no ranks ran";
   for (const RankResult& r : results) {
     bool ok = r.exit_code == 0 && !r.signaled && !r.timed_out;
-    EXPECT_TRUE(ok) << "rank " << r.rank << " " << describe(r) << "; its output:\n"
-                    << r.output;
+    EXPECT_TRUE(ok) << "rank " << r.rank << " " << describe(r) << "; its output:\n" << r.output;
   }
 }
 

@@ -28,7 +28,8 @@ struct LaunchOptions {
   int timeout_ms = 60000;                  // whole run; children killed after it
   std::map<std::string, std::string> env;  // set in every child (e.g. FI_PROVIDER, FI_TCP_TX_SIZE)
   std::function<std::map<std::string, std::string>(int rank)> rank_env;  // optional per-rank env
-  std::function<std::string(int rank)> rank_netns;  // optional: netns each rank enters (setns) first
+  std::function<std::string(int rank)>
+      rank_netns;  // optional: netns each rank enters (setns) first
   // Deadline for building the bootstrap in each child; 0: half of timeout_ms, so a rank that does
   // not arrive is reported by the bootstrap (naming it) before the whole run is killed.
   int bootstrap_timeout_ms = 0;

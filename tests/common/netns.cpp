@@ -127,7 +127,8 @@ NetnsAvailability NetnsCluster::available() {
       return;
     }
     std::string bridge_output;
-    int rc = run_command({"ip", "-n", probe, "link", "add", "fsw0", "type", "bridge"}, &bridge_output);
+    int rc =
+        run_command({"ip", "-n", probe, "link", "add", "fsw0", "type", "bridge"}, &bridge_output);
     run_command({"ip", "netns", "del", probe}, &output);
     if (rc != 0) {
       result = {false, "cannot create a Linux bridge in a namespace: " + bridge_output};
@@ -179,7 +180,9 @@ NetnsCluster::NetnsCluster(int hosts, int nics_per_host) : hosts_(hosts), nics_(
   }
 }
 
-NetnsCluster::~NetnsCluster() { teardown(); }
+NetnsCluster::~NetnsCluster() {
+  teardown();
+}
 
 void NetnsCluster::teardown() noexcept {
   // Deleting a namespace destroys the veth ends inside it, and with them their peers.

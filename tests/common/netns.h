@@ -10,8 +10,8 @@
 // Layout: plane n is a bridge "fsw<n>" inside a switch namespace; host h's interface "fnic<n>"
 // (address 198.18.<n>.<h+1>/24) is one end of a veth pair whose other end is a bridge port in the
 // switch namespace. A rate limit is a token bucket on both ends of that veth (both directions); a
-// downed link is the switch-side port taken down, so the host sees NO-CARRIER as with a pulled cable.
-// Names carry a per-process prefix, so concurrent test processes never collide. Everything
+// downed link is the switch-side port taken down, so the host sees NO-CARRIER as with a pulled
+// cable. Names carry a per-process prefix, so concurrent test processes never collide. Everything
 // created is removed by the destructor, also when construction fails half way.
 #pragma once
 #include <string>
@@ -37,7 +37,7 @@ class NetnsCluster {
 
   int hosts() const { return hosts_; }
   int nics_per_host() const { return nics_; }
-  const std::string& netns(int host) const;        // namespace name of host h
+  const std::string& netns(int host) const;  // namespace name of host h
   const std::string& switch_netns() const { return switch_ns_; }
   std::string interface(int host, int nic) const;  // "fnic<n>" inside the host namespace
   std::string address(int host, int nic) const;    // "198.18.<nic>.<host+1>"

@@ -23,7 +23,9 @@ using ::testing::HasSubstr;
 using ::testing::Not;
 using Clock = std::chrono::steady_clock;
 
-uint8_t pattern(int rank, size_t i) { return static_cast<uint8_t>(rank * 131 + i * 7 + (i >> 8)); }
+uint8_t pattern(int rank, size_t i) {
+  return static_cast<uint8_t>(rank * 131 + i * 7 + (i >> 8));
+}
 
 std::vector<uint8_t> blob_of(int rank, size_t bytes) {
   std::vector<uint8_t> v(bytes);
@@ -92,7 +94,8 @@ TEST(Bootstrap, ZeroByteAllgatherAndSingleRankWorldComplete) {
     b.barrier(1000);
   }));
   options.world_size = 3;
-  expect_all_ok(run_ranks(options, [](te::Bootstrap& b) { b.allgather(nullptr, 0, nullptr, 10000); }));
+  expect_all_ok(
+      run_ranks(options, [](te::Bootstrap& b) { b.allgather(nullptr, 0, nullptr, 10000); }));
 }
 
 TEST(Bootstrap, NoRankLeavesBarrierBeforeTheLastArrives) {
@@ -109,8 +112,8 @@ TEST(Bootstrap, NoRankLeavesBarrierBeforeTheLastArrives) {
       std::vector<int64_t> arrivals(b.world_size());
       b.allgather(&arrived_ns, sizeof(arrived_ns), arrivals.data(), 30000);
       for (int r = 0; r < b.world_size(); ++r) {
-        EXPECT_GE(left_ns, arrivals[r]) << "left barrier " << round << " before rank " << r
-                                        << " arrived";
+        EXPECT_GE(left_ns, arrivals[r])
+            << "left barrier " << round << " before rank " << r << " arrived";
       }
     }
   }));
@@ -169,7 +172,8 @@ TEST_P(SetupDeadline, ARankThatNeverJoinsIsNamedByEveryRank) {
   for (int r : {0, 1}) {
     EXPECT_EQ(results[r].exit_code, 1) << results[r].output;
     EXPECT_FALSE(results[r].timed_out);
-    EXPECT_THAT(results[r].output, AllOf(HasSubstr("rank 2 did not connect"), HasSubstr("[timeout]")));
+    EXPECT_THAT(results[r].output,
+                AllOf(HasSubstr("rank 2 did not connect"), HasSubstr("[timeout]")));
   }
   if (root_starts_last) {
     EXPECT_THAT(results[1].output, HasSubstr("rank 1 gave up waiting"));
@@ -407,9 +411,9 @@ class ScopedEnv {
 };
 
 TEST(BootstrapFromEnv, MissingVariablesAreListed) {
-  ScopedEnv env{{"MASTER_ADDR", nullptr}, {"MASTER_PORT", nullptr}, {"RANK", "0"},
-                {"WORLD_SIZE", nullptr},  {"OMPI_COMM_WORLD_RANK", nullptr},
-                {"PMI_RANK", nullptr},    {"PMIX_RANK", nullptr}};
+  ScopedEnv env{{"MASTER_ADDR", nullptr}, {"MASTER_PORT", nullptr},          {"RANK", "0"},
+                {"WORLD_SIZE", nullptr},  {"OMPI_COMM_WORLD_RANK", nullptr}, {"PMI_RANK", nullptr},
+                {"PMIX_RANK", nullptr}};
   auto error = error_of([] { te::bootstrap_from_env(1000); });
   ASSERT_TRUE(error.has_value());
   EXPECT_EQ(error->status(), Status::invalid_argument);
@@ -418,8 +422,8 @@ TEST(BootstrapFromEnv, MissingVariablesAreListed) {
 }
 
 TEST(BootstrapFromEnv, MalformedNumbersAreNamed) {
-  ScopedEnv env{{"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "29x"}, {"RANK", "0"},
-                {"WORLD_SIZE", "2"}};
+  ScopedEnv env{
+      {"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "29x"}, {"RANK", "0"}, {"WORLD_SIZE", "2"}};
   auto error = error_of([] { te::bootstrap_from_env(1000); });
   ASSERT_TRUE(error.has_value());
   EXPECT_EQ(error->status(), Status::invalid_argument);
@@ -432,8 +436,9 @@ TEST(BootstrapFromEnv, MalformedNumbersAreNamed) {
 
 TEST(BootstrapFromEnv, SingleRankTorchrunEnvironmentWorks) {
   std::string port = std::to_string(pick_free_port());
-  ScopedEnv env{{"MASTER_ADDR", "localhost"}, {"MASTER_PORT", port.c_str()}, {"RANK", "0"},
-                {"WORLD_SIZE", "1"}, {"LOCAL_RANK", "0"}, {"LOCAL_WORLD_SIZE", "1"}};
+  ScopedEnv env{
+      {"MASTER_ADDR", "localhost"}, {"MASTER_PORT", port.c_str()}, {"RANK", "0"},
+      {"WORLD_SIZE", "1"},          {"LOCAL_RANK", "0"},           {"LOCAL_WORLD_SIZE", "1"}};
   auto b = te::bootstrap_from_env(2000);
   EXPECT_EQ(b->rank(), 0);
   EXPECT_EQ(b->world_size(), 1);

@@ -71,7 +71,8 @@ TEST(RunRanks, AnExceptionExitsOneWithTheRankAndMessage) {
 TEST(RunRanks, AFailedExpectationFailsOnlyThatRank) {
   LaunchOptions options;
   options.world_size = 2;
-  auto results = run_ranks(options, [](te::Bootstrap& b) { EXPECT_EQ(b.rank(), 0) << "only rank 0 passes"; });
+  auto results =
+      run_ranks(options, [](te::Bootstrap& b) { EXPECT_EQ(b.rank(), 0) << "only rank 0 passes"; });
   EXPECT_EQ(results[0].exit_code, 0) << results[0].output;
   EXPECT_EQ(results[1].exit_code, 1);
   EXPECT_THAT(results[1].output, HasSubstr("only rank 0 passes"));

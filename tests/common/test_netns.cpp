@@ -1,5 +1,5 @@
-// Several hosts with several NICs on one machine: the bootstrap across namespaces, a rate limit that
-// really limits, and a downed link that really cuts.
+// Several hosts with several NICs on one machine: the bootstrap across namespaces, a rate limit
+// that really limits, and a downed link that really cuts.
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <gmock/gmock.h>
@@ -25,9 +25,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-#define SKIP_WITHOUT_NETNS()                                     \
-  do {                                                           \
-    NetnsAvailability a = NetnsCluster::available();             \
+#define SKIP_WITHOUT_NETNS()                                       \
+  do {                                                             \
+    NetnsAvailability a = NetnsCluster::available();               \
     if (!a.ok) GTEST_SKIP() << "network namespaces: " << a.reason; \
   } while (0)
 
@@ -91,7 +91,8 @@ void set_io_timeout(int fd, int timeout_ms) {
 
 // Rank 1 streams `bytes` to rank 0 at server_ip; rank 0 acknowledges the last byte. Returns the
 // milliseconds rank 1 measured (on every rank), or a negative value when the transfer failed.
-double timed_transfer(te::Bootstrap& b, const std::string& server_ip, size_t bytes, int timeout_ms) {
+double timed_transfer(te::Bootstrap& b, const std::string& server_ip, size_t bytes,
+                      int timeout_ms) {
   constexpr size_t kChunk = 64 << 10;
   std::vector<char> buf(kChunk, 'x');
   int port = 0, listener = -1;
@@ -144,7 +145,8 @@ TEST(NetnsCluster, NamesAddressesAndCleanup) {
     EXPECT_EQ(a.address(2, 1), "198.18.1.3");
     EXPECT_THROW(a.address(3, 0), std::out_of_range);
     std::string out;
-    ASSERT_EQ(run_command({"ip", "-n", a.netns(2), "-o", "-4", "addr", "show", "dev", "fnic1"}, &out), 0);
+    ASSERT_EQ(
+        run_command({"ip", "-n", a.netns(2), "-o", "-4", "addr", "show", "dev", "fnic1"}, &out), 0);
     EXPECT_THAT(out, ::testing::HasSubstr("198.18.1.3/24"));
     ASSERT_EQ(run_command({"ip", "-n", a.netns(1), "link", "show", "lo"}, &out), 0);
     EXPECT_THAT(out, ::testing::HasSubstr("UP"));
@@ -193,7 +195,8 @@ TEST(NetnsCluster, HostNamesPerNamespaceGiveLocalRanksPerHost) {
   options.world_size = 4;
   options.timeout_ms = 30000;
   // Two ranks per host; the launcher says nothing about locality, so it comes from host names.
-  options.env = {{"MASTER_ADDR", cluster.address(0, 0)}, {"LOCAL_RANK", ""}, {"LOCAL_WORLD_SIZE", ""}};
+  options.env = {
+      {"MASTER_ADDR", cluster.address(0, 0)}, {"LOCAL_RANK", ""}, {"LOCAL_WORLD_SIZE", ""}};
   options.rank_netns = [&](int rank) { return cluster.netns(rank / 2); };
   options.netns_hostname = true;
   expect_all_ok(run_ranks(options, [&](te::Bootstrap& b) {

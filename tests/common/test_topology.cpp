@@ -88,8 +88,9 @@ TEST_F(P5Like, LibfabricDomainsAndCudaBusIdsMapToDevices) {
   EXPECT_EQ(topo.find_nic("rdmap14"), -1);
   EXPECT_EQ(topo.find_gpu("00000000:92:00.0"), 1);  // as cudaDeviceGetPCIBusId prints it
   EXPECT_EQ(topo.find_gpu("0000:13:00.0"), -1);
-  EXPECT_THAT(topo.order_near_gpu(1, {"rdmap19s0-rdm", "veth0", "rdmap148s0-rdm", "rdmap147s0-rdm"}),
-              ElementsAre("rdmap147s0-rdm", "rdmap148s0-rdm", "rdmap19s0-rdm", "veth0"));
+  EXPECT_THAT(
+      topo.order_near_gpu(1, {"rdmap19s0-rdm", "veth0", "rdmap148s0-rdm", "rdmap147s0-rdm"}),
+      ElementsAre("rdmap147s0-rdm", "rdmap148s0-rdm", "rdmap19s0-rdm", "veth0"));
 }
 
 TEST_F(P5Like, ReportShowsPathsAndPlacement) {
@@ -149,7 +150,8 @@ TEST(Topology, DiscoversThisMachine) {
   EXPECT_FALSE(topo.numa_nodes().empty());
   // No GPU and no NIC are valid answers here; whatever is found must be consistent.
   for (const TopoNic& n : topo.nics()) {
-    for (int c : n.cpus) EXPECT_NE(std::find(topo.cpus().begin(), topo.cpus().end(), c), topo.cpus().end());
+    for (int c : n.cpus)
+      EXPECT_NE(std::find(topo.cpus().begin(), topo.cpus().end(), c), topo.cpus().end());
     EXPECT_FALSE(topo.cores_near(DeviceKind::nic, n.index).empty());
   }
   for (const TopoGpu& g : topo.gpus()) {
