@@ -2,6 +2,8 @@
 // every failure naming the rank to blame.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -82,6 +84,39 @@ TEST_P(AllgatherAmong, EveryRankReceivesEveryBlobByteForByte) {
 
 INSTANTIATE_TEST_SUITE_P(Worlds, AllgatherAmong, ::testing::Values(2, 4, 8),
                          [](const auto& info) { return std::to_string(info.param) + "ranks"; });
+
+// MASTER_ADDR as launchers write it: an IPv4 literal, a host name, an IPv6 literal.
+class MasterAddress : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(MasterAddress, RanksMeetThroughIt) {
+  const std::string addr = GetParam();
+  if (addr == "::1") {
+    int fd = ::socket(AF_INET6, SOCK_STREAM, 0);
+    sockaddr_in6 a{};
+    a.sin6_family = AF_INET6;
+    a.sin6_addr = in6addr_loopback;
+    bool ipv6 = fd >= 0 && ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
+    if (fd >= 0) ::close(fd);
+    if (!ipv6) GTEST_SKIP() << "no IPv6 loopback on this machine";
+  }
+  LaunchOptions options;
+  options.world_size = 3;
+  options.env = {{"MASTER_ADDR", addr}};
+  expect_all_ok(run_ranks(options, [](te::Bootstrap& b) {
+    uint16_t mine = static_cast<uint16_t>(100 + b.rank()), all[3];
+    b.allgather(&mine, sizeof(mine), all, 10000);
+    EXPECT_THAT(all, ::testing::ElementsAre(100, 101, 102));
+  }));
+}
+
+INSTANTIATE_TEST_SUITE_P(Launchers, MasterAddress,
+                         ::testing::Values("127.0.0.1", "localhost", "::1"),
+                         [](const auto& info) {
+                           std::string name = info.param;
+                           return name == "::1" ? std::string("ipv6_loopback")
+                                                : name == "localhost" ? std::string("host_name")
+                                                                      : std::string("ipv4");
+                         });
 
 TEST(Bootstrap, ZeroByteAllgatherAndSingleRankWorldComplete) {
   LaunchOptions options;
