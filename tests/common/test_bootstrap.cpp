@@ -110,12 +110,11 @@ TEST_P(MasterAddress, RanksMeetThroughIt) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Launchers, MasterAddress,
-                         ::testing::Values("127.0.0.1", "localhost", "::1"),
-                         [](const auto& info) {
+                         ::testing::Values("127.0.0.1", "localhost", "::1"), [](const auto& info) {
                            std::string name = info.param;
-                           return name == "::1" ? std::string("ipv6_loopback")
-                                                : name == "localhost" ? std::string("host_name")
-                                                                      : std::string("ipv4");
+                           return name == "::1"         ? std::string("ipv6_loopback")
+                                  : name == "localhost" ? std::string("host_name")
+                                                        : std::string("ipv4");
                          });
 
 TEST(Bootstrap, ZeroByteAllgatherAndSingleRankWorldComplete) {
