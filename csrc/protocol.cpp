@@ -184,6 +184,11 @@ void Protocol::post_private(bool poisoned) {
 void Protocol::post_dispatch(std::span<const int32_t> dest_count, std::span<const int64_t> dest_offset) {
   expect_phase(Phase::dispatch_packing, "dispatch SEND");
   guarded("dispatch SEND", [&] {
+    const size_t R = size_t(layout_.world_size);
+    if (dest_count.size() != R || dest_offset.size() != R + 1)
+      raise(Status::internal, "rank " + std::to_string(layout_.rank) + " post_dispatch: " +
+                                  std::to_string(dest_count.size()) + " counts and " +
+                                  std::to_string(dest_offset.size()) + " offsets for " + std::to_string(R) + " ranks");
     dest_count_.assign(dest_count.begin(), dest_count.end());
     dest_offset_.assign(dest_offset.begin(), dest_offset.end());
     post_private(false);
@@ -202,6 +207,9 @@ void Protocol::post_dispatch_failure() {
     dest_count_.assign(R, 0);
     dest_offset_.assign(R + 1, 0);
     post_private(true);
+    // The poison must reach the peers even if the caller tears this rank down right away (on tcp
+    // the first write to a peer also sets up its connection, which can take a while under load).
+    engine_.flush(timeout_ms_);
   } catch (...) {
     // Best effort: the peers then report this rank missing at their deadline instead.
   }
