@@ -328,6 +328,7 @@ int bench_main(const Options& o) {
                    ratio(e.latency_us, r.latency_us)});
   }
   table.print();
+  std::printf("ratio = engine / raw: above 1 is better for GB/s and Mmsg/s, below 1 for us\n");
   std::printf("\nscatter of %llu-byte messages to every peer, %d rounds, all ranks: engine %.3f "
               "Mmsg/s, raw %.3f Mmsg/s, ratio %s\n",
               static_cast<unsigned long long>(o.scatter_bytes), o.scatter_rounds,
