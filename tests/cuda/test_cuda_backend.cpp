@@ -284,6 +284,9 @@ TEST_F(CudaBackend, InvalidExpertIdFailsTheReceiveCallOnEveryRank) {
     }
     EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(c.timeout_ms / 2))
         << "rank " << l.rank << " waited for a deadline instead of failing at once";
+    // Ranks leave together: a peer's dispatch writes to the failed rank must complete before its
+    // process (and its NIC endpoint) goes away.
+    bs.barrier(c.timeout_ms);
   }));
 }
 
