@@ -56,14 +56,17 @@ Protocol::Protocol(const Layout& layout, te::TransferEngine& engine, const Proto
 }
 
 Protocol::~Protocol() {
-  // Writes still in flight read these buffers; let them finish before the regions go away. After a
-  // failed step they may target a dead peer and never complete: do not hold the caller for long.
+  // After a failed step, writes to a dead or stalled peer may never complete, and deregister()
+  // waits for in-flight writes up to the engine's deadline: leave the regions to the engine, whose
+  // destructor cancels what is still in flight (the buffers outlive the engine, see ProtocolBuffers).
+  if (phase_ == Phase::broken) return;
   try {
-    engine_.flush(phase_ == Phase::broken ? std::min(timeout_ms_, 1000) : timeout_ms_);
+    engine_.flush(timeout_ms_);
+    for (te::MemoryRegion* mr : {send_mr_, recv_mr_, combine_send_mr_, combine_recv_mr_})
+      if (mr) engine_.deregister(*mr);
   } catch (...) {
+    // Same as above: the engine's destructor closes what is left.
   }
-  for (te::MemoryRegion* mr : {send_mr_, recv_mr_, combine_send_mr_, combine_recv_mr_})
-    if (mr) engine_.deregister(*mr);
 }
 
 uint32_t Protocol::imm(Kind kind, int sender) const {

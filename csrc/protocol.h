@@ -36,7 +36,8 @@ namespace ferry::ep {
 
 // Buffers owned by the backend: host memory for the host backend, pinned host or device memory for
 // the CUDA backend. Sizes from Layout: send_buffer_bytes, recv_buffer_bytes, combine_send_bytes,
-// combine_recv_bytes.
+// combine_recv_bytes. They must outlive the TransferEngine, not only the Protocol: after a failed
+// step the Protocol leaves them registered for the engine's destructor to close.
 struct ProtocolBuffers {
   void* send = nullptr;
   void* recv = nullptr;
