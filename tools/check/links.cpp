@@ -102,6 +102,9 @@ struct SlotEngines::Slot {
 SlotEngines::SlotEngines(const Options& opt, te::Bootstrap& boot, const std::vector<RankInventory>& all) {
   const RankInventory& me = all[size_t(boot.rank())];
   const int n = max_slots(all);
+  // The engine lets FERRY_DOMAINS override its config; here each engine must open exactly its
+  // slot's NIC (the inventory has already taken the variable into account).
+  ::unsetenv("FERRY_DOMAINS");
   // The NIC this rank joins a slot's engine through when it has none of its own for that slot.
   std::string fallback;
   for (int s = 0; s < int(me.nics.size()) && fallback.empty(); ++s)
