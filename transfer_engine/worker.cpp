@@ -179,8 +179,7 @@ void Worker::fail(Status status, const std::string& text) {
 }
 
 void Worker::loop() {
-  // Idle sleeps grow to 1 ms so that dozens of idle engines on a few cores cost little; someone
-  // waiting (or registered imm callbacks) keeps them at 20 us.
+  // Idle sleeps grow to 1 ms so that dozens of idle engines on a few cores cost little.
   Backoff backoff(1000);
   while (!stop_.load(std::memory_order_acquire)) {
     bool busy = poll_cqs();
@@ -194,21 +193,27 @@ void Worker::loop() {
       backoff.reset();
       continue;
     }
-    if (backoff.sleeping()) {
+    // Attended: writes in flight, a caller blocked in wait/flush, or registered imm callbacks.
+    // tcp and shm move bytes of a large write only when both ends poll, so an attended worker
+    // never sleeps; it yields, which costs little when many ranks share a core.
+    const bool attended = in_flight_total_ != 0 ||
+                          active_waiters_.load(std::memory_order_acquire) != 0 ||
+                          num_waiters_.load(std::memory_order_acquire) != 0;
+    if (!backoff.sleeping()) {
+      backoff.pause();
+    } else if (attended) {
+      std::this_thread::yield();
+    } else {
       // Producers notify when they see the worker asleep; the timeout keeps CQs progressing for
-      // arrivals (tcp and shm only move bytes when the target polls).
+      // arrivals nobody waits for yet.
       std::unique_lock<std::mutex> lock(sleep_mutex_);
       sleeping_.store(true, std::memory_order_seq_cst);
       if (!stop_.load(std::memory_order_acquire) && !has_control_.load(std::memory_order_acquire) &&
+          active_waiters_.load(std::memory_order_acquire) == 0 &&
           slot(next_post_).published.load(std::memory_order_acquire) != next_post_ + 1) {
-        const bool attended = active_waiters_.load(std::memory_order_acquire) != 0 ||
-                              num_waiters_.load(std::memory_order_acquire) != 0;
-        const int sleep_us = attended ? std::min(backoff.sleep_us(), 20) : backoff.sleep_us();
-        sleep_cv_.wait_for(lock, std::chrono::microseconds(sleep_us));
+        sleep_cv_.wait_for(lock, std::chrono::microseconds(backoff.sleep_us()));
       }
       sleeping_.store(false, std::memory_order_release);
-    } else {
-      backoff.pause();
     }
   }
   // Control tasks queued while stopping still run, so no caller is left waiting on them.
@@ -243,7 +248,10 @@ bool Worker::poll_cqs() {
           std::string peer = "an unknown peer";
           if (op != nullptr && op >= ring_.get() && op < ring_.get() + capacity_) {
             op->done = true;
-            if (in_flight_[n] > 0) --in_flight_[n];
+            if (in_flight_[n] > 0) {
+            --in_flight_[n];
+            --in_flight_total_;
+          }
             peer = "rank " + std::to_string(op->peer_rank);
           }
           fail(is_peer_failure(err.err) ? Status::peer_failed : Status::transport,
@@ -275,7 +283,10 @@ bool Worker::poll_cqs() {
           any_imm = true;
         } else if (e.op_context != nullptr) {
           static_cast<WriteOp*>(e.op_context)->done = true;
-          if (in_flight_[n] > 0) --in_flight_[n];
+          if (in_flight_[n] > 0) {
+            --in_flight_[n];
+            --in_flight_total_;
+          }
         }
       }
       if (static_cast<size_t>(got) < kCqBatch) break;
@@ -335,6 +346,7 @@ bool Worker::post_some() {
       continue;
     }
     ++in_flight_[op.nic];
+    ++in_flight_total_;
     ops_posted_.store(ops_posted_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
     bytes_posted_.store(bytes_posted_.load(std::memory_order_relaxed) + op.bytes,
                         std::memory_order_relaxed);

@@ -120,6 +120,7 @@ class Worker {
   alignas(64) uint64_t next_post_ = 0;             // worker-only
   uint64_t retire_scan_ = 0;                       // worker-only
   size_t in_flight_[kMaxNics] = {};                // worker-only: posted, not completed, per NIC
+  size_t in_flight_total_ = 0;                     // worker-only
 
   std::atomic<bool> stop_{false};
   std::atomic<int> active_waiters_{0};
