@@ -109,6 +109,10 @@ class CudaBackend final : public Backend {
     flags_ = MappedHostBuffer(sizeof(cuda::ArrivalFlags));
     std::memset(flags_.host(), 0, flags_.bytes());
     ws_ = cuda::carve_workspace(layout_, ws_dev_.get(), ws_host_.dev());
+    // The proxy thread and the Protocol use the device addresses of mapped host memory on the host.
+    if (ws_host_.dev() != ws_host_.host())
+      raise(Status::unsupported, rank_text() + "the CUDA backend needs unified addressing (mapped host memory "
+                                               "at the same address on host and device)");
 
     engine_ = std::make_unique<te::TransferEngine>(ec, bootstrap);
     ProtocolBuffers buffers;
@@ -185,7 +189,7 @@ class CudaBackend final : public Backend {
   ferry_buffer_sizes_t buffer_sizes() const override { return buffer_sizes_for(config_); }
 
   ferry_a2a_stats_t stats() const override {
-    const ProtocolStats& s = protocol_->stats();
+    const ProtocolStats s = proxy_->stats();
     return {s.dispatch_bytes_sent, s.combine_bytes_sent, s.dispatch_records_sent, s.overflow_records_sent};
   }
 

@@ -49,6 +49,11 @@ std::string Proxy::error(Status* status) const {
   return error_;
 }
 
+ep::ProtocolStats Proxy::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
 void Proxy::fail(Status status, const std::string& what) {
   std::lock_guard<std::mutex> lock(mu_);
   if (failed_.exchange(true)) return;
@@ -117,6 +122,10 @@ void Proxy::run() {
     guarded("combine", [&] {
       protocol_.post_combine();
       protocol_.wait_combine();
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        stats_ = protocol_.stats();
+      }
       protocol_.begin_dispatch();
     });
     raise_flag(&flags_->combine_arrived, step);

@@ -43,6 +43,8 @@ class Proxy {
 
   // The first failure the proxy saw (empty when none) and its status.
   std::string error(Status* status) const;
+  // The Protocol's statistics as of the last completed step (the Protocol itself is this thread's).
+  ep::ProtocolStats stats() const;
 
  private:
   void run();
@@ -58,6 +60,7 @@ class Proxy {
   mutable std::mutex mu_;
   std::string error_;
   Status error_status_ = Status::ok;
+  ep::ProtocolStats stats_;
   std::atomic<bool> failed_{false};
   std::thread thread_;
 };
