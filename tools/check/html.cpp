@@ -124,10 +124,21 @@ static void links_section(std::ostringstream& o, const Report& r) {
     if (m.empty()) m.assign(n, std::vector<const LinkResult*>(n, nullptr));
     if (l.src >= 0 && l.src < n && l.dst >= 0 && l.dst < n) m[l.src][l.dst] = &l;
   }
-  // One colour scale for every slot, so a slow rail looks slow next to the others.
+  // Colour is the fraction of the median of links of the same kind (intra-host links run through
+  // memory and would make every wire look slow on one absolute scale), over all NIC slots, so a
+  // slow rail stands out next to the others.
+  std::map<bool, std::vector<double>> kinds;
   double max_gbps = 0;
-  for (const LinkResult& l : r.links)
-    if (l.ok && l.gbps > max_gbps) max_gbps = l.gbps;
+  for (const LinkResult& l : r.links) {
+    if (!l.ok || l.gbps < 0) continue;
+    kinds[l.src_host == l.dst_host].push_back(l.gbps);
+    max_gbps = std::max(max_gbps, l.gbps);
+  }
+  std::map<bool, double> median_of;
+  for (auto& [intra, v] : kinds) {
+    std::sort(v.begin(), v.end());
+    median_of[intra] = v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+  }
   for (const auto& [slot, m] : by_slot) {
     o << "<h3>NIC slot " << slot << ": write bandwidth, Gb/s (row = sender, column = receiver)</h3>\n"
       << "<table class=\"heat\" id=\"bandwidth-slot-" << slot << "\">\n<tr><th>from \\ to</th>";
@@ -148,16 +159,19 @@ static void links_section(std::ostringstream& o, const Report& r) {
           o << "<td class=\"failed\" title=\"" << escape(title) << "\">FAIL</td>";
         } else {
           o << "<td class=\"" << (l->slow ? "slow" : "ok") << "\" style=\"background:"
-            << heat_colour(l->gbps, max_gbps) << "\" title=\"" << escape(title) << "\">" << fixed(l->gbps, 2)
+            << heat_colour(l->gbps, median_of[l->src_host == l->dst_host]) << "\" title=\"" << escape(title) << "\">" << fixed(l->gbps, 2)
             << "</td>";
         }
       }
       o << "</tr>\n";
     }
-    o << "</table>\n<p class=\"legend\">colour: <span class=\"swatch\" style=\"background:"
-      << heat_colour(0.001, 1) << "\"></span>slowest<span class=\"swatch\" style=\"background:"
-      << heat_colour(1, 1) << "\"></span>fastest (" << fixed(max_gbps, 2)
-      << " Gb/s)<span class=\"swatch\" style=\"outline:3px solid #b91c1c\"></span>slow link"
+    o << "</table>\n<p class=\"legend\">colour: fraction of the median of same-kind links (intra-host "
+      << fixed(median_of.count(true) ? median_of[true] : -1, 2) << " Gb/s, inter-host "
+      << fixed(median_of.count(false) ? median_of[false] : -1, 2) << " Gb/s; fastest " << fixed(max_gbps, 2)
+      << " Gb/s)<span class=\"swatch\" style=\"background:" << heat_colour(0.001, 1)
+      << "\"></span>0<span class=\"swatch\" style=\"background:" << heat_colour(0.5, 1)
+      << "\"></span>0.5<span class=\"swatch\" style=\"background:" << heat_colour(1, 1)
+      << "\"></span>&ge; 1<span class=\"swatch\" style=\"outline:3px solid #b91c1c\"></span>slow link"
       << "<span class=\"swatch\" style=\"background:#7f1d1d\"></span>failed</p>\n";
 
     o << "<h3>NIC slot " << slot << ": small-write latency, &micro;s (half round trip, p50)</h3>\n"

@@ -314,6 +314,8 @@ int main(int argc, char** argv) {
   app.add_option("--json", opt.json_path, "write the whole report as JSON");
   app.add_option("--html", opt.html_path, "write the report as one self-contained HTML page");
   app.add_flag("--quiet", opt.quiet, "no progress lines");
+  std::string from_json;
+  app.add_option("--from-json", from_json, "render an earlier --json report (summary, --html) without running checks");
   app.add_option("--debug-die-at", opt.debug_die_at, "")->group("");  // testing the checker itself
   app.add_option("--debug-hang-at", opt.debug_hang_at, "")->group("");
   app.add_option("--debug-die-rank", opt.debug_die_rank, "")->group("");
@@ -325,6 +327,14 @@ int main(int argc, char** argv) {
   check::set_quiet(opt.quiet);
 
   try {
+    if (!from_json.empty()) {
+      std::ifstream in(from_json);
+      if (!in) raise(Status::invalid_argument, "cannot read " + from_json);
+      const check::Report report = check::report_from_json(nlohmann::json::parse(in));
+      std::printf("%s", check::summary_table(report).c_str());
+      if (!opt.html_path.empty()) std::ofstream(opt.html_path) << check::render_html(report);
+      return report.passed() ? 0 : 1;
+    }
     if (local_ranks > 0 && !tools::is_local_launch_child()) {
       tools::LocalLaunchOptions launch;
       launch.num_ranks = local_ranks;
