@@ -2,6 +2,9 @@
 // the JSON report says so field by field.
 #include <gtest/gtest.h>
 
+#include <fstream>
+#include <set>
+
 #include <nlohmann/json.hpp>
 
 #include "tests/check/check_process.h"
@@ -177,6 +180,32 @@ TEST(CheckLocal, KilledRankIsReportedAndTheJobFails) {
   }
   EXPECT_TRUE(liveness) << j["checks"].dump(1);
   EXPECT_TRUE(skipped_after) << j["checks"].dump(1);
+}
+
+}  // namespace
+}  // namespace ferry::testing
+
+namespace ferry::testing {
+namespace {
+
+TEST(CheckLocal, EarlierReportRendersAgainWithItsVerdict) {
+  const std::string dir = make_temp_dir("from-json");
+  const json report = {
+      {"world_size", 2},
+      {"provider", "tcp"},
+      {"checks", {{{"stage", "links"}, {"name", "rank 0 -> rank 1 on fnic1"}, {"verdict", "FAIL"},
+                   {"reason", "slow link on fnic1"}, {"metrics", json::object()}},
+                  {{"stage", "inventory"}, {"name", "host a: NICs"}, {"verdict", "PASS"}, {"reason", ""},
+                   {"metrics", json::object()}}}},
+      {"links", {{{"slot", 1}, {"src", 0}, {"dst", 1}, {"ok", true}, {"gbps", 0.02}, {"slow", true}}}}};
+  std::ofstream(dir + "/in.json") << report.dump();
+  const ProcessResult r =
+      run_process({ferry_check_binary(), "--from-json", dir + "/in.json", "--html", dir + "/out.html"}, 20000);
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("slow link on fnic1"), std::string::npos) << r.output;
+  const std::string html = read_text(dir + "/out.html");
+  EXPECT_NE(html.find("id=\"bandwidth-slot-1\""), std::string::npos);
+  EXPECT_NE(html.find("class=\"slow\""), std::string::npos);
 }
 
 }  // namespace
