@@ -8,7 +8,7 @@
 #include <set>
 
 #ifdef FERRY_HAVE_CUDA
-#include <cuda.h>
+#include "transfer_engine/cuda_driver.h"
 #endif
 
 namespace ferry::te::fabric {
@@ -232,15 +232,21 @@ FidPtr<fid_mr> Nic::register_memory(void* data, size_t bytes, MemoryKind kind, i
                     "use pinned host memory (host-staged transfers) with this provider");
     }
     // The NIC would fault on a host pointer tagged as device memory; say so here instead.
-    if (CUresult rc = cuInit(0); rc != CUDA_SUCCESS) {
+    const CudaDriver* cu = cuda_driver();
+    if (!cu) {
+      raise(Status::unsupported, where + ": CUDA driver unavailable (" +
+                                     std::string(cuda_driver_error()) +
+                                     "); cannot register CUDA memory");
+    }
+    if (CUresult rc = cu->init(0); rc != CUDA_SUCCESS) {
       const char* text = nullptr;
-      cuGetErrorString(rc, &text);
+      cu->get_error_string(rc, &text);
       raise(Status::unsupported, where + ": CUDA driver unavailable (" +
                                      std::string(text ? text : "unknown") +
                                      "); cannot register CUDA memory");
     }
     unsigned int memory_type = 0;
-    if (cuPointerGetAttribute(&memory_type, CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+    if (cu->pointer_get_attribute(&memory_type, CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
                               reinterpret_cast<CUdeviceptr>(data)) != CUDA_SUCCESS ||
         memory_type != CU_MEMORYTYPE_DEVICE) {
       raise(Status::invalid_argument,
@@ -254,8 +260,10 @@ FidPtr<fid_mr> Nic::register_memory(void* data, size_t bytes, MemoryKind kind, i
     const uintptr_t base = reinterpret_cast<uintptr_t>(data) & ~(page - 1);
     const size_t span = ((reinterpret_cast<uintptr_t>(data) + bytes + page - 1) & ~(page - 1)) - base;
     int fd = -1;
-    if (cuMemGetHandleForAddressRange(&fd, static_cast<CUdeviceptr>(base), span,
-                                      CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD, 0) == CUDA_SUCCESS) {
+    if (cu->mem_get_handle_for_address_range &&
+        cu->mem_get_handle_for_address_range(&fd, static_cast<CUdeviceptr>(base), span,
+                                             CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD,
+                                             0) == CUDA_SUCCESS) {
       dmabuf_fd = fd;
     }
     fi_mr_dmabuf dmabuf{};
