@@ -333,11 +333,7 @@ TransferEngine::~TransferEngine() {
   if (!impl_ || !impl_->worker) return;
   // Writes still in flight reference registered memory: let them finish before the MRs close. A
   // short deadline: writes to a dead peer never complete, and closing the endpoint cancels them.
-  try {
-    impl_->worker->flush(std::min(impl_->config.timeout_ms, 2000));
-  } catch (const Error&) {
-    // A failed peer cannot complete them; closing the endpoint cancels them.
-  }
+  impl_->worker->drain(std::min(impl_->config.timeout_ms, 2000));
   impl_->worker->stop();
   impl_->regions.clear();
   impl_->worker.reset();
@@ -394,10 +390,16 @@ void TransferEngine::deregister(MemoryRegion& region) {
   std::lock_guard<std::mutex> lock(s.mutex);
   for (auto it = s.regions.begin(); it != s.regions.end(); ++it) {
     if (&*it != &region) continue;
-    // In-flight writes may still read it.
-    s.worker->flush(s.config.timeout_ms);
+    // In-flight writes may still read it. Deregistration runs in destructors, so a transport error
+    // seen earlier (it was raised, or will be, at a wait) does not make it throw; after a failure
+    // or the deadline the MRs close anyway and the provider fails what still uses them.
+    s.worker->drain(s.config.timeout_ms);
     auto mrs = std::move(it->mrs);
-    s.worker->run_on_worker([&] { mrs.clear(); }, s.config.timeout_ms);
+    try {
+      s.worker->run_on_worker([&] { mrs.clear(); }, s.config.timeout_ms);
+    } catch (const Error&) {
+      // A worker stuck in a callback: close here rather than leak the registration.
+    }
     s.regions.erase(it);
     return;
   }

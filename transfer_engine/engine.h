@@ -117,6 +117,9 @@ class TransferEngine {
   // --- memory ---------------------------------------------------------------------------------
   MemoryRegion& register_memory(void* data, size_t bytes, MemoryKind kind = MemoryKind::host,
                                 int cuda_device = -1);
+  // Waits (up to the engine's timeout_ms) for writes in flight, then closes the registration.
+  // Throws only for a region this engine does not own: a transport error is raised at wait/flush,
+  // never here, so deregister is safe in destructors.
   void deregister(MemoryRegion& region);
   // Allgather of `region`'s descriptor: result[r] is rank r's descriptor.
   std::vector<RegionDesc> exchange(const MemoryRegion& region, int timeout_ms = -1);

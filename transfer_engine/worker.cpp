@@ -100,6 +100,19 @@ void Worker::flush(int timeout_ms) {
   raise_if_failed();
 }
 
+bool Worker::drain(int timeout_ms) noexcept {
+  WaitScope scope(*this);
+  const uint64_t target = tail_.load(std::memory_order_acquire);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  Backoff backoff(100);
+  while (retired_.load(std::memory_order_acquire) < target) {
+    if (failed_.load(std::memory_order_acquire) || std::chrono::steady_clock::now() >= deadline)
+      return false;
+    backoff.pause();
+  }
+  return true;
+}
+
 void Worker::run_on_worker(const std::function<void()>& fn, int timeout_ms) {
   if (!thread_.joinable()) {
     fn();
@@ -107,18 +120,26 @@ void Worker::run_on_worker(const std::function<void()>& fn, int timeout_ms) {
   }
   auto task = std::make_shared<std::packaged_task<void()>>(fn);
   std::future<void> done = task->get_future();
+  const void* token = task.get();
   {
     std::lock_guard<std::mutex> lock(control_mutex_);
-    control_.emplace_back([task] { (*task)(); });
+    control_.push_back(ControlTask{token, [task] { (*task)(); }});
     has_control_.store(true, std::memory_order_release);
   }
   wake();
   if (done.wait_for(std::chrono::milliseconds(timeout_ms)) != std::future_status::ready) {
-    raise(Status::timeout, "rank " + std::to_string(rank_) +
-                               ": worker did not run a control operation (registration) within " +
-                               std::to_string(timeout_ms) + " ms");
+    // `fn` refers to the caller's frame: it may be abandoned only if the worker has not taken it.
+    std::lock_guard<std::mutex> lock(control_mutex_);
+    for (auto it = control_.begin(); it != control_.end(); ++it) {
+      if (it->token == token) {
+        control_.erase(it);
+        raise(Status::timeout, "rank " + std::to_string(rank_) +
+                                   ": the worker did not take a control operation (registration) "
+                                   "within " + std::to_string(timeout_ms) + " ms");
+      }
+    }
   }
-  done.get();
+  done.get();  // taken: it is running or ran; rethrows what it threw
 }
 
 Worker::WaitScope::WaitScope(Worker& worker) : worker_(worker) {
@@ -221,13 +242,13 @@ void Worker::loop() {
 }
 
 bool Worker::run_control() {
-  std::deque<std::function<void()>> tasks;
+  std::deque<ControlTask> tasks;
   {
     std::lock_guard<std::mutex> lock(control_mutex_);
     tasks.swap(control_);
     has_control_.store(false, std::memory_order_release);
   }
-  for (auto& task : tasks) task();
+  for (auto& task : tasks) task.run();
   return !tasks.empty();
 }
 

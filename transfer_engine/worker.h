@@ -59,6 +59,9 @@ class Worker {
 
   // Every record claimed so far has completed locally.
   void flush(int timeout_ms);
+  // Like flush, but never throws: returns false when the deadline passed or a transport error
+  // stopped the wait (teardown paths: a failed peer's writes never complete).
+  bool drain(int timeout_ms) noexcept;
 
   // Runs `fn` on the worker thread (control path: registration shares the domain with the hot
   // path and FI_THREAD_DOMAIN needs one caller) and waits for it; rethrows what it throws.
@@ -129,8 +132,12 @@ class Worker {
   std::condition_variable sleep_cv_;
   std::thread thread_;
 
+  struct ControlTask {
+    const void* token;
+    std::function<void()> run;
+  };
   std::mutex control_mutex_;
-  std::deque<std::function<void()>> control_;
+  std::deque<ControlTask> control_;
   std::atomic<bool> has_control_{false};
 
   std::mutex waiter_mutex_;

@@ -334,8 +334,11 @@ TEST_P(Transfer, SurvivorsOfAPeerThatExitsFailWithinTheDeadlineNamingIt) {
     TransferEngine engine(config_for(provider), b);
     Mesh mesh(engine, 64 << 10);
     const int me = engine.rank();
-    // Connections are up (a barrier went both ways) when the dead rank leaves.
+    // Connections are up (a barrier went both ways, and every rank has seen it end) when the dead
+    // rank leaves.
     engine.barrier(*mesh.group, 399, kTimeoutMs);
+    engine.flush(kTimeoutMs);
+    b.barrier(kTimeoutMs);
     if (me == dead) _exit(3);  // mid-operation: after setup, before sending anything
     // Everyone sends to everyone (including the dead rank) and waits for everyone.
     for (size_t i = 0; i < mesh.peers.size(); ++i) {
