@@ -400,6 +400,8 @@ std::vector<CheckResult> judge_inventory(const Options& opt, const std::vector<R
         for (size_t i = 0; i < r->nics.size(); ++i) {
           const std::string& used = r->nics[i];
           if (std::find(r->near_nics.begin(), r->near_nics.end(), used) != r->near_nics.end()) continue;
+          // A NIC hwloc does not see on PCIe (loopback, a bridge) has no distance to judge.
+          if (i >= r->nic_paths.size() || r->nic_paths[i].empty()) continue;
           c.verdict = Verdict::fail;
           c.reason += (c.reason.empty() ? "" : "; ") + std::string("rank ") + std::to_string(r->rank) + " on " +
                       r->host + " uses NIC " + used + " (" +

@@ -78,8 +78,9 @@ struct SlotEngines::Slot {
   int index = 0;
   std::string nic;        // this rank's NIC for the slot (named even when absent, for the report)
   std::string problem;    // why this rank cannot take part in this slot's checks
-  std::unique_ptr<te::TransferEngine> engine;
+  // Declared before the engine so it is freed after the engine has deregistered it.
   std::unique_ptr<uint8_t, FreeDeleter> memory;
+  std::unique_ptr<te::TransferEngine> engine;
   uint64_t bytes = 0;
   te::MemoryRegion* region = nullptr;
   te::PeerGroup* group = nullptr;  // every rank, peer index == rank
