@@ -2,26 +2,31 @@
 # The CUDA backend's checks on a GPU machine that has CUDA but no libfabric, GoogleTest or network.
 #
 #   scripts/gpu_run.sh stage [build-dir]   (on the build machine) copies the cuda test programs, the
-#                                          benchmark and the shared libraries they need into .gpu/
+#                                          benchmarks and the shared libraries they need into .gpu/
 #   scripts/gpu_run.sh run                 (on the GPU machine, from the repository root) runs the
 #                                          cuda tests, the same tests under compute-sanitizer
 #                                          (memcheck, racecheck) and ferry-cuda-bench; logs go to
 #                                          $OUT (or ./gpu-logs) and a summary is printed last.
+#   scripts/gpu_run.sh ipc                 (on the GPU machine) the backend tests (CUDA IPC and
+#                                          host-staged), the IPC ones under memcheck, and decode
+#                                          latency of 8 ranks through CUDA IPC vs host-staged shm.
+# FERRY_GPU_STAGE names another staging folder (relative to the repository root) than .gpu.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-stage=$root/.gpu
+stage=$root/${FERRY_GPU_STAGE:-.gpu}
 
 case "${1:-run}" in
 stage)
   build=${2:-$root/build-cuda}
   rm -rf "$stage" && mkdir -p "$stage/bin" "$stage/lib"
-  for b in tests/cuda/test_cuda_kernels tests/cuda/test_cuda_backend bench/cuda/ferry-cuda-bench; do
-    [ -x "$build/$b" ] && cp "$build/$b" "$stage/bin/"
+  for b in tests/cuda/test_cuda_kernels tests/cuda/test_cuda_backend bench/cuda/ferry-cuda-bench bench/ep/ferry-bench; do
+    # Debug info stays here: the working tree that travels to the GPU machine is size-limited.
+    [ -x "$build/$b" ] && cp "$build/$b" "$stage/bin/" && strip --strip-debug "$stage/bin/$(basename "$b")"
   done
   # Every shared library outside glibc, the compiler runtime and the driver (the GPU machine has its own).
   for b in "$stage"/bin/*; do
     ldd "$b" | awk '$3 ~ /^\// {print $3}'
-  done | sort -u | grep -Ev '/(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+|ld-linux[^/]*)\.so' |
+  done | sort -u | grep -Ev '/(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+|ld-linux[^/]*|libcublas(Lt)?)\.so' |
     while read -r lib; do cp -L "$lib" "$stage/lib/"; done
   # libfabric loads its providers' helpers lazily; keep its own folder too when it has one.
   [ -d /usr/lib/x86_64-linux-gnu/libfabric ] && cp -rL /usr/lib/x86_64-linux-gnu/libfabric "$stage/lib/" 2>/dev/null
@@ -70,8 +75,39 @@ run)
   echo "---- registers"; paste - - < "$out/registers.log" | head -20
   echo "---- summary"; cat "$summary"
   ;;
+ipc)
+  out=${OUT:-$root/gpu-logs}
+  mkdir -p "$out"
+  # cuBLAS (ferry-bench's overlap GEMM) is not staged: the GPU machine's CUDA toolkit has it.
+  cublas=$(find /usr/local/cuda*/ /usr/lib /opt -name 'libcublas.so.1[0-9]*' 2>/dev/null | head -1)
+  export LD_LIBRARY_PATH=$stage/lib${cublas:+:$(dirname "$cublas")}:${LD_LIBRARY_PATH:-}
+  export FI_PROVIDER_PATH=$stage/lib/libfabric
+  summary=$out/summary.txt
+  : > "$summary"
+  nvidia-smi -L | tee -a "$summary"
+  step() {
+    local name=$1; shift
+    local t0=$SECONDS
+    "$@" > "$out/$name.log" 2>&1
+    local rc=$?
+    printf '%-22s rc=%-3d %4ds  %s\n' "$name" "$rc" $((SECONDS - t0)) \
+      "$(grep -E '^\[  (PASSED|FAILED) |ERROR SUMMARY' "$out/$name.log" | tr '\n' ' ' | cut -c1-200)" | tee -a "$summary"
+  }
+  bin=$stage/bin
+  step backend timeout 220 "$bin/test_cuda_backend"
+  grep -E '^\[ +(OK|FAILED) ' "$out/backend.log" | tee -a "$summary"
+  bench="$bin/ferry-bench --backend cuda --local-ranks 8 --launcher fork --preset decode --experts 256 --warmup 30 --iters 300 --no-progress"
+  FERRY_CUDA_IPC=1 step bench_ipc timeout 90 $bench --verify --json "$out/bench_ipc.json"
+  FERRY_CUDA_IPC=0 step bench_shm timeout 90 $bench --provider shm --verify --json "$out/bench_shm.json"
+  step memcheck_ipc timeout 170 compute-sanitizer --error-exitcode 9 --print-limit 20 --tool memcheck \
+    --target-processes all "$bin/test_cuda_backend" \
+    --gtest_filter='*TwoRanksThroughCudaIpc*:*FourRanksThroughCudaIpc*:*GraphReplaysThroughCudaIpc*:*MissingIpcPeer*'
+  echo "---- bench through CUDA IPC"; cat "$out/bench_ipc.log"
+  echo "---- bench host-staged shm"; cat "$out/bench_shm.log"
+  echo "---- summary"; cat "$summary"
+  ;;
 *)
-  echo "usage: $0 stage [build-dir] | run" >&2
+  echo "usage: $0 stage [build-dir] | run | ipc" >&2
   exit 2
   ;;
 esac

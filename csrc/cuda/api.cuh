@@ -97,6 +97,8 @@ struct DispatchRecvParams {
   int32_t* out_expert_num_tokens;     // [L]
   void* out_expert_x;                 // [L * max_rows_per_expert][hidden] in_dtype
   float* out_expert_x_scale;          // [L * max_rows_per_expert][num_scales] or null
+  const volatile uint32_t* sender_arrived = nullptr;  // [R] per-sender epochs (CUDA IPC peers);
+                                                      // when set, waited for instead of `arrived`
 };
 
 struct CombineSendParams {
@@ -112,6 +114,8 @@ struct CombineRecvParams {
   uint64_t timeout_ns;
   void* out_tokens;                   // [num_tokens][hidden] out_dtype
   bool accumulate;
+  const volatile uint32_t* sender_arrived = nullptr;  // [R] per-sender epochs (CUDA IPC peers);
+                                                      // when set, waited for instead of `arrived`
 };
 
 // Device memory (bytes) the workspace of a layout needs, and how to carve it. `device` is the
@@ -136,6 +140,29 @@ void combine_recv(const CombineRecvParams& p, const Workspace& ws, int num_sms, 
 // the outcome in ws.arrived; the receive kernels after it on the stream read that instead of each
 // block polling host memory.
 void wait_arrival(const volatile uint32_t* flag, const uint32_t* epoch, uint64_t timeout_ns,
+                  int32_t timeout_code, const Workspace& ws, cudaStream_t stream);
+
+// Same-node peers through CUDA IPC (device pointers, every rank's regions mapped into this process;
+// this rank's own entries are its own buffers). flags[r] is rank r's flag array: [R] dispatch epochs
+// by sender, then [R] combine epochs by sender.
+struct IpcPeers {
+  uint8_t* const* recv;      // [R] receive regions (recv_buffer_bytes)
+  uint8_t* const* combine;   // [R] combine regions (combine_recv_bytes)
+  uint32_t* const* flags;    // [R] flag arrays
+  uint32_t* blocks_done;     // [2] this rank's last-block counters of the two push kernels
+};
+// After dispatch_send: every destination's section into its receive region at this rank's private
+// offset (the layout must have private_tokens >= max_tokens), then this rank's dispatch slot raised
+// to the step's epoch in every rank's flags.
+void ipc_dispatch_push(const ep::Layout& layout, const uint8_t* send_buf, const IpcPeers& peers, const Workspace& ws,
+                       int num_sms, cudaStream_t stream);
+// After combine_send: every partial into its sender's combine region at the sender's send slot, then
+// this rank's combine slot raised in every rank's flags.
+void ipc_combine_push(const ep::Layout& layout, const uint8_t* partial_buf, const uint8_t* recv_buf,
+                      const IpcPeers& peers, const Workspace& ws, int num_sms, cudaStream_t stream);
+// Like wait_arrival, for num_senders flags that must all reach *epoch; a timeout's error names the
+// first sender missing (c).
+void wait_senders(const volatile uint32_t* flags, int num_senders, const uint32_t* epoch, uint64_t timeout_ns,
                   int32_t timeout_code, const Workspace& ws, cudaStream_t stream);
 
 // Human-readable text for a device error, naming this rank.

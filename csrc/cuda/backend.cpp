@@ -3,11 +3,15 @@
 // memory mapped into the GPU (host-staged: any provider, e.g. tcp or shm) or device memory
 // registered with FI_HMEM/dmabuf (GPUDirect RDMA on efa and verbs).
 #include <cuda_runtime.h>
+#include <unistd.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "csrc/backend.h"
 #include "csrc/cuda/api.cuh"
@@ -22,7 +26,45 @@ namespace ferry::ep {
 namespace {
 
 using cuda::DeviceBuffer;
+using cuda::IpcMapping;
 using cuda::MappedHostBuffer;
+
+// FERRY_CUDA_IPC=0|1: same-node peers through CUDA IPC where possible (default) or never.
+bool ipc_wanted() {
+  const char* env = std::getenv("FERRY_CUDA_IPC");
+  if (!env || !*env) return true;
+  const std::string v = env;
+  if (v == "1") return true;
+  if (v == "0") return false;
+  raise(Status::invalid_argument, "FERRY_CUDA_IPC=" + v + ": expected 0 or 1");
+}
+
+// What every rank tells the others to decide whether all of them share one node: host name and
+// boot id (two containers with one host name are still two kernels), and whether it wants IPC.
+struct NodeIdentity {
+  char host[64];
+  char boot_id[48];
+  int32_t wants_ipc;
+  int32_t pad;
+};
+NodeIdentity this_node(bool wants_ipc) {
+  NodeIdentity id{};
+  gethostname(id.host, sizeof id.host - 1);
+  std::ifstream boot("/proc/sys/kernel/random/boot_id");
+  std::string line;
+  if (boot && std::getline(boot, line)) std::strncpy(id.boot_id, line.c_str(), sizeof id.boot_id - 1);
+  id.wants_ipc = wants_ipc ? 1 : 0;
+  return id;
+}
+bool same_node(const NodeIdentity& a, const NodeIdentity& b) {
+  return std::strncmp(a.host, b.host, sizeof a.host) == 0 && std::strncmp(a.boot_id, b.boot_id, sizeof a.boot_id) == 0;
+}
+
+struct IpcHandles {
+  cudaIpcMemHandle_t recv;
+  cudaIpcMemHandle_t combine;
+  cudaIpcMemHandle_t flags;
+};
 
 // Makes `device` current for the scope and restores the caller's device after it.
 class DeviceScope {
@@ -96,7 +138,23 @@ class CudaBackend final : public Backend {
     ec.nets_per_rank = config.nets_per_rank;
     ec.timeout_ms = timeout_ms_;
     ec.cuda_device = device_;
-    placement_ = choose_placement(ec.provider);
+
+    // Every rank on this node, and every rank wanting it: the whole exchange through CUDA IPC, no
+    // engine and no NIC registration. The decision is collective (same inputs on every rank).
+    const int R = layout_.world_size;
+    std::vector<NodeIdentity> nodes(R);
+    const NodeIdentity me = this_node(ipc_wanted());
+    bootstrap.allgather(&me, sizeof me, nodes.data(), timeout_ms_);
+    ipc_ = true;
+    for (int r = 0; r < R; ++r) ipc_ = ipc_ && nodes[r].wants_ipc && same_node(nodes[r], nodes[0]);
+    if (ipc_) {
+      // Records of every sender fit its private region, so no overflow and no count matrix is needed
+      // before the bytes move; every rank derives the same layout.
+      layout_.private_tokens = layout_.max_tokens;
+      placement_ = te::MemoryKind::cuda;
+    } else {
+      placement_ = choose_placement(ec.provider);
+    }
     send_ = std::make_unique<TransportBuffer>(placement_, layout_.send_buffer_bytes());
     recv_ = std::make_unique<TransportBuffer>(placement_, layout_.recv_buffer_bytes());
     combine_send_ = std::make_unique<TransportBuffer>(placement_, layout_.combine_send_bytes());
@@ -114,6 +172,12 @@ class CudaBackend final : public Backend {
       raise(Status::unsupported, rank_text() + "the CUDA backend needs unified addressing (mapped host memory "
                                                "at the same address on host and device)");
 
+    if (ipc_) {
+      open_ipc_peers(bootstrap);
+      if (layout_.rank == 0)
+        std::fprintf(stderr, "ferry: cuda all-to-all of %d ranks on one node: peers through CUDA IPC\n", R);
+      return;
+    }
     engine_ = std::make_unique<te::TransferEngine>(ec, bootstrap);
     ProtocolBuffers buffers;
     buffers.send = send_->ptr;
@@ -135,6 +199,7 @@ class CudaBackend final : public Backend {
     cudaSetDevice(device_);
     cudaDeviceSynchronize();
     proxy_.reset();
+    mappings_.clear();
   }
 
   void dispatch(const ferry_dispatch_args_t& a, void* stream_ptr) override {
@@ -152,6 +217,7 @@ class CudaBackend final : public Backend {
       cuda::DispatchSendParams p{layout_, a.dp_x, a.dp_x_scale, a.indices, a.weights, a.bound_m, a.num_tokens,
                                  static_cast<uint8_t*>(send_->ptr)};
       cuda::dispatch_send(p, ws_, num_sms_, stream);
+      if (ipc_) cuda::ipc_dispatch_push(layout_, static_cast<const uint8_t*>(send_->ptr), peers_, ws_, num_sms_, stream);
     }
     if (a.flags & FERRY_RECV) {
       if (!a.out_expert_num_tokens || !a.out_expert_x || (layout_.num_scales > 0 && !a.out_expert_x_scale))
@@ -161,6 +227,7 @@ class CudaBackend final : public Backend {
                                  &flags_.dev<cuda::ArrivalFlags>()->dispatch_arrived, wait_timeout_ns(),
                                  a.out_expert_num_tokens, a.out_expert_x,
                                  layout_.num_scales > 0 ? a.out_expert_x_scale : nullptr};
+      if (ipc_) p.sender_arrived = ipc_flags_.get<uint32_t>();
       cuda::dispatch_recv(p, ws_, num_sms_, stream);
       finish(stream, "dispatch RECV");
     }
@@ -175,12 +242,16 @@ class CudaBackend final : public Backend {
       if (!a.expert_y) fail(Status::invalid_argument, "combine SEND: expert_y is null");
       cuda::CombineSendParams p{layout_, a.expert_y, static_cast<uint8_t*>(combine_send_->ptr)};
       cuda::combine_send(p, ws_, num_sms_, stream);
+      if (ipc_)
+        cuda::ipc_combine_push(layout_, static_cast<const uint8_t*>(combine_send_->ptr),
+                               static_cast<const uint8_t*>(recv_->ptr), peers_, ws_, num_sms_, stream);
     }
     if (a.flags & FERRY_RECV) {
       if (!a.out_tokens && a.num_tokens > 0) fail(Status::invalid_argument, "combine RECV: out_tokens is null");
       cuda::CombineRecvParams p{layout_, static_cast<const uint8_t*>(combine_recv_->ptr),
                                 &flags_.dev<cuda::ArrivalFlags>()->combine_arrived, wait_timeout_ns(), a.out_tokens,
                                 a.accumulate != 0};
+      if (ipc_) p.sender_arrived = ipc_flags_.get<uint32_t>() + layout_.world_size;
       cuda::combine_recv(p, ws_, num_sms_, stream);
       finish(stream, "combine RECV");
     }
@@ -189,6 +260,7 @@ class CudaBackend final : public Backend {
   ferry_buffer_sizes_t buffer_sizes() const override { return buffer_sizes_for(config_); }
 
   ferry_a2a_stats_t stats() const override {
+    if (ipc_) return ipc_stats();
     const ProtocolStats s = proxy_->stats();
     return {s.dispatch_bytes_sent, s.combine_bytes_sent, s.dispatch_records_sent, s.overflow_records_sent};
   }
@@ -237,6 +309,7 @@ class CudaBackend final : public Backend {
         case cuda::kErrCombineTimeout:
           status = Status::timeout;
           where = "step " + std::to_string(err.a) + " still not flagged (flag at " + std::to_string(err.b) + ")";
+          if (ipc_) where += " by rank " + std::to_string(err.c) + " (CUDA IPC peer)";
           break;
         case cuda::kErrPeerCount:
           where = "rank " + std::to_string(err.a) + " announced " + std::to_string(err.b) + " records";
@@ -255,13 +328,70 @@ class CudaBackend final : public Backend {
           break;
       }
       Status proxy_status = Status::ok;
-      const std::string proxy = proxy_->error(&proxy_status);
+      const std::string proxy = proxy_ ? proxy_->error(&proxy_status) : std::string();
       fail(status, std::string(operation) + ": " + cuda::device_error_name(err.code) + ": " + where +
                        (proxy.empty() ? "" : " (transport: " + proxy + ")"));
     }
+    if (!proxy_) return;
     Status proxy_status = Status::ok;
     const std::string proxy = proxy_->error(&proxy_status);
     if (!proxy.empty()) raise(proxy_status, proxy);
+  }
+
+  // Exchanges the IPC handles of this rank's receive and combine regions and flag array, maps every
+  // peer's, and gives the kernels one pointer table.
+  void open_ipc_peers(te::Bootstrap& bootstrap) {
+    const int R = layout_.world_size, me = layout_.rank;
+    ipc_flags_ = DeviceBuffer(align_up(sizeof(uint32_t) * 2 * R + 2 * sizeof(uint32_t), 256));
+    cuda::check_cuda(cudaMemset(ipc_flags_.get(), 0, ipc_flags_.bytes()), "cudaMemset ipc flags");
+    IpcHandles mine{};
+    cuda::check_cuda(cudaIpcGetMemHandle(&mine.recv, recv_->ptr), "cudaIpcGetMemHandle(receive region)");
+    cuda::check_cuda(cudaIpcGetMemHandle(&mine.combine, combine_recv_->ptr), "cudaIpcGetMemHandle(combine region)");
+    cuda::check_cuda(cudaIpcGetMemHandle(&mine.flags, ipc_flags_.get()), "cudaIpcGetMemHandle(flags)");
+    std::vector<IpcHandles> all(R);
+    bootstrap.allgather(&mine, sizeof mine, all.data(), timeout_ms_);
+    std::vector<void*> table(3 * R);
+    mappings_.reserve(3 * (R - 1));
+    for (int r = 0; r < R; ++r) {
+      if (r == me) {
+        table[r] = recv_->ptr;
+        table[R + r] = combine_recv_->ptr;
+        table[2 * R + r] = ipc_flags_.get();
+        continue;
+      }
+      const cudaIpcMemHandle_t* h[3] = {&all[r].recv, &all[r].combine, &all[r].flags};
+      for (int k = 0; k < 3; ++k) {
+        try {
+          mappings_.emplace_back(*h[k]);
+        } catch (const Error& e) {
+          fail(e.status(), "opening the CUDA IPC handles of rank " + std::to_string(r) + ": " + e.what());
+        }
+        table[k * R + r] = mappings_.back().get();
+      }
+    }
+    peer_table_ = DeviceBuffer(table.size() * sizeof(void*));
+    cuda::check_cuda(cudaMemcpy(peer_table_.get(), table.data(), peer_table_.bytes(), cudaMemcpyHostToDevice),
+                     "upload ipc peer table");
+    uint8_t** t = peer_table_.get<uint8_t*>();
+    peers_.recv = t;
+    peers_.combine = t + R;
+    peers_.flags = reinterpret_cast<uint32_t* const*>(t + 2 * R);
+    peers_.blocks_done = ipc_flags_.get<uint32_t>() + 2 * R;
+  }
+
+  // What the last step moved to the other ranks through CUDA IPC (the counts the kernels mirror to
+  // mapped host memory); no byte crosses a network.
+  ferry_a2a_stats_t ipc_stats() const {
+    ferry_a2a_stats_t s{};
+    for (int r = 0; r < layout_.world_size; ++r) {
+      if (r == layout_.rank) continue;
+      const int32_t sent = __atomic_load_n(&ws_.host_dest_count[r], __ATOMIC_ACQUIRE);
+      const int32_t received = __atomic_load_n(&ws_.host_recv_count[r], __ATOMIC_ACQUIRE);
+      s.dispatch_records_sent += uint64_t(sent > 0 ? sent : 0);
+      s.dispatch_bytes_sent += layout_.count_header_bytes + uint64_t(sent > 0 ? sent : 0) * layout_.record_bytes;
+      s.combine_bytes_sent += uint64_t(received > 0 ? received : 0) * layout_.partial_bytes;
+    }
+    return s;
   }
 
   ferry_a2a_config_t config_;
@@ -270,7 +400,12 @@ class CudaBackend final : public Backend {
   int device_ = 0;
   int num_sms_ = 0;
   te::MemoryKind placement_ = te::MemoryKind::host;
+  bool ipc_ = false;  // every rank on this node: peers through CUDA IPC, no engine
   std::unique_ptr<TransportBuffer> send_, recv_, combine_send_, combine_recv_;
+  DeviceBuffer ipc_flags_;              // [R] dispatch epochs by sender, [R] combine, [2] counters
+  std::vector<IpcMapping> mappings_;    // peers' regions and flags, closed before our buffers go
+  DeviceBuffer peer_table_;
+  cuda::IpcPeers peers_{};
   DeviceBuffer ws_dev_;
   MappedHostBuffer ws_host_, flags_;
   cuda::Workspace ws_{};

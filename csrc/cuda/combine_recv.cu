@@ -14,7 +14,7 @@ __global__ void __launch_bounds__(kCopyThreads)
   const ep::Layout& L = p.layout;
   __shared__ int slots_s[ep::kMaxTopK];
   const int tid = threadIdx.x;
-  if (p.arrived != nullptr && *ws.arrived == 0) return;
+  if ((p.arrived != nullptr || p.sender_arrived != nullptr) && *ws.arrived == 0) return;
 
   const int num_tokens = *ws.num_tokens;
   const uint64_t row_bytes = L.out_row_bytes();
@@ -64,7 +64,10 @@ __global__ void __launch_bounds__(kCopyThreads)
 }  // namespace
 
 void combine_recv(const CombineRecvParams& p, const Workspace& ws, int num_sms, cudaStream_t stream) {
-  if (p.arrived != nullptr) wait_arrival(p.arrived, ws.combine_epoch, p.timeout_ns, kErrCombineTimeout, ws, stream);
+  if (p.sender_arrived != nullptr)
+    wait_senders(p.sender_arrived, p.layout.world_size, ws.combine_epoch, p.timeout_ns, kErrCombineTimeout, ws, stream);
+  else if (p.arrived != nullptr)
+    wait_arrival(p.arrived, ws.combine_epoch, p.timeout_ns, kErrCombineTimeout, ws, stream);
   const dim3 grid(copy_grid(num_sms, p.layout.max_tokens)), block(kCopyThreads);
   switch (p.layout.out_dtype) {
     case FERRY_BF16: combine_recv_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(p, ws); break;

@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(kCopyThreads)
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = lane_id();
   uint32_t* mask = reinterpret_cast<uint32_t*>(smem + lay.masks) + warp * EPR;
 
-  if (p.arrived != nullptr && *ws.arrived == 0) {
+  if ((p.arrived != nullptr || p.sender_arrived != nullptr) && *ws.arrived == 0) {
     if (blockIdx.x == 0 && tid == 0) *ws.num_recv = 0;
     return;
   }
@@ -260,7 +260,10 @@ void prepare_dispatch_recv(const ep::Layout& layout) {
 }
 
 void dispatch_recv(const DispatchRecvParams& p, const Workspace& ws, int num_sms, cudaStream_t stream) {
-  if (p.arrived != nullptr) wait_arrival(p.arrived, ws.dispatch_epoch, p.timeout_ns, kErrDispatchTimeout, ws, stream);
+  if (p.sender_arrived != nullptr)
+    wait_senders(p.sender_arrived, p.layout.world_size, ws.dispatch_epoch, p.timeout_ns, kErrDispatchTimeout, ws, stream);
+  else if (p.arrived != nullptr)
+    wait_arrival(p.arrived, ws.dispatch_epoch, p.timeout_ns, kErrDispatchTimeout, ws, stream);
   const int bytes = recv_smem(p.layout).total_ints * 4;
   // Fewer blocks than the copy kernels: each one reads every sender's count header.
   const uint64_t max_chunks = (p.layout.max_recv_records() + kChunk - 1) / kChunk;

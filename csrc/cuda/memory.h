@@ -67,6 +67,28 @@ class MappedHostBuffer {
   size_t bytes_ = 0;
 };
 
+// Another process's device allocation, opened from its cudaIpcMemHandle_t; closed at destruction.
+class IpcMapping {
+ public:
+  IpcMapping() = default;
+  explicit IpcMapping(const cudaIpcMemHandle_t& handle) {
+    check_cuda(cudaIpcOpenMemHandle(&ptr_, handle, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle");
+  }
+  ~IpcMapping() {
+    if (ptr_) cudaIpcCloseMemHandle(ptr_);
+  }
+  IpcMapping(IpcMapping&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)) {}
+  IpcMapping& operator=(IpcMapping&& o) noexcept {
+    std::swap(ptr_, o.ptr_);
+    return *this;
+  }
+  template <typename T = void>
+  T* get() const { return static_cast<T*>(ptr_); }
+
+ private:
+  void* ptr_ = nullptr;
+};
+
 class Stream {
  public:
   // blocking: ordered with the legacy default stream (what plain cudaMemcpy/cudaMemset use), as a

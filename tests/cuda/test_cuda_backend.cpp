@@ -1,5 +1,6 @@
 // The CUDA backend between real processes sharing one GPU, over libfabric tcp and shm with
-// host-staged (pinned, mapped) buffers: every rank regenerates every rank's inputs from the seed,
+// host-staged (pinned, mapped) buffers, and through CUDA IPC (device memory of the peers written
+// directly, no engine): every rank regenerates every rank's inputs from the seed,
 // checks every count and byte of its dispatch output against the reference, runs the reference's
 // expert model, and checks combine within the output dtype's tolerance. Outputs are poisoned before
 // every step. Also: bad input fails the receive call (naming the token on the bad rank, the rank on
@@ -42,6 +43,10 @@ struct Case {
   int expert_alignment = 4;
   int private_tokens = 12;  // small, so the overflow path runs too
   std::string provider = "tcp";
+  // Same-node peers through CUDA IPC (FERRY_CUDA_IPC=1) instead of host-staged buffers moved by the
+  // engine (FERRY_CUDA_IPC=0). IPC cases name a provider that does not exist: the engine must not be
+  // involved at all.
+  bool ipc = false;
   reference::InputSpec spec;
   int steps = 3;
   bool split = false;
@@ -197,10 +202,22 @@ void run_rank(te::Bootstrap& bootstrap, const Case& c) {
   EXPECT_GT(stats.combine_bytes_sent, 0u) << "rank " << l.rank;
 }
 
-void run_case(const Case& c) {
+testing::LaunchOptions launch_options(const Case& c) {
   testing::LaunchOptions opts;
   opts.world_size = c.world_size;
   opts.timeout_ms = c.launch_timeout_ms;
+  opts.env["FERRY_CUDA_IPC"] = c.ipc ? "1" : "0";
+  return opts;
+}
+
+Case ipc_case(Case c) {
+  c.ipc = true;
+  c.provider = "no-such-provider";
+  return c;
+}
+
+void run_case(const Case& c) {
+  const testing::LaunchOptions opts = launch_options(c);
   testing::expect_all_ok(testing::run_ranks(opts, [&](te::Bootstrap& b) { run_rank(b, c); }));
 }
 
@@ -254,13 +271,8 @@ TEST_F(CudaBackend, Bf16InF16OutHidden4096OverTcp) {
 
 // An id outside [0, num_experts) fails the bad rank's receive call naming the token, and its peers'
 // receive calls naming that rank; nothing waits for a deadline.
-TEST_F(CudaBackend, InvalidExpertIdFailsTheReceiveCallOnEveryRank) {
-  Case c;
-  c.world_size = 3;
-  c.num_experts = 6;
-  testing::LaunchOptions opts;
-  opts.world_size = c.world_size;
-  opts.timeout_ms = c.launch_timeout_ms;
+void run_invalid_expert_case(const Case& c) {
+  const testing::LaunchOptions opts = launch_options(c);
   testing::expect_all_ok(testing::run_ranks(opts, [&](te::Bootstrap& bs) {
     check_cuda(cudaSetDevice(0), "cudaSetDevice");
     const ferry_a2a_config_t cfg = config_of(c, bs.rank());
@@ -294,10 +306,17 @@ TEST_F(CudaBackend, InvalidExpertIdFailsTheReceiveCallOnEveryRank) {
   }));
 }
 
+TEST_F(CudaBackend, InvalidExpertIdFailsTheReceiveCallOnEveryRank) {
+  Case c;
+  c.world_size = 3;
+  c.num_experts = 6;
+  run_invalid_expert_case(c);
+}
+
 // dispatch + combine captured once in a CUDA graph, replayed 100 times with fresh inputs (and a fresh
 // device-side token count) in the same buffers: every replay equals the reference. The expert is the
 // identity (expert_y = out_expert_x), so combine returns x[t] * sum_k w[t][k].
-TEST_F(CudaBackend, GraphOfDispatchAndCombineReplays100TimesLikeEagerCalls) {
+Case graph_case() {
   Case c;
   c.world_size = 2;
   c.num_experts = 8;
@@ -306,9 +325,11 @@ TEST_F(CudaBackend, GraphOfDispatchAndCombineReplays100TimesLikeEagerCalls) {
   c.out_dtype = FERRY_BF16;
   c.expert_alignment = 1;
   c.max_tokens = 32;
-  testing::LaunchOptions opts;
-  opts.world_size = c.world_size;
-  opts.timeout_ms = c.launch_timeout_ms;
+  return c;
+}
+
+void run_graph_case(const Case& c) {
+  const testing::LaunchOptions opts = launch_options(c);
   testing::expect_all_ok(testing::run_ranks(opts, [&](te::Bootstrap& bs) {
     check_cuda(cudaSetDevice(0), "cudaSetDevice");
     const ferry_a2a_config_t cfg = config_of(c, bs.rank());
@@ -368,6 +389,88 @@ TEST_F(CudaBackend, GraphOfDispatchAndCombineReplays100TimesLikeEagerCalls) {
     backend->combine(b.combine_args(inputs[l.rank].num_tokens, FERRY_SEND_RECV, b.expert_x.get()), stream.get());
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(graph);
+  }));
+}
+
+TEST_F(CudaBackend, GraphOfDispatchAndCombineReplays100TimesLikeEagerCalls) { run_graph_case(graph_case()); }
+
+// ---- same-node peers through CUDA IPC: records and partials written straight into the peers' device
+// memory, per-sender flags raised in it; the same bytes as the engine path.
+
+TEST_F(CudaBackend, TwoRanksThroughCudaIpcMatchTheReference) { run_case(ipc_case(Case{})); }
+
+TEST_F(CudaBackend, FourRanksThroughCudaIpcWithSplitHalvesAndSkewedRanks) {
+  Case c;
+  c.world_size = 4;
+  c.num_experts = 16;
+  c.split = true;
+  c.max_skew_ms = 20;
+  c.spec.routing = reference::Routing::zipf;
+  c.spec.drop_fraction = 0.2;
+  c.spec.vary_tokens = true;
+  run_case(ipc_case(c));
+}
+
+TEST_F(CudaBackend, EightRanksTop8Hidden7168ThroughCudaIpc) {
+  Case c;
+  c.world_size = 8;
+  c.num_experts = 32;
+  c.top_k = 8;
+  c.max_tokens = 16;
+  c.hidden = 7168;
+  c.private_tokens = 4;
+  c.steps = 2;
+  run_case(ipc_case(c));
+}
+
+// Twenty steps back to back with ranks of different speeds: a fast rank's next step never lands in a
+// region a slow peer still reads (the epochs keep the steps apart).
+TEST_F(CudaBackend, TwentyBackToBackStepsThroughCudaIpcWithSkewedRanks) {
+  Case c;
+  c.world_size = 4;
+  c.num_experts = 16;
+  c.max_tokens = 32;
+  c.hidden = 1024;
+  c.steps = 20;
+  c.max_skew_ms = 10;
+  c.spec.vary_tokens = true;
+  c.spec.drop_fraction = 0.1;
+  run_case(ipc_case(c));
+}
+
+TEST_F(CudaBackend, InvalidExpertIdThroughCudaIpcFailsTheReceiveCallOnEveryRank) {
+  Case c;
+  c.world_size = 3;
+  c.num_experts = 6;
+  run_invalid_expert_case(ipc_case(c));
+}
+
+TEST_F(CudaBackend, GraphReplaysThroughCudaIpcLikeEagerCalls) { run_graph_case(ipc_case(graph_case())); }
+
+// A peer that never dispatches: the receive call fails at its deadline naming that rank.
+TEST_F(CudaBackend, MissingIpcPeerFailsTheReceiveCallNamingIt) {
+  Case c = ipc_case(Case{});
+  c.timeout_ms = 1000;
+  const testing::LaunchOptions opts = launch_options(c);
+  testing::expect_all_ok(testing::run_ranks(opts, [&](te::Bootstrap& bs) {
+    check_cuda(cudaSetDevice(0), "cudaSetDevice");
+    const ferry_a2a_config_t cfg = config_of(c, bs.rank());
+    const Layout l = make_layout(cfg);
+    auto backend = make_cuda_backend(cfg, bs);
+    if (l.rank == 0) {
+      RankBuffers b(l);
+      cuda::Stream stream(/*blocking=*/true);
+      const auto inputs = reference::generate_all(cfg, c.spec);
+      b.set_input(inputs[0]);
+      try {
+        backend->dispatch(b.dispatch_args(inputs[0].num_tokens, FERRY_SEND_RECV), stream.get());
+        ADD_FAILURE() << "dispatch completed without rank 1";
+      } catch (const Error& e) {
+        EXPECT_EQ(e.status(), Status::timeout) << e.what();
+        EXPECT_NE(std::string(e.what()).find("by rank 1"), std::string::npos) << e.what();
+      }
+    }
+    bs.barrier(c.launch_timeout_ms);
   }));
 }
 

@@ -1,0 +1,150 @@
+// Same-node peers through CUDA IPC: the bytes the Protocol would write over the transfer engine go
+// straight into the peers' receive and combine regions (mapped with cudaIpcOpenMemHandle), at the
+// very offsets the Protocol uses, so the receive kernels and the byte layout stay unchanged. Each
+// rank's flag array holds one epoch per sender for dispatch and one for combine; a sender raises its
+// slot with a system-scope release once its bytes are in, and the receiver's wait needs every slot.
+//
+// Back-to-back steps need no parity: a rank pushes step n+1's records to B only after its own
+// combine of step n completed, which needs B's partials of step n, which B pushes only after it
+// unpacked step n's records; likewise for the combine regions. Epochs only grow, so no reset.
+#include <algorithm>
+
+#include "csrc/cuda/api.cuh"
+#include "csrc/cuda/cuda_check.h"
+#include "csrc/cuda/device.cuh"
+
+namespace ferry::cuda {
+namespace {
+
+// Copies `bytes` (multiple of 16) from src to dst, the calling blocks striding together.
+__device__ __forceinline__ void copy_v4(uint8_t* dst, const uint8_t* src, uint64_t bytes, uint64_t first,
+                                        uint64_t stride) {
+  for (uint64_t i = first * 16; i < bytes; i += stride * 16) st_v4(dst + i, ld_v4(src + i));
+}
+
+// The last block of the grid raises, in every rank's flag array, this rank's slot at `slot_base`.
+// Every block's copies happen before its fence; the last block sees all blocks counted.
+__device__ void signal_all_when_grid_done(uint32_t* blocks_done, const IpcPeers& peers, int world_size,
+                                          int slot, const uint32_t* epoch) {
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    last = atomicAdd(blocks_done, 1u) == gridDim.x - 1;
+    if (last) *blocks_done = 0;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence_system();
+  const uint32_t value = *epoch;
+  for (int r = threadIdx.x; r < world_size; r += blockDim.x) st_release_sys(peers.flags[r] + slot, value);
+}
+
+// Grid: world_size * blocks_per_dest blocks. Destination d's section of the send buffer (count
+// header and run, contiguous) goes to d's receive region at this rank's private offset; the IPC
+// layout has private_tokens = max_tokens, so there is no overflow.
+__global__ void __launch_bounds__(kCopyThreads)
+    ipc_dispatch_push_kernel(ep::Layout L, const uint8_t* send_buf, IpcPeers peers, Workspace ws,
+                             int blocks_per_dest) {
+  const int d = blockIdx.x / blocks_per_dest, part = blockIdx.x % blocks_per_dest;
+  const int count = min(max(ws.dest_count[d], 0), L.private_tokens);
+  const uint8_t* src = send_buf + L.send_section_offset(d, ws.dest_offset[d]);
+  uint8_t* dst = peers.recv[d] + L.recv_private_offset(L.rank);
+  const uint64_t bytes = L.count_header_bytes + uint64_t(count) * L.record_bytes;
+  copy_v4(dst, src, bytes, uint64_t(part) * blockDim.x + threadIdx.x, uint64_t(blocks_per_dest) * blockDim.x);
+  signal_all_when_grid_done(&peers.blocks_done[0], peers, L.world_size, L.rank, ws.dispatch_epoch);
+}
+
+// Block per received record (grid-stride): its partial goes back to the sender's combine region at
+// the slot the record had in the sender's send run: the sender's records to ranks before this one
+// (from its count header, still in this rank's receive region) plus the record's index in its run.
+__global__ void __launch_bounds__(kCopyThreads)
+    ipc_combine_push_kernel(ep::Layout L, const uint8_t* partial_buf, const uint8_t* recv_buf, IpcPeers peers,
+                            Workspace ws) {
+  __shared__ int64_t slot_s;
+  __shared__ int sender_s;
+  const int me = L.rank;
+  const int N = *ws.num_recv;
+  const uint64_t stride = L.private_stride();
+  const int64_t max_slots = L.max_send_records();
+  for (int g = blockIdx.x; g < N; g += gridDim.x) {
+    if (threadIdx.x < kWarpSize) {
+      const uint64_t off = ws.recv_offset[g];
+      const int s = int(off / stride);
+      const int64_t index = int64_t((off - s * stride - L.count_header_bytes) / L.record_bytes);
+      const int32_t* counts = ep::header_counts(recv_buf + L.recv_private_offset(s));
+      int64_t before = 0;
+      for (int d = threadIdx.x; d < me; d += kWarpSize) before += max(ld_cv_s32(counts + d), 0);
+#pragma unroll
+      for (int o = kWarpSize / 2; o > 0; o >>= 1) before += __shfl_xor_sync(0xffffffffu, before, o);
+      if (threadIdx.x == 0) {
+        int64_t slot = before + index;
+        if (slot < 0 || slot >= max_slots) {
+          set_error(ws.error, kErrPeerCount, s, int32_t(before), 0);
+          slot = -1;
+        }
+        slot_s = slot;
+        sender_s = s;
+      }
+    }
+    __syncthreads();
+    const int64_t slot = slot_s;
+    if (slot >= 0)
+      copy_v4(peers.combine[sender_s] + uint64_t(slot) * L.partial_bytes, partial_buf + uint64_t(g) * L.partial_bytes,
+              L.partial_bytes, threadIdx.x, blockDim.x);
+    __syncthreads();  // slot_s is rewritten for the next record
+  }
+  signal_all_when_grid_done(&peers.blocks_done[1], peers, L.world_size, L.world_size + me, ws.combine_epoch);
+}
+
+// One block waits for every sender's slot to reach the step's epoch, under one deadline; a miss
+// names the first sender still missing (error c) and the flag value it left.
+__global__ void wait_senders_kernel(const volatile uint32_t* flags, int num_senders, const uint32_t* epoch,
+                                    uint64_t timeout_ns, int32_t timeout_code, Workspace ws) {
+  const uint32_t want = *epoch;
+  const uint64_t start = global_timer_ns();
+  bool ok = true;
+  for (int s = threadIdx.x; s < num_senders && ok; s += blockDim.x) {
+    uint32_t v = ld_acquire_sys(flags + s);
+    while (int32_t(v - want) < 0) {
+      if (global_timer_ns() - start > timeout_ns) {
+        set_error(ws.error, timeout_code, int32_t(want), int32_t(v), s);
+        ok = false;
+        break;
+      }
+      __nanosleep(128);
+      v = ld_acquire_sys(flags + s);
+    }
+  }
+  const bool all = __syncthreads_and(ok);
+  if (threadIdx.x == 0) *ws.arrived = all ? 1 : 0;
+  // Later kernels read what the flags guard with ordinary loads: make them see it from here on.
+  __threadfence_system();
+}
+
+}  // namespace
+
+void ipc_dispatch_push(const ep::Layout& layout, const uint8_t* send_buf, const IpcPeers& peers, const Workspace& ws,
+                       int num_sms, cudaStream_t stream) {
+  // Enough blocks to keep the copy engines of every SM busy at decode sizes, a few per destination.
+  const int blocks_per_dest = std::max(1, std::min(16, 2 * num_sms / std::max(1, layout.world_size)));
+  ipc_dispatch_push_kernel<<<layout.world_size * blocks_per_dest, kCopyThreads, 0, stream>>>(layout, send_buf, peers,
+                                                                                            ws, blocks_per_dest);
+  check_cuda(cudaGetLastError(), "launch ipc_dispatch_push_kernel");
+}
+
+void ipc_combine_push(const ep::Layout& layout, const uint8_t* partial_buf, const uint8_t* recv_buf,
+                      const IpcPeers& peers, const Workspace& ws, int num_sms, cudaStream_t stream) {
+  ipc_combine_push_kernel<<<copy_grid(num_sms, layout.max_recv_records()), kCopyThreads, 0, stream>>>(
+      layout, partial_buf, recv_buf, peers, ws);
+  check_cuda(cudaGetLastError(), "launch ipc_combine_push_kernel");
+}
+
+void wait_senders(const volatile uint32_t* flags, int num_senders, const uint32_t* epoch, uint64_t timeout_ns,
+                  int32_t timeout_code, const Workspace& ws, cudaStream_t stream) {
+  const int threads = std::min(1024, (num_senders + kWarpSize - 1) / kWarpSize * kWarpSize);
+  wait_senders_kernel<<<1, threads, 0, stream>>>(flags, num_senders, epoch, timeout_ns, timeout_code, ws);
+  check_cuda(cudaGetLastError(), "launch wait_senders_kernel");
+}
+
+}  // namespace ferry::cuda
