@@ -26,11 +26,29 @@ std::string read_text(const std::string& path) {
   return s.str();
 }
 
+namespace {
+// Reports and pages the tests wrote; removed when the test program ends unless
+// FERRY_KEEP_TEST_FILES is set (to look at a failing run's report).
+struct TempDirs {
+  std::vector<std::string> dirs;
+  ~TempDirs() {
+    if (std::getenv("FERRY_KEEP_TEST_FILES")) return;
+    std::error_code ec;
+    for (const std::string& d : dirs) fs::remove_all(d, ec);
+  }
+};
+TempDirs& temp_dirs() {
+  static TempDirs t;
+  return t;
+}
+}  // namespace
+
 std::string make_temp_dir(const std::string& name) {
   const char* base = std::getenv("TMPDIR");
   fs::path dir = fs::path(base ? base : "/tmp") / ("ferry-check-test-" + std::to_string(::getpid()) + "-" + name);
   fs::remove_all(dir);
   fs::create_directories(dir);
+  temp_dirs().dirs.push_back(dir.string());
   return dir.string();
 }
 
