@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -144,7 +145,7 @@ class CudaBackend final : public Backend {
     const int R = layout_.world_size;
     std::vector<NodeIdentity> nodes(R);
     const NodeIdentity me = this_node(ipc_wanted());
-    bootstrap.allgather(&me, sizeof me, nodes.data(), timeout_ms_);
+    bootstrap.allgather(&me, sizeof me, nodes.data(), setup_timeout_ms());
     ipc_ = true;
     for (int r = 0; r < R; ++r) ipc_ = ipc_ && nodes[r].wants_ipc && same_node(nodes[r], nodes[0]);
     if (ipc_) {
@@ -269,6 +270,10 @@ class CudaBackend final : public Backend {
   std::string rank_text() const { return "rank " + std::to_string(layout_.rank) + ": "; }
   [[noreturn]] void fail(Status status, const std::string& what) const { raise(status, rank_text() + what); }
 
+  // Construction meets every peer while each one is still creating its CUDA context and loading
+  // kernels (seconds under a sanitizer): a short step deadline must not fail it.
+  int setup_timeout_ms() const { return std::max(timeout_ms_, 60000); }
+
   // The receive kernels give up a little after the Protocol's own deadline, so the proxy's error,
   // which names the missing peers, is the one the caller sees.
   uint64_t wait_timeout_ns() const { return (uint64_t(timeout_ms_) * 2 + 1000) * 1000000ull; }
@@ -349,7 +354,7 @@ class CudaBackend final : public Backend {
     cuda::check_cuda(cudaIpcGetMemHandle(&mine.combine, combine_recv_->ptr), "cudaIpcGetMemHandle(combine region)");
     cuda::check_cuda(cudaIpcGetMemHandle(&mine.flags, ipc_flags_.get()), "cudaIpcGetMemHandle(flags)");
     std::vector<IpcHandles> all(R);
-    bootstrap.allgather(&mine, sizeof mine, all.data(), timeout_ms_);
+    bootstrap.allgather(&mine, sizeof mine, all.data(), setup_timeout_ms());
     std::vector<void*> table(3 * R);
     mappings_.reserve(3 * (R - 1));
     for (int r = 0; r < R; ++r) {
