@@ -41,24 +41,45 @@ bool ipc_wanted() {
 }
 
 // What every rank tells the others to decide whether all of them share one node: host name and
-// boot id (two containers with one host name are still two kernels), and whether it wants IPC.
+// boot id (two containers with one host name are still two kernels), its GPU, and whether it wants IPC.
 struct NodeIdentity {
   char host[64];
   char boot_id[48];
+  char pci_bus_id[32];
   int32_t wants_ipc;
   int32_t pad;
 };
-NodeIdentity this_node(bool wants_ipc) {
+NodeIdentity this_node(bool wants_ipc, int device) {
   NodeIdentity id{};
   gethostname(id.host, sizeof id.host - 1);
   std::ifstream boot("/proc/sys/kernel/random/boot_id");
   std::string line;
   if (boot && std::getline(boot, line)) std::strncpy(id.boot_id, line.c_str(), sizeof id.boot_id - 1);
+  // A GPU that cannot say where it sits cannot be matched with its peers: the engine path then.
+  if (cudaDeviceGetPCIBusId(id.pci_bus_id, sizeof id.pci_bus_id - 1, device) != cudaSuccess) {
+    cudaGetLastError();
+    wants_ipc = false;
+  }
   id.wants_ipc = wants_ipc ? 1 : 0;
   return id;
 }
 bool same_node(const NodeIdentity& a, const NodeIdentity& b) {
   return std::strncmp(a.host, b.host, sizeof a.host) == 0 && std::strncmp(a.boot_id, b.boot_id, sizeof a.boot_id) == 0;
+}
+// Whether this rank's GPU can map every peer's memory: the same GPU, or one this process sees and
+// reaches peer to peer (NVLink or PCIe P2P). A GPU hidden from this process (CUDA_VISIBLE_DEVICES)
+// counts as unreachable. Failed lookups leave no error behind for the next launch check to find.
+bool reaches_every_peer(const std::vector<NodeIdentity>& nodes, const NodeIdentity& me, int device) {
+  for (const NodeIdentity& peer : nodes) {
+    if (std::strncmp(peer.pci_bus_id, me.pci_bus_id, sizeof me.pci_bus_id) == 0) continue;
+    int peer_device = -1, can = 0;
+    if (cudaDeviceGetByPCIBusId(&peer_device, peer.pci_bus_id) != cudaSuccess ||
+        cudaDeviceCanAccessPeer(&can, device, peer_device) != cudaSuccess || !can) {
+      cudaGetLastError();
+      return false;
+    }
+  }
+  return true;
 }
 
 struct IpcHandles {
@@ -140,14 +161,24 @@ class CudaBackend final : public Backend {
     ec.timeout_ms = timeout_ms_;
     ec.cuda_device = device_;
 
-    // Every rank on this node, and every rank wanting it: the whole exchange through CUDA IPC, no
-    // engine and no NIC registration. The decision is collective (same inputs on every rank).
+    // Every rank on this node, every rank wanting it, and every GPU reaching every other: the whole
+    // exchange through CUDA IPC, no engine and no NIC registration. The decision is collective: the
+    // first test has the same inputs on every rank, the second is agreed through the bootstrap.
     const int R = layout_.world_size;
     std::vector<NodeIdentity> nodes(R);
-    const NodeIdentity me = this_node(ipc_wanted());
+    const NodeIdentity me = this_node(ipc_wanted(), device_);
     bootstrap.allgather(&me, sizeof me, nodes.data(), setup_timeout_ms());
     ipc_ = true;
     for (int r = 0; r < R; ++r) ipc_ = ipc_ && nodes[r].wants_ipc && same_node(nodes[r], nodes[0]);
+    if (ipc_) {
+      const int32_t reaches = reaches_every_peer(nodes, me, device_) ? 1 : 0;
+      std::vector<int32_t> all_reach(R);
+      bootstrap.allgather(&reaches, sizeof reaches, all_reach.data(), setup_timeout_ms());
+      for (int r = 0; r < R; ++r) ipc_ = ipc_ && all_reach[r];
+      if (!ipc_ && layout_.rank == 0)
+        std::fprintf(stderr, "ferry: cuda all-to-all of %d ranks on one node: some GPUs cannot map each other's "
+                             "memory, peers through the transfer engine\n", R);
+    }
     if (ipc_) {
       // Records of every sender fit its private region, so no overflow and no count matrix is needed
       // before the bytes move; every rank derives the same layout.
