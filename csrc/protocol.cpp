@@ -1,9 +1,7 @@
 #include "csrc/protocol.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cstring>
-#include <thread>
 
 #include "transfer_engine/error.h"
 #include "transfer_engine/imm.h"
@@ -106,49 +104,15 @@ void Protocol::guarded(const char* operation, Fn&& fn) {
 
 void Protocol::wait_or_throw(std::vector<te::ImmExpect>& expects, const char* what) {
   if (expects.empty()) return;
-  // Ranks may far outnumber cores (EP64 on a 2-core CI machine): an idle waiter spins briefly,
-  // then yields, then sleeps with a growing period, so waiting ranks leave the CPU to the ones
-  // still computing. The engine's wait is called once everything has arrived (it consumes the
-  // counts), periodically with no deadline to surface transport failures, and at the deadline for
-  // its message naming the missing senders.
-  using clock = std::chrono::steady_clock;
-  const auto start = clock::now();
-  const auto deadline = start + std::chrono::milliseconds(timeout_ms_);
-  auto next_probe = start + std::chrono::milliseconds(20);
-  int sleep_us = 10;
+  // Always through the engine's wait, never by polling imm_count: a caller blocked in wait keeps
+  // the worker polling its CQs, and tcp and shm move the bytes of a large incoming write only
+  // while the receiver polls. A rank that watched the counters itself left its worker to idle
+  // sleeps of up to 1 ms, so every partially received write stalled in the socket for that long
+  // (combine's writes, twice dispatch's size, overflow the socket buffers and stalled most). The
+  // engine's wait still leaves the CPU to other ranks: it sleeps until the worker reports
+  // arrivals, and surfaces transport failures and the missing senders at the deadline.
   try {
-    for (;;) {
-      bool ready = true;
-      for (const te::ImmExpect& e : expects) {
-        if (engine_.imm_count(e.imm) < e.count) {
-          ready = false;
-          break;
-        }
-      }
-      const auto now = clock::now();
-      if (ready || now >= deadline) {
-        engine_.wait(expects, ready ? timeout_ms_ : 0);
-        return;
-      }
-      if (now >= next_probe) {
-        next_probe = now + std::chrono::milliseconds(20);
-        try {
-          engine_.wait(expects, 0);
-          return;
-        } catch (const Error& e) {
-          if (e.status() != Status::timeout) throw;
-        }
-      }
-      const auto idle = now - start;
-      if (idle < std::chrono::microseconds(20)) {
-        continue;
-      } else if (idle < std::chrono::microseconds(200)) {
-        std::this_thread::yield();
-      } else {
-        std::this_thread::sleep_for(std::chrono::microseconds(sleep_us));
-        sleep_us = std::min(sleep_us * 2, 1000);
-      }
-    }
+    engine_.wait(expects, timeout_ms_);
   } catch (const Error& e) {
     raise(e.status(), "rank " + std::to_string(layout_.rank) + " step " + std::to_string(step_) + " " + what +
                           ": " + e.what());

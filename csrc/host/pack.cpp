@@ -91,40 +91,101 @@ void unpack_dispatch(const Layout& l, const RecvPlan& plan, const void* recv_buf
   }
 }
 
+namespace {
+
+// Weighted sums of whole rows, a chunk of columns at a time: the fp32 accumulator stays in L1 (or
+// registers) instead of making a pass over a hidden-sized buffer per route, and each output
+// element is rounded once. The arithmetic is the reference's, element by element and in the same
+// order (acc = 0, then acc += w * row for each row in turn, then one rounding), so the bytes match
+// the reference and the CUDA kernels (which use __fmul_rn/__fadd_rn: no fused multiply-add; this
+// file is compiled with -ffp-contract=off for the same reason).
+constexpr int64_t kChunk = 512;
+
+// Element storage of each type, so the loops below index typed, non-aliasing pointers (without
+// __restrict, GCC guards the vector loop with a runtime overlap test and often ran the scalar one).
+template <int Type> struct Elem { using T = uint16_t; };
+template <> struct Elem<dtype::kF32> { using T = float; };
+template <> struct Elem<dtype::kFp8E4M3> { using T = uint8_t; };
+
+template <int Type>
+[[gnu::always_inline]] inline void add_scaled(float* __restrict acc, const typename Elem<Type>::T* __restrict row,
+                                              float w, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) acc[i] += w * dtype::load(row, Type, i);
+}
+
+template <int Type>
+[[gnu::always_inline]] inline void store_chunk(typename Elem<Type>::T* __restrict out, const float* __restrict acc,
+                                               int64_t len) {
+  for (int64_t i = 0; i < len; ++i) dtype::store(out, Type, i, acc[i]);
+}
+
+// out = round(initial + sum_r weight[r] * rows[r]) with initial = 0, or the value already in out
+// when `accumulate`.
+template <int Type>
+[[gnu::always_inline]] inline void weighted_sum(void* out, const void* const* rows, const float* weight,
+                                                 int num_rows, int64_t hidden, bool accumulate) {
+  using T = typename Elem<Type>::T;
+  alignas(64) float acc[kChunk];
+  for (int64_t c0 = 0; c0 < hidden; c0 += kChunk) {
+    const int64_t len = hidden - c0 < kChunk ? hidden - c0 : kChunk;
+    for (int64_t i = 0; i < len; ++i) acc[i] = 0.0f;
+    if (accumulate) add_scaled<Type>(acc, static_cast<const T*>(out) + c0, 1.0f, len);
+    for (int r = 0; r < num_rows; ++r) add_scaled<Type>(acc, static_cast<const T*>(rows[r]) + c0, weight[r], len);
+    store_chunk<Type>(static_cast<T*>(out) + c0, acc, len);
+  }
+}
+
+[[gnu::always_inline]] inline void weighted_sum_of(int type, void* out, const void* const* rows, const float* weight,
+                                                   int num_rows, int64_t hidden, bool accumulate) {
+  switch (type) {
+    case dtype::kBf16: weighted_sum<dtype::kBf16>(out, rows, weight, num_rows, hidden, accumulate); break;
+    case dtype::kF16: weighted_sum<dtype::kF16>(out, rows, weight, num_rows, hidden, accumulate); break;
+    case dtype::kF32: weighted_sum<dtype::kF32>(out, rows, weight, num_rows, hidden, accumulate); break;
+    default: weighted_sum<dtype::kFp8E4M3>(out, rows, weight, num_rows, hidden, accumulate); break;
+  }
+}
+
+}  // namespace
+
+// The combine halves are the host backend's arithmetic hot spots (several ranks share a CPU, so
+// their cost adds up across ranks): one clone per vector width, picked at load time for the CPU.
+// Every clone computes the same bytes (no contraction, same order).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FERRY_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FERRY_VECTOR_CLONES
+#endif
+
+FERRY_VECTOR_CLONES
 void pack_combine(const Layout& l, const ReceivedRoutes& routes, const void* expert_y, void* combine_send_buffer) {
   auto* buf = static_cast<uint8_t*>(combine_send_buffer);
   const auto* y = static_cast<const uint8_t*>(expert_y);
   const int K = l.top_k;
   const uint64_t row_bytes = l.out_row_bytes();
-  std::vector<float> acc(l.hidden);
+  const void* rows[kMaxTopK];
   for (size_t i = 0; i < routes.num_routes.size(); ++i) {
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    for (int r = 0; r < routes.num_routes[i]; ++r) {
-      const void* yr = y + uint64_t(routes.row[i * K + r]) * row_bytes;
-      dtype::axpy_row(acc.data(), yr, l.out_dtype, routes.weight[i * K + r], l.hidden);
-    }
-    dtype::store_row(buf + i * l.partial_bytes, l.out_dtype, acc.data(), l.hidden);
+    const int n = routes.num_routes[i];
+    for (int r = 0; r < n; ++r) rows[r] = y + uint64_t(routes.row[i * K + r]) * row_bytes;
+    weighted_sum_of(l.out_dtype, buf + i * l.partial_bytes, rows, &routes.weight[i * K], n, l.hidden, false);
   }
 }
 
+FERRY_VECTOR_CLONES
 void unpack_combine(const Layout& l, std::span<const SendPlan> member_plans, const void* combine_recv_buffer,
                     void* out_tokens, bool accumulate) {
   const auto* buf = static_cast<const uint8_t*>(combine_recv_buffer);
   const int md = l.max_dests_per_token();
-  std::vector<float> acc(l.hidden);
+  const void* partials[kMaxTopK];
+  const float ones[kMaxTopK] = {1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f};
+  static_assert(kMaxTopK == 8, "one weight per possible destination");
   int64_t base = 0;
   for (const SendPlan& plan : member_plans) {
     for (int t = plan.member; t < plan.num_tokens; t += l.dp_size) {
       void* out = static_cast<uint8_t*>(out_tokens) + uint64_t(t) * l.out_row_bytes();
-      if (accumulate)
-        dtype::load_row(acc.data(), out, l.out_dtype, l.hidden);
-      else
-        std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int i = 0; i < plan.token_num_dests[t]; ++i) {
-        const void* partial = buf + uint64_t(base + plan.token_slot[size_t(t) * md + i]) * l.partial_bytes;
-        dtype::axpy_row(acc.data(), partial, l.out_dtype, 1.0f, l.hidden);
-      }
-      dtype::store_row(out, l.out_dtype, acc.data(), l.hidden);
+      const int n = plan.token_num_dests[t];
+      for (int i = 0; i < n; ++i)
+        partials[i] = buf + uint64_t(base + plan.token_slot[size_t(t) * md + i]) * l.partial_bytes;
+      weighted_sum_of(l.out_dtype, out, partials, ones, n, l.hidden, accumulate);
     }
     base += plan.total_records;
   }
