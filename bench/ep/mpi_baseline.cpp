@@ -5,6 +5,7 @@
 #include <string>
 
 #include "csrc/dtype.h"
+#include "csrc/host/pack.h"
 #include "csrc/plan.h"
 #include "transfer_engine/error.h"
 
@@ -67,11 +68,6 @@ MpiBaseline::MpiBaseline(const BaselineShape& shape, int max_tokens) : s_(shape)
     v->assign(r, 0);
   }
   slot_token_.resize(max_send);
-  // Partials carry a recognisable value; the baseline times bytes and the sum, not expert math.
-  for (size_t i = 0; i + 1 < partial_send_.size(); i += 2) {
-    const uint16_t one = 0x3f80;  // 1.0 in bf16 (and a small normal in f16)
-    std::memcpy(&partial_send_[i], &one, 2);
-  }
 }
 
 MpiBaseline::~MpiBaseline() = default;
@@ -97,12 +93,20 @@ double MpiBaseline::dispatch(const int32_t* indices, const float* weights, const
   }
   // Pack: a header naming the token and its routes on the destination, payload, scales.
   std::vector<int> fill(send_displs_);
+  const int md = std::min(s_.topk, r);
+  token_plan_.member = member;
+  token_plan_.num_tokens = num_tokens;
+  token_plan_.total_records = send_displs_[r - 1] + send_counts_[r - 1];
+  token_plan_.token_num_dests.assign(num_tokens, 0);
+  token_plan_.token_slot.assign(size_t(num_tokens) * md, 0);
   for (int t = member; t < num_tokens; t += s_.dp_size) {
     const int32_t* idx = indices + size_t(t) * s_.topk;
     const int n = ep::token_destinations(idx, s_.topk, experts_per_rank, dests);
     for (int i = 0; i < n; ++i) {
       const int slot = fill[dests[i]]++;
       slot_token_[slot] = t;
+      token_plan_.token_slot[size_t(t) * md + i] = slot;
+      token_plan_.token_num_dests[t] = n;
       uint8_t* rec = send_.data() + uint64_t(slot) * s_.record_bytes;
       ep::RecordHeader h{};
       h.src_token = t;
@@ -157,20 +161,49 @@ void MpiBaseline::unpack_expert_major() {
   if (expert_rows_.size() < uint64_t(rows[experts_per_rank]) * row_bytes) {
     expert_rows_.resize(uint64_t(rows[experts_per_rank]) * row_bytes);
   }
+  // Combine needs, per received record, the rows its routes landed in and their weights.
+  num_rows_ = rows[experts_per_rank];
+  routes_.num_routes.assign(total, 0);
+  routes_.row.assign(size_t(total) * s_.topk, -1);
+  routes_.weight.assign(size_t(total) * s_.topk, 0.0f);
   for (int i = 0; i < total; ++i) {
     const uint8_t* rec = recv_.data() + uint64_t(i) * s_.record_bytes;
     ep::RecordHeader h;
     std::memcpy(&h, rec, sizeof(h));
+    routes_.num_routes[i] = h.num_routes;
     for (int k = 0; k < h.num_routes; ++k) {
-      std::memcpy(expert_rows_.data() + uint64_t(rows[h.local_expert[k]]++) * row_bytes, rec + sizeof(h),
-                  row_bytes);
+      const int row = rows[h.local_expert[k]]++;
+      routes_.row[size_t(i) * s_.topk + k] = row;
+      routes_.weight[size_t(i) * s_.topk + k] = h.weight[k];
+      std::memcpy(expert_rows_.data() + uint64_t(row) * row_bytes, rec + sizeof(h), row_bytes);
     }
   }
 }
 
-double MpiBaseline::combine(float* out_tokens) {
+void MpiBaseline::produce_expert_output() {
+  // A recognisable value (1.0 in bf16, a small normal in f16) in every row the experts filled.
+  const uint64_t row_bytes = uint64_t(s_.hidden) * ep::elem_bytes_of(s_.out_dtype);
+  if (expert_y_.size() < uint64_t(num_rows_) * row_bytes) expert_y_.resize(uint64_t(num_rows_) * row_bytes);
+  const uint8_t pattern[2] = {0x80, 0x3f};
+  for (uint64_t i = 0; i < uint64_t(num_rows_) * row_bytes; ++i) expert_y_[i] = pattern[i & 1];
+}
+
+double MpiBaseline::combine(void* out_tokens) {
   const double t0 = now_us();
   const int r = s_.world_size;
+  // The same arithmetic as ferry's host combine, with its code, so the ratio compares the exchange:
+  // per received record the weighted sum of its expert rows in fp32, rounded once to out_dtype,
+  // travels back; the source sums the partials per token in fp32 and rounds to out_dtype.
+  ep::Layout l;
+  l.world_size = r;
+  l.rank = s_.rank;
+  l.top_k = s_.topk;
+  l.hidden = s_.hidden;
+  l.dp_size = s_.dp_size;
+  l.out_dtype = s_.out_dtype;
+  l.out_elem_bytes = ep::elem_bytes_of(s_.out_dtype);
+  l.partial_bytes = s_.partial_bytes;
+  ep::host::pack_combine(l, routes_, expert_y_.data(), partial_send_.data());
   // Partials go back the way the records came: what we received from s returns to s.
   std::vector<int> psend(r), psend_displs(r), precv(r), precv_displs(r);
   combine_bytes_sent_ = 0;
@@ -184,22 +217,8 @@ double MpiBaseline::combine(float* out_tokens) {
   check_mpi(MPI_Alltoallv(partial_send_.data(), psend.data(), psend_displs.data(), MPI_BYTE,
                           partial_recv_.data(), precv.data(), precv_displs.data(), MPI_BYTE, MPI_COMM_WORLD),
             "MPI_Alltoallv of combine partials", s_.rank);
-  std::memset(out_tokens, 0, sizeof(float) * size_t(num_tokens_) * s_.hidden);
-  int total = 0;
-  for (int d = 0; d < r; ++d) total += send_counts_[d];
-  for (int slot = 0; slot < total; ++slot) {
-    float* out = out_tokens + size_t(slot_token_[slot]) * s_.hidden;
-    const uint8_t* p = partial_recv_.data() + uint64_t(slot) * s_.partial_bytes;
-    if (s_.out_dtype == FERRY_F32) {
-      const float* f = reinterpret_cast<const float*>(p);
-      for (int h = 0; h < s_.hidden; ++h) out[h] += f[h];
-    } else {
-      const uint16_t* v = reinterpret_cast<const uint16_t*>(p);
-      for (int h = 0; h < s_.hidden; ++h) {
-        out[h] += s_.out_dtype == FERRY_BF16 ? ep::dtype::bf16_to_f32(v[h]) : ep::dtype::f16_to_f32(v[h]);
-      }
-    }
-  }
+  ep::host::unpack_combine(l, std::span<const ep::SendPlan>(&token_plan_, 1), partial_recv_.data(), out_tokens,
+                           false);
   return now_us() - t0;
 }
 
@@ -213,7 +232,8 @@ MpiBaseline::MpiBaseline(const BaselineShape& shape, int) : s_(shape) {
 }
 MpiBaseline::~MpiBaseline() = default;
 double MpiBaseline::dispatch(const int32_t*, const float*, const uint8_t*, const float*, int) { return 0; }
-double MpiBaseline::combine(float*) { return 0; }
+void MpiBaseline::produce_expert_output() {}
+double MpiBaseline::combine(void*) { return 0; }
 void MpiBaseline::barrier() {}
 
 #endif

@@ -1,13 +1,16 @@
 // The baseline ferry-bench prints beside ferry: the same exchange with MPI collectives. Dispatch =
 // pack the token records per destination rank (a token goes once to each rank holding one of its
 // experts: the same records and bytes per destination as ferry), MPI_Alltoall of the counts, then
-// MPI_Alltoallv of the records. Combine = MPI_Alltoallv of one partial per received record back to
-// its source, which sums them per token in fp32. Only built with MPI; only run under an MPI launch.
+// MPI_Alltoallv of the records. Combine = per received record the weighted sum of its expert rows
+// (ferry's partial, rounded to out_dtype), MPI_Alltoallv of those partials back to their source,
+// which sums them per token in fp32 and rounds to out_dtype: the same arithmetic ferry does. Only built with MPI; only run under an MPI launch.
 #pragma once
 #include <cstdint>
 #include <memory>
 #include <vector>
 
+#include "csrc/host/pack.h"
+#include "csrc/plan.h"
 #include "ferry/ferry.h"
 
 namespace ferry::bench {
@@ -33,7 +36,11 @@ class MpiBaseline {
   // Both return the elapsed microseconds of this rank's call.
   double dispatch(const int32_t* indices, const float* weights, const uint8_t* x, const float* x_scale,
                   int num_tokens);
-  double combine(float* out_tokens);
+  // Between dispatch and combine, untimed: the experts' output rows (out_dtype) that combine
+  // reduces, as ferry-bench's expert_y.
+  void produce_expert_output();
+  // out_tokens: [num_tokens][hidden] out_dtype.
+  double combine(void* out_tokens);
   uint64_t last_dispatch_bytes_sent() const { return dispatch_bytes_sent_; }
   uint64_t last_combine_bytes_sent() const { return combine_bytes_sent_; }
   void barrier();
@@ -49,6 +56,10 @@ class MpiBaseline {
   std::vector<int> send_counts_, recv_counts_, send_displs_, recv_displs_;
   std::vector<int> send_bytes_, recv_bytes_, send_bytes_displs_, recv_bytes_displs_;
   std::vector<int32_t> slot_token_;  // send slot -> source token, for the combine sum
+  int num_rows_ = 0;                 // expert rows filled by the last dispatch
+  ep::host::ReceivedRoutes routes_;  // per received record: its rows and weights
+  ep::SendPlan token_plan_;          // per source token: its send slots, in destination order
+  std::vector<uint8_t> expert_y_;
   uint64_t dispatch_bytes_sent_ = 0, combine_bytes_sent_ = 0;
 };
 

@@ -409,6 +409,25 @@ int run_rank(const Options& o, const char* launcher_label) {
                   : make_host_gemm(o.gemm_m, o.gemm_n, o.gemm_k);
   }
   Samples s_dispatch, s_combine, s_dsend, s_drecv, s_csend, s_crecv, s_gemm, s_dover, s_cover;
+  // What the experts would do between dispatch and combine (untimed): write their output rows, so
+  // combine reads memory that holds data, as it would after the expert GEMMs, not pages the kernel
+  // maps to its shared zero page (which stay in cache and flatter the host backend's combine).
+  const std::vector<uint8_t> y_pattern = [&] {
+    std::vector<uint8_t> p(o.hidden * out_elem);
+    for (size_t i = 0; i < p.size(); ++i) p[i] = (i & 1) ? 0x3f : 0x80;  // 1.0 in bf16
+    return p;
+  }();
+  auto produce_expert_output = [&] {
+    if (device) return;  // device memory: no zero-page mapping to avoid
+    const auto* counts = static_cast<const int32_t*>(expert_num_tokens.get());
+    for (int e = 0; e < num_local; ++e) {
+      for (int32_t row = 0; row < counts[e]; ++row) {
+        std::memcpy(static_cast<uint8_t*>(expert_y.get()) + (size_t(e) * sizes.max_rows_per_expert + row) *
+                                                                 y_pattern.size(),
+                    y_pattern.data(), y_pattern.size());
+      }
+    }
+  };
   Progress progress(o.progress && rank == 0);
   const int total_iters = o.warmup + o.iters;
   progress.phase("ferry", total_iters);
@@ -423,6 +442,7 @@ int run_rank(const Options& o, const char* launcher_label) {
     double t = since_us(t0);
     tools::check(ferry_a2a_stats(a2a.handle, &stats), "ferry_a2a_stats");
     if (timed) { s_dispatch.add(t); s_dispatch.add_bytes(stats.dispatch_bytes_sent); }
+    produce_expert_output();
 
     barrier();
     t0 = Clock::now();
@@ -439,6 +459,7 @@ int run_rank(const Options& o, const char* launcher_label) {
     dispatch(FERRY_RECV);
     const double tr = since_us(t0);
     if (timed) { s_dsend.add(ts); s_drecv.add(tr); s_dsend.add_bytes(stats.dispatch_bytes_sent); }
+    produce_expert_output();
 
     barrier();
     t0 = Clock::now();
@@ -460,6 +481,7 @@ int run_rank(const Options& o, const char* launcher_label) {
       gemm->run();
       dispatch(FERRY_RECV);
       if (timed) s_dover.add(since_us(t0));
+      produce_expert_output();
       barrier();
       t0 = Clock::now();
       combine(FERRY_SEND);
@@ -487,7 +509,7 @@ int run_rank(const Options& o, const char* launcher_label) {
     shape.partial_bytes = layout.partial_bytes;
     shape.out_dtype = o.out_dtype;
     MpiBaseline mpi_a2a(shape, o.tokens);
-    std::vector<float> sums(size_t(o.tokens) * o.hidden);
+    std::vector<uint8_t> baseline_out(size_t(o.tokens) * o.hidden * out_elem);
     progress.phase("MPI baseline", total_iters);
     for (int iter = 0; iter < total_iters; ++iter) {
       const bool timed = iter >= o.warmup;
@@ -496,8 +518,9 @@ int run_rank(const Options& o, const char* launcher_label) {
       const double td = mpi_a2a.dispatch(iter_indices.data(), iter_weights.data(), mine.x.data(),
                                          num_scales ? mine.x_scale.data() : nullptr, num_tokens);
       if (timed) { b_dispatch.add(td); b_dispatch.add_bytes(mpi_a2a.last_dispatch_bytes_sent()); }
+      mpi_a2a.produce_expert_output();
       mpi_a2a.barrier();
-      const double tc = mpi_a2a.combine(sums.data());
+      const double tc = mpi_a2a.combine(baseline_out.data());
       if (timed) { b_combine.add(tc); b_combine.add_bytes(mpi_a2a.last_combine_bytes_sent()); }
       progress.step(iter + 1);
     }
