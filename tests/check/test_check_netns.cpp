@@ -57,11 +57,13 @@ class CheckNetns : public ::testing::Test {
     return procs;
   }
 
-  std::vector<std::string> base_args(int nics) const {
+  // bw_bytes x bw_iters stays under what a 20 Mbit/s token bucket queues within its 100 ms
+  // latency, so a rate-limited link is slow but never drops into TCP retransmission backoff.
+  std::vector<std::string> base_args(int nics, int timeout_ms = kTimeoutMs) const {
     std::vector<std::string> a = {"--provider", "tcp", "--nics", nics == 2 ? "fnic0,fnic1" : "fnic0",
                                   "--expect-nics-per-node", std::to_string(nics), "--timeout-ms",
-                                  std::to_string(kTimeoutMs), "--latency-iters", "20", "--bw-bytes", "131072",
-                                  "--bw-iters", "4", "--bw-reps", "2", "--loopback-bytes", "65536", "--a2a-tokens", "8",
+                                  std::to_string(timeout_ms), "--latency-iters", "20", "--bw-bytes", "65536",
+                                  "--bw-iters", "2", "--bw-reps", "2", "--loopback-bytes", "65536", "--a2a-tokens", "8",
                                   "--a2a-decode-hidden", "256", "--a2a-wide-hidden", "512", "--a2a-iters", "1",
                                   "--no-nccl", "--json", dir_ + "/report.json", "--html", dir_ + "/report.html"};
     return a;
@@ -81,7 +83,7 @@ TEST_F(CheckNetns, RateLimitedLinkIsNamedAsSlow) {
   cluster.set_rate(1, 1, "20mbit");  // host1's second NIC: every link through it
   // 20 Mbit/s against the ~1 Gbit/s a veth carries on a busy CI machine: a ratio of 0.1 leaves a
   // wide margin on both sides, however noisy the healthy links are.
-  std::vector<std::string> args = base_args(2);
+  std::vector<std::string> args = base_args(2, 3 * kTimeoutMs);
   args.insert(args.end(), {"--outlier-ratio", "0.1"});
   const auto rs = run_cluster(cluster, args, 100000);
   for (const auto& r : rs) ASSERT_FALSE(r.timed_out) << all_output(rs);
@@ -146,6 +148,35 @@ TEST_F(CheckNetns, DownedNicIsNamed) {
     const bool through_down = l["slot"] == 1 && (l["src_host"] == "host1" || l["dst_host"] == "host1");
     EXPECT_EQ(l["ok"].get<bool>(), !through_down) << l.dump();
   }
+}
+
+TEST_F(CheckNetns, StalledLinkTimesOutAndOnlyItIsBlamed) {
+  NetnsCluster cluster(3, 2);
+  // 1 kbit/s: the first few packets fit the token bucket, then the link carries nothing, like a NIC
+  // that went dark in the middle of the run.
+  cluster.set_rate(1, 1, "1kbit");
+  std::vector<std::string> args = base_args(2);
+  args.push_back("--no-alltoall");
+  const auto start = Clock::now();
+  const auto rs = run_cluster(cluster, args, 100000);
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  for (const auto& r : rs) ASSERT_FALSE(r.timed_out) << all_output(rs);
+  EXPECT_EQ(rs[0].exit_code, 1) << all_output(rs);
+  // Per slot-1 round with host1: at most a failed ping-pong and a failed bulk wait.
+  EXPECT_LT(seconds, 8.0 * kTimeoutMs / 1000 + 20) << all_output(rs);
+  const json j = json::parse(read_text(dir_ + "/report.json"));
+  ASSERT_EQ(j["links"].size(), 12u) << all_output(rs);
+  for (const json& l : j["links"]) {
+    const bool through_stalled = l["slot"] == 1 && (l["src_host"] == "host1" || l["dst_host"] == "host1");
+    EXPECT_EQ(l["ok"].get<bool>(), !through_stalled) << l.dump();
+    if (through_stalled) {
+      EXPECT_NE(l["error"].get<std::string>().find("timed out"), std::string::npos) << l.dump();
+    }
+  }
+  int named = 0;
+  for (const json& c : j["checks"])
+    if (c["verdict"] == "FAIL" && c["reason"].get<std::string>().find("host1, fnic1") != std::string::npos) ++named;
+  EXPECT_EQ(named, 4) << j["checks"].dump(1);
 }
 
 TEST_F(CheckNetns, KilledRankIsReportedByTheOthers) {

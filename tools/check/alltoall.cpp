@@ -192,7 +192,7 @@ Share run_alltoall(const Options& opt, te::Bootstrap& boot, const std::vector<Ra
   }
   // The C API takes its NICs from FERRY_DOMAINS (the config names only a count).
   ::setenv("FERRY_DOMAINS", domains.c_str(), 1);
-  tools::CBootstrap cboot(boot, opt.timeout_ms);
+  tools::CBootstrap cboot(boot, opt.collective_timeout_ms());
 
   const std::vector<Case> cases = cases_for(opt);
   bool stop = false;
@@ -250,8 +250,8 @@ Share run_alltoall(const Options& opt, te::Bootstrap& boot, const std::vector<Ra
     const tools::Percentiles cp = tools::percentiles(outcome.combine_us);
     const std::vector<double> mine_values = {error.empty() ? 1.0 : 0.0, dp.p50, dp.p99, cp.p50, cp.p99,
                                              double(outcome.bytes_checked)};
-    const std::vector<double> everyone = tools::allgather_values(boot, mine_values, opt.timeout_ms);
-    const std::vector<std::string> errors = tools::allgather_strings(boot, error, opt.timeout_ms);
+    const std::vector<double> everyone = tools::allgather_values(boot, mine_values, opt.collective_timeout_ms());
+    const std::vector<std::string> errors = tools::allgather_strings(boot, error, opt.collective_timeout_ms());
     std::vector<int> failed_ranks;
     res.dispatch_us_p50 = res.dispatch_us_p99 = res.combine_us_p50 = res.combine_us_p99 = 0;
     for (int r = 0; r < world; ++r) {

@@ -52,6 +52,11 @@ struct Options {
   std::string debug_die_at;
   std::string debug_hang_at;
   int debug_die_rank = -1;
+
+  // Deadline of a step all ranks take together (a gather, a round barrier): the slowest rank may
+  // still be spending up to `waits` failed waits of timeout_ms before it arrives, and that is
+  // not yet a reason to call it lost.
+  int collective_timeout_ms(int waits = 2) const { return (waits + 1) * timeout_ms + 5000; }
 };
 
 // What one rank contributes after a stage; merged on rank 0.

@@ -308,6 +308,11 @@ Share run_links(const Options& opt, SlotEngines& engines, const std::vector<Rank
   for (int s = 0; s < engines.num_slots(); ++s) {
     SlotEngines::Slot& slot = engines.slot(s);
     for (int round = 0; round < rounds; ++round) {
+      // Rounds start together: a pair stuck on a bad link until its deadline must not make the
+      // next round's partners time out waiting for it (a healthy link reported as failed). The
+      // barrier's deadline covers the slowest pair (a failed ping-pong, then a failed bulk wait);
+      // a rank that is gone fails it at once, naming the rank.
+      engines.slot(s).engine->bootstrap().barrier(opt.collective_timeout_ms());
       const int peer = round_partner(me, round, world);
       progress(me, "links: NIC slot %d, round %d of %d", s, round + 1, rounds);
       if (peer < 0) continue;

@@ -136,10 +136,10 @@ class Driver {
 
   // Every rank's share of a stage, on every rank (rank 0 merges them). A failed gather means a
   // rank is gone or stuck: the job stops here.
-  std::vector<Share> gather(const char* stage, const Share& mine) {
+  std::vector<Share> gather(const char* stage, const Share& mine, int waits = 2) {
     std::vector<std::string> blobs;
     try {
-      blobs = tools::allgather_strings(boot_, mine.to_json().dump(), opt_.timeout_ms);
+      blobs = tools::allgather_strings(boot_, mine.to_json().dump(), opt_.collective_timeout_ms(waits));
     } catch (const std::exception& e) {
       // What rank 0 saw itself still goes into the report (e.g. its own timeouts naming the peer).
       merge({mine});
@@ -194,10 +194,17 @@ class Driver {
       }
       maybe_die("nic_loopback");
       progress(me_, "nic_loopback: every NIC writes to itself");
-      merge(gather("nic_loopback", run_loopback(opt_, *engines, inventory_)));
+      // Each slot's loopback may fail two waits on a rank before it reaches the gather.
+      merge(gather("nic_loopback", run_loopback(opt_, *engines, inventory_), 2 * engines->num_slots()));
       maybe_die("links");
       progress(me_, "links: all pairs, %d round(s) per NIC slot", num_rounds(boot_.world_size()));
-      merge(gather("links", run_links(opt_, *engines, inventory_)));
+      Share links;
+      try {
+        links = run_links(opt_, *engines, inventory_);
+      } catch (const std::exception& e) {
+        throw Abort{"links", with_hosts(std::string("ranks lost step between link rounds: ") + e.what())};
+      }
+      merge(gather("links", links));
       if (me_ == 0) judge_links(opt_, report_);
       engines.reset();
     } else if (me_ == 0) {

@@ -77,7 +77,7 @@ Share run_nccl(const Options& opt, te::Bootstrap& boot, const std::vector<RankIn
 #else
   // Every rank must agree to run before any creates a communicator.
   const int gpu = all[size_t(me)].gpu;
-  const std::vector<uint64_t> gpus = tools::allgather_u64(boot, uint64_t(gpu + 1), opt.timeout_ms);
+  const std::vector<uint64_t> gpus = tools::allgather_u64(boot, uint64_t(gpu + 1), opt.collective_timeout_ms());
   int without = -1;
   for (int r = 0; r < boot.world_size(); ++r)
     if (gpus[size_t(r)] == 0) without = r;
@@ -89,7 +89,7 @@ Share run_nccl(const Options& opt, te::Bootstrap& boot, const std::vector<RankIn
     std::string error;
     if (me == 0 && ncclGetUniqueId(&id) != ncclSuccess) error = "ncclGetUniqueId failed";
     std::vector<ncclUniqueId> ids(size_t(boot.world_size()));
-    boot.allgather(&id, sizeof id, ids.data(), opt.timeout_ms);
+    boot.allgather(&id, sizeof id, ids.data(), opt.collective_timeout_ms());
     id = ids[0];
     const size_t count = size_t(opt.nccl_bytes) / sizeof(float);
     const int world = boot.world_size();
@@ -134,8 +134,8 @@ Share run_nccl(const Options& opt, te::Bootstrap& boot, const std::vector<RankIn
       error = e.what();
       rank_failure(me, "nccl: " + error);
     }
-    const std::vector<std::string> errors = tools::allgather_strings(boot, error, opt.timeout_ms);
-    const std::vector<double> times = tools::allgather_values(boot, std::vector<double>{us}, opt.timeout_ms);
+    const std::vector<std::string> errors = tools::allgather_strings(boot, error, opt.collective_timeout_ms());
+    const std::vector<double> times = tools::allgather_values(boot, std::vector<double>{us}, opt.collective_timeout_ms());
     c.verdict = Verdict::pass;
     for (int r = 0; r < world; ++r) {
       if (!errors[size_t(r)].empty()) {
