@@ -22,7 +22,7 @@ __device__ __forceinline__ void copy_v4(uint8_t* dst, const uint8_t* src, uint64
   for (uint64_t i = first * 16; i < bytes; i += stride * 16) st_v4(dst + i, ld_v4(src + i));
 }
 
-// The last block of the grid raises, in every rank's flag array, this rank's slot at `slot_base`.
+// The last block of the grid raises `slot` (this rank's) to the step's epoch in every rank's flag array.
 // Every block's copies happen before its fence; the last block sees all blocks counted.
 __device__ void signal_all_when_grid_done(uint32_t* blocks_done, const IpcPeers& peers, int world_size,
                                           int slot, const uint32_t* epoch) {
