@@ -22,9 +22,11 @@
 #include <stdexcept>
 
 #include "transfer_engine/error.h"
+#include "transfer_engine/fabric/nic.h"
 
 namespace ferry::testing {
 namespace {
+
 
 using Clock = std::chrono::steady_clock;
 
@@ -284,6 +286,9 @@ std::vector<RankResult> run_ranks(const LaunchOptions& options,
       }
     }
   }
+  // A rank killed mid-test cannot unlink its libfabric shm regions; with pids reused quickly they
+  // would pile up in /dev/shm for the rest of the run.
+  for (const Child& c : children) te::fabric::remove_shm_regions_of(c.pid);
   return results;
 }
 

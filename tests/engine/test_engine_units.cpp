@@ -4,12 +4,17 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstdio>
 #include <cstring>
+#include <filesystem>
+#include <string>
 #include <numeric>
 #include <thread>
+#include <unistd.h>
 #include <vector>
 
 #include "transfer_engine/engine.h"
+#include "transfer_engine/fabric/nic.h"
 #include "transfer_engine/imm_counter.h"
 #include "transfer_engine/route.h"
 
@@ -30,6 +35,32 @@ TEST(Imm, EncodesTagAndSenderInThirtyTwoBits) {
   EXPECT_EQ(imm::tag(imm::encode(imm::kMaxTag, 0)), imm::kMaxTag);
   EXPECT_EQ(imm::sender(imm::encode(7, 4096 + 3)), 3u);  // rank bits never spill into the tag
   EXPECT_EQ(imm::tag(imm::encode(7, 4096 + 3)), 7u);
+}
+
+// shm regions are named after the endpoint; a pid alone collides with what a killed process left.
+TEST(ShmNames, CarryThePidAndDifferEveryTime) {
+  const std::string prefix = std::string(ferry::te::fabric::kShmNamePrefix) + std::to_string(getpid()) + "-";
+  const std::string a = ferry::te::fabric::shm_endpoint_name(0);
+  const std::string b = ferry::te::fabric::shm_endpoint_name(0);
+  EXPECT_EQ(a.rfind(prefix, 0), 0u) << a;
+  EXPECT_NE(a, b);
+}
+
+TEST(ShmNames, RegionsOfAnExitedProcessAreRemovedAndOthersKept) {
+  const int dead_pid = 999999;  // above pid_max: no live process has it
+  const std::string mine = std::string("/dev/shm/") + ferry::te::fabric::kShmNamePrefix +
+                           std::to_string(dead_pid) + "-0123456789abcdef-0";
+  const std::string other = std::string("/dev/shm/") + ferry::te::fabric::kShmNamePrefix +
+                            std::to_string(dead_pid) + "0-0123456789abcdef-0";
+  for (const auto& path : {mine, other}) {
+    FILE* f = std::fopen(path.c_str(), "w");
+    ASSERT_NE(f, nullptr) << path;
+    std::fclose(f);
+  }
+  ferry::te::fabric::remove_shm_regions_of(dead_pid);
+  EXPECT_FALSE(std::filesystem::exists(mine));
+  EXPECT_TRUE(std::filesystem::exists(other)) << "a pid sharing a prefix must be left alone";
+  std::filesystem::remove(other);
 }
 
 TEST(Route, AutomaticSplitsBytesOnlyAtTheThresholdAndWithSeveralNics) {

@@ -20,6 +20,7 @@
 #include <sstream>
 
 #include "transfer_engine/error.h"
+#include "transfer_engine/fabric/nic.h"
 
 namespace ferry::tools {
 
@@ -311,6 +312,8 @@ int run_local_ranks(const LocalLaunchOptions& opt) {
       const pid_t r = ::waitpid(c.pid, &status, WNOHANG);
       if (r != c.pid) continue;
       c.running = false;
+      // A rank that was killed never closed its libfabric shm endpoints.
+      te::fabric::remove_shm_regions_of(c.pid);
       if (WIFEXITED(status)) c.exit_code = WEXITSTATUS(status);
       if (WIFSIGNALED(status)) c.term_signal = WTERMSIG(status);
       if ((c.exit_code != 0 || c.term_signal != 0) && !c.killed_by_us) {

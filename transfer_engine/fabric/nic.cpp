@@ -4,7 +4,10 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <cstdio>
+#include <filesystem>
 #include <mutex>
+#include <random>
 #include <set>
 
 #ifdef FERRY_HAVE_CUDA
@@ -81,6 +84,24 @@ InfoPtr get_info(const std::string& provider, const std::string& domain, int& la
 }
 
 }  // namespace
+
+std::string shm_endpoint_name(int nic_index) {
+  std::random_device entropy;
+  const uint64_t nonce = (uint64_t(entropy()) << 32) | entropy();
+  char name[64];
+  std::snprintf(name, sizeof(name), "%s%d-%016llx-%d", kShmNamePrefix, static_cast<int>(getpid()),
+                static_cast<unsigned long long>(nonce), nic_index);
+  return name;
+}
+
+void remove_shm_regions_of(int pid) {
+  if (pid <= 0) return;
+  const std::string prefix = std::string(kShmNamePrefix) + std::to_string(pid) + "-";
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator("/dev/shm", ec)) {
+    if (entry.path().filename().string().rfind(prefix, 0) == 0) std::filesystem::remove(entry.path(), ec);
+  }
+}
 
 std::string libfabric_provider_name(const std::string& provider) {
   if (provider == "tcp") return "tcp;ofi_rxm";
@@ -185,6 +206,14 @@ Nic::Nic(const NicOptions& options) : options_(options) {
     raise(Status::transport, where + ": " + fi_error_text("fi_setopt(CUDA_API_PERMITTED)", rc));
 #endif
 
+  if (provider_name_ == "shm") {
+    // shm names its shared-memory region after the pid by default. A killed process leaves its region
+    // behind, and with pid_max at 32768 a later process soon reuses the pid and fails fi_enable with
+    // EBUSY; a random suffix keeps every endpoint's region distinct.
+    const std::string name = shm_endpoint_name(options_.index);
+    if ((rc = fi_setname(&ep_->fid, const_cast<char*>(name.c_str()), name.size() + 1)) != 0)
+      raise(Status::transport, where + ": " + fi_error_text("fi_setname", rc) + " for " + name);
+  }
   if ((rc = fi_enable(ep_.get())) != 0)
     raise(Status::transport, where + ": " + fi_error_text("fi_enable", rc));
 
