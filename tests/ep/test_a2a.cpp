@@ -356,6 +356,30 @@ TEST(AllToAll, SendAndRecvSplitWithWorkBetween) {
 
 // ---- errors ------------------------------------------------------------------------------------
 
+// One rank's dispatch outputs (no scales) and the arguments pointing at them and at `in`; `guard_bytes`
+// of `fill` after expert_x show any write past the output.
+struct DispatchCall {
+  DispatchCall(const Layout& l, const reference::RankInput& in, size_t guard_bytes = 0, uint8_t fill = 0)
+      : counts(l.experts_per_rank),
+        expert_x_bytes(size_t(l.experts_per_rank) * l.max_rows_per_expert * l.payload_bytes),
+        expert_x(expert_x_bytes + guard_bytes, fill) {
+    args.out_expert_num_tokens = counts.data();
+    args.out_expert_x = expert_x.data();
+    args.dp_x = in.x.data();
+    args.indices = in.indices.data();
+    args.weights = in.weights.data();
+    args.num_tokens = in.num_tokens;
+    args.flags = FERRY_SEND_RECV;
+  }
+  DispatchCall(const DispatchCall&) = delete;
+  DispatchCall& operator=(const DispatchCall&) = delete;
+
+  std::vector<int32_t> counts;
+  size_t expert_x_bytes;
+  std::vector<uint8_t> expert_x;
+  ferry_dispatch_args_t args{};
+};
+
 // Runs a 4-rank step where rank 2 passes `bad` inputs; every rank must fail within the deadline
 // with the expected status and a message naming rank 2.
 void expect_bad_input_fails_everywhere(const std::function<void(ferry_dispatch_args_t&, std::vector<int32_t>&)>& bad,
@@ -373,16 +397,8 @@ void expect_bad_input_fails_everywhere(const std::function<void(ferry_dispatch_a
     auto backend = make_host_backend(cfg, b);
     auto inputs = reference::generate_all(cfg, c.spec);
     auto& in = inputs[l.rank];
-    std::vector<int32_t> counts(l.experts_per_rank);
-    std::vector<uint8_t> expert_x(size_t(l.experts_per_rank) * l.max_rows_per_expert * l.payload_bytes);
-    ferry_dispatch_args_t d{};
-    d.out_expert_num_tokens = counts.data();
-    d.out_expert_x = expert_x.data();
-    d.dp_x = in.x.data();
-    d.indices = in.indices.data();
-    d.weights = in.weights.data();
-    d.num_tokens = in.num_tokens;
-    d.flags = FERRY_SEND_RECV;
+    DispatchCall call(l, in);
+    ferry_dispatch_args_t& d = call.args;
     std::vector<int32_t> bad_indices = in.indices;
     if (l.rank == 2) bad(d, bad_indices);
     const auto start = std::chrono::steady_clock::now();
@@ -441,16 +457,8 @@ TEST(AllToAllErrors, AMissingRankIsNamedAtTheDeadline) {
     auto backend = make_host_backend(cfg, b);
     auto inputs = reference::generate_all(cfg, c.spec);
     auto& in = inputs[l.rank];
-    std::vector<int32_t> counts(l.experts_per_rank);
-    std::vector<uint8_t> expert_x(size_t(l.experts_per_rank) * l.max_rows_per_expert * l.payload_bytes);
-    ferry_dispatch_args_t d{};
-    d.out_expert_num_tokens = counts.data();
-    d.out_expert_x = expert_x.data();
-    d.dp_x = in.x.data();
-    d.indices = in.indices.data();
-    d.weights = in.weights.data();
-    d.num_tokens = in.num_tokens;
-    d.flags = FERRY_SEND_RECV;
+    DispatchCall call(l, in);
+    ferry_dispatch_args_t& d = call.args;
     if (l.rank == 1) {
       b.barrier(30000);  // never dispatches; leaves after the others gave up
       return;
@@ -506,17 +514,8 @@ void expect_lie_detected(const std::function<void(const Layout&, const SendPlan&
     }
     auto backend = make_host_backend(cfg, b);
     constexpr size_t kGuard = 4096;
-    std::vector<int32_t> counts(l.experts_per_rank);
-    const size_t out_bytes = size_t(l.experts_per_rank) * l.max_rows_per_expert * l.payload_bytes;
-    std::vector<uint8_t> expert_x(out_bytes + kGuard, 0x5a);
-    ferry_dispatch_args_t d{};
-    d.out_expert_num_tokens = counts.data();
-    d.out_expert_x = expert_x.data();
-    d.dp_x = in.x.data();
-    d.indices = in.indices.data();
-    d.weights = in.weights.data();
-    d.num_tokens = in.num_tokens;
-    d.flags = FERRY_SEND_RECV;
+    DispatchCall call(l, in, kGuard, 0x5a);
+    ferry_dispatch_args_t& d = call.args;
     try {
       backend->dispatch(d, nullptr);
       ADD_FAILURE() << "rank 0 accepted corrupted data";
@@ -525,7 +524,9 @@ void expect_lie_detected(const std::function<void(const Layout&, const SendPlan&
       EXPECT_NE(std::string(e.what()).find("rank 1"), std::string::npos) << e.what();
       EXPECT_NE(std::string(e.what()).find(expected_text), std::string::npos) << e.what();
     }
-    for (size_t i = out_bytes; i < expert_x.size(); ++i) ASSERT_EQ(expert_x[i], 0x5a) << "written past the output";
+    for (size_t i = call.expert_x_bytes; i < call.expert_x.size(); ++i) {
+      ASSERT_EQ(call.expert_x[i], 0x5a) << "written past the output";
+    }
     b.barrier(30000);
   });
   testing::expect_all_ok(results);
@@ -574,16 +575,9 @@ TEST(AllToAllErrors, DpGroupMembersWithDifferentTokensAreRejected) {
     const Layout l = make_layout(cfg);
     auto backend = make_host_backend(cfg, b);
     const auto in = reference::generate_input(cfg, c.spec, l.rank);
-    std::vector<int32_t> counts(l.experts_per_rank);
-    std::vector<uint8_t> expert_x(size_t(l.experts_per_rank) * l.max_rows_per_expert * l.payload_bytes);
-    ferry_dispatch_args_t d{};
-    d.out_expert_num_tokens = counts.data();
-    d.out_expert_x = expert_x.data();
-    d.dp_x = in.x.data();
-    d.indices = in.indices.data();
-    d.weights = in.weights.data();
-    d.num_tokens = l.rank == 1 ? in.num_tokens / 2 : in.num_tokens;  // rank 1 was given fewer tokens
-    d.flags = FERRY_SEND_RECV;
+    DispatchCall call(l, in);
+    ferry_dispatch_args_t& d = call.args;
+    if (l.rank == 1) d.num_tokens = in.num_tokens / 2;  // rank 1 was given fewer tokens
     try {
       backend->dispatch(d, nullptr);
       ADD_FAILURE() << "members with different tokens accepted";
