@@ -22,7 +22,7 @@
 #include <stdexcept>
 
 #include "transfer_engine/error.h"
-#include "transfer_engine/fabric/nic.h"
+#include "transfer_engine/fabric/shm_names.h"
 
 namespace ferry::testing {
 namespace {

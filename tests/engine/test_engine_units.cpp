@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "transfer_engine/engine.h"
-#include "transfer_engine/fabric/nic.h"
+#include "transfer_engine/fabric/shm_names.h"
 #include "transfer_engine/imm_counter.h"
 #include "transfer_engine/route.h"
 

@@ -20,7 +20,7 @@
 #include <sstream>
 
 #include "transfer_engine/error.h"
-#include "transfer_engine/fabric/nic.h"
+#include "transfer_engine/fabric/shm_names.h"
 
 namespace ferry::tools {
 

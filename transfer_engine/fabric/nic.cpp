@@ -1,13 +1,12 @@
 #include "transfer_engine/fabric/nic.h"
+#include "transfer_engine/fabric/shm_names.h"
 
 #include <unistd.h>
 
 #include <cstdlib>
 #include <cstring>
 #include <cstdio>
-#include <filesystem>
 #include <mutex>
-#include <random>
 #include <set>
 
 #ifdef FERRY_HAVE_CUDA
@@ -84,24 +83,6 @@ InfoPtr get_info(const std::string& provider, const std::string& domain, int& la
 }
 
 }  // namespace
-
-std::string shm_endpoint_name(int nic_index) {
-  std::random_device entropy;
-  const uint64_t nonce = (uint64_t(entropy()) << 32) | entropy();
-  char name[64];
-  std::snprintf(name, sizeof(name), "%s%d-%016llx-%d", kShmNamePrefix, static_cast<int>(getpid()),
-                static_cast<unsigned long long>(nonce), nic_index);
-  return name;
-}
-
-void remove_shm_regions_of(int pid) {
-  if (pid <= 0) return;
-  const std::string prefix = std::string(kShmNamePrefix) + std::to_string(pid) + "-";
-  std::error_code ec;
-  for (const auto& entry : std::filesystem::directory_iterator("/dev/shm", ec)) {
-    if (entry.path().filename().string().rfind(prefix, 0) == 0) std::filesystem::remove(entry.path(), ec);
-  }
-}
 
 std::string libfabric_provider_name(const std::string& provider) {
   if (provider == "tcp") return "tcp;ofi_rxm";

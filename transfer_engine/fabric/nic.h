@@ -33,13 +33,6 @@ struct InfoFree {
 };
 using InfoPtr = std::unique_ptr<fi_info, InfoFree>;
 
-// shm endpoints are named "<kShmNamePrefix><pid>-<random>-<nic>"; the provider keeps each one's
-// region in /dev/shm under that name, so a launcher can remove what a killed rank left behind.
-inline constexpr char kShmNamePrefix[] = "ferry-";
-std::string shm_endpoint_name(int nic_index);
-// Removes the shm regions of process `pid` (which must have exited): for launchers whose ranks may be
-// killed before they close their endpoints.
-void remove_shm_regions_of(int pid);
 
 // "tcp" -> "tcp;ofi_rxm"; "efa-direct" stays as named (libfabric >= 2 lists it as its own fabric);
 // everything else passes through.
