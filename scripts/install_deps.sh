@@ -7,7 +7,7 @@ export DEBIAN_FRONTEND=noninteractive
 pkgs=(build-essential cmake pkg-config git python3 python3-matplotlib
       libfabric-dev libfabric-bin libibverbs-dev libhwloc-dev hwloc
       openmpi-bin libopenmpi-dev libcli11-dev nlohmann-json3-dev
-      libgtest-dev libgmock-dev libbenchmark-dev iproute2 chromium)
+      libgtest-dev libgmock-dev libbenchmark-dev iproute2 chromium fonts-liberation fonts-dejavu-core)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
