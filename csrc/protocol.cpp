@@ -77,6 +77,16 @@ void Protocol::copy(void* dst, const void* src, size_t bytes) {
   else std::memcpy(dst, src, bytes);
 }
 
+bool Protocol::route_dispatch_bytes(int d, uint64_t src, uint64_t dst, uint64_t bytes,
+                                    std::vector<te::ScatterDst>& dsts) {
+  if (d == layout_.rank) {
+    copy(static_cast<uint8_t*>(buffers_.recv) + dst, static_cast<const uint8_t*>(buffers_.send) + src, bytes);
+    return false;
+  }
+  dsts.push_back({uint32_t(peer_index_[d]), src, dst, bytes});
+  return true;
+}
+
 void Protocol::expect_phase(Phase want, const char* operation) {
   if (phase_ == Phase::broken)
     raise(Status::internal, "rank " + std::to_string(layout_.rank) + ": " + operation +
@@ -136,11 +146,7 @@ void Protocol::post_private(bool poisoned) {
     const uint64_t src = layout_.send_section_offset(d, poisoned ? 0 : dest_offset_[d]);
     const uint64_t bytes = layout_.count_header_bytes + uint64_t(n) * layout_.record_bytes;
     const uint64_t dst = layout_.recv_private_offset(me);
-    if (d == me) {
-      copy(static_cast<uint8_t*>(buffers_.recv) + dst, static_cast<const uint8_t*>(buffers_.send) + src, bytes);
-      continue;
-    }
-    dsts.push_back({uint32_t(peer_index_[d]), src, dst, bytes});
+    if (!route_dispatch_bytes(d, src, dst, bytes, dsts)) continue;
     stats_.dispatch_bytes_sent += bytes;
     stats_.dispatch_records_sent += uint64_t(n);
   }
@@ -242,11 +248,7 @@ const RecvPlan& Protocol::wait_dispatch() {
       const int64_t before = overflow_before(layout_, count_matrix_.data(), me, d);
       const uint64_t dst = layout_.overflow_offset() + uint64_t(before) * layout_.record_bytes;
       const uint64_t bytes = uint64_t(n) * layout_.record_bytes;
-      if (d == me) {
-        copy(static_cast<uint8_t*>(buffers_.recv) + dst, static_cast<const uint8_t*>(buffers_.send) + src, bytes);
-        continue;
-      }
-      dsts.push_back({uint32_t(peer_index_[d]), src, dst, bytes});
+      if (!route_dispatch_bytes(d, src, dst, bytes, dsts)) continue;
       stats_.dispatch_bytes_sent += bytes;
       stats_.dispatch_records_sent += uint64_t(n);
       stats_.overflow_records_sent += uint64_t(n);

@@ -113,6 +113,10 @@ class Protocol {
   uint32_t imm(Kind kind, int sender) const;
   void expect_phase(Phase want, const char* operation);
   void copy(void* dst, const void* src, size_t bytes);
+  // Bytes [src, src + bytes) of the send buffer for rank d's receive buffer at dst: copied here when
+  // d is this rank, else queued in `dsts`. Returns whether they go over the network.
+  bool route_dispatch_bytes(int d, uint64_t src, uint64_t dst, uint64_t bytes,
+                            std::vector<te::ScatterDst>& dsts);
   void post_private(bool poisoned);
   void wait_or_throw(std::vector<te::ImmExpect>& expects, const char* what);
   void read_count_headers();
