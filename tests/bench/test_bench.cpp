@@ -12,29 +12,17 @@
 #include <regex>
 #include <string>
 
+#include "tests/common/shell.h"
+
 namespace fs = std::filesystem;
 using nlohmann::json;
 
 namespace {
 
-struct RunResult {
-  int exit_code = -1;
-  std::string out;  // stdout and stderr together
-};
+using RunResult = ferry::testing::ShellResult;
+using ferry::testing::run_shell;
 
-RunResult run_command(const std::string& cmd) {
-  RunResult r;
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-  if (!p) return r;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
-  const int status = pclose(p);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
-
-RunResult bench(const std::string& args) { return run_command(std::string(FERRY_BENCH) + " " + args); }
+RunResult bench(const std::string& args) { return run_shell(std::string(FERRY_BENCH) + " " + args); }
 
 fs::path temp_dir(const std::string& name) {
   const fs::path dir = fs::path(::testing::TempDir()) / ("ferry_bench_" + name + "_" + std::to_string(getpid()));
@@ -102,7 +90,7 @@ void expect_scaled_down_run(const json& j, const std::string& preset, int tokens
 
 std::string python_with_matplotlib() {
   for (const char* py : {"/usr/bin/python3", "python3"}) {
-    if (run_command(std::string(py) + " -c 'import matplotlib'").exit_code == 0) return py;
+    if (run_shell(std::string(py) + " -c 'import matplotlib'").exit_code == 0) return py;
   }
   return {};
 }
@@ -261,7 +249,7 @@ TEST(BenchPlot, ScriptTurnsJsonIntoPngs) {
   const fs::path dir = temp_dir("plot");
   const auto r = bench(std::string(kScaledDown) + " --launcher fork --json " + (dir / "run.json").string());
   ASSERT_EQ(r.exit_code, 0) << r.out;
-  const auto plot = run_command(python + " " + PLOT_SCRIPT + " " + (dir / "run.json").string() + " -o " +
+  const auto plot = run_shell(python + " " + PLOT_SCRIPT + " " + (dir / "run.json").string() + " -o " +
                                 (dir / "png").string());
   ASSERT_EQ(plot.exit_code, 0) << plot.out;
   for (const char* name : {"latency_vs_ep.png", "latency_vs_tokens.png"}) {

@@ -10,6 +10,7 @@
 #include <map>
 #include <string>
 
+#include "tests/common/shell.h"
 #include "tools/common/env.h"
 #include "tools/common/launch.h"
 #include "tools/common/report.h"
@@ -19,26 +20,9 @@ using namespace ferry::tools;
 
 namespace {
 
-struct RunResult {
-  int exit_code = -1;
-  std::string out;  // stdout and stderr together
-  double seconds = 0;
-};
+using RunResult = ferry::testing::ShellResult;
 
-RunResult run(const std::string& args) {
-  const auto t0 = std::chrono::steady_clock::now();
-  const std::string cmd = std::string(LAUNCH_PROBE) + " " + args + " 2>&1";
-  RunResult r;
-  FILE* p = popen(cmd.c_str(), "r");
-  if (!p) return r;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
-  const int status = pclose(p);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return r;
-}
+RunResult run(const std::string& args) { return ferry::testing::run_shell(std::string(LAUNCH_PROBE) + " " + args); }
 
 }  // namespace
 
