@@ -28,6 +28,7 @@ Protocol::Protocol(const Layout& layout, te::TransferEngine& engine, const Proto
     raise(Status::invalid_argument, "a2a config says rank " + std::to_string(me) + " of " + std::to_string(R) +
                                         " but the transfer engine is rank " + std::to_string(engine_.rank()) +
                                         " of " + std::to_string(engine_.world_size()));
+  validate_direct();
   send_mr_ = &engine_.register_memory(buffers_.send, layout_.send_buffer_bytes(), buffers_.kind, buffers_.cuda_device);
   recv_mr_ = &engine_.register_memory(buffers_.recv, layout_.recv_buffer_bytes(), buffers_.kind, buffers_.cuda_device);
   combine_send_mr_ =
@@ -40,17 +41,52 @@ Protocol::Protocol(const Layout& layout, te::TransferEngine& engine, const Proto
   std::vector<te::RegionDesc> recv_remote, combine_remote;
   peer_index_.assign(R, -1);
   for (int r = 0; r < R; ++r) {
-    if (r == me) continue;
+    if (r == me || is_direct(r)) continue;
     peer_index_[r] = int(ranks.size());
     ranks.push_back(r);
     recv_remote.push_back(recv_descs[r]);
     combine_remote.push_back(combine_descs[r]);
   }
-  dispatch_peers_ = &engine_.make_group(ranks, recv_remote);
-  combine_peers_ = &engine_.make_group(ranks, combine_remote);
+  if (!ranks.empty()) {
+    dispatch_peers_ = &engine_.make_group(ranks, recv_remote);
+    combine_peers_ = &engine_.make_group(ranks, combine_remote);
+  }
   header_scratch_.resize(layout_.count_header_bytes);
   count_matrix_.assign(size_t(R) * R, 0);
   expert_counts_.assign(size_t(R) * layout_.experts_per_rank, 0);
+}
+
+void Protocol::validate_direct() {
+  const int R = layout_.world_size, me = layout_.rank;
+  const std::vector<uint8_t>& direct = buffers_.direct;
+  if (!direct.empty() && direct.size() != size_t(R))
+    raise(Status::invalid_argument, "rank " + std::to_string(me) + ": " + std::to_string(direct.size()) +
+                                        " direct-peer flags for world_size " + std::to_string(R) +
+                                        " (give none or one per rank)");
+  any_direct_ = std::any_of(direct.begin(), direct.end(), [](uint8_t f) { return f != 0; });
+  if (any_direct_ && layout_.private_tokens < layout_.max_tokens)
+    raise(Status::invalid_argument,
+          "rank " + std::to_string(me) + ": direct peers need private_tokens >= max_tokens (private_tokens " +
+              std::to_string(layout_.private_tokens) + ", max_tokens " + std::to_string(layout_.max_tokens) +
+              "): overflow offsets depend on counts the protocol does not see for direct senders");
+  if (any_direct_ && layout_.dp_size != 1)
+    raise(Status::unsupported, "rank " + std::to_string(me) + ": direct peers with dp_size " +
+                                   std::to_string(layout_.dp_size) + " (only dp_size 1 is supported)");
+  // A one-sided disagreement would show up only as a deadline (one side waits for writes the other
+  // makes by hand) or as bytes written twice: every rank checks the whole matrix, so all fail
+  // together with the same message.
+  std::vector<uint8_t> mine(R, 0), all(size_t(R) * R, 0);
+  for (int r = 0; r < R; ++r) mine[r] = is_direct(r) ? 1 : 0;
+  engine_.bootstrap().allgather(mine.data(), mine.size(), all.data(), timeout_ms_);
+  for (int a = 0; a < R; ++a)
+    for (int b = a + 1; b < R; ++b)
+      if (all[size_t(a) * R + b] != all[size_t(b) * R + a]) {
+        const int yes = all[size_t(a) * R + b] ? a : b, no = yes == a ? b : a;
+        raise(Status::invalid_argument, "rank " + std::to_string(me) + ": rank " + std::to_string(yes) +
+                                            " treats rank " + std::to_string(no) + " as a direct peer but rank " +
+                                            std::to_string(no) + " does not treat rank " + std::to_string(yes) +
+                                            " as one");
+      }
 }
 
 Protocol::~Protocol() {
@@ -79,6 +115,7 @@ void Protocol::copy(void* dst, const void* src, size_t bytes) {
 
 bool Protocol::route_dispatch_bytes(int d, uint64_t src, uint64_t dst, uint64_t bytes,
                                     std::vector<te::ScatterDst>& dsts) {
+  if (is_direct(d)) return false;  // the caller's
   if (d == layout_.rank) {
     copy(static_cast<uint8_t*>(buffers_.recv) + dst, static_cast<const uint8_t*>(buffers_.send) + src, bytes);
     return false;
@@ -199,6 +236,12 @@ void Protocol::mark_failed(const std::string& reason) {
 void Protocol::read_count_headers() {
   const int R = layout_.world_size, epr = layout_.experts_per_rank, me = layout_.rank;
   for (int s = 0; s < R; ++s) {
+    if (is_direct(s)) {
+      // Never read: the caller's copy of a direct sender's header may still be on its way.
+      std::fill_n(count_matrix_.begin() + ptrdiff_t(s) * R, R, 0);
+      std::fill_n(expert_counts_.begin() + ptrdiff_t(s) * epr, epr, 0);
+      continue;
+    }
     copy(header_scratch_.data(), static_cast<const uint8_t*>(buffers_.recv) + layout_.recv_private_offset(s),
          header_scratch_.size());
     const int32_t* counts = header_counts(header_scratch_.data());
@@ -226,6 +269,8 @@ void Protocol::read_count_headers() {
     if (routes < mine || routes > int64_t(mine) * layout_.max_routes_per_record())
       bad("claims " + std::to_string(routes) + " expert rows for " + std::to_string(mine) + " records");
   }
+  // What this rank sent is known first hand, also when its own section went the caller's way.
+  std::copy(dest_count_.begin(), dest_count_.end(), count_matrix_.begin() + ptrdiff_t(me) * R);
 }
 
 const RecvPlan& Protocol::wait_dispatch() {
@@ -234,10 +279,16 @@ const RecvPlan& Protocol::wait_dispatch() {
     const int R = layout_.world_size, me = layout_.rank;
     std::vector<te::ImmExpect> expects;
     for (int s = 0; s < R; ++s)
-      if (s != me) expects.push_back({imm(kPrivate, s), 1});
+      if (s != me && !is_direct(s)) expects.push_back({imm(kPrivate, s), 1});
     wait_or_throw(expects, "dispatch: waiting for the count headers and private records");
     read_count_headers();
+    // The receive plan covers only what the Protocol moved: this rank's own row is known (and
+    // kept in count_matrix_), but when this rank is direct its records to itself are the caller's.
+    int32_t& to_self = count_matrix_[size_t(me) * R + me];
+    const int32_t sent_to_self = to_self;
+    if (is_direct(me)) to_self = 0;
     recv_plan_ = make_recv_plan(layout_, count_matrix_.data(), expert_counts_.data());
+    to_self = sent_to_self;
 
     // Overflow: records beyond the private region, at offsets every rank derives from the matrix.
     std::vector<te::ScatterDst> dsts;
@@ -257,7 +308,7 @@ const RecvPlan& Protocol::wait_dispatch() {
     expects.clear();
     for (int s = 0; s < R; ++s) {
       const int n = overflow_count(layout_, recv_plan_.count[s]);
-      if (s != me && n > 0)
+      if (s != me && !is_direct(s) && n > 0)
         expects.push_back({imm(kOverflow, s), engine_.pieces_for(uint64_t(n) * layout_.record_bytes)});
     }
     wait_or_throw(expects, "dispatch: waiting for overflow records");
@@ -274,36 +325,69 @@ void Protocol::begin_combine() {
 
 void Protocol::post_combine() {
   expect_phase(Phase::combine_packing, "combine SEND");
+  if (any_direct_)
+    raise(Status::internal, "rank " + std::to_string(layout_.rank) + " step " + std::to_string(step_) +
+                                ": combine SEND with direct peers needs the receive counts "
+                                "(post_combine(recv_count)); nothing was sent");
+  guarded("combine SEND", [&] { post_partials(recv_plan_.count); });
+  phase_ = Phase::combine_posted;
+}
+
+void Protocol::post_combine(std::span<const int32_t> recv_count) {
+  expect_phase(Phase::combine_packing, "combine SEND");
   guarded("combine SEND", [&] {
-    const int R = layout_.world_size, me = layout_.rank, dp = layout_.dp_size;
-    const uint64_t pb = layout_.partial_bytes;
-    std::vector<te::ScatterDst> dsts;
-    stats_.combine_bytes_sent = 0;
-    // Every member of a dp group gets the partials of the whole group's tokens; every peer gets at
-    // least an empty write, whose arrival proves this rank is done reading its receive region.
-    for (int g = 0; g < R / dp; ++g) {
-      for (int m = g * dp; m < g * dp + dp; ++m) {
-        const size_t first = dsts.size();
-        for (int s = g * dp; s < g * dp + dp; ++s) {
-          const int32_t n = recv_plan_.count[s];
-          if (n == 0) continue;
-          const uint64_t src = uint64_t(recv_plan_.record_base[s]) * pb;
-          const uint64_t dst = uint64_t(combine_slot_base(layout_, count_matrix_.data(), s, me)) * pb;
-          const uint64_t bytes = uint64_t(n) * pb;
-          if (m == me) {
-            copy(static_cast<uint8_t*>(buffers_.combine_recv) + dst,
-                 static_cast<const uint8_t*>(buffers_.combine_send) + src, bytes);
-            continue;
-          }
-          dsts.push_back({uint32_t(peer_index_[m]), src, dst, bytes});
-          stats_.combine_bytes_sent += bytes;
-        }
-        if (m != me && dsts.size() == first) dsts.push_back({uint32_t(peer_index_[m]), 0, 0, 0});
-      }
+    const int R = layout_.world_size, me = layout_.rank;
+    auto fail = [&](const std::string& what) {
+      raise(Status::internal, "rank " + std::to_string(me) + " combine SEND step " + std::to_string(step_) + ": " + what);
+    };
+    if (recv_count.size() != size_t(R))
+      fail(std::to_string(recv_count.size()) + " receive counts for " + std::to_string(R) + " ranks");
+    for (int s = 0; s < R; ++s) {
+      const int32_t announced = count_matrix_[size_t(s) * R + me];
+      if (!is_direct(s) && recv_count[s] != announced)
+        fail("receive count " + std::to_string(recv_count[s]) + " for sender " + std::to_string(s) +
+             " but its count header announced " + std::to_string(announced));
+      // Bounds the receive order, and so every source offset, by the combine-send buffer.
+      if (recv_count[s] < 0 || recv_count[s] > layout_.max_tokens)
+        fail("receive count " + std::to_string(recv_count[s]) + " for sender " + std::to_string(s) +
+             " outside [0, max_tokens=" + std::to_string(layout_.max_tokens) + "]");
     }
-    if (!dsts.empty()) engine_.scatter(*combine_peers_, *combine_send_mr_, dsts, imm(kCombine, me));
+    post_partials(recv_count);
   });
   phase_ = Phase::combine_posted;
+}
+
+void Protocol::post_partials(std::span<const int32_t> recv_count) {
+  const int R = layout_.world_size, me = layout_.rank, dp = layout_.dp_size;
+  const uint64_t pb = layout_.partial_bytes;
+  std::vector<int64_t> record_base(R + 1, 0);
+  for (int s = 0; s < R; ++s) record_base[s + 1] = record_base[s] + recv_count[s];
+  std::vector<te::ScatterDst> dsts;
+  stats_.combine_bytes_sent = 0;
+  // Every member of a dp group gets the partials of the whole group's tokens; every engine peer
+  // gets at least an empty write, whose arrival proves this rank is done reading its receive region.
+  for (int g = 0; g < R / dp; ++g) {
+    for (int m = g * dp; m < g * dp + dp; ++m) {
+      if (is_direct(m)) continue;  // the caller's
+      const size_t first = dsts.size();
+      for (int s = g * dp; s < g * dp + dp; ++s) {
+        const int32_t n = recv_count[s];
+        if (n == 0) continue;
+        const uint64_t src = uint64_t(record_base[s]) * pb;
+        const uint64_t dst = uint64_t(combine_slot_base(layout_, count_matrix_.data(), s, me)) * pb;
+        const uint64_t bytes = uint64_t(n) * pb;
+        if (m == me) {
+          copy(static_cast<uint8_t*>(buffers_.combine_recv) + dst,
+               static_cast<const uint8_t*>(buffers_.combine_send) + src, bytes);
+          continue;
+        }
+        dsts.push_back({uint32_t(peer_index_[m]), src, dst, bytes});
+        stats_.combine_bytes_sent += bytes;
+      }
+      if (m != me && dsts.size() == first) dsts.push_back({uint32_t(peer_index_[m]), 0, 0, 0});
+    }
+  }
+  if (!dsts.empty()) engine_.scatter(*combine_peers_, *combine_send_mr_, dsts, imm(kCombine, me));
 }
 
 void Protocol::wait_combine() {
@@ -313,7 +397,7 @@ void Protocol::wait_combine() {
     const int first_member = me - layout_.dp_member(me);
     std::vector<te::ImmExpect> expects;
     for (int d = 0; d < R; ++d) {
-      if (d == me) continue;
+      if (d == me || is_direct(d)) continue;
       uint32_t pieces = 0;
       for (int j = first_member; j < first_member + dp; ++j) {
         const int32_t n = count_matrix_[size_t(j) * R + d];
