@@ -139,7 +139,8 @@ class Protocol {
   void mark_failed(const std::string& reason);
 
   const RecvPlan& recv_plan() const { return recv_plan_; }
-  // count_matrix()[s * world_size + d]: records rank s sent to rank d in this step.
+  // count_matrix()[s * world_size + d]: records rank s sent to rank d in this step (0 for direct
+  // senders other than this rank: the Protocol never reads their headers).
   const std::vector<int32_t>& count_matrix() const { return count_matrix_; }
   uint64_t recv_record_offset(int sender, int64_t index) const {
     return layout_.recv_record_offset(sender, index, recv_plan_.overflow_before[sender]);
