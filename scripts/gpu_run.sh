@@ -7,9 +7,10 @@
 #                                          cuda tests, the same tests under compute-sanitizer
 #                                          (memcheck, racecheck) and ferry-cuda-bench; logs go to
 #                                          $OUT (or ./gpu-logs) and a summary is printed last.
-#   scripts/gpu_run.sh ipc                 (on the GPU machine) the backend tests (CUDA IPC and
-#                                          host-staged), the IPC ones under memcheck, and decode
-#                                          latency of 8 ranks through CUDA IPC vs host-staged shm.
+#   scripts/gpu_run.sh ipc                 (on the GPU machine) the backend tests (CUDA IPC,
+#                                          host-staged, and mixed jobs of several "nodes"), the IPC
+#                                          and mixed ones under memcheck, and decode latency of 8
+#                                          ranks through CUDA IPC vs host-staged shm.
 # FERRY_GPU_STAGE names another staging folder (relative to the repository root) than .gpu.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,7 +20,7 @@ case "${1:-run}" in
 stage)
   build=${2:-$root/build-cuda}
   rm -rf "$stage" && mkdir -p "$stage/bin" "$stage/lib"
-  for b in tests/cuda/test_cuda_kernels tests/cuda/test_cuda_backend bench/cuda/ferry-cuda-bench bench/ep/ferry-bench; do
+  for b in tests/cuda/test_cuda_kernels tests/cuda/test_cuda_backend tests/cuda/test_cuda_locality bench/cuda/ferry-cuda-bench bench/ep/ferry-bench; do
     # Debug info stays here: the working tree that travels to the GPU machine is size-limited.
     [ -x "$build/$b" ] && cp "$build/$b" "$stage/bin/" && strip --strip-debug "$stage/bin/$(basename "$b")"
   done
@@ -94,7 +95,7 @@ ipc)
       "$(grep -E '^\[  (PASSED|FAILED) |ERROR SUMMARY' "$out/$name.log" | tr '\n' ' ' | cut -c1-200)" | tee -a "$summary"
   }
   bin=$stage/bin
-  step backend timeout 240 "$bin/test_cuda_backend"
+  step backend timeout 400 "$bin/test_cuda_backend"
   grep -E '^\[ +(OK|FAILED) ' "$out/backend.log" | tee -a "$summary"
   bench="$bin/ferry-bench --backend cuda --local-ranks 8 --launcher fork --preset decode --experts 256 --warmup 30 --iters 300 --no-progress"
   step bench_ipc env FERRY_CUDA_IPC=1 timeout 70 $bench --verify --json "$out/bench_ipc.json"
@@ -102,6 +103,9 @@ ipc)
   step memcheck_ipc timeout 280 compute-sanitizer --error-exitcode 9 --print-limit 20 --tool memcheck \
     --target-processes all "$bin/test_cuda_backend" \
     --gtest_filter='*CudaIpc*:*IpcPeer*'
+  # Mixed jobs: ranks split into nodes, same-node peers through CUDA IPC, the rest host-staged.
+  step memcheck_mixed timeout 280 compute-sanitizer --error-exitcode 9 --print-limit 20 --tool memcheck \
+    --target-processes all "$bin/test_cuda_backend" --gtest_filter='*FourRanksOnTwoNodes*:*InvalidExpertIdOnTwoNodes*'
   echo "---- bench through CUDA IPC"; cat "$out/bench_ipc.log"
   echo "---- bench host-staged shm"; cat "$out/bench_shm.log"
   echo "---- summary"; cat "$summary"

@@ -97,8 +97,15 @@ struct DispatchRecvParams {
   int32_t* out_expert_num_tokens;     // [L]
   void* out_expert_x;                 // [L * max_rows_per_expert][hidden] in_dtype
   float* out_expert_x_scale;          // [L * max_rows_per_expert][num_scales] or null
-  const volatile uint32_t* sender_arrived = nullptr;  // [R] per-sender epochs (CUDA IPC peers);
-                                                      // when set, waited for instead of `arrived`
+  // Senders reached through CUDA IPC raise their own epoch in sender_arrived[sender]; the receive half
+  // waits for those listed in ipc_senders as well as for `arrived` (when set), which covers the rest.
+  const volatile uint32_t* sender_arrived = nullptr;  // [R]
+  const int32_t* ipc_senders = nullptr;               // [num_ipc_senders] device memory
+  int num_ipc_senders = 0;
+  // [R] device table: the buffer holding sender s's private region (at recv_private_offset(s)), when IPC
+  // senders write into another buffer than the engine's; null: recv_buf for every sender. Only with
+  // private_tokens >= max_tokens (no overflow region).
+  const uint8_t* const* sender_base = nullptr;
 };
 
 struct CombineSendParams {
@@ -114,8 +121,12 @@ struct CombineRecvParams {
   uint64_t timeout_ns;
   void* out_tokens;                   // [num_tokens][hidden] out_dtype
   bool accumulate;
-  const volatile uint32_t* sender_arrived = nullptr;  // [R] per-sender epochs (CUDA IPC peers);
-                                                      // when set, waited for instead of `arrived`
+  const volatile uint32_t* sender_arrived = nullptr;  // [R] as in DispatchRecvParams
+  const int32_t* ipc_senders = nullptr;
+  int num_ipc_senders = 0;
+  // [R] device table: the buffer holding the partials destination d sent back (at the slots of d's
+  // run); null: partial_buf for every destination.
+  const uint8_t* const* dest_base = nullptr;
 };
 
 // Device memory (bytes) the workspace of a layout needs, and how to carve it. `device` is the
@@ -141,29 +152,34 @@ void combine_recv(const CombineRecvParams& p, const Workspace& ws, int num_sms, 
 // block polling host memory.
 void wait_arrival(const volatile uint32_t* flag, const uint32_t* epoch, uint64_t timeout_ns,
                   int32_t timeout_code, const Workspace& ws, cudaStream_t stream);
+// Like wait_arrival, for the proxy's flag (null: none) and the epochs of the listed IPC senders
+// together, under one deadline; a timeout's error names the first sender missing (c), or c = -1
+// when the proxy's flag (the engine peers) is what is missing.
+void wait_step(const volatile uint32_t* proxy_flag, const volatile uint32_t* sender_flags, const int32_t* senders,
+               int num_senders, const uint32_t* epoch, uint64_t timeout_ns, int32_t timeout_code, const Workspace& ws,
+               cudaStream_t stream);
 
-// Same-node peers through CUDA IPC (device pointers, every rank's regions mapped into this process;
-// this rank's own entries are its own buffers). flags[r] is rank r's flag array: [R] dispatch epochs
-// by sender, then [R] combine epochs by sender.
+// Same-node peers through CUDA IPC (device pointers, the IPC peers' regions mapped into this process;
+// this rank's own entries are its own regions; entries of ranks reached through the engine are null).
+// flags[r] is rank r's flag array: [R] dispatch epochs by sender, then [R] combine epochs by sender.
 struct IpcPeers {
   uint8_t* const* recv;      // [R] receive regions (recv_buffer_bytes)
   uint8_t* const* combine;   // [R] combine regions (combine_recv_bytes)
   uint32_t* const* flags;    // [R] flag arrays
   uint32_t* blocks_done;     // [2] this rank's last-block counters of the two push kernels
+  const int32_t* ranks;      // [num_ranks] the IPC peers, this rank included, ascending
+  int num_ranks;
 };
-// After dispatch_send: every destination's section into its receive region at this rank's private
+// After dispatch_send: every IPC peer's section into its receive region at this rank's private
 // offset (the layout must have private_tokens >= max_tokens), then this rank's dispatch slot raised
-// to the step's epoch in every rank's flags.
+// to the step's epoch in every IPC peer's flags.
 void ipc_dispatch_push(const ep::Layout& layout, const uint8_t* send_buf, const IpcPeers& peers, const Workspace& ws,
                        int num_sms, cudaStream_t stream);
-// After combine_send: every partial into its sender's combine region at the sender's send slot, then
-// this rank's combine slot raised in every rank's flags.
+// After combine_send: every partial of a record from an IPC peer into that sender's combine region at
+// the sender's send slot, then this rank's combine slot raised in every IPC peer's flags. recv_buf is
+// the buffer the IPC senders' records arrived in (their count headers give the slots).
 void ipc_combine_push(const ep::Layout& layout, const uint8_t* partial_buf, const uint8_t* recv_buf,
                       const IpcPeers& peers, const Workspace& ws, int num_sms, cudaStream_t stream);
-// Like wait_arrival, for num_senders flags that must all reach *epoch; a timeout's error names the
-// first sender missing (c).
-void wait_senders(const volatile uint32_t* flags, int num_senders, const uint32_t* epoch, uint64_t timeout_ns,
-                  int32_t timeout_code, const Workspace& ws, cudaStream_t stream);
 
 // Human-readable text for a device error, naming this rank.
 const char* device_error_name(int32_t code);

@@ -3,13 +3,11 @@
 // memory mapped into the GPU (host-staged: any provider, e.g. tcp or shm) or device memory
 // registered with FI_HMEM/dmabuf (GPUDirect RDMA on efa and verbs).
 #include <cuda_runtime.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
@@ -18,6 +16,7 @@
 #include "csrc/cuda/api.cuh"
 #include "csrc/cuda/configs.cuh"
 #include "csrc/cuda/cuda_check.h"
+#include "csrc/cuda/locality.h"
 #include "csrc/cuda/memory.h"
 #include "csrc/cuda/proxy.h"
 #include "csrc/protocol.h"
@@ -40,46 +39,29 @@ bool ipc_wanted() {
   raise(Status::invalid_argument, "FERRY_CUDA_IPC=" + v + ": expected 0 or 1");
 }
 
-// What every rank tells the others to decide whether all of them share one node: host name and
-// boot id (two containers with one host name are still two kernels), its GPU, and whether it wants IPC.
-struct NodeIdentity {
-  char host[64];
-  char boot_id[48];
-  char pci_bus_id[32];
-  int32_t wants_ipc;
-  int32_t pad;
-};
-NodeIdentity this_node(bool wants_ipc, int device) {
-  NodeIdentity id{};
-  gethostname(id.host, sizeof id.host - 1);
-  std::ifstream boot("/proc/sys/kernel/random/boot_id");
-  std::string line;
-  if (boot && std::getline(boot, line)) std::strncpy(id.boot_id, line.c_str(), sizeof id.boot_id - 1);
-  // A GPU that cannot say where it sits cannot be matched with its peers: the engine path then.
-  if (cudaDeviceGetPCIBusId(id.pci_bus_id, sizeof id.pci_bus_id - 1, device) != cudaSuccess) {
-    cudaGetLastError();
-    wants_ipc = false;
-  }
-  id.wants_ipc = wants_ipc ? 1 : 0;
-  return id;
-}
-bool same_node(const NodeIdentity& a, const NodeIdentity& b) {
-  return std::strncmp(a.host, b.host, sizeof a.host) == 0 && std::strncmp(a.boot_id, b.boot_id, sizeof a.boot_id) == 0;
-}
-// Whether this rank's GPU can map every peer's memory: the same GPU, or one this process sees and
-// reaches peer to peer (NVLink or PCIe P2P). A GPU hidden from this process (CUDA_VISIBLE_DEVICES)
-// counts as unreachable. Failed lookups leave no error behind for the next launch check to find.
-bool reaches_every_peer(const std::vector<NodeIdentity>& nodes, const NodeIdentity& me, int device) {
-  for (const NodeIdentity& peer : nodes) {
-    if (std::strncmp(peer.pci_bus_id, me.pci_bus_id, sizeof me.pci_bus_id) == 0) continue;
+// Row `me` of the reach matrix: which ranks' GPU memory this rank's GPU can map. Only ranks on this
+// node that want IPC are looked at: the same GPU, or one this process sees and reaches peer to peer
+// (NVLink or PCIe P2P). A GPU hidden from this process (CUDA_VISIBLE_DEVICES) counts as unreachable.
+// Failed lookups leave no error behind for the next launch check to find.
+std::vector<uint8_t> reach_row(const std::vector<cuda::NodeIdentity>& nodes, const cuda::NodeIdentity& me, int device) {
+  std::vector<uint8_t> row(nodes.size(), 0);
+  if (!me.wants_ipc) return row;
+  for (size_t r = 0; r < nodes.size(); ++r) {
+    const cuda::NodeIdentity& peer = nodes[r];
+    if (!peer.wants_ipc || !cuda::same_node(peer, me)) continue;
+    if (std::strncmp(peer.pci_bus_id, me.pci_bus_id, sizeof me.pci_bus_id) == 0) {
+      row[r] = 1;
+      continue;
+    }
     int peer_device = -1, can = 0;
     if (cudaDeviceGetByPCIBusId(&peer_device, peer.pci_bus_id) != cudaSuccess ||
-        cudaDeviceCanAccessPeer(&can, device, peer_device) != cudaSuccess || !can) {
+        cudaDeviceCanAccessPeer(&can, device, peer_device) != cudaSuccess) {
       cudaGetLastError();
-      return false;
+      continue;
     }
+    row[r] = can ? 1 : 0;
   }
-  return true;
+  return row;
 }
 
 struct IpcHandles {
@@ -161,36 +143,41 @@ class CudaBackend final : public Backend {
     ec.timeout_ms = timeout_ms_;
     ec.cuda_device = device_;
 
-    // Every rank on this node, every rank wanting it, and every GPU reaching every other: the whole
-    // exchange through CUDA IPC, no engine and no NIC registration. The decision is collective: the
-    // first test has the same inputs on every rank, the second is agreed through the bootstrap.
-    const int R = layout_.world_size;
-    std::vector<NodeIdentity> nodes(R);
-    const NodeIdentity me = this_node(ipc_wanted(), device_);
-    bootstrap.allgather(&me, sizeof me, nodes.data(), setup_timeout_ms());
-    ipc_ = true;
-    for (int r = 0; r < R; ++r) ipc_ = ipc_ && nodes[r].wants_ipc && same_node(nodes[r], nodes[0]);
-    if (ipc_) {
-      const int32_t reaches = reaches_every_peer(nodes, me, device_) ? 1 : 0;
-      std::vector<int32_t> all_reach(R);
-      bootstrap.allgather(&reaches, sizeof reaches, all_reach.data(), setup_timeout_ms());
-      for (int r = 0; r < R; ++r) ipc_ = ipc_ && all_reach[r];
-      if (!ipc_ && layout_.rank == 0)
-        std::fprintf(stderr, "ferry: cuda all-to-all of %d ranks on one node: some GPUs cannot map each other's "
-                             "memory, peers through the transfer engine\n", R);
+    // Which peers go through CUDA IPC and which through the engine: every rank reports its node, GPU
+    // and wish, then which of its node's GPUs it can map; every rank derives the same answer.
+    const int R = layout_.world_size, me = layout_.rank;
+    std::string bus_id;
+    {
+      char bus[32] = {};
+      if (cudaDeviceGetPCIBusId(bus, sizeof bus - 1, device_) == cudaSuccess) bus_id = bus;
+      else cudaGetLastError();
     }
-    if (ipc_) {
+    const cuda::NodeIdentity identity = cuda::make_node_identity(ipc_wanted(), bus_id);
+    std::vector<cuda::NodeIdentity> nodes(R);
+    bootstrap.allgather(&identity, sizeof identity, nodes.data(), setup_timeout_ms());
+    const std::vector<uint8_t> row = reach_row(nodes, identity, device_);
+    std::vector<uint8_t> reach(size_t(R) * R);
+    bootstrap.allgather(row.data(), row.size(), reach.data(), setup_timeout_ms());
+    paths_ = cuda::decide_peer_paths(nodes, reach);
+    ipc_ranks_ = paths_.ipc_peers_of(me);
+
+    if (paths_.any_ipc) {
       // Records of every sender fit its private region, so no overflow and no count matrix is needed
       // before the bytes move; every rank derives the same layout.
       layout_.private_tokens = layout_.max_tokens;
-      placement_ = te::MemoryKind::cuda;
-    } else {
-      placement_ = choose_placement(ec.provider);
     }
+    // Without engine peers the buffers are device memory (IPC needs it); with them, what the provider
+    // can register. IPC peers then write into device regions of their own when the engine's are host
+    // memory (host-staged), and into the engine's regions when those are device memory (FI_HMEM).
+    placement_ = paths_.any_engine ? choose_placement(ec.provider) : te::MemoryKind::cuda;
     send_ = std::make_unique<TransportBuffer>(placement_, layout_.send_buffer_bytes());
     recv_ = std::make_unique<TransportBuffer>(placement_, layout_.recv_buffer_bytes());
     combine_send_ = std::make_unique<TransportBuffer>(placement_, layout_.combine_send_bytes());
     combine_recv_ = std::make_unique<TransportBuffer>(placement_, layout_.combine_recv_bytes());
+    if (paths_.any_ipc && placement_ != te::MemoryKind::cuda) {
+      ipc_recv_ = std::make_unique<TransportBuffer>(te::MemoryKind::cuda, layout_.recv_buffer_bytes());
+      ipc_combine_ = std::make_unique<TransportBuffer>(te::MemoryKind::cuda, layout_.combine_recv_bytes());
+    }
 
     ws_dev_ = DeviceBuffer(cuda::workspace_device_bytes(layout_));
     cuda::check_cuda(cudaMemset(ws_dev_.get(), 0, ws_dev_.bytes()), "cudaMemset workspace");
@@ -204,12 +191,16 @@ class CudaBackend final : public Backend {
       raise(Status::unsupported, rank_text() + "the CUDA backend needs unified addressing (mapped host memory "
                                                "at the same address on host and device)");
 
-    if (ipc_) {
-      open_ipc_peers(bootstrap);
-      if (layout_.rank == 0)
+    if (paths_.any_ipc) open_ipc_peers(bootstrap);
+    if (me == 0) {
+      if (!paths_.any_engine)
         std::fprintf(stderr, "ferry: cuda all-to-all of %d ranks on one node: peers through CUDA IPC\n", R);
-      return;
+      else if (paths_.any_ipc)
+        std::fprintf(stderr, "ferry: cuda all-to-all of %d ranks: same-node peers through CUDA IPC (%zu on rank 0's "
+                             "node), the others through the transfer engine\n", R, ipc_ranks_.size());
     }
+    if (!paths_.any_engine) return;
+
     engine_ = std::make_unique<te::TransferEngine>(ec, bootstrap);
     ProtocolBuffers buffers;
     buffers.send = send_->ptr;
@@ -222,8 +213,14 @@ class CudaBackend final : public Backend {
       buffers.copy = [](void* dst, const void* src, size_t bytes) {
         cuda::check_cuda(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault), "protocol copy");
       };
+    // The kernels move what goes to IPC peers (this rank included); the Protocol the rest.
+    if (paths_.any_ipc) {
+      buffers.direct.assign(R, 0);
+      for (int32_t r : ipc_ranks_) buffers.direct[r] = 1;
+    }
     protocol_ = std::make_unique<Protocol>(layout_, *engine_, buffers, timeout_ms_);
-    proxy_ = std::make_unique<cuda::Proxy>(*protocol_, ws_, flags_.host<cuda::ArrivalFlags>(), device_);
+    proxy_ = std::make_unique<cuda::Proxy>(*protocol_, ws_, flags_.host<cuda::ArrivalFlags>(), device_,
+                                           /*combine_with_recv_counts=*/paths_.any_ipc);
   }
 
   ~CudaBackend() override {
@@ -249,17 +246,23 @@ class CudaBackend final : public Backend {
       cuda::DispatchSendParams p{layout_, a.dp_x, a.dp_x_scale, a.indices, a.weights, a.bound_m, a.num_tokens,
                                  static_cast<uint8_t*>(send_->ptr)};
       cuda::dispatch_send(p, ws_, num_sms_, stream);
-      if (ipc_) cuda::ipc_dispatch_push(layout_, static_cast<const uint8_t*>(send_->ptr), peers_, ws_, num_sms_, stream);
+      if (paths_.any_ipc)
+        cuda::ipc_dispatch_push(layout_, static_cast<const uint8_t*>(send_->ptr), peers_, ws_, num_sms_, stream);
     }
     if (a.flags & FERRY_RECV) {
       if (!a.out_expert_num_tokens || !a.out_expert_x || (layout_.num_scales > 0 && !a.out_expert_x_scale))
         fail(Status::invalid_argument, "dispatch RECV: out_expert_num_tokens, out_expert_x (and out_expert_x_scale "
                                        "with scale_block > 0) must not be null");
       cuda::DispatchRecvParams p{layout_, static_cast<const uint8_t*>(recv_->ptr),
-                                 &flags_.dev<cuda::ArrivalFlags>()->dispatch_arrived, wait_timeout_ns(),
-                                 a.out_expert_num_tokens, a.out_expert_x,
+                                 proxy_ ? &flags_.dev<cuda::ArrivalFlags>()->dispatch_arrived : nullptr,
+                                 wait_timeout_ns(), a.out_expert_num_tokens, a.out_expert_x,
                                  layout_.num_scales > 0 ? a.out_expert_x_scale : nullptr};
-      if (ipc_) p.sender_arrived = ipc_flags_.get<uint32_t>();
+      if (paths_.any_ipc) {
+        p.sender_arrived = ipc_flags_.get<uint32_t>();
+        p.ipc_senders = peers_.ranks;
+        p.num_ipc_senders = peers_.num_ranks;
+        p.sender_base = sender_base_;
+      }
       cuda::dispatch_recv(p, ws_, num_sms_, stream);
       finish(stream, "dispatch RECV");
     }
@@ -274,16 +277,21 @@ class CudaBackend final : public Backend {
       if (!a.expert_y) fail(Status::invalid_argument, "combine SEND: expert_y is null");
       cuda::CombineSendParams p{layout_, a.expert_y, static_cast<uint8_t*>(combine_send_->ptr)};
       cuda::combine_send(p, ws_, num_sms_, stream);
-      if (ipc_)
-        cuda::ipc_combine_push(layout_, static_cast<const uint8_t*>(combine_send_->ptr),
-                               static_cast<const uint8_t*>(recv_->ptr), peers_, ws_, num_sms_, stream);
+      if (paths_.any_ipc)
+        cuda::ipc_combine_push(layout_, static_cast<const uint8_t*>(combine_send_->ptr), ipc_recv_region(), peers_,
+                               ws_, num_sms_, stream);
     }
     if (a.flags & FERRY_RECV) {
       if (!a.out_tokens && a.num_tokens > 0) fail(Status::invalid_argument, "combine RECV: out_tokens is null");
       cuda::CombineRecvParams p{layout_, static_cast<const uint8_t*>(combine_recv_->ptr),
-                                &flags_.dev<cuda::ArrivalFlags>()->combine_arrived, wait_timeout_ns(), a.out_tokens,
-                                a.accumulate != 0};
-      if (ipc_) p.sender_arrived = ipc_flags_.get<uint32_t>() + layout_.world_size;
+                                proxy_ ? &flags_.dev<cuda::ArrivalFlags>()->combine_arrived : nullptr,
+                                wait_timeout_ns(), a.out_tokens, a.accumulate != 0};
+      if (paths_.any_ipc) {
+        p.sender_arrived = ipc_flags_.get<uint32_t>() + layout_.world_size;
+        p.ipc_senders = peers_.ranks;
+        p.num_ipc_senders = peers_.num_ranks;
+        p.dest_base = dest_base_;
+      }
       cuda::combine_recv(p, ws_, num_sms_, stream);
       finish(stream, "combine RECV");
     }
@@ -292,9 +300,15 @@ class CudaBackend final : public Backend {
   ferry_buffer_sizes_t buffer_sizes() const override { return buffer_sizes_for(config_); }
 
   ferry_a2a_stats_t stats() const override {
-    if (ipc_) return ipc_stats();
-    const ProtocolStats s = proxy_->stats();
-    return {s.dispatch_bytes_sent, s.combine_bytes_sent, s.dispatch_records_sent, s.overflow_records_sent};
+    ferry_a2a_stats_t out = ipc_stats();
+    if (proxy_) {
+      const ProtocolStats s = proxy_->stats();
+      out.dispatch_bytes_sent += s.dispatch_bytes_sent;
+      out.combine_bytes_sent += s.combine_bytes_sent;
+      out.dispatch_records_sent += s.dispatch_records_sent;
+      out.overflow_records_sent += s.overflow_records_sent;
+    }
+    return out;
   }
 
  private:
@@ -345,7 +359,8 @@ class CudaBackend final : public Backend {
         case cuda::kErrCombineTimeout:
           status = Status::timeout;
           where = "step " + std::to_string(err.a) + " still not flagged (flag at " + std::to_string(err.b) + ")";
-          if (ipc_) where += " by rank " + std::to_string(err.c) + " (CUDA IPC peer)";
+          if (err.c >= 0) where += " by rank " + std::to_string(err.c) + " (CUDA IPC peer)";
+          else if (paths_.any_ipc) where += " by the peers reached through the transfer engine";
           break;
         case cuda::kErrPeerCount:
           where = "rank " + std::to_string(err.a) + " announced " + std::to_string(err.b) + " records";
@@ -374,24 +389,35 @@ class CudaBackend final : public Backend {
     if (!proxy.empty()) raise(proxy_status, proxy);
   }
 
-  // Exchanges the IPC handles of this rank's receive and combine regions and flag array, maps every
-  // peer's, and gives the kernels one pointer table.
+  // Where IPC peers write this rank's records and partials: the engine's regions when those are
+  // device memory, else device regions of their own.
+  uint8_t* ipc_recv_region() const { return static_cast<uint8_t*>(ipc_recv_ ? ipc_recv_->ptr : recv_->ptr); }
+  uint8_t* ipc_combine_region() const {
+    return static_cast<uint8_t*>(ipc_combine_ ? ipc_combine_->ptr : combine_recv_->ptr);
+  }
+
+  // Exchanges the IPC handles of this rank's IPC receive and combine regions and flag array (every
+  // rank, collectively), maps those of its IPC peers, and gives the kernels their pointer tables.
   void open_ipc_peers(te::Bootstrap& bootstrap) {
     const int R = layout_.world_size, me = layout_.rank;
     ipc_flags_ = DeviceBuffer(align_up(sizeof(uint32_t) * 2 * R + 2 * sizeof(uint32_t), 256));
     cuda::check_cuda(cudaMemset(ipc_flags_.get(), 0, ipc_flags_.bytes()), "cudaMemset ipc flags");
     IpcHandles mine{};
-    cuda::check_cuda(cudaIpcGetMemHandle(&mine.recv, recv_->ptr), "cudaIpcGetMemHandle(receive region)");
-    cuda::check_cuda(cudaIpcGetMemHandle(&mine.combine, combine_recv_->ptr), "cudaIpcGetMemHandle(combine region)");
+    cuda::check_cuda(cudaIpcGetMemHandle(&mine.recv, ipc_recv_region()), "cudaIpcGetMemHandle(receive region)");
+    cuda::check_cuda(cudaIpcGetMemHandle(&mine.combine, ipc_combine_region()), "cudaIpcGetMemHandle(combine region)");
     cuda::check_cuda(cudaIpcGetMemHandle(&mine.flags, ipc_flags_.get()), "cudaIpcGetMemHandle(flags)");
     std::vector<IpcHandles> all(R);
     bootstrap.allgather(&mine, sizeof mine, all.data(), setup_timeout_ms());
-    std::vector<void*> table(3 * R);
-    mappings_.reserve(3 * (R - 1));
-    for (int r = 0; r < R; ++r) {
+    // Pointer tables, one upload: [R] receive regions, [R] combine regions, [R] flag arrays (null for
+    // peers reached through the engine), then, when IPC peers write elsewhere than the engine, [R]
+    // sender bases and [R] destination bases for the receive kernels.
+    const bool split = ipc_recv_ != nullptr;
+    std::vector<void*> table((split ? 5 : 3) * size_t(R), nullptr);
+    mappings_.reserve(3 * ipc_ranks_.size());
+    for (int32_t r : ipc_ranks_) {
       if (r == me) {
-        table[r] = recv_->ptr;
-        table[R + r] = combine_recv_->ptr;
+        table[r] = ipc_recv_region();
+        table[R + r] = ipc_combine_region();
         table[2 * R + r] = ipc_flags_.get();
         continue;
       }
@@ -405,21 +431,37 @@ class CudaBackend final : public Backend {
         table[k * R + r] = mappings_.back().get();
       }
     }
-    peer_table_ = DeviceBuffer(table.size() * sizeof(void*));
-    cuda::check_cuda(cudaMemcpy(peer_table_.get(), table.data(), peer_table_.bytes(), cudaMemcpyHostToDevice),
+    if (split) {
+      for (int r = 0; r < R; ++r) {
+        const bool ipc = table[r] != nullptr;
+        table[3 * R + r] = ipc ? ipc_recv_region() : recv_->ptr;
+        table[4 * R + r] = ipc ? ipc_combine_region() : combine_recv_->ptr;
+      }
+    }
+    peer_table_ = DeviceBuffer(table.size() * sizeof(void*) + ipc_ranks_.size() * sizeof(int32_t));
+    cuda::check_cuda(cudaMemcpy(peer_table_.get(), table.data(), table.size() * sizeof(void*), cudaMemcpyHostToDevice),
                      "upload ipc peer table");
     uint8_t** t = peer_table_.get<uint8_t*>();
+    auto* ranks = reinterpret_cast<int32_t*>(t + table.size());
+    cuda::check_cuda(cudaMemcpy(ranks, ipc_ranks_.data(), ipc_ranks_.size() * sizeof(int32_t), cudaMemcpyHostToDevice),
+                     "upload ipc peer ranks");
     peers_.recv = t;
     peers_.combine = t + R;
     peers_.flags = reinterpret_cast<uint32_t* const*>(t + 2 * R);
     peers_.blocks_done = ipc_flags_.get<uint32_t>() + 2 * R;
+    peers_.ranks = ranks;
+    peers_.num_ranks = int(ipc_ranks_.size());
+    if (split) {
+      sender_base_ = t + 3 * R;
+      dest_base_ = t + 4 * R;
+    }
   }
 
-  // What the last step moved to the other ranks through CUDA IPC (the counts the kernels mirror to
-  // mapped host memory); no byte crosses a network.
+  // What the last step moved to the other IPC peers (the counts the kernels mirror to mapped host
+  // memory); no byte crosses a network.
   ferry_a2a_stats_t ipc_stats() const {
     ferry_a2a_stats_t s{};
-    for (int r = 0; r < layout_.world_size; ++r) {
+    for (int32_t r : ipc_ranks_) {
       if (r == layout_.rank) continue;
       const int32_t sent = __atomic_load_n(&ws_.host_dest_count[r], __ATOMIC_ACQUIRE);
       const int32_t received = __atomic_load_n(&ws_.host_recv_count[r], __ATOMIC_ACQUIRE);
@@ -436,12 +478,16 @@ class CudaBackend final : public Backend {
   int device_ = 0;
   int num_sms_ = 0;
   te::MemoryKind placement_ = te::MemoryKind::host;
-  bool ipc_ = false;  // every rank on this node: peers through CUDA IPC, no engine
+  cuda::PeerPaths paths_;               // who reaches whom through CUDA IPC; the rest through the engine
+  std::vector<int32_t> ipc_ranks_;      // this rank's IPC peers, itself included (empty without IPC)
   std::unique_ptr<TransportBuffer> send_, recv_, combine_send_, combine_recv_;
+  std::unique_ptr<TransportBuffer> ipc_recv_, ipc_combine_;  // IPC peers' regions when the engine's are host memory
   DeviceBuffer ipc_flags_;              // [R] dispatch epochs by sender, [R] combine, [2] counters
   std::vector<IpcMapping> mappings_;    // peers' regions and flags, closed before our buffers go
   DeviceBuffer peer_table_;
   cuda::IpcPeers peers_{};
+  uint8_t* const* sender_base_ = nullptr;  // in peer_table_, only when IPC peers write elsewhere
+  uint8_t* const* dest_base_ = nullptr;
   DeviceBuffer ws_dev_;
   MappedHostBuffer ws_host_, flags_;
   cuda::Workspace ws_{};

@@ -26,6 +26,16 @@ __host__ __device__ inline RecvSmem recv_smem(const ep::Layout& L) {
   return s;
 }
 
+// The buffer holding sender s's private region: the engine's receive buffer, or the one IPC senders
+// write into (sender_base); with sender_base there is no overflow region, so a record's offset names
+// its sender.
+__device__ __forceinline__ const uint8_t* sender_buffer(const DispatchRecvParams& p, int s) {
+  return p.sender_base != nullptr ? p.sender_base[s] : p.recv_buf;
+}
+__device__ __forceinline__ const uint8_t* record_at(const DispatchRecvParams& p, uint64_t offset) {
+  return p.sender_base != nullptr ? p.sender_base[offset / p.layout.private_stride()] + offset : p.recv_buf + offset;
+}
+
 // Received records are numbered sender-major (the row order), so ranking them in chunks of 32 by
 // local expert gives every route its row: rows of chunks before + routes before it in its chunk.
 __global__ void __launch_bounds__(kCopyThreads)
@@ -41,7 +51,7 @@ __global__ void __launch_bounds__(kCopyThreads)
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = lane_id();
   uint32_t* mask = reinterpret_cast<uint32_t*>(smem + lay.masks) + warp * EPR;
 
-  if ((p.arrived != nullptr || p.sender_arrived != nullptr) && *ws.arrived == 0) {
+  if ((p.arrived != nullptr || p.num_ipc_senders > 0) && *ws.arrived == 0) {
     if (blockIdx.x == 0 && tid == 0) *ws.num_recv = 0;
     return;
   }
@@ -49,7 +59,7 @@ __global__ void __launch_bounds__(kCopyThreads)
   __syncthreads();
 
   for (int s = tid; s < R; s += blockDim.x) {
-    const int32_t* counts = ep::header_counts(p.recv_buf + L.recv_private_offset(s));
+    const int32_t* counts = ep::header_counts(sender_buffer(p, s) + L.recv_private_offset(s));
     int c = ld_cv_s32(counts + me);
     if (ld_cv_s32(counts) == ep::kPoisonCount) {
       if (blockIdx.x == 0) set_error(ws.error, kErrPeerPoisoned, s, 0, 0);
@@ -97,7 +107,7 @@ __global__ void __launch_bounds__(kCopyThreads)
       ep::RecordHeader h;
       uint4* hv = reinterpret_cast<uint4*>(&h);
 #pragma unroll
-      for (int v = 0; v < 4; ++v) hv[v] = ld_v4(p.recv_buf + off + 16 * v);
+      for (int v = 0; v < 4; ++v) hv[v] = ld_v4(sender_buffer(p, s) + off + 16 * v);
       int problem = 0;
       if (h.src_rank != s || h.src_token < 0 || h.src_token >= L.max_tokens) problem = kRecordSource;
       else if (h.num_routes < 1 || h.num_routes > L.max_routes_per_record()) problem = kRecordRoutes;
@@ -174,7 +184,7 @@ __global__ void __launch_bounds__(kCopyThreads)
   uint8_t* out_x = static_cast<uint8_t*>(p.out_expert_x);
 
   for (int g = blockIdx.x; g < N; g += gridDim.x) {
-    const uint8_t* src = p.recv_buf + ws.recv_offset[g];
+    const uint8_t* src = record_at(p, ws.recv_offset[g]);
     const uint8_t* payload = src + L.payload_offset();
     // The first payload loads are issued before the row lookups, so their latency overlaps them.
     uint4 v[kCopyUnroll];
@@ -260,10 +270,8 @@ void prepare_dispatch_recv(const ep::Layout& layout) {
 }
 
 void dispatch_recv(const DispatchRecvParams& p, const Workspace& ws, int num_sms, cudaStream_t stream) {
-  if (p.sender_arrived != nullptr)
-    wait_senders(p.sender_arrived, p.layout.world_size, ws.dispatch_epoch, p.timeout_ns, kErrDispatchTimeout, ws, stream);
-  else if (p.arrived != nullptr)
-    wait_arrival(p.arrived, ws.dispatch_epoch, p.timeout_ns, kErrDispatchTimeout, ws, stream);
+  wait_step(p.arrived, p.sender_arrived, p.ipc_senders, p.num_ipc_senders, ws.dispatch_epoch, p.timeout_ns,
+            kErrDispatchTimeout, ws, stream);
   const int bytes = recv_smem(p.layout).total_ints * 4;
   // Fewer blocks than the copy kernels: each one reads every sender's count header.
   const uint64_t max_chunks = (p.layout.max_recv_records() + kChunk - 1) / kChunk;

@@ -33,8 +33,13 @@ uint32_t load_acquire(const volatile uint32_t* p) {
 
 }  // namespace
 
-Proxy::Proxy(ep::Protocol& protocol, const Workspace& ws, ArrivalFlags* flags, int cuda_device)
-    : protocol_(protocol), ws_(ws), flags_(flags), cuda_device_(cuda_device) {
+Proxy::Proxy(ep::Protocol& protocol, const Workspace& ws, ArrivalFlags* flags, int cuda_device,
+             bool combine_with_recv_counts)
+    : protocol_(protocol),
+      ws_(ws),
+      flags_(flags),
+      cuda_device_(cuda_device),
+      combine_with_recv_counts_(combine_with_recv_counts) {
   thread_ = std::thread([this] { run(); });
 }
 
@@ -80,7 +85,7 @@ void Proxy::run() {
   cudaSetDevice(cuda_device_);
   const ep::Layout& L = protocol_.layout();
   const int R = L.world_size;
-  std::vector<int32_t> counts(R);
+  std::vector<int32_t> counts(R), received(R);
   std::vector<int64_t> offsets(R + 1);
   auto guarded = [&](const char* what, auto&& fn) {
     if (failed_.load()) return;
@@ -120,7 +125,13 @@ void Proxy::run() {
 
     if (!wait_signal(ws_.partials_ready, step)) return;
     guarded("combine", [&] {
-      protocol_.post_combine();
+      if (combine_with_recv_counts_) {
+        // Written by the dispatch receive kernels, which ran before the partials were released.
+        for (int s = 0; s < R; ++s) received[s] = __atomic_load_n(&ws_.host_recv_count[s], __ATOMIC_RELAXED);
+        protocol_.post_combine(received);
+      } else {
+        protocol_.post_combine();
+      }
       protocol_.wait_combine();
       {
         std::lock_guard<std::mutex> lock(mu_);

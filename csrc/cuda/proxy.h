@@ -36,7 +36,10 @@ class Proxy {
  public:
   // `ws` host-side views (error, send_ready, partials_ready, host_dest_count) are read from this
   // thread; `flags` is where the arrival epochs go. cuda_device: the GPU whose cores the thread uses.
-  Proxy(ep::Protocol& protocol, const Workspace& ws, ArrivalFlags* flags, int cuda_device);
+  // combine_with_recv_counts: the Protocol leaves some peers to CUDA IPC, so its post_combine needs the
+  // records received from every sender, which the dispatch receive kernels mirror to host_recv_count.
+  Proxy(ep::Protocol& protocol, const Workspace& ws, ArrivalFlags* flags, int cuda_device,
+        bool combine_with_recv_counts = false);
   ~Proxy();
   Proxy(const Proxy&) = delete;
   Proxy& operator=(const Proxy&) = delete;
@@ -56,6 +59,7 @@ class Proxy {
   Workspace ws_;
   ArrivalFlags* flags_;
   int cuda_device_;
+  bool combine_with_recv_counts_;
   std::atomic<bool> stop_{false};
   mutable std::mutex mu_;
   std::string error_;

@@ -13,7 +13,7 @@ __global__ void wait_arrival_kernel(const volatile uint32_t* flag, const uint32_
   const uint32_t want = *epoch;
   uint32_t seen = 0;
   const bool ok = wait_epoch(flag, want, timeout_ns, &seen);
-  if (!ok) set_error(ws.error, timeout_code, int32_t(want), int32_t(seen), 0);
+  if (!ok) set_error(ws.error, timeout_code, int32_t(want), int32_t(seen), -1);
   *ws.arrived = ok ? 1 : 0;
   // Later kernels read what the flag guards with ordinary loads: make them see it from here on.
   __threadfence_system();

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <random>
 #include <string>
 #include <thread>
@@ -47,6 +48,9 @@ struct Case {
   // engine (FERRY_CUDA_IPC=0). IPC cases name a provider that does not exist: the engine must not be
   // involved at all.
   bool ipc = false;
+  // Ranks split into this many nodes (FERRY_NODE_ID), contiguous by rank; 0: the machine's own identity.
+  // With IPC wanted, peers on one "node" go through CUDA IPC and the others through the engine.
+  int nodes = 0;
   reference::InputSpec spec;
   int steps = 3;
   bool split = false;
@@ -207,6 +211,10 @@ testing::LaunchOptions launch_options(const Case& c) {
   opts.world_size = c.world_size;
   opts.timeout_ms = c.launch_timeout_ms;
   opts.env["FERRY_CUDA_IPC"] = c.ipc ? "1" : "0";
+  if (c.nodes > 0)
+    opts.rank_env = [c](int rank) {
+      return std::map<std::string, std::string>{{"FERRY_NODE_ID", "node" + std::to_string(rank * c.nodes / c.world_size)}};
+    };
   return opts;
 }
 
@@ -216,9 +224,25 @@ Case ipc_case(Case c) {
   return c;
 }
 
+// Peers on the same node through CUDA IPC, the others through the engine (host-staged over c.provider).
+Case mixed_case(Case c, int nodes) {
+  c.ipc = true;
+  c.nodes = nodes;
+  return c;
+}
+
+// A mixed job says so on rank 0's stderr: the test must not pass by taking one path for everything.
+void expect_mixed_paths(const std::vector<testing::RankResult>& results) {
+  ASSERT_FALSE(results.empty());
+  EXPECT_NE(results[0].output.find("the others through the transfer engine"), std::string::npos)
+      << "rank 0 did not report a mixed CUDA IPC / engine job:\n" << results[0].output;
+}
+
 void run_case(const Case& c) {
   const testing::LaunchOptions opts = launch_options(c);
-  testing::expect_all_ok(testing::run_ranks(opts, [&](te::Bootstrap& b) { run_rank(b, c); }));
+  const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) { run_rank(b, c); });
+  testing::expect_all_ok(results);
+  if (c.ipc && c.nodes > 1) expect_mixed_paths(results);
 }
 
 class CudaBackend : public ::testing::Test {
@@ -446,6 +470,67 @@ TEST_F(CudaBackend, InvalidExpertIdThroughCudaIpcFailsTheReceiveCallOnEveryRank)
 }
 
 TEST_F(CudaBackend, GraphReplaysThroughCudaIpcLikeEagerCalls) { run_graph_case(ipc_case(graph_case())); }
+
+// ---- mixed jobs: ranks split into nodes; same-node peers through CUDA IPC (device regions of their
+// own, since the engine's are host-staged here), the others through the engine. Every byte as before.
+
+TEST_F(CudaBackend, FourRanksOnTwoNodesMixCudaIpcAndTcp) {
+  Case c;
+  c.world_size = 4;
+  run_case(mixed_case(c, 2));
+}
+
+TEST_F(CudaBackend, SixRanksOnThreeNodesOverShmWithSplitHalvesAndSkewedRanks) {
+  Case c;
+  c.world_size = 6;
+  c.num_experts = 12;
+  c.provider = "shm";
+  c.split = true;
+  c.max_skew_ms = 20;
+  c.spec.routing = reference::Routing::zipf;
+  c.spec.drop_fraction = 0.2;
+  c.spec.vary_tokens = true;
+  run_case(mixed_case(c, 3));
+}
+
+TEST_F(CudaBackend, EightRanksOnTwoNodesTop8Hidden7168) {
+  Case c;
+  c.world_size = 8;
+  c.num_experts = 32;
+  c.top_k = 8;
+  c.max_tokens = 16;
+  c.hidden = 7168;
+  c.steps = 2;
+  c.provider = "shm";
+  run_case(mixed_case(c, 2));
+}
+
+TEST_F(CudaBackend, TwentyBackToBackStepsOnTwoNodesWithSkewedRanks) {
+  Case c;
+  c.world_size = 4;
+  c.num_experts = 16;
+  c.max_tokens = 32;
+  c.hidden = 1024;
+  c.steps = 20;
+  c.max_skew_ms = 10;
+  c.provider = "shm";
+  c.spec.vary_tokens = true;
+  c.spec.drop_fraction = 0.1;
+  run_case(mixed_case(c, 2));
+}
+
+TEST_F(CudaBackend, InvalidExpertIdOnTwoNodesFailsTheReceiveCallOnEveryRank) {
+  Case c;
+  c.world_size = 4;
+  c.num_experts = 8;
+  run_invalid_expert_case(mixed_case(c, 2));
+}
+
+TEST_F(CudaBackend, GraphReplaysOnTwoNodesLikeEagerCalls) {
+  Case c = graph_case();
+  c.world_size = 4;
+  run_graph_case(mixed_case(c, 2));
+}
 
 // A peer that never dispatches: the receive call fails at its deadline naming that rank.
 TEST_F(CudaBackend, MissingIpcPeerFailsTheReceiveCallNamingIt) {
