@@ -230,7 +230,8 @@ class CudaBackend final : public Backend {
     protocol_ = std::make_unique<Protocol>(layout_, *engine_, buffers, timeout_ms_);
     proxy_ = std::make_unique<cuda::Proxy>(*protocol_, ws_, flags_.writer(), device_);
     if (layout_.rank == 0)
-      std::fprintf(stderr, "ferry: cuda all-to-all of %d ranks: arrival flags in %s\n", R, flags_.description().c_str());
+      std::fprintf(stderr, "ferry: cuda all-to-all of %d ranks: arrival flags in %s\n", R,
+                   flags_.description().c_str());
   }
 
   ~CudaBackend() override {
