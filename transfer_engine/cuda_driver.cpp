@@ -35,6 +35,7 @@ void load() {
     return;
   }
   resolve(lib, "cuMemGetHandleForAddressRange", g_driver.mem_get_handle_for_address_range);
+  resolve(lib, "cuPointerSetAttribute", g_driver.pointer_set_attribute);
   g_loaded = true;
 }
 

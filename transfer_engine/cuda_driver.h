@@ -13,6 +13,8 @@ struct CudaDriver {
   decltype(&::cuPointerGetAttribute) pointer_get_attribute = nullptr;
   // Absent from drivers older than CUDA 11.7; callers fall back to plain FI_HMEM registration.
   decltype(&::cuMemGetHandleForAddressRange) mem_get_handle_for_address_range = nullptr;
+  // Optional as well; only GDRCopy-mapped memory needs it (CU_POINTER_ATTRIBUTE_SYNC_MEMOPS).
+  decltype(&::cuPointerSetAttribute) pointer_set_attribute = nullptr;
 };
 
 // nullptr when libcuda.so.1 cannot be loaded or lacks an essential entry point; the reason is then

@@ -183,8 +183,13 @@ class CudaBackend final : public Backend {
     cuda::check_cuda(cudaMemset(ws_dev_.get(), 0, ws_dev_.bytes()), "cudaMemset workspace");
     ws_host_ = MappedHostBuffer(cuda::workspace_host_bytes(layout_));
     std::memset(ws_host_.host(), 0, ws_host_.bytes());
-    flags_ = MappedHostBuffer(sizeof(cuda::ArrivalFlags));
-    std::memset(flags_.host(), 0, flags_.bytes());
+    // Without engine peers the senders' kernels raise per-sender flags and no proxy writes these: no BAR page.
+    try {
+      const cuda::GdrcopyMode gdrcopy = cuda::gdrcopy_mode();
+      flags_ = cuda::ArrivalFlagMemory(paths_.any_engine ? gdrcopy : cuda::GdrcopyMode::off);
+    } catch (const Error& e) {
+      fail(e.status(), std::string("arrival flags: ") + e.what());
+    }
     ws_ = cuda::carve_workspace(layout_, ws_dev_.get(), ws_host_.dev());
     // The proxy thread and the Protocol use the device addresses of mapped host memory on the host.
     if (ws_host_.dev() != ws_host_.host())
@@ -219,8 +224,11 @@ class CudaBackend final : public Backend {
       for (int32_t r : ipc_ranks_) buffers.direct[r] = 1;
     }
     protocol_ = std::make_unique<Protocol>(layout_, *engine_, buffers, timeout_ms_);
-    proxy_ = std::make_unique<cuda::Proxy>(*protocol_, ws_, flags_.host<cuda::ArrivalFlags>(), device_,
+    proxy_ = std::make_unique<cuda::Proxy>(*protocol_, ws_, flags_.writer(), device_,
                                            /*combine_with_recv_counts=*/paths_.any_ipc);
+    if (layout_.rank == 0)
+      std::fprintf(stderr, "ferry: cuda all-to-all of %d ranks: arrival flags in %s\n", R,
+                   flags_.description().c_str());
   }
 
   ~CudaBackend() override {
@@ -254,7 +262,7 @@ class CudaBackend final : public Backend {
         fail(Status::invalid_argument, "dispatch RECV: out_expert_num_tokens, out_expert_x (and out_expert_x_scale "
                                        "with scale_block > 0) must not be null");
       cuda::DispatchRecvParams p{layout_, static_cast<const uint8_t*>(recv_->ptr),
-                                 proxy_ ? &flags_.dev<cuda::ArrivalFlags>()->dispatch_arrived : nullptr,
+                                 proxy_ ? &flags_.device()->dispatch_arrived : nullptr,
                                  wait_timeout_ns(), a.out_expert_num_tokens, a.out_expert_x,
                                  layout_.num_scales > 0 ? a.out_expert_x_scale : nullptr};
       if (paths_.any_ipc) {
@@ -284,7 +292,7 @@ class CudaBackend final : public Backend {
     if (a.flags & FERRY_RECV) {
       if (!a.out_tokens && a.num_tokens > 0) fail(Status::invalid_argument, "combine RECV: out_tokens is null");
       cuda::CombineRecvParams p{layout_, static_cast<const uint8_t*>(combine_recv_->ptr),
-                                proxy_ ? &flags_.dev<cuda::ArrivalFlags>()->combine_arrived : nullptr,
+                                proxy_ ? &flags_.device()->combine_arrived : nullptr,
                                 wait_timeout_ns(), a.out_tokens, a.accumulate != 0};
       if (paths_.any_ipc) {
         p.sender_arrived = ipc_flags_.get<uint32_t>() + layout_.world_size;
@@ -489,7 +497,8 @@ class CudaBackend final : public Backend {
   uint8_t* const* sender_base_ = nullptr;  // in peer_table_, only when IPC peers write elsewhere
   uint8_t* const* dest_base_ = nullptr;
   DeviceBuffer ws_dev_;
-  MappedHostBuffer ws_host_, flags_;
+  MappedHostBuffer ws_host_;
+  cuda::ArrivalFlagMemory flags_;
   cuda::Workspace ws_{};
   std::unique_ptr<te::TransferEngine> engine_;
   std::unique_ptr<Protocol> protocol_;  // after engine_: deregisters before the engine goes

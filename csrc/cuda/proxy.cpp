@@ -33,7 +33,7 @@ uint32_t load_acquire(const volatile uint32_t* p) {
 
 }  // namespace
 
-Proxy::Proxy(ep::Protocol& protocol, const Workspace& ws, ArrivalFlags* flags, int cuda_device,
+Proxy::Proxy(ep::Protocol& protocol, const Workspace& ws, ArrivalFlagWriter flags, int cuda_device,
              bool combine_with_recv_counts)
     : protocol_(protocol),
       ws_(ws),
@@ -65,8 +65,6 @@ void Proxy::fail(Status status, const std::string& what) {
   error_status_ = status;
   error_ = what;
 }
-
-void Proxy::raise_flag(uint32_t* flag, uint32_t step) { __atomic_store_n(flag, step, __ATOMIC_RELEASE); }
 
 // Idle between steps is legitimate (the caller decides when to dispatch), so there is no deadline
 // here; the receive kernels and the Protocol's waits carry the deadlines.
@@ -121,7 +119,7 @@ void Proxy::run() {
       protocol_.wait_dispatch();
       protocol_.begin_combine();
     });
-    raise_flag(&flags_->dispatch_arrived, step);
+    flags_.raise_dispatch(step);
 
     if (!wait_signal(ws_.partials_ready, step)) return;
     guarded("combine", [&] {
@@ -139,7 +137,7 @@ void Proxy::run() {
       }
       protocol_.begin_dispatch();
     });
-    raise_flag(&flags_->combine_arrived, step);
+    flags_.raise_combine(step);
   }
 }
 

@@ -1,7 +1,8 @@
 // The CPU proxy of the CUDA backend: one thread per GPU, pinned to cores near it, that turns the
 // kernels' signals (pinned mapped host memory) into Protocol operations and raises the arrival flags
-// the receive kernels wait for. The caller's thread only enqueues kernels, so a whole step can be
-// captured in a CUDA graph and replayed: the proxy follows the device-side step counter.
+// the receive kernels wait for (device memory through GDRCopy where installed, see gdrcopy.h). The
+// caller's thread only enqueues kernels, so a whole step can be captured in a CUDA graph and
+// replayed: the proxy follows the device-side step counter.
 //
 // Per step n (the device counts dispatch and combine steps from 1):
 //   pack kernels store send_ready = n      -> post_dispatch (or post_dispatch_failure on bad input)
@@ -20,25 +21,19 @@
 #include <thread>
 
 #include "csrc/cuda/api.cuh"
+#include "csrc/cuda/gdrcopy.h"
 #include "csrc/protocol.h"
 
 namespace ferry::cuda {
 
-// Written by the proxy, read by the GPU (pinned mapped host memory).
-struct ArrivalFlags {
-  uint32_t dispatch_arrived;
-  uint32_t pad0[15];  // separate cache lines: the GPU polls one while the CPU writes the other
-  uint32_t combine_arrived;
-  uint32_t pad1[15];
-};
-
 class Proxy {
  public:
   // `ws` host-side views (error, send_ready, partials_ready, host_dest_count) are read from this
-  // thread; `flags` is where the arrival epochs go. cuda_device: the GPU whose cores the thread uses.
+  // thread; `flags` raises the arrival epochs (mapped host memory or a GDRCopy BAR mapping, see
+  // gdrcopy.h). cuda_device: the GPU whose cores the thread uses.
   // combine_with_recv_counts: the Protocol leaves some peers to CUDA IPC, so its post_combine needs the
   // records received from every sender, which the dispatch receive kernels mirror to host_recv_count.
-  Proxy(ep::Protocol& protocol, const Workspace& ws, ArrivalFlags* flags, int cuda_device,
+  Proxy(ep::Protocol& protocol, const Workspace& ws, ArrivalFlagWriter flags, int cuda_device,
         bool combine_with_recv_counts = false);
   ~Proxy();
   Proxy(const Proxy&) = delete;
@@ -53,11 +48,10 @@ class Proxy {
   void run();
   bool wait_signal(const volatile uint32_t* signal, uint32_t step);
   void fail(Status status, const std::string& what);
-  void raise_flag(uint32_t* flag, uint32_t step);
 
   ep::Protocol& protocol_;
   Workspace ws_;
-  ArrivalFlags* flags_;
+  ArrivalFlagWriter flags_;
   int cuda_device_;
   bool combine_with_recv_counts_;
   std::atomic<bool> stop_{false};
