@@ -305,7 +305,12 @@ class CudaBackend final : public Backend {
     }
   }
 
-  ferry_buffer_sizes_t buffer_sizes() const override { return buffer_sizes_for(config_); }
+  // The layout in use: with CUDA IPC peers the private region holds max_tokens whatever was asked.
+  ferry_buffer_sizes_t buffer_sizes() const override {
+    ferry_a2a_config_t used = config_;
+    used.private_tokens = layout_.private_tokens;
+    return buffer_sizes_for(used);
+  }
 
   ferry_a2a_stats_t stats() const override {
     ferry_a2a_stats_t out = ipc_stats();
