@@ -1,5 +1,6 @@
 // ferry-bench: EP dispatch/combine latency. See --help, and bench/ep/README.md.
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 
 #include "bench/ep/dry_run.h"
@@ -32,6 +33,11 @@ int main(int argc, char** argv) {
         return 2;
       }
       launch.launcher = launcher == "mpi" ? tools::LocalLauncher::mpi : tools::LocalLauncher::fork;
+      launch.local_nodes = o.local_nodes;
+      if (const char* id = std::getenv(tools::kNodeIdVar); o.local_nodes > 0 && id && *id) {
+        std::fprintf(stderr, "ferry-bench: FERRY_NODE_ID=%s is set: every rank keeps it, so the ranks "
+                     "are one node, not the %d of --local-nodes\n", id, o.local_nodes);
+      }
       launch.args = tools::args_without_launch_options(argc, argv);
       launch.extra_env.push_back(std::string("FERRY_BENCH_LAUNCHER=local-") + launcher);
       if (launch.launcher == tools::LocalLauncher::mpi) {
@@ -48,8 +54,10 @@ int main(int argc, char** argv) {
     }
     const auto env = tools::discover_rank_env();
     rank = env.rank;
+    // Before the all-to-all exists: its CUDA backend reads FERRY_NODE_ID when it is created.
+    const tools::NodeEmulation nodes = tools::apply_local_nodes(env.rank, env.world_size);
     const char* label = std::getenv("FERRY_BENCH_LAUNCHER");
-    return bench::run_rank(o, label ? label : tools::launcher_name(env.launcher));
+    return bench::run_rank(o, label ? label : tools::launcher_name(env.launcher), nodes);
   } catch (const Error& e) {
     std::fprintf(stderr, "ferry-bench: rank %d: error (%s): %s\n", rank, status_name(e.status()), e.what());
     return 1;

@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <map>
 
+#include "tools/common/launch.h"
+
 namespace ferry::bench {
 
 const char* dtype_name(ferry_dtype_t t) {
@@ -106,6 +108,11 @@ ParseResult parse_options(int argc, const char* const* argv) {
   app.add_option("--world-size", o.dry_run_world_size, "EP size for --dry-run")->check(CLI::Range(1, 4096));
   app.add_option("--local-ranks", o.local_ranks, "start this many ranks on this machine")
       ->check(CLI::Range(1, 4096));
+  app.add_option("--local-nodes", o.local_nodes,
+                 "for --local-ranks R: the ranks play N nodes, R/N contiguous ranks each (rank r gets "
+                 "FERRY_NODE_ID=local-node-<r*N/R> unless FERRY_NODE_ID is set), so --backend cuda uses "
+                 "CUDA IPC within a node and the transfer engine between nodes")
+      ->check(CLI::Range(1, 4096));
   app.add_option("--launcher", o.launcher,
                  "for --local-ranks: mpi (mpirun -np N; gives the MPI baseline; default when mpirun "
                  "exists) or fork")
@@ -154,6 +161,13 @@ ParseResult parse_options(int argc, const char* const* argv) {
   }
   if (o.dry_run_world_size > 0 && !o.dry_run) return bad("--world-size is only used with --dry-run");
   if (!o.launcher.empty() && o.local_ranks == 0) return bad("--launcher is only used with --local-ranks");
+  if (o.local_nodes > 0 && o.local_ranks == 0) {
+    return bad("--local-nodes " + std::to_string(o.local_nodes) +
+               " is only used with --local-ranks (it splits the ranks started here into nodes)");
+  }
+  if (o.local_nodes > 0) {
+    if (auto msg = tools::check_local_nodes(o.local_nodes, o.local_ranks); !msg.empty()) return bad(msg);
+  }
   if (o.local_ranks > 0 && !o.dry_run) {
     if (auto msg = check_world_size(o, o.local_ranks); !msg.empty()) return bad(msg + " (--local-ranks)");
   }

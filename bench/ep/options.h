@@ -48,6 +48,7 @@ struct Options {
   int dry_run_world_size = 0;    // --world-size for --dry-run; 0: 8
 
   int local_ranks = 0;           // >0: launch this many ranks here
+  int local_nodes = 0;           // >0 (with local_ranks): the ranks play this many nodes (FERRY_NODE_ID)
   std::string launcher;          // "mpi" | "fork"; empty: mpi when mpirun exists
   int launch_timeout_ms = 0;     // 0: derived from iterations and timeout_ms
 

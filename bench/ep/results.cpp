@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "bench/ep/published.h"
+#include "tools/common/launch.h"
 #include "transfer_engine/error.h"
 
 namespace ferry::bench {
@@ -76,7 +77,8 @@ json config_json(const BenchResult& r) {
               {"gemm_n", o.gemm_n},
               {"gemm_k", o.gemm_k},
               {"verify", o.verify},
-              {"launcher", r.launcher}};
+              {"launcher", r.launcher},
+              {"local_nodes", r.local_nodes}};
 }
 
 json environment_json(const BenchResult& r) {
@@ -86,10 +88,24 @@ json environment_json(const BenchResult& r) {
               {"nics", h.nics},                 {"gpus", h.gpus},
               {"cuda_driver", h.cuda_driver_version}, {"ferry_version", h.ferry_version},
               {"libfabric_version", h.libfabric_version}, {"hwloc_version", h.hwloc_version},
-              {"cpu_model", h.cpu_model},       {"num_cpus", h.num_cpus}};
+              {"cpu_model", h.cpu_model},       {"num_cpus", h.num_cpus},
+              {"num_nodes", r.num_nodes},       {"nodes_note", nodes_note(r)}};
 }
 
 }  // namespace
+
+std::string nodes_note(const BenchResult& r) {
+  if (!r.node_ids_set) return "host names";
+  std::string note;
+  if (r.node_ids_from_user) {
+    note = "FERRY_NODE_ID from the environment";
+    if (r.local_nodes > 0) note += format(", which wins over --local-nodes %d", r.local_nodes);
+  } else {
+    note = r.num_hosts == 1 ? "emulated on one machine, FERRY_NODE_ID"
+                            : format("emulated on %d hosts, FERRY_NODE_ID", r.num_hosts);
+  }
+  return note;
+}
 
 void print_table(const BenchResult& r, std::FILE* out) {
   const Options& o = r.options;
@@ -98,6 +114,10 @@ void print_table(const BenchResult& r, std::FILE* out) {
                "routing %s, %d warm-up + %d timed iterations\n",
                backend_name(o.backend), r.provider.c_str(), o.nets_per_rank, r.world_size, r.num_hosts,
                r.launcher.c_str(), routing_name(o.routing), o.warmup, o.iters);
+  if (r.node_ids_set) {
+    std::fprintf(out, "  nodes: %d (%s): %s\n", r.num_nodes, nodes_note(r).c_str(),
+                 tools::describe_rank_nodes(r.rank_nodes).c_str());
+  }
   std::fprintf(out, "  buffers per rank: %s registered (dispatch recv %s, record %llu B)\n",
                tools::format_bytes(double(r.sizes.total_registered_bytes)).c_str(),
                tools::format_bytes(double(r.sizes.recv_bytes)).c_str(),
@@ -199,6 +219,8 @@ void write_json(const BenchResult& r, const std::string& path) {
   j["tool"] = "ferry-bench";
   j["config"] = config_json(r);
   j["environment"] = environment_json(r);
+  // JSON only: one column per rank would not fit the CSV's one-row-per-operation shape.
+  j["environment"]["rank_nodes"] = r.rank_nodes;
   j["buffer_sizes"] = json{{"record_bytes", r.sizes.record_bytes},
                            {"send_bytes", r.sizes.send_bytes},
                            {"recv_bytes", r.sizes.recv_bytes},

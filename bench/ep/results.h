@@ -40,6 +40,13 @@ struct BenchResult {
   int world_size = 1;
   int num_hosts = 1;
   std::string launcher;              // how the ranks were started
+  // Nodes as the CUDA backend tells them apart: per rank FERRY_NODE_ID, or the host name where it is
+  // unset. --local-nodes sets FERRY_NODE_ID so that one machine plays several nodes.
+  int local_nodes = 0;               // --local-nodes of the launch (0: none)
+  std::vector<std::string> rank_nodes;
+  int num_nodes = 1;                 // distinct rank_nodes
+  bool node_ids_set = false;         // some rank has FERRY_NODE_ID
+  bool node_ids_from_user = false;   // rank 0's FERRY_NODE_ID was in the environment already
   std::string provider;              // requested libfabric provider
   tools::HostInfo host;              // rank 0's
   ferry_buffer_sizes_t sizes{};
@@ -53,6 +60,10 @@ struct BenchResult {
   std::vector<int> verify_failed_ranks;
   double wall_seconds = 0;
 };
+
+// How the node count was made: "emulated on one machine, FERRY_NODE_ID", "FERRY_NODE_ID from the
+// environment", "host names".
+std::string nodes_note(const BenchResult& r);
 
 void print_table(const BenchResult& r, std::FILE* out);
 // Throws ferry::Error(Status::invalid_argument) naming the path when it cannot be written.

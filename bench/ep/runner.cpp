@@ -216,7 +216,7 @@ std::string join(const std::vector<int>& v) {
 
 }  // namespace
 
-int run_rank(const Options& o, const char* launcher_label) {
+int run_rank(const Options& o, const char* launcher_label, const tools::NodeEmulation& nodes) {
   const auto wall0 = Clock::now();
   const tools::RankEnv env = tools::discover_rank_env();
   MpiSession mpi(env.under_mpi());
@@ -574,6 +574,12 @@ int run_rank(const Options& o, const char* launcher_label) {
   gethostname(host, sizeof(host) - 1);
   const auto hosts = tools::allgather_strings(*boot, host, timeout_ms);
   result.num_hosts = static_cast<int>(std::set<std::string>(hosts.begin(), hosts.end()).size());
+  result.local_nodes = nodes.local_nodes;
+  result.rank_nodes = tools::allgather_strings(*boot, tools::node_label(), timeout_ms);
+  result.num_nodes = static_cast<int>(std::set<std::string>(result.rank_nodes.begin(), result.rank_nodes.end()).size());
+  const auto node_ids_set = tools::allgather_u64(*boot, nodes.node_id.empty() ? 0 : 1, timeout_ms);
+  result.node_ids_set = std::any_of(node_ids_set.begin(), node_ids_set.end(), [](uint64_t v) { return v != 0; });
+  result.node_ids_from_user = nodes.user_node_id;
   barrier();
 
   if (rank == 0) {

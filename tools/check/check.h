@@ -18,6 +18,7 @@ struct Options {
   std::vector<std::string> nics;
   int nics_per_rank = 0;              // 0: host NICs / ranks on the host, at least 1
   int expect_nics_per_node = 0;       // 0: no expectation
+  int local_nodes = 0;                // --local-nodes of the launch (0: none); the report says so
   int timeout_ms = 10000;             // every wait of every check
   // links
   bool run_links = true;

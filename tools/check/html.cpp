@@ -86,9 +86,13 @@ static void summary_section(std::ostringstream& o, const Report& r) {
 }
 
 static void inventory_section(std::ostringstream& o, const Report& r) {
-  o << "<h2 id=\"inventory\">Inventory</h2>\n<table id=\"inventory-table\">\n"
-    << "<tr><th>rank</th><th>host</th><th>local rank</th><th>GPU</th><th>NICs used</th><th>cores</th>"
-       "<th>NUMA</th><th>NICs on host (link speed)</th><th>GPUs on host</th></tr>\n";
+  const std::string nodes = nodes_line(r);
+  o << "<h2 id=\"inventory\">Inventory</h2>\n";
+  if (!nodes.empty()) o << "<p class=\"meta\" id=\"nodes\">" << escape(nodes) << "</p>\n";
+  o << "<table id=\"inventory-table\">\n"
+    << "<tr><th>rank</th><th>host</th>" << (nodes.empty() ? "" : "<th>node</th>")
+    << "<th>local rank</th><th>GPU</th><th>NICs used</th><th>cores</th><th>NUMA</th>"
+       "<th>NICs on host (link speed)</th><th>GPUs on host</th></tr>\n";
   for (const RankInventory& inv : r.inventory) {
     std::string nics, host_nics, gpus;
     for (size_t i = 0; i < inv.nics.size(); ++i) nics += (i ? ", " : "") + (inv.nics[i].empty() ? "(none)" : inv.nics[i]);
@@ -101,7 +105,9 @@ static void inventory_section(std::ostringstream& o, const Report& r) {
     }
     for (size_t i = 0; i < inv.host_gpus.size(); ++i)
       gpus += (i ? "<br>" : "") + std::to_string(inv.host_gpus[i].index) + ": " + escape(inv.host_gpus[i].name);
-    o << "<tr><td class=\"num\">" << inv.rank << "</td><td>" << escape(inv.host) << "</td><td class=\"num\">"
+    o << "<tr><td class=\"num\">" << inv.rank << "</td><td>" << escape(inv.host) << "</td>"
+      << (nodes.empty() ? "" : "<td>" + escape(inv.node_id.empty() ? "-" : inv.node_id) + "</td>")
+      << "<td class=\"num\">"
       << inv.local_rank << "</td><td>" << (inv.gpu < 0 ? "&ndash;" : std::to_string(inv.gpu)) << "</td><td>"
       << nics << "</td><td>" << (inv.cores.empty() ? "&ndash;" : escape(inv.cores)) << "</td><td>"
       << (inv.numa_node < 0 ? "&ndash;" : std::to_string(inv.numa_node)) << "</td><td>"

@@ -16,6 +16,7 @@
 #include <sstream>
 
 #include "tools/check/check.h"
+#include "tools/common/launch.h"
 #include "transfer_engine/error.h"
 #include "transfer_engine/topology.h"
 
@@ -189,6 +190,7 @@ RankInventory collect_inventory(const Options& opt, const te::Bootstrap& boot) {
   inv.local_rank = boot.local_rank();
   inv.local_size = boot.local_size();
   inv.host = host_name();
+  if (const char* id = std::getenv(tools::kNodeIdVar); id && *id) inv.node_id = id;
   inv.pid = int(::getpid());
   inv.host_nics = list_provider_nics(opt.provider);
   inv.host_gpus = list_gpus();

@@ -57,6 +57,7 @@ class Driver {
                            {"nics", opt.nics},
                            {"nics_per_rank", opt.nics_per_rank},
                            {"expect_nics_per_node", opt.expect_nics_per_node},
+                           {"local_nodes", opt.local_nodes},
                            {"timeout_ms", opt.timeout_ms},
                            {"latency_iters", opt.latency_iters},
                            {"latency_bytes", opt.latency_bytes},
@@ -289,6 +290,10 @@ int main(int argc, char** argv) {
   CLI::App app{"ferry-check: cluster acceptance test (inventory, NIC loopback, all-pairs links, "
                "all-to-all correctness and timing, NCCL). Exit code 0 only when every check passes."};
   app.add_option("--local-ranks", local_ranks, "start N ranks on this machine");
+  int local_nodes = 0;
+  app.add_option("--local-nodes", local_nodes,
+                 "with --local-ranks R: the ranks play N nodes of R/N contiguous ranks (rank r gets "
+                 "FERRY_NODE_ID=local-node-<r*N/R> unless FERRY_NODE_ID is set); the report names each rank's node");
   app.add_option("--launcher", launcher, "how --local-ranks starts them: fork or mpi")->check(CLI::IsMember({"fork", "mpi"}));
   app.add_option("--job-timeout-s", job_timeout_s, "--local-ranks: stop the whole job after this long");
   app.add_option("--provider", opt.provider, "libfabric provider: efa, efa-direct, tcp, shm, verbs")->envname("FERRY_PROVIDER");
@@ -332,6 +337,19 @@ int main(int argc, char** argv) {
   opt.run_alltoall = !no_alltoall;
   opt.run_nccl = !no_nccl;
   check::set_quiet(opt.quiet);
+  if (app.count("--local-nodes") > 0) {
+    std::string bad;
+    if (local_ranks <= 0) {
+      bad = "--local-nodes " + std::to_string(local_nodes) +
+            " is only used with --local-ranks (it splits the ranks started here into nodes)";
+    } else {
+      bad = tools::check_local_nodes(local_nodes, local_ranks);
+    }
+    if (!bad.empty()) {
+      std::fprintf(stderr, "[ferry-check] error: %s\n", bad.c_str());
+      return 2;
+    }
+  }
 
   try {
     if (!from_json.empty()) {
@@ -346,6 +364,7 @@ int main(int argc, char** argv) {
       tools::LocalLaunchOptions launch;
       launch.num_ranks = local_ranks;
       launch.launcher = launcher == "mpi" ? tools::LocalLauncher::mpi : tools::LocalLauncher::fork;
+      launch.local_nodes = local_nodes;
       launch.args = tools::args_without_launch_options(argc, argv);
       launch.timeout_ms = job_timeout_s * 1000;
       // The surviving ranks report a dead one themselves; give them the time their deadlines need
@@ -360,6 +379,7 @@ int main(int argc, char** argv) {
       ::signal(SIGTERM, SIG_IGN);
     }
     const tools::RankEnv env = tools::discover_rank_env();
+    opt.local_nodes = tools::apply_local_nodes(env.rank, env.world_size).local_nodes;
     std::unique_ptr<te::Bootstrap> boot = tools::make_bootstrap(env, opt.timeout_ms);
     check::Driver driver(opt, *boot);
     return driver.run();

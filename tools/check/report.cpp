@@ -1,8 +1,11 @@
 #include "tools/check/report.h"
 
 #include <algorithm>
+#include <set>
 #include <sstream>
 #include <stdexcept>
+
+#include "tools/common/launch.h"
 
 namespace ferry::check {
 
@@ -78,7 +81,7 @@ void from_json(const json& j, GpuInfo& v) {
 
 void to_json(json& j, const RankInventory& v) {
   j = json{{"rank", v.rank}, {"local_rank", v.local_rank}, {"local_size", v.local_size},
-           {"host", v.host}, {"pid", v.pid}, {"gpu", v.gpu}, {"nics", v.nics},
+           {"host", v.host}, {"node_id", v.node_id}, {"pid", v.pid}, {"gpu", v.gpu}, {"nics", v.nics},
            {"missing_nics", v.missing_nics}, {"cores", v.cores}, {"numa_node", v.numa_node},
            {"host_nics", v.host_nics}, {"host_gpus", v.host_gpus}, {"topology", v.topology},
            {"nic_paths", v.nic_paths}, {"near_nics", v.near_nics}};
@@ -88,6 +91,7 @@ void from_json(const json& j, RankInventory& v) {
   v.local_rank = j.value("local_rank", 0);
   v.local_size = j.value("local_size", 1);
   v.host = j.value("host", "");
+  v.node_id = j.value("node_id", "");
   v.pid = j.value("pid", 0);
   v.gpu = j.value("gpu", -1);
   v.nics = j.value("nics", std::vector<std::string>{});
@@ -172,6 +176,13 @@ json report_to_json(const Report& r) {
   j["provider"] = r.provider;
   j["world_size"] = r.world_size;
   j["hosts"] = r.hosts;
+  {
+    std::vector<std::string> nodes;
+    for (const std::string& n : rank_nodes(r))
+      if (std::find(nodes.begin(), nodes.end(), n) == nodes.end()) nodes.push_back(n);
+    j["nodes"] = nodes;
+    j["nodes_note"] = nodes_line(r);
+  }
   j["options"] = r.options;
   j["inventory"] = r.inventory;
   j["checks"] = r.checks;
@@ -266,17 +277,57 @@ static std::string join(const std::vector<std::string>& v, const char* sep = ","
   return s;
 }
 
+std::vector<std::string> rank_nodes(const Report& r) {
+  std::vector<std::string> out;
+  for (const RankInventory& inv : r.inventory) out.push_back(inv.node_id.empty() ? inv.host : inv.node_id);
+  return out;
+}
+
+std::string nodes_line(const Report& r) {
+  const bool any_node_id = std::any_of(r.inventory.begin(), r.inventory.end(),
+                                       [](const RankInventory& inv) { return !inv.node_id.empty(); });
+  if (!any_node_id) return {};
+  const std::vector<std::string> nodes = rank_nodes(r);
+  std::set<std::string> hosts;
+  for (const RankInventory& inv : r.inventory) hosts.insert(inv.host);
+  const int local_nodes = r.options.value("local_nodes", 0);
+  // The split of --local-nodes, unless a FERRY_NODE_ID of the user's replaced it.
+  bool emulated = local_nodes > 0;
+  for (const RankInventory& inv : r.inventory) {
+    emulated = emulated && inv.node_id == tools::emulated_node_id(inv.rank, r.world_size, local_nodes);
+  }
+  std::string note;
+  if (emulated) {
+    note = hosts.size() == 1 ? "emulated on one machine, FERRY_NODE_ID"
+                             : "emulated on " + std::to_string(hosts.size()) + " hosts, FERRY_NODE_ID";
+  } else {
+    note = "FERRY_NODE_ID from the environment";
+    if (local_nodes > 0) note += ", which wins over --local-nodes " + std::to_string(local_nodes);
+  }
+  return "nodes: " + std::to_string(std::set<std::string>(nodes.begin(), nodes.end()).size()) + " (" + note +
+         "): " + tools::describe_rank_nodes(nodes);
+}
+
 std::string inventory_table(const Report& r) {
+  const bool any_node_id = std::any_of(r.inventory.begin(), r.inventory.end(),
+                                       [](const RankInventory& inv) { return !inv.node_id.empty(); });
   std::vector<std::vector<std::string>> rows;
   for (const RankInventory& inv : r.inventory) {
     std::vector<std::string> host_nics;
     for (const NicInfo& n : inv.host_nics) host_nics.push_back(n.name);
-    rows.push_back({std::to_string(inv.rank), inv.host, std::to_string(inv.local_rank),
-                    inv.gpu < 0 ? "-" : std::to_string(inv.gpu), join(inv.nics),
-                    inv.cores.empty() ? "-" : inv.cores,
-                    inv.numa_node < 0 ? "-" : std::to_string(inv.numa_node), join(host_nics)});
+    std::vector<std::string> row{std::to_string(inv.rank), inv.host};
+    if (any_node_id) row.push_back(inv.node_id.empty() ? "-" : inv.node_id);
+    row.insert(row.end(), {std::to_string(inv.local_rank), inv.gpu < 0 ? "-" : std::to_string(inv.gpu),
+                           join(inv.nics), inv.cores.empty() ? "-" : inv.cores,
+                           inv.numa_node < 0 ? "-" : std::to_string(inv.numa_node), join(host_nics)});
+    rows.push_back(std::move(row));
   }
-  return text_table({"rank", "host", "local", "gpu", "nics", "cores", "numa", "host nics"}, rows);
+  std::vector<std::string> header{"rank", "host"};
+  if (any_node_id) header.push_back("node");
+  header.insert(header.end(), {"local", "gpu", "nics", "cores", "numa", "host nics"});
+  std::string out = text_table(header, rows);
+  if (const std::string line = nodes_line(r); !line.empty()) out += line + "\n";
+  return out;
 }
 
 }  // namespace ferry::check

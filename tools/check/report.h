@@ -48,6 +48,9 @@ struct RankInventory {
   int local_rank = 0;
   int local_size = 1;
   std::string host;
+  // FERRY_NODE_ID as this rank saw it ("" when unset): with --local-nodes the ranks of one machine
+  // play several nodes, and the CUDA backend tells its IPC peers apart by it.
+  std::string node_id;
   int pid = 0;
   int gpu = -1;                         // the GPU this rank drives; -1 for none
   std::vector<std::string> nics;        // NICs this rank uses, one per slot ("" = none for that slot)
@@ -132,6 +135,12 @@ Report report_from_json(const nlohmann::json& j);
 
 // Per slot: matrix[src][dst] in Gbps, -1 where not measured.
 std::map<int, std::vector<std::vector<double>>> bandwidth_matrices(const Report& r);
+
+// Per rank, the node it counts as: its node_id, or its host where that is unset.
+std::vector<std::string> rank_nodes(const Report& r);
+// "nodes: 2 (emulated on one machine, FERRY_NODE_ID): local-node-0: ranks 0-1; local-node-1: ranks
+// 2-3"; empty when no rank has a node id (nodes are hosts, which the inventory shows already).
+std::string nodes_line(const Report& r);
 
 // Plain-text summary table (one row per check, FAIL reasons included) for the terminal.
 std::string summary_table(const Report& r);

@@ -19,6 +19,7 @@
 #include <optional>
 #include <sstream>
 
+#include "tools/common/env.h"
 #include "transfer_engine/error.h"
 #include "transfer_engine/fabric/shm_names.h"
 
@@ -181,15 +182,76 @@ std::string self_executable() {
 }
 
 std::vector<std::string> args_without_launch_options(int argc, const char* const* argv) {
+  static const char* kLaunchOptions[] = {"--local-ranks", "--local-nodes", "--launcher"};
   std::vector<std::string> out;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--local-ranks" || a == "--launcher") {
-      ++i;  // skip the value too
-      continue;
+    bool launch_option = false, with_value = false;
+    for (const char* name : kLaunchOptions) {
+      launch_option = launch_option || a == name;
+      with_value = with_value || a.rfind(std::string(name) + "=", 0) == 0;
     }
-    if (a.rfind("--local-ranks=", 0) == 0 || a.rfind("--launcher=", 0) == 0) continue;
+    if (launch_option) ++i;  // skip the value too
+    if (launch_option || with_value) continue;
     out.push_back(a);
+  }
+  return out;
+}
+
+std::string check_local_nodes(int local_nodes, int num_ranks) {
+  if (local_nodes < 1) return "--local-nodes must be at least 1, got " + std::to_string(local_nodes);
+  if (num_ranks % local_nodes != 0) {
+    return "--local-nodes " + std::to_string(local_nodes) + " does not divide --local-ranks " +
+           std::to_string(num_ranks) + " (every emulated node needs the same number of ranks)";
+  }
+  return {};
+}
+
+std::string emulated_node_id(int rank, int world_size, int local_nodes) {
+  const long long node = static_cast<long long>(rank) * local_nodes / world_size;
+  return "local-node-" + std::to_string(node);
+}
+
+NodeEmulation apply_local_nodes(int rank, int world_size) {
+  NodeEmulation out;
+  const char* user = std::getenv(kNodeIdVar);
+  out.user_node_id = user && *user;
+  if (const char* n = std::getenv(kLocalNodesVar); n && *n) {
+    const auto parsed = parse_int(n);
+    if (!parsed) {
+      raise(Status::invalid_argument, std::string(kLocalNodesVar) + "='" + n + "' is not an integer");
+    }
+    // The launcher checked against --local-ranks; a job started otherwise (mpirun -x) is checked here.
+    if (*parsed < 1 || world_size % *parsed != 0) {
+      raise(Status::invalid_argument, std::string(kLocalNodesVar) + "=" + n +
+                                          " does not divide the world size " + std::to_string(world_size) +
+                                          " (every emulated node needs the same number of ranks)");
+    }
+    out.local_nodes = *parsed;
+    if (!out.user_node_id) {
+      const std::string id = emulated_node_id(rank, world_size, *parsed);
+      if (::setenv(kNodeIdVar, id.c_str(), 1) != 0) raise(Status::internal, errno_text("setenv(FERRY_NODE_ID)"));
+    }
+  }
+  if (const char* id = std::getenv(kNodeIdVar); id && *id) out.node_id = id;
+  return out;
+}
+
+std::string node_label() {
+  if (const char* id = std::getenv(kNodeIdVar); id && *id) return id;
+  char host[256] = {};
+  ::gethostname(host, sizeof(host) - 1);
+  return host;
+}
+
+std::string describe_rank_nodes(const std::vector<std::string>& rank_nodes) {
+  std::string out;
+  for (size_t first = 0; first < rank_nodes.size();) {
+    size_t last = first;
+    while (last + 1 < rank_nodes.size() && rank_nodes[last + 1] == rank_nodes[first]) ++last;
+    out += (out.empty() ? "" : "; ") + rank_nodes[first] + ": rank" + (last > first ? "s " : " ") +
+           std::to_string(first) + (last > first ? "-" + std::to_string(last) : "");
+    first = last + 1;
   }
   return out;
 }
@@ -208,6 +270,13 @@ int run_local_ranks(const LocalLaunchOptions& opt) {
     std::vector<std::string> env;
   };
   std::vector<Plan> plans;
+  std::vector<std::string> extra_env = opt.extra_env;
+  if (opt.local_nodes != 0) {
+    if (auto msg = check_local_nodes(opt.local_nodes, opt.num_ranks); !msg.empty()) {
+      raise(Status::invalid_argument, msg);
+    }
+    extra_env.push_back(std::string(kLocalNodesVar) + "=" + std::to_string(opt.local_nodes));
+  }
   std::vector<std::string> base_env;
   for (char** e = environ; e && *e; ++e) {
     const std::string kv(*e);
@@ -217,16 +286,19 @@ int run_local_ranks(const LocalLaunchOptions& opt) {
                                   "LOCAL_WORLD_SIZE=", "MASTER_ADDR=", "MASTER_PORT="};
     bool drop = false;
     for (const char* p : kDrop) drop = drop || kv.rfind(p, 0) == 0;
+    // A variable the launcher sets itself appears once, with the launcher's value (getenv would
+    // return whichever copy comes first).
+    for (const auto& x : extra_env) drop = drop || kv.rfind(x.substr(0, x.find('=') + 1), 0) == 0;
     if (!drop) base_env.push_back(kv);
   }
   base_env.push_back(std::string(kChildMarkerVar) + "=1");
-  for (const auto& e : opt.extra_env) base_env.push_back(e);
+  for (const auto& e : extra_env) base_env.push_back(e);
 
   if (opt.launcher == LocalLauncher::mpi) {
     Plan p{0, {opt.mpirun, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
                "-x", kChildMarkerVar, "-np", std::to_string(opt.num_ranks), exe},
            base_env};
-    for (const auto& e : opt.extra_env) {
+    for (const auto& e : extra_env) {
       p.argv.insert(p.argv.begin() + 5, {"-x", e.substr(0, e.find('='))});
     }
     p.argv.insert(p.argv.end(), opt.args.begin(), opt.args.end());
