@@ -117,10 +117,26 @@ TEST(BenchArguments, BadValuesExitWithCode2AndNameTheArgument) {
   }
 }
 
+TEST(BenchArguments, LocalNodesNeedLocalRanksAndMustDivideThem) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"--local-nodes 2", "--local-nodes 2 is only used with --local-ranks"},
+      {"--local-ranks 4 --experts 16 --local-nodes 3", "--local-nodes 3 does not divide --local-ranks 4"},
+      {"--local-ranks 4 --experts 16 --local-nodes 8", "--local-nodes 8 does not divide --local-ranks 4"},
+      {"--local-ranks 4 --experts 16 --local-nodes 0", "--local-nodes"},
+      {"--local-ranks 4 --experts 16 --local-nodes two", "--local-nodes"},
+  };
+  for (const auto& [args, message] : cases) {
+    const auto r = bench(args);
+    EXPECT_EQ(r.exit_code, 2) << args << "\n" << r.out;
+    EXPECT_NE(r.out.find(message), std::string::npos) << args << " should say " << message << ":\n" << r.out;
+  }
+}
+
 TEST(BenchArguments, HelpDocumentsPresetsAndTheRoutingFileFormat) {
   const auto r = bench("--help");
   EXPECT_EQ(r.exit_code, 0) << r.out;
-  for (const char* s : {"--preset", "--local-ranks", "--overlap", "--routing-file", "RANK E0 E1", "--dry-run"}) {
+  for (const char* s : {"--preset", "--local-ranks", "--local-nodes", "FERRY_NODE_ID", "--overlap", "--routing-file",
+                        "RANK E0 E1", "--dry-run"}) {
     EXPECT_NE(r.out.find(s), std::string::npos) << s;
   }
 }
@@ -240,6 +256,77 @@ TEST(BenchRun, RoutingFileIsUsedAndBadLinesAreNamed) {
                          (dir / "bad.txt").string());
   EXPECT_EQ(bad.exit_code, 1) << bad.out;
   EXPECT_NE(bad.out.find("bad.txt:2: expert 99 is outside [0, 16)"), std::string::npos) << bad.out;
+  fs::remove_all(dir);
+}
+
+// --local-nodes: the ranks of this machine play two nodes, and the result file says so (the host
+// backend moves the bytes the same way; what matters here is that every rank ran as its node).
+void expect_two_emulated_nodes(const RunResult& r, const json& j) {
+  EXPECT_NE(r.out.find("verify: passed"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("nodes: 2 (emulated on one machine, FERRY_NODE_ID): local-node-0: ranks 0-1; "
+                       "local-node-1: ranks 2-3"),
+            std::string::npos)
+      << r.out;
+  EXPECT_EQ(j["config"]["local_nodes"], 2);
+  EXPECT_EQ(j["environment"]["num_nodes"], 2);
+  EXPECT_EQ(j["environment"]["num_hosts"], 1);
+  EXPECT_EQ(j["environment"]["nodes_note"], "emulated on one machine, FERRY_NODE_ID");
+  EXPECT_EQ(j["environment"]["rank_nodes"],
+            json({"local-node-0", "local-node-0", "local-node-1", "local-node-1"}));
+  EXPECT_EQ(j["verify"]["passed"], true);
+}
+
+TEST(BenchLocalNodes, FourForkedRanksAsTwoNodesVerifyAndRecordEachRanksNode) {
+  const fs::path dir = temp_dir("nodes_fork");
+  const auto r = bench(std::string(kScaledDown) + " --launcher fork --local-nodes 2 --verify --json " +
+                       (dir / "nodes.json").string());
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  const json j = read_json(dir / "nodes.json");
+  expect_scaled_down_run(j, "decode", 8);
+  expect_two_emulated_nodes(r, j);
+  fs::remove_all(dir);
+}
+
+TEST(BenchLocalNodes, FourMpirunRanksAsTwoNodesVerifyAndRecordEachRanksNode) {
+  if (run_shell("command -v mpirun").exit_code != 0) GTEST_SKIP() << "mpirun is not installed";
+  const fs::path dir = temp_dir("nodes_mpi");
+  const auto r = bench(std::string(kScaledDown) + " --launcher mpi --local-nodes 2 --verify --json " +
+                       (dir / "nodes.json").string());
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  const json j = read_json(dir / "nodes.json");
+  EXPECT_EQ(j["config"]["launcher"], "local-mpi");
+  expect_two_emulated_nodes(r, j);
+  fs::remove_all(dir);
+}
+
+TEST(BenchLocalNodes, FerryNodeIdOfTheUserWinsAndTheReportSaysSo) {
+  const fs::path dir = temp_dir("nodes_user");
+  const auto r = run_shell("env FERRY_NODE_ID=rack7 " + std::string(FERRY_BENCH) + " " + kScaledDown +
+                           " --launcher fork --local-nodes 2 --json " + (dir / "user.json").string());
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("FERRY_NODE_ID=rack7 is set"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("nodes: 1 (FERRY_NODE_ID from the environment, which wins over --local-nodes 2): "
+                       "rack7: ranks 0-3"),
+            std::string::npos)
+      << r.out;
+  const json j = read_json(dir / "user.json");
+  EXPECT_EQ(j["environment"]["num_nodes"], 1);
+  EXPECT_EQ(j["environment"]["rank_nodes"], json({"rack7", "rack7", "rack7", "rack7"}));
+  fs::remove_all(dir);
+}
+
+TEST(BenchLocalNodes, WithoutNodeIdsTheNodesAreTheHosts) {
+  const fs::path dir = temp_dir("nodes_none");
+  const auto r = run_shell("env -u FERRY_NODE_ID " + std::string(FERRY_BENCH) + " " + kScaledDown +
+                           " --launcher fork --json " + (dir / "plain.json").string());
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_EQ(r.out.find("nodes:"), std::string::npos) << "no node line without FERRY_NODE_ID:\n" << r.out;
+  const json j = read_json(dir / "plain.json");
+  EXPECT_EQ(j["config"]["local_nodes"], 0);
+  EXPECT_EQ(j["environment"]["num_nodes"], 1);
+  EXPECT_EQ(j["environment"]["nodes_note"], "host names");
+  const std::string host = j["environment"]["hostname"];
+  EXPECT_EQ(j["environment"]["rank_nodes"], json({host, host, host, host}));
   fs::remove_all(dir);
 }
 

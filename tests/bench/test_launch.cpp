@@ -23,6 +23,10 @@ namespace {
 using RunResult = ferry::testing::ShellResult;
 
 RunResult run(const std::string& args) { return ferry::testing::run_shell(std::string(LAUNCH_PROBE) + " " + args); }
+// `env`: "NAME=value ..." for the probe (and, through it, its ranks).
+RunResult run_with_env(const std::string& env, const std::string& args) {
+  return ferry::testing::run_shell("env " + env + " " + LAUNCH_PROBE + " " + args);
+}
 
 }  // namespace
 
@@ -160,9 +164,86 @@ TEST(LocalRanks, MpirunLauncherGivesAnMpiJob) {
 }
 
 TEST(LocalRanks, LaunchOptionsAreStrippedForTheChildren) {
-  const char* argv[] = {"tool", "--local-ranks", "8", "--preset", "decode", "--launcher=mpi", "--verify"};
-  const auto args = args_without_launch_options(7, argv);
+  const char* argv[] = {"tool", "--local-ranks", "8", "--preset", "decode", "--launcher=mpi", "--verify",
+                        "--local-nodes", "2", "--local-nodes=4"};
+  const auto args = args_without_launch_options(10, argv);
   EXPECT_EQ(args, (std::vector<std::string>{"--preset", "decode", "--verify"}));
+}
+
+TEST(LocalNodes, RanksSplitIntoContiguousEqualGroups) {
+  std::vector<std::string> eight_as_two, six_as_three;
+  for (int r = 0; r < 8; ++r) eight_as_two.push_back(emulated_node_id(r, 8, 2));
+  for (int r = 0; r < 6; ++r) six_as_three.push_back(emulated_node_id(r, 6, 3));
+  EXPECT_EQ(eight_as_two, (std::vector<std::string>{"local-node-0", "local-node-0", "local-node-0", "local-node-0",
+                                                    "local-node-1", "local-node-1", "local-node-1", "local-node-1"}));
+  EXPECT_EQ(six_as_three, (std::vector<std::string>{"local-node-0", "local-node-0", "local-node-1", "local-node-1",
+                                                    "local-node-2", "local-node-2"}));
+  EXPECT_EQ(emulated_node_id(5, 8, 8), "local-node-5");
+  EXPECT_EQ(emulated_node_id(7, 8, 1), "local-node-0");
+}
+
+TEST(LocalNodes, NodeCountMustBePositiveAndDivideTheRanks) {
+  EXPECT_EQ(check_local_nodes(2, 8), "");
+  EXPECT_EQ(check_local_nodes(1, 3), "");
+  EXPECT_EQ(check_local_nodes(4, 4), "");
+  const std::string three_of_four = check_local_nodes(3, 4);
+  EXPECT_NE(three_of_four.find("--local-nodes 3"), std::string::npos) << three_of_four;
+  EXPECT_NE(three_of_four.find("--local-ranks 4"), std::string::npos) << three_of_four;
+  EXPECT_NE(check_local_nodes(8, 4).find("does not divide"), std::string::npos);
+  EXPECT_NE(check_local_nodes(0, 4).find("at least 1"), std::string::npos);
+  LocalLaunchOptions opt;
+  opt.num_ranks = 4;
+  opt.local_nodes = 3;
+  opt.args = {"--never-started"};
+  EXPECT_THROW(run_local_ranks(opt), ferry::Error);
+}
+
+TEST(LocalNodes, RankNodesAreDescribedAsRunsOfRanks) {
+  EXPECT_EQ(describe_rank_nodes({"local-node-0", "local-node-0", "local-node-1", "local-node-1"}),
+            "local-node-0: ranks 0-1; local-node-1: ranks 2-3");
+  EXPECT_EQ(describe_rank_nodes({"a", "b", "a"}), "a: rank 0; b: rank 1; a: rank 2");
+  EXPECT_EQ(describe_rank_nodes({}), "");
+}
+
+namespace {
+
+// Each rank must see its own FERRY_NODE_ID, whichever launcher started it: under mpirun only the rank
+// itself knows its rank, so it sets the variable itself.
+void expect_ranks_on_nodes(const RunResult& r, int world, int nodes) {
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  for (int rank = 0; rank < world; ++rank) {
+    const std::string line = "rank " + std::to_string(rank) + " of " + std::to_string(world) + " node local-node-" +
+                             std::to_string(rank * nodes / world) + " of " + std::to_string(nodes) + "\n";
+    EXPECT_NE(r.out.find(line), std::string::npos) << line << r.out;
+  }
+}
+
+}  // namespace
+
+TEST(LocalNodes, EveryForkedRankGetsItsNodeId) {
+  expect_ranks_on_nodes(run("--local-ranks 4 --local-nodes 2"), 4, 2);
+}
+
+TEST(LocalNodes, EveryMpirunRankGetsItsNodeId) {
+  if (!mpirun_available()) GTEST_SKIP() << "mpirun is not installed";
+  expect_ranks_on_nodes(run("--local-ranks 4 --local-nodes 2 --launcher mpi"), 4, 2);
+}
+
+TEST(LocalNodes, FerryNodeIdOfTheUserIsKept) {
+  const auto r = run_with_env("FERRY_NODE_ID=rack7", "--local-ranks 2 --local-nodes 2");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("rank 0 of 2 node rack7 of 2"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("[rank 1] rank 1 of 2 node rack7 of 2"), std::string::npos) << r.out;
+}
+
+TEST(LocalNodes, NodeCountFromTheEnvironmentIsCheckedAgainstTheWorldSize) {
+  // mpirun -x FERRY_LOCAL_NODES=3 -np 4, without the launcher's check in front.
+  const auto r = run_with_env("FERRY_LOCAL_NODES=3 RANK=1 WORLD_SIZE=4", "");
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_NE(r.out.find("FERRY_LOCAL_NODES=3 does not divide the world size 4"), std::string::npos) << r.out;
+  const auto bad = run_with_env("FERRY_LOCAL_NODES=two", "");
+  EXPECT_EQ(bad.exit_code, 2) << bad.out;
+  EXPECT_NE(bad.out.find("FERRY_LOCAL_NODES='two' is not an integer"), std::string::npos) << bad.out;
 }
 
 TEST(Report, PercentilesAreMeasuredSamplesInOrder) {
