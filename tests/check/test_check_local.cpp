@@ -210,3 +210,46 @@ TEST(CheckLocal, EarlierReportRendersAgainWithItsVerdict) {
 
 }  // namespace
 }  // namespace ferry::testing
+
+namespace ferry::testing {
+namespace {
+
+// --local-nodes: the ranks of this machine play two nodes; every rank's node is in the inventory.
+TEST(CheckLocal, FourRanksAsTwoNodesAreNamedInTheReport) {
+  const std::string dir = make_temp_dir("nodes");
+  std::vector<std::string> argv = small_run("tcp", dir + "/report.json");
+  argv.insert(argv.end(), {"--local-nodes", "2", "--no-links", "--no-nccl"});
+  const ProcessResult r = run_process(argv, 55000);
+  ASSERT_FALSE(r.timed_out) << r.output;
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const std::string line =
+      "nodes: 2 (emulated on one machine, FERRY_NODE_ID): local-node-0: ranks 0-1; local-node-1: ranks 2-3";
+  EXPECT_NE(r.output.find(line), std::string::npos) << r.output;
+  const json j = json::parse(read_text(dir + "/report.json"));
+  EXPECT_EQ(j["summary"]["result"], "PASS");
+  EXPECT_EQ(j["options"]["local_nodes"], 2);
+  EXPECT_EQ(j["nodes"], json({"local-node-0", "local-node-1"}));
+  EXPECT_EQ(j["nodes_note"], line);
+  ASSERT_EQ(j["inventory"].size(), 4u);
+  for (int rank = 0; rank < 4; ++rank) {
+    EXPECT_EQ(j["inventory"][rank]["node_id"], rank < 2 ? "local-node-0" : "local-node-1") << rank;
+  }
+}
+
+TEST(CheckLocal, LocalNodesThatDoNotSplitTheRanksAreRejected) {
+  const std::pair<std::vector<std::string>, std::string> cases[] = {
+      {{"--local-nodes", "2"}, "--local-nodes 2 is only used with --local-ranks"},
+      {{"--local-ranks", "4", "--local-nodes", "3"}, "--local-nodes 3 does not divide --local-ranks 4"},
+      {{"--local-ranks", "4", "--local-nodes", "0"}, "--local-nodes must be at least 1"},
+  };
+  for (const auto& [args, message] : cases) {
+    std::vector<std::string> argv{ferry_check_binary()};
+    argv.insert(argv.end(), args.begin(), args.end());
+    const ProcessResult r = run_process(argv, 20000);
+    EXPECT_EQ(r.exit_code, 2) << message << "\n" << r.output;
+    EXPECT_NE(r.output.find(message), std::string::npos) << r.output;
+  }
+}
+
+}  // namespace
+}  // namespace ferry::testing

@@ -202,6 +202,55 @@ TEST(CheckInventory, DownLinkOfAUsedNicIsNamed) {
   EXPECT_NE(c->reason.find("NIC fnic1 on host d"), std::string::npos) << c->reason;
 }
 
+// Four ranks of one machine with the node ids --local-nodes gives them (or the user's own).
+Report four_ranks_on_nodes(const std::vector<std::string>& node_ids, int local_nodes) {
+  Report r;
+  r.world_size = 4;
+  r.hosts = {"vm"};
+  r.options = nlohmann::json{{"local_nodes", local_nodes}};
+  for (int rank = 0; rank < 4; ++rank) {
+    RankInventory inv;
+    inv.rank = rank;
+    inv.local_rank = rank;
+    inv.host = "vm";
+    inv.node_id = node_ids[size_t(rank)];
+    r.inventory.push_back(inv);
+  }
+  return r;
+}
+
+TEST(CheckNodes, EmulatedNodesAreNamedInTheInventoryAndTheJson) {
+  const Report r = four_ranks_on_nodes({"local-node-0", "local-node-0", "local-node-1", "local-node-1"}, 2);
+  const std::string line =
+      "nodes: 2 (emulated on one machine, FERRY_NODE_ID): local-node-0: ranks 0-1; local-node-1: ranks 2-3";
+  EXPECT_EQ(nodes_line(r), line);
+  const std::string table = inventory_table(r);
+  EXPECT_NE(table.find("node"), std::string::npos) << table;
+  EXPECT_NE(table.find("local-node-1"), std::string::npos) << table;
+  EXPECT_NE(table.find(line), std::string::npos) << table;
+  const nlohmann::json j = report_to_json(r);
+  EXPECT_EQ(j["nodes"], nlohmann::json({"local-node-0", "local-node-1"}));
+  EXPECT_EQ(j["nodes_note"], line);
+  EXPECT_EQ(j["inventory"][2]["node_id"], "local-node-1");
+  // An earlier report renders with the same nodes.
+  EXPECT_EQ(nodes_line(report_from_json(j)), line);
+  EXPECT_NE(render_html(r).find("id=\"nodes\""), std::string::npos);
+}
+
+TEST(CheckNodes, NodeIdOfTheUserIsNotCalledEmulated) {
+  const Report r = four_ranks_on_nodes({"rack7", "rack7", "rack7", "rack7"}, 2);
+  EXPECT_EQ(nodes_line(r), "nodes: 1 (FERRY_NODE_ID from the environment, which wins over --local-nodes 2): "
+                           "rack7: ranks 0-3");
+}
+
+TEST(CheckNodes, WithoutNodeIdsHostsAreTheNodesAndNothingIsAdded) {
+  const Report r = four_ranks_on_nodes({"", "", "", ""}, 0);
+  EXPECT_EQ(nodes_line(r), "");
+  EXPECT_EQ(inventory_table(r).find("node"), std::string::npos) << inventory_table(r);
+  EXPECT_EQ(report_to_json(r)["nodes"], nlohmann::json({"vm"}));
+  EXPECT_EQ(render_html(r).find("id=\"nodes\""), std::string::npos);
+}
+
 TEST(CheckSchedule, EveryPairMeetsExactlyOnceAndNobodyTwicePerRound) {
   for (int world = 1; world <= 9; ++world) {
     std::set<std::pair<int, int>> met;
