@@ -100,6 +100,9 @@ ipc)
   bench="$bin/ferry-bench --backend cuda --local-ranks 8 --launcher fork --preset decode --experts 256 --warmup 30 --iters 300 --no-progress"
   step bench_ipc env FERRY_CUDA_IPC=1 timeout 70 $bench --verify --json "$out/bench_ipc.json"
   step bench_shm env FERRY_CUDA_IPC=0 timeout 70 $bench --provider shm --verify --json "$out/bench_shm.json"
+  # A mixed job: 8 ranks as 2 emulated nodes (FERRY_NODE_ID), IPC within a node, shm between them.
+  step bench_mixed env FERRY_CUDA_IPC=1 timeout 70 $bench --provider shm --local-nodes 2 --verify \
+    --json "$out/bench_mixed.json"
   step memcheck_ipc timeout 280 compute-sanitizer --error-exitcode 9 --print-limit 20 --tool memcheck \
     --target-processes all "$bin/test_cuda_backend" \
     --gtest_filter='*CudaIpc*:*IpcPeer*'
@@ -108,6 +111,7 @@ ipc)
     --target-processes all "$bin/test_cuda_backend" --gtest_filter='*FourRanksOnTwoNodes*:*InvalidExpertIdOnTwoNodes*'
   echo "---- bench through CUDA IPC"; cat "$out/bench_ipc.log"
   echo "---- bench host-staged shm"; cat "$out/bench_shm.log"
+  echo "---- bench mixed: 2 emulated nodes, CUDA IPC within, shm between"; cat "$out/bench_mixed.log"
   echo "---- summary"; cat "$summary"
   ;;
 *)
