@@ -7,16 +7,16 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
-#include <random>
 #include <string>
-#include <thread>
 
 #include "csrc/backend.h"
 #include "csrc/dtype.h"
 #include "csrc/host/pack.h"
 #include "csrc/protocol.h"
 #include "csrc/reference.h"
+#include "tests/common/a2a_case.h"
 #include "tests/common/multiprocess.h"
+#include "tests/common/protocol_host.h"
 #include "transfer_engine/engine.h"
 #include "transfer_engine/error.h"
 
@@ -25,49 +25,9 @@ namespace {
 
 using reference::Routing;
 
-struct Case {
-  int world_size = 2;
-  int num_experts = 4;
-  int top_k = 2;
-  int max_tokens = 16;
-  int hidden = 128;
-  ferry_dtype_t in_dtype = FERRY_BF16;
-  ferry_dtype_t out_dtype = FERRY_BF16;
-  int scale_block = 0;
-  int expert_alignment = 1;
-  int dp_size = 1;
-  int private_tokens = -1;
-  int nets_per_rank = 1;
-  std::string provider = "tcp";
-  reference::InputSpec spec;
-  int steps = 1;
-  bool split = false;         // SEND and RECV as separate calls, with work in between
-  int max_skew_ms = 0;        // each rank sleeps up to this long, at random, before each half-step
-  bool accumulate = false;
-  int timeout_ms = 30000;
-  int launch_timeout_ms = 100000;
-};
+using Case = testing::A2aCase;
 
-ferry_a2a_config_t config_of(const Case& c, int rank) {
-  ferry_a2a_config_t cfg;
-  ferry_a2a_config_init(&cfg);
-  cfg.rank = rank;
-  cfg.world_size = c.world_size;
-  cfg.num_experts = c.num_experts;
-  cfg.experts_per_token = c.top_k;
-  cfg.max_tokens_per_rank = c.max_tokens;
-  cfg.hidden_dim = c.hidden;
-  cfg.in_dtype = c.in_dtype;
-  cfg.out_dtype = c.out_dtype;
-  cfg.scale_block = c.scale_block;
-  cfg.expert_alignment = c.expert_alignment;
-  cfg.dp_size = c.dp_size;
-  cfg.private_tokens = c.private_tokens;
-  cfg.provider = c.provider.c_str();
-  cfg.nets_per_rank = c.nets_per_rank;
-  cfg.timeout_ms = c.timeout_ms;
-  return cfg;
-}
+ferry_a2a_config_t config_of(const Case& c, int rank) { return testing::config_of(c, rank, FERRY_DEVICE_HOST); }
 
 // One rank's whole run: create, then `steps` dispatch/combine rounds, each checked.
 void run_rank(te::Bootstrap& bootstrap, const Case& c) {
@@ -80,15 +40,10 @@ void run_rank(te::Bootstrap& bootstrap, const Case& c) {
   std::vector<float> expert_scale(rows * l.num_scales, -1.0f);
   std::vector<uint8_t> expert_y(rows * l.out_row_bytes(), 0);
   std::vector<uint8_t> out(size_t(l.max_tokens) * l.out_row_bytes());
-  std::mt19937 skew(1234 + l.rank);
-  auto maybe_sleep = [&] {
-    if (c.max_skew_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(skew() % (c.max_skew_ms + 1)));
-  };
+  testing::HalfStepCaller caller(c, l.rank);
 
   for (int step = 0; step < c.steps; ++step) {
-    reference::InputSpec spec = c.spec;
-    spec.seed = c.spec.seed * 1000 + step;
-    const auto inputs = reference::generate_all(cfg, spec);
+    const auto inputs = reference::generate_all(cfg, testing::step_spec(c, step));
     const reference::RankInput& in = inputs[l.rank];
 
     ferry_dispatch_args_t d{};
@@ -100,17 +55,10 @@ void run_rank(te::Bootstrap& bootstrap, const Case& c) {
     d.indices = in.indices.data();
     d.weights = in.weights.data();
     d.num_tokens = in.num_tokens;
-    maybe_sleep();
-    if (c.split) {
-      d.flags = FERRY_SEND;
+    caller.call([&](int flags) {
+      d.flags = flags;
       backend->dispatch(d, nullptr);
-      maybe_sleep();  // the caller's work between the halves
-      d.flags = FERRY_RECV;
-      backend->dispatch(d, nullptr);
-    } else {
-      d.flags = FERRY_SEND_RECV;
-      backend->dispatch(d, nullptr);
-    }
+    });
 
     const auto want = reference::dispatch(cfg, inputs, l.rank);
     const std::string diff = reference::compare_dispatch(cfg, want, counts.data(), expert_x.data(), expert_scale.data());
@@ -131,17 +79,10 @@ void run_rank(te::Bootstrap& bootstrap, const Case& c) {
     cb.expert_y = expert_y.data();
     cb.num_tokens = in.num_tokens;
     cb.accumulate = c.accumulate;
-    maybe_sleep();
-    if (c.split) {
-      cb.flags = FERRY_SEND;
+    caller.call([&](int flags) {
+      cb.flags = flags;
       backend->combine(cb, nullptr);
-      maybe_sleep();
-      cb.flags = FERRY_RECV;
-      backend->combine(cb, nullptr);
-    } else {
-      cb.flags = FERRY_SEND_RECV;
-      backend->combine(cb, nullptr);
-    }
+    });
     std::vector<float> expected = reference::combine_standard(cfg, in);
     std::vector<float> magnitude = reference::combine_magnitude_standard(cfg, in);
     for (size_t i = 0; i < expected.size(); ++i) {
@@ -154,10 +95,7 @@ void run_rank(te::Bootstrap& bootstrap, const Case& c) {
 }
 
 void run_case(const Case& c) {
-  testing::LaunchOptions opts;
-  opts.world_size = c.world_size;
-  opts.timeout_ms = c.launch_timeout_ms;
-  testing::expect_all_ok(testing::run_ranks(opts, [&](te::Bootstrap& b) { run_rank(b, c); }));
+  testing::expect_all_ok(testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) { run_rank(b, c); }));
 }
 
 // ---- scale ---------------------------------------------------------------------------------
@@ -388,10 +326,8 @@ void expect_bad_input_fails_everywhere(const std::function<void(ferry_dispatch_a
   c.world_size = 4;
   c.num_experts = 8;
   c.timeout_ms = 40000;
-  testing::LaunchOptions opts;
-  opts.world_size = c.world_size;
-  opts.timeout_ms = 90000;
-  const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) {
+  c.launch_timeout_ms = 90000;
+  const auto results = testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
     const ferry_a2a_config_t cfg = config_of(c, b.rank());
     const Layout l = make_layout(cfg);
     auto backend = make_host_backend(cfg, b);
@@ -448,10 +384,8 @@ TEST(AllToAllErrors, AMissingRankIsNamedAtTheDeadline) {
   c.num_experts = 3;
   c.top_k = 1;
   c.timeout_ms = 3000;
-  testing::LaunchOptions opts;
-  opts.world_size = c.world_size;
-  opts.timeout_ms = 60000;
-  const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) {
+  c.launch_timeout_ms = 60000;
+  const auto results = testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
     const ferry_a2a_config_t cfg = config_of(c, b.rank());
     const Layout l = make_layout(cfg);
     auto backend = make_host_backend(cfg, b);
@@ -484,9 +418,8 @@ void expect_lie_detected(const std::function<void(const Layout&, const SendPlan&
   c.num_experts = 4;
   c.max_tokens = 8;
   c.top_k = 2;
-  testing::LaunchOptions opts;
-  opts.world_size = 2;
-  const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) {
+  c.launch_timeout_ms = 60000;
+  const auto results = testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
     const ferry_a2a_config_t cfg = config_of(c, b.rank());
     const Layout l = make_layout(cfg);
     const auto inputs = reference::generate_all(cfg, c.spec);
@@ -495,18 +428,12 @@ void expect_lie_detected(const std::function<void(const Layout&, const SendPlan&
       te::EngineConfig ec;
       ec.provider = c.provider;
       te::TransferEngine engine(ec, b);
-      std::vector<uint8_t> send(l.send_buffer_bytes()), recv(l.recv_buffer_bytes()),
-          combine_send(l.combine_send_bytes()), combine_recv(l.combine_recv_bytes());
-      ProtocolBuffers buffers;
-      buffers.send = send.data();
-      buffers.recv = recv.data();
-      buffers.combine_send = combine_send.data();
-      buffers.combine_recv = combine_recv.data();
-      Protocol protocol(l, engine, buffers, 20000);
+      testing::ProtocolHostRegions regions(l);
+      Protocol protocol(l, engine, regions.buffers(), 20000);
       protocol.begin_dispatch();
       const SendPlan plan = make_send_plan(l, in.indices.data(), in.num_tokens, 0);
-      host::pack_dispatch(l, plan, in.x.data(), nullptr, in.indices.data(), in.weights.data(), send.data());
-      corrupt(l, plan, send.data());
+      host::pack_dispatch(l, plan, in.x.data(), nullptr, in.indices.data(), in.weights.data(), regions.send.data());
+      corrupt(l, plan, regions.send.data());
       protocol.post_dispatch(plan.dest_count, plan.dest_offset);
       protocol.wait_dispatch();
       b.barrier(30000);
@@ -568,9 +495,8 @@ TEST(AllToAllErrors, DpGroupMembersWithDifferentTokensAreRejected) {
   Case c;
   c.world_size = 2;
   c.dp_size = 2;
-  testing::LaunchOptions opts;
-  opts.world_size = 2;
-  const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) {
+  c.launch_timeout_ms = 60000;
+  const auto results = testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
     const ferry_a2a_config_t cfg = config_of(c, b.rank());
     const Layout l = make_layout(cfg);
     auto backend = make_host_backend(cfg, b);
@@ -591,9 +517,8 @@ TEST(AllToAllErrors, DpGroupMembersWithDifferentTokensAreRejected) {
 
 TEST(AllToAllErrors, StepsOutOfOrderAreRejected) {
   Case c;
-  testing::LaunchOptions opts;
-  opts.world_size = 2;
-  const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) {
+  c.launch_timeout_ms = 60000;
+  const auto results = testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
     const ferry_a2a_config_t cfg = config_of(c, b.rank());
     auto backend = make_host_backend(cfg, b);
     ferry_combine_args_t cb{};
