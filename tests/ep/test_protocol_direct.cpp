@@ -15,13 +15,16 @@
 #include <new>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "csrc/backend.h"
 #include "csrc/host/pack.h"
 #include "csrc/protocol.h"
 #include "csrc/reference.h"
+#include "tests/common/a2a_case.h"
 #include "tests/common/multiprocess.h"
+#include "tests/common/protocol_host.h"
 #include "transfer_engine/engine.h"
 #include "transfer_engine/error.h"
 
@@ -29,41 +32,22 @@ namespace ferry::ep {
 namespace {
 
 constexpr int kTimeoutMs = 20000;
+constexpr int kZeroTokenStep = 1;  // in this step of an exchange the last rank has no tokens
 
-struct Case {
-  int world_size = 4;
-  int ranks_per_node = 2;  // nodes {0, 1}, {2, 3}, ...: direct = same node, this rank included
-  int num_experts = 8;
-  int top_k = 4;
-  int max_tokens = 16;
-  int hidden = 256;
-  int steps = 3;
-  int zero_token_step = 1;  // in this step the last rank has no tokens (-1: none)
-  std::string provider = "shm";
-};
+using Case = testing::A2aCase;
 
-ferry_a2a_config_t config_of(const Case& c, int rank) {
-  ferry_a2a_config_t cfg;
-  ferry_a2a_config_init(&cfg);
-  cfg.rank = rank;
-  cfg.world_size = c.world_size;
-  cfg.num_experts = c.num_experts;
-  cfg.experts_per_token = c.top_k;
-  cfg.max_tokens_per_rank = c.max_tokens;
-  cfg.hidden_dim = c.hidden;
-  cfg.in_dtype = FERRY_BF16;
-  cfg.out_dtype = FERRY_BF16;
-  cfg.private_tokens = c.max_tokens;
-  cfg.provider = c.provider.c_str();
-  cfg.timeout_ms = kTimeoutMs;
-  return cfg;
+// The case every test here starts from: four ranks on two nodes, {0, 1} and {2, 3}; direct = same
+// node, this rank included. Private regions hold every token (direct peers require it).
+Case direct_case() {
+  return {.world_size = 4, .num_experts = 8, .top_k = 4, .max_tokens = 16, .hidden = 256, .private_tokens = 16,
+          .provider = "shm", .nodes = 2, .steps = 3, .timeout_ms = kTimeoutMs, .launch_timeout_ms = 3 * kTimeoutMs / 2};
 }
 
-int node_of(const Case& c, int rank) { return rank / c.ranks_per_node; }
+ferry_a2a_config_t config_of(const Case& c, int rank) { return testing::config_of(c, rank, FERRY_DEVICE_HOST); }
 
 std::vector<uint8_t> direct_flags(const Case& c, int me) {
   std::vector<uint8_t> direct(c.world_size, 0);
-  for (int r = 0; r < c.world_size; ++r) direct[r] = node_of(c, r) == node_of(c, me) ? 1 : 0;
+  for (int r = 0; r < c.world_size; ++r) direct[r] = testing::node_of(c, r) == testing::node_of(c, me) ? 1 : 0;
   return direct;
 }
 
@@ -93,6 +77,18 @@ class SharedRegions {
   uint8_t* combine(int rank) const { return bytes() + uint64_t(world_size_) * recv_stride_ + uint64_t(rank) * combine_stride_; }
   std::atomic<uint32_t>& dispatch_flag(int dest, int sender) const { return flag(0, dest, sender); }
   std::atomic<uint32_t>& combine_flag(int dest, int sender) const { return flag(1, dest, sender); }
+
+  // Rank `me`'s Protocol buffers: its receive and combine regions here, its send staging the caller's.
+  ProtocolBuffers buffers(int me, std::vector<uint8_t>& send, std::vector<uint8_t>& combine_send,
+                          std::vector<uint8_t> direct) const {
+    ProtocolBuffers b;
+    b.send = send.data();
+    b.recv = recv(me);
+    b.combine_send = combine_send.data();
+    b.combine_recv = combine(me);
+    b.direct = std::move(direct);
+    return b;
+  }
 
  private:
   uint8_t* bytes() const { return static_cast<uint8_t*>(base_); }
@@ -137,7 +133,7 @@ StepInputs step_inputs(const Case& c, int step) {
   reference::InputSpec spec;
   spec.seed = 4242 + uint64_t(step);
   // zero_tokens_every = world_size empties exactly the last dp group (dp_size 1: the last rank).
-  if (step == c.zero_token_step) spec.zero_tokens_every = c.world_size;
+  if (step == kZeroTokenStep) spec.zero_tokens_every = c.world_size;
   StepInputs s;
   s.inputs = reference::generate_all(cfg, spec);
   for (int r = 0; r < c.world_size; ++r) {
@@ -174,13 +170,7 @@ void run_rank(te::Bootstrap& b, const Case& c, const SharedRegions& shared, cons
   ec.timeout_ms = kTimeoutMs;
   te::TransferEngine engine(ec, b);
   std::vector<uint8_t> send(l.send_buffer_bytes()), combine_send(l.combine_send_bytes());
-  ProtocolBuffers buffers;
-  buffers.send = send.data();
-  buffers.recv = shared.recv(me);
-  buffers.combine_send = combine_send.data();
-  buffers.combine_recv = shared.combine(me);
-  buffers.direct = direct;
-  Protocol protocol(l, engine, buffers, kTimeoutMs);
+  Protocol protocol(l, engine, shared.buffers(me, send, combine_send, direct), kTimeoutMs);
   const uint64_t pb = l.partial_bytes;
 
   for (int step = 0; step < c.steps; ++step) {
@@ -289,35 +279,33 @@ void run_rank(te::Bootstrap& b, const Case& c, const SharedRegions& shared, cons
 void run_case(const Case& c, const RankOptions& options = {}) {
   const Layout l = make_layout(config_of(c, 0));
   SharedRegions shared(c.world_size, l.recv_buffer_bytes(), l.combine_recv_bytes());
-  testing::LaunchOptions opts;
-  opts.world_size = c.world_size;
-  opts.timeout_ms = 3 * kTimeoutMs / 2;
-  testing::expect_all_ok(testing::run_ranks(opts, [&](te::Bootstrap& b) { run_rank(b, c, shared, options); }));
+  testing::expect_all_ok(
+      testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) { run_rank(b, c, shared, options); }));
 }
 
 // ---- the exchange ----------------------------------------------------------------------------
 
 TEST(ProtocolDirectPeers, SameNodePeersMovedByTheCallerOthersByTheEngineOverShm) {
-  Case c;
+  Case c = direct_case();
   c.provider = "shm";
   run_case(c);
 }
 
 TEST(ProtocolDirectPeers, SameNodePeersMovedByTheCallerOthersByTheEngineOverTcp) {
-  Case c;
+  Case c = direct_case();
   c.provider = "tcp";
   run_case(c);
 }
 
 TEST(ProtocolDirectPeers, OnlySelfDirectEveryPeerThroughTheEngine) {
-  Case c;
-  c.ranks_per_node = 1;
+  Case c = direct_case();
+  c.nodes = c.world_size;
   run_case(c);
 }
 
 TEST(ProtocolDirectPeers, AllRanksDirectTheEngineMovesNothing) {
-  Case c;
-  c.ranks_per_node = c.world_size;
+  Case c = direct_case();
+  c.nodes = 1;
   run_case(c);
 }
 
@@ -326,7 +314,7 @@ TEST(ProtocolDirectPeers, AllRanksDirectTheEngineMovesNothing) {
 TEST(ProtocolDirectPeers, CombineWithoutReceiveCountsIsRefusedAndSendsNothing) {
   // The refused call leaves the step intact: the same step then completes with the counts, and
   // every partial still lands once, where it belongs.
-  Case c;
+  Case c = direct_case();
   c.steps = 2;
   RankOptions options;
   options.refuse_combine_without_counts_step = 1;
@@ -334,27 +322,17 @@ TEST(ProtocolDirectPeers, CombineWithoutReceiveCountsIsRefusedAndSendsNothing) {
 }
 
 TEST(ProtocolDirectPeers, ReceiveCountsThatContradictTheHeadersAreRejected) {
-  Case c;
-  c.zero_token_step = -1;
+  Case c = direct_case();  // step 0 only: every rank has tokens
   const Layout l0 = make_layout(config_of(c, 0));
   SharedRegions shared(c.world_size, l0.recv_buffer_bytes(), l0.combine_recv_bytes());
-  testing::LaunchOptions opts;
-  opts.world_size = c.world_size;
-  opts.timeout_ms = 3 * kTimeoutMs / 2;
-  const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) {
+  const auto results = testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
     const int R = c.world_size, me = b.rank();
     const Layout l = make_layout(config_of(c, me));
     te::EngineConfig ec;
     ec.provider = c.provider;
     te::TransferEngine engine(ec, b);
     std::vector<uint8_t> send(l.send_buffer_bytes()), combine_send(l.combine_send_bytes());
-    ProtocolBuffers buffers;
-    buffers.send = send.data();
-    buffers.recv = shared.recv(me);
-    buffers.combine_send = combine_send.data();
-    buffers.combine_recv = shared.combine(me);
-    buffers.direct = direct_flags(c, me);
-    Protocol protocol(l, engine, buffers, kTimeoutMs);
+    Protocol protocol(l, engine, shared.buffers(me, send, combine_send, direct_flags(c, me)), kTimeoutMs);
     const StepInputs all = step_inputs(c, 0);
     protocol.begin_dispatch();
     std::memcpy(send.data(), all.send[me].data(), send.size());
@@ -384,26 +362,17 @@ TEST(ProtocolDirectPeers, ReceiveCountsThatContradictTheHeadersAreRejected) {
 TEST(ProtocolDirectPeers, AFailedRankPoisonsItsEnginePeersAndLeavesItsDirectPeersToTheCaller) {
   // Rank 0 cannot take part: ranks 2 and 3 (engine peers) fail at once naming it; rank 1 (same
   // node) does not wait for rank 0 at all, and no poisoned header lands in a direct rank's region.
-  Case c;
+  Case c = direct_case();
   const Layout l0 = make_layout(config_of(c, 0));
   SharedRegions shared(c.world_size, l0.recv_buffer_bytes(), l0.combine_recv_bytes());
-  testing::LaunchOptions opts;
-  opts.world_size = c.world_size;
-  opts.timeout_ms = 3 * kTimeoutMs / 2;
-  const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) {
+  const auto results = testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
     const int me = b.rank();
     const Layout l = make_layout(config_of(c, me));
     te::EngineConfig ec;
     ec.provider = c.provider;
     te::TransferEngine engine(ec, b);
     std::vector<uint8_t> send(l.send_buffer_bytes()), combine_send(l.combine_send_bytes());
-    ProtocolBuffers buffers;
-    buffers.send = send.data();
-    buffers.recv = shared.recv(me);
-    buffers.combine_send = combine_send.data();
-    buffers.combine_recv = shared.combine(me);
-    buffers.direct = direct_flags(c, me);
-    Protocol protocol(l, engine, buffers, kTimeoutMs);
+    Protocol protocol(l, engine, shared.buffers(me, send, combine_send, direct_flags(c, me)), kTimeoutMs);
     const StepInputs all = step_inputs(c, 0);
     protocol.begin_dispatch();
     if (me == 0) {
@@ -442,13 +411,10 @@ TEST(ProtocolDirectPeers, AFailedRankPoisonsItsEnginePeersAndLeavesItsDirectPeer
 // rank's constructor to fail with `status` and `text`.
 void expect_rejected(const std::function<void(int rank, ferry_a2a_config_t&, std::vector<uint8_t>&)>& setup,
                      Status status, const std::function<std::string(int rank)>& text) {
-  Case c;
+  Case c = direct_case();
   c.world_size = 2;
   c.num_experts = 4;
-  testing::LaunchOptions opts;
-  opts.world_size = 2;
-  opts.timeout_ms = 3 * kTimeoutMs / 2;
-  const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) {
+  const auto results = testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
     ferry_a2a_config_t cfg = config_of(c, b.rank());
     std::vector<uint8_t> direct(2, 1);
     setup(b.rank(), cfg, direct);
@@ -456,16 +422,9 @@ void expect_rejected(const std::function<void(int rank, ferry_a2a_config_t&, std
     te::EngineConfig ec;
     ec.provider = c.provider;
     te::TransferEngine engine(ec, b);
-    std::vector<uint8_t> send(l.send_buffer_bytes()), recv(l.recv_buffer_bytes()),
-        combine_send(l.combine_send_bytes()), combine_recv(l.combine_recv_bytes());
-    ProtocolBuffers buffers;
-    buffers.send = send.data();
-    buffers.recv = recv.data();
-    buffers.combine_send = combine_send.data();
-    buffers.combine_recv = combine_recv.data();
-    buffers.direct = direct;
+    testing::ProtocolHostRegions regions(l);
     try {
-      Protocol protocol(l, engine, buffers, kTimeoutMs);
+      Protocol protocol(l, engine, regions.buffers(direct), kTimeoutMs);
       ADD_FAILURE() << "protocol created";
     } catch (const Error& e) {
       EXPECT_EQ(e.status(), status) << e.what();
