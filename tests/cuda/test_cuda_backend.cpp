@@ -13,15 +13,14 @@
 #include <cmath>
 #include <cstring>
 #include <map>
-#include <random>
 #include <string>
-#include <thread>
 
 #include "csrc/backend.h"
 #include "csrc/cuda/cuda_check.h"
 #include "csrc/cuda/memory.h"
 #include "csrc/dtype.h"
 #include "csrc/reference.h"
+#include "tests/common/a2a_case.h"
 #include "tests/common/multiprocess.h"
 #include "tests/cuda/gpu.h"
 #include "transfer_engine/error.h"
@@ -32,53 +31,17 @@ namespace {
 using cuda::check_cuda;
 using cuda::DeviceBuffer;
 
-struct Case {
-  int world_size = 2;
-  int num_experts = 8;
-  int top_k = 4;
-  int max_tokens = 48;
-  int hidden = 2048;
-  ferry_dtype_t in_dtype = FERRY_FP8_E4M3;
-  int scale_block = 128;
-  ferry_dtype_t out_dtype = FERRY_BF16;
-  int expert_alignment = 4;
-  int private_tokens = 12;  // small, so the overflow path runs too
-  std::string provider = "tcp";
-  // Same-node peers through CUDA IPC (FERRY_CUDA_IPC=1) instead of host-staged buffers moved by the
-  // engine (FERRY_CUDA_IPC=0). IPC cases name a provider that does not exist: the engine must not be
-  // involved at all.
-  bool ipc = false;
-  // Ranks split into this many nodes (FERRY_NODE_ID), contiguous by rank; 0: the machine's own identity.
-  // With IPC wanted, peers on one "node" go through CUDA IPC and the others through the engine.
-  int nodes = 0;
-  reference::InputSpec spec;
-  int steps = 3;
-  bool split = false;
-  int max_skew_ms = 0;
-  int timeout_ms = 30000;
-  int launch_timeout_ms = 150000;
-};
+using Case = testing::A2aCase;
 
-ferry_a2a_config_t config_of(const Case& c, int rank) {
-  ferry_a2a_config_t cfg;
-  ferry_a2a_config_init(&cfg);
-  cfg.rank = rank;
-  cfg.world_size = c.world_size;
-  cfg.num_experts = c.num_experts;
-  cfg.experts_per_token = c.top_k;
-  cfg.max_tokens_per_rank = c.max_tokens;
-  cfg.hidden_dim = c.hidden;
-  cfg.in_dtype = c.in_dtype;
-  cfg.out_dtype = c.out_dtype;
-  cfg.scale_block = c.scale_block;
-  cfg.expert_alignment = c.expert_alignment;
-  cfg.private_tokens = c.private_tokens;
-  cfg.provider = c.provider.c_str();
-  cfg.timeout_ms = c.timeout_ms;
-  cfg.device = FERRY_DEVICE_CUDA;
-  cfg.cuda_device = 0;
-  return cfg;
+// The case every test here starts from: fp8 with block scales, aligned expert rows and a small private
+// region (so the overflow path runs too), three steps back to back.
+Case cuda_case() {
+  return {.num_experts = 8, .top_k = 4, .max_tokens = 48, .hidden = 2048, .in_dtype = FERRY_FP8_E4M3,
+          .out_dtype = FERRY_BF16, .scale_block = 128, .expert_alignment = 4, .private_tokens = 12, .steps = 3,
+          .launch_timeout_ms = 150000};
 }
+
+ferry_a2a_config_t config_of(const Case& c, int rank) { return testing::config_of(c, rank, FERRY_DEVICE_CUDA); }
 
 template <typename T>
 std::vector<T> download(const void* dev, size_t count) {
@@ -156,26 +119,14 @@ void run_rank(te::Bootstrap& bootstrap, const Case& c) {
   auto backend = make_cuda_backend(cfg, bootstrap);
   RankBuffers b(l);
   cuda::Stream stream(/*blocking=*/true);
-  std::mt19937 skew(1234 + l.rank);
-  auto maybe_sleep = [&] {
-    if (c.max_skew_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(skew() % (c.max_skew_ms + 1)));
-  };
+  testing::HalfStepCaller caller(c, l.rank);
 
   for (int step = 0; step < c.steps; ++step) {
-    reference::InputSpec spec = c.spec;
-    spec.seed = c.spec.seed * 1000 + step;
-    const auto inputs = reference::generate_all(cfg, spec);
+    const auto inputs = reference::generate_all(cfg, testing::step_spec(c, step));
     const reference::RankInput& in = inputs[l.rank];
     b.set_input(in);
     b.poison_outputs();
-    maybe_sleep();
-    if (c.split) {
-      backend->dispatch(b.dispatch_args(in.num_tokens, FERRY_SEND), stream.get());
-      maybe_sleep();  // the caller's work between the halves
-      backend->dispatch(b.dispatch_args(in.num_tokens, FERRY_RECV), stream.get());
-    } else {
-      backend->dispatch(b.dispatch_args(in.num_tokens, FERRY_SEND_RECV), stream.get());
-    }
+    caller.call([&](int flags) { backend->dispatch(b.dispatch_args(in.num_tokens, flags), stream.get()); });
     const auto counts = download<int32_t>(b.counts.get(), l.experts_per_rank);
     const auto x = download<uint8_t>(b.expert_x.get(), b.expert_x.bytes());
     const auto xs = download<float>(b.expert_scale.get(), b.rows * l.num_scales);
@@ -186,14 +137,8 @@ void run_rank(te::Bootstrap& bootstrap, const Case& c) {
     std::vector<uint8_t> y(b.rows * l.out_row_bytes(), 0);
     reference::apply_experts(l, counts.data(), x.data(), xs.data(), y.data());
     upload(b.expert_y.get(), y.data(), y.size());
-    maybe_sleep();
-    if (c.split) {
-      backend->combine(b.combine_args(in.num_tokens, FERRY_SEND, b.expert_y.get()), stream.get());
-      maybe_sleep();
-      backend->combine(b.combine_args(in.num_tokens, FERRY_RECV, b.expert_y.get()), stream.get());
-    } else {
-      backend->combine(b.combine_args(in.num_tokens, FERRY_SEND_RECV, b.expert_y.get()), stream.get());
-    }
+    caller.call(
+        [&](int flags) { backend->combine(b.combine_args(in.num_tokens, flags, b.expert_y.get()), stream.get()); });
     const auto out = download<uint8_t>(b.out.get(), size_t(in.num_tokens) * l.out_row_bytes());
     const std::string cdiff =
         reference::compare_combine(cfg, reference::combine_standard(cfg, in),
@@ -206,18 +151,18 @@ void run_rank(te::Bootstrap& bootstrap, const Case& c) {
   EXPECT_GT(stats.combine_bytes_sent, 0u) << "rank " << l.rank;
 }
 
-testing::LaunchOptions launch_options(const Case& c) {
-  testing::LaunchOptions opts;
-  opts.world_size = c.world_size;
-  opts.timeout_ms = c.launch_timeout_ms;
+// The backend takes its paths from the environment: CUDA IPC or not, and which node each rank is on.
+testing::LaunchOptions cuda_launch_options(const Case& c) {
+  testing::LaunchOptions opts = testing::launch_options(c);
   opts.env["FERRY_CUDA_IPC"] = c.ipc ? "1" : "0";
   if (c.nodes > 0)
     opts.rank_env = [c](int rank) {
-      return std::map<std::string, std::string>{{"FERRY_NODE_ID", "node" + std::to_string(rank * c.nodes / c.world_size)}};
+      return std::map<std::string, std::string>{{"FERRY_NODE_ID", "node" + std::to_string(testing::node_of(c, rank))}};
     };
   return opts;
 }
 
+// Same-node peers through CUDA IPC. The provider does not exist: the engine must not be involved at all.
 Case ipc_case(Case c) {
   c.ipc = true;
   c.provider = "no-such-provider";
@@ -239,7 +184,7 @@ void expect_mixed_paths(const std::vector<testing::RankResult>& results) {
 }
 
 void run_case(const Case& c) {
-  const testing::LaunchOptions opts = launch_options(c);
+  const testing::LaunchOptions opts = cuda_launch_options(c);
   const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) { run_rank(b, c); });
   testing::expect_all_ok(results);
   if (c.ipc && c.nodes > 1) expect_mixed_paths(results);
@@ -251,12 +196,12 @@ class CudaBackend : public ::testing::Test {
 };
 
 TEST_F(CudaBackend, TwoRanksOverTcpMatchTheReference) {
-  Case c;
+  Case c = cuda_case();
   run_case(c);
 }
 
 TEST_F(CudaBackend, FourRanksOverShmWithSplitHalvesAndSkewedRanks) {
-  Case c;
+  Case c = cuda_case();
   c.world_size = 4;
   c.num_experts = 16;
   c.provider = "shm";
@@ -269,7 +214,7 @@ TEST_F(CudaBackend, FourRanksOverShmWithSplitHalvesAndSkewedRanks) {
 }
 
 TEST_F(CudaBackend, EightRanksTop8Hidden7168OverTcp) {
-  Case c;
+  Case c = cuda_case();
   c.world_size = 8;
   c.num_experts = 32;
   c.top_k = 8;
@@ -281,7 +226,7 @@ TEST_F(CudaBackend, EightRanksTop8Hidden7168OverTcp) {
 }
 
 TEST_F(CudaBackend, Bf16InF16OutHidden4096OverTcp) {
-  Case c;
+  Case c = cuda_case();
   c.world_size = 4;
   c.num_experts = 8;
   c.in_dtype = FERRY_BF16;
@@ -296,7 +241,7 @@ TEST_F(CudaBackend, Bf16InF16OutHidden4096OverTcp) {
 // An id outside [0, num_experts) fails the bad rank's receive call naming the token, and its peers'
 // receive calls naming that rank; nothing waits for a deadline.
 void run_invalid_expert_case(const Case& c) {
-  const testing::LaunchOptions opts = launch_options(c);
+  const testing::LaunchOptions opts = cuda_launch_options(c);
   testing::expect_all_ok(testing::run_ranks(opts, [&](te::Bootstrap& bs) {
     check_cuda(cudaSetDevice(0), "cudaSetDevice");
     const ferry_a2a_config_t cfg = config_of(c, bs.rank());
@@ -331,7 +276,7 @@ void run_invalid_expert_case(const Case& c) {
 }
 
 TEST_F(CudaBackend, InvalidExpertIdFailsTheReceiveCallOnEveryRank) {
-  Case c;
+  Case c = cuda_case();
   c.world_size = 3;
   c.num_experts = 6;
   run_invalid_expert_case(c);
@@ -341,7 +286,7 @@ TEST_F(CudaBackend, InvalidExpertIdFailsTheReceiveCallOnEveryRank) {
 // device-side token count) in the same buffers: every replay equals the reference. The expert is the
 // identity (expert_y = out_expert_x), so combine returns x[t] * sum_k w[t][k].
 Case graph_case() {
-  Case c;
+  Case c = cuda_case();
   c.world_size = 2;
   c.num_experts = 8;
   c.in_dtype = FERRY_BF16;
@@ -353,7 +298,7 @@ Case graph_case() {
 }
 
 void run_graph_case(const Case& c) {
-  const testing::LaunchOptions opts = launch_options(c);
+  const testing::LaunchOptions opts = cuda_launch_options(c);
   testing::expect_all_ok(testing::run_ranks(opts, [&](te::Bootstrap& bs) {
     check_cuda(cudaSetDevice(0), "cudaSetDevice");
     const ferry_a2a_config_t cfg = config_of(c, bs.rank());
@@ -421,10 +366,10 @@ TEST_F(CudaBackend, GraphOfDispatchAndCombineReplays100TimesLikeEagerCalls) { ru
 // ---- same-node peers through CUDA IPC: records and partials written straight into the peers' device
 // memory, per-sender flags raised in it; the same bytes as the engine path.
 
-TEST_F(CudaBackend, TwoRanksThroughCudaIpcMatchTheReference) { run_case(ipc_case(Case{})); }
+TEST_F(CudaBackend, TwoRanksThroughCudaIpcMatchTheReference) { run_case(ipc_case(cuda_case())); }
 
 TEST_F(CudaBackend, FourRanksThroughCudaIpcWithSplitHalvesAndSkewedRanks) {
-  Case c;
+  Case c = cuda_case();
   c.world_size = 4;
   c.num_experts = 16;
   c.split = true;
@@ -436,7 +381,7 @@ TEST_F(CudaBackend, FourRanksThroughCudaIpcWithSplitHalvesAndSkewedRanks) {
 }
 
 TEST_F(CudaBackend, EightRanksTop8Hidden7168ThroughCudaIpc) {
-  Case c;
+  Case c = cuda_case();
   c.world_size = 8;
   c.num_experts = 32;
   c.top_k = 8;
@@ -450,7 +395,7 @@ TEST_F(CudaBackend, EightRanksTop8Hidden7168ThroughCudaIpc) {
 // Twenty steps back to back with ranks of different speeds: a fast rank's next step never lands in a
 // region a slow peer still reads (the epochs keep the steps apart).
 TEST_F(CudaBackend, TwentyBackToBackStepsThroughCudaIpcWithSkewedRanks) {
-  Case c;
+  Case c = cuda_case();
   c.world_size = 4;
   c.num_experts = 16;
   c.max_tokens = 32;
@@ -463,7 +408,7 @@ TEST_F(CudaBackend, TwentyBackToBackStepsThroughCudaIpcWithSkewedRanks) {
 }
 
 TEST_F(CudaBackend, InvalidExpertIdThroughCudaIpcFailsTheReceiveCallOnEveryRank) {
-  Case c;
+  Case c = cuda_case();
   c.world_size = 3;
   c.num_experts = 6;
   run_invalid_expert_case(ipc_case(c));
@@ -475,13 +420,13 @@ TEST_F(CudaBackend, GraphReplaysThroughCudaIpcLikeEagerCalls) { run_graph_case(i
 // own, since the engine's are host-staged here), the others through the engine. Every byte as before.
 
 TEST_F(CudaBackend, FourRanksOnTwoNodesMixCudaIpcAndTcp) {
-  Case c;
+  Case c = cuda_case();
   c.world_size = 4;
   run_case(mixed_case(c, 2));
 }
 
 TEST_F(CudaBackend, SixRanksOnThreeNodesOverShmWithSplitHalvesAndSkewedRanks) {
-  Case c;
+  Case c = cuda_case();
   c.world_size = 6;
   c.num_experts = 12;
   c.provider = "shm";
@@ -494,7 +439,7 @@ TEST_F(CudaBackend, SixRanksOnThreeNodesOverShmWithSplitHalvesAndSkewedRanks) {
 }
 
 TEST_F(CudaBackend, EightRanksOnTwoNodesTop8Hidden7168) {
-  Case c;
+  Case c = cuda_case();
   c.world_size = 8;
   c.num_experts = 32;
   c.top_k = 8;
@@ -506,7 +451,7 @@ TEST_F(CudaBackend, EightRanksOnTwoNodesTop8Hidden7168) {
 }
 
 TEST_F(CudaBackend, TwentyBackToBackStepsOnTwoNodesWithSkewedRanks) {
-  Case c;
+  Case c = cuda_case();
   c.world_size = 4;
   c.num_experts = 16;
   c.max_tokens = 32;
@@ -520,7 +465,7 @@ TEST_F(CudaBackend, TwentyBackToBackStepsOnTwoNodesWithSkewedRanks) {
 }
 
 TEST_F(CudaBackend, InvalidExpertIdOnTwoNodesFailsTheReceiveCallOnEveryRank) {
-  Case c;
+  Case c = cuda_case();
   c.world_size = 4;
   c.num_experts = 8;
   run_invalid_expert_case(mixed_case(c, 2));
@@ -534,9 +479,9 @@ TEST_F(CudaBackend, GraphReplaysOnTwoNodesLikeEagerCalls) {
 
 // A peer that never dispatches: the receive call fails at its deadline naming that rank.
 TEST_F(CudaBackend, MissingIpcPeerFailsTheReceiveCallNamingIt) {
-  Case c = ipc_case(Case{});
+  Case c = ipc_case(cuda_case());
   c.timeout_ms = 1000;
-  const testing::LaunchOptions opts = launch_options(c);
+  const testing::LaunchOptions opts = cuda_launch_options(c);
   testing::expect_all_ok(testing::run_ranks(opts, [&](te::Bootstrap& bs) {
     check_cuda(cudaSetDevice(0), "cudaSetDevice");
     const ferry_a2a_config_t cfg = config_of(c, bs.rank());

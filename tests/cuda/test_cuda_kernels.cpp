@@ -18,6 +18,7 @@
 #include "csrc/host/pack.h"
 #include "csrc/plan.h"
 #include "csrc/reference.h"
+#include "tests/common/a2a_case.h"
 #include "tests/cuda/gpu.h"
 
 namespace ferry::cuda {
@@ -29,37 +30,17 @@ using ep::reference::Routing;
 
 constexpr uint8_t kPoison = 0xEE;
 
+// The ranks simulated here exchange through loopback copies, not an engine: of the case, only the
+// shape, dtypes and inputs (spec) matter. What a shape leaves out is the case's default: no scales,
+// alignment 1, uniform routing without drops, the same token count on every rank.
 struct Shape {
   const char* name;
-  int world_size, num_experts, top_k, max_tokens, hidden;
-  ferry_dtype_t in_dtype;
-  int scale_block;
-  ferry_dtype_t out_dtype;
-  int expert_alignment, private_tokens;
-  Routing routing;
-  double drop_fraction;
-  bool vary_tokens;
+  testing::A2aCase c;
 };
 
 void PrintTo(const Shape& s, std::ostream* os) { *os << s.name; }
 
-ferry_a2a_config_t config_of(const Shape& s, int rank) {
-  ferry_a2a_config_t c;
-  ferry_a2a_config_init(&c);
-  c.rank = rank;
-  c.world_size = s.world_size;
-  c.num_experts = s.num_experts;
-  c.experts_per_token = s.top_k;
-  c.max_tokens_per_rank = s.max_tokens;
-  c.hidden_dim = s.hidden;
-  c.in_dtype = s.in_dtype;
-  c.scale_block = s.scale_block;
-  c.out_dtype = s.out_dtype;
-  c.expert_alignment = s.expert_alignment;
-  c.private_tokens = s.private_tokens;
-  c.device = FERRY_DEVICE_CUDA;
-  return c;
-}
+ferry_a2a_config_t config_of(const Shape& s, int rank) { return testing::config_of(s.c, rank, FERRY_DEVICE_CUDA); }
 
 template <typename T>
 std::vector<T> download(const void* dev, size_t count) {
@@ -345,11 +326,8 @@ TEST_P(KernelsVsHost, DispatchAndCombineMatchTheHostBackendByteForByte) {
   const ferry_a2a_config_t base = config_of(shape, 0);
   auto ranks = make_ranks(base);
   for (uint64_t seed : {11u, 12u}) {
-    InputSpec spec;
+    InputSpec spec = shape.c.spec;
     spec.seed = seed;
-    spec.routing = shape.routing;
-    spec.drop_fraction = shape.drop_fraction;
-    spec.vary_tokens = shape.vary_tokens;
     const auto inputs = ep::reference::generate_all(base, spec);
     run_and_compare(ranks, base, inputs, seed);
     if (HasFatalFailure()) return;
@@ -359,14 +337,21 @@ TEST_P(KernelsVsHost, DispatchAndCombineMatchTheHostBackendByteForByte) {
 INSTANTIATE_TEST_SUITE_P(
     Shapes, KernelsVsHost,
     ::testing::Values(
-        Shape{"fp8_h7168_scales_top8_overflow", 4, 32, 8, 64, 7168, FERRY_FP8_E4M3, 128, FERRY_BF16, 8, 16,
-              Routing::uniform, 0.0, false},
-        Shape{"bf16_h4096_ep8_zipf_drops", 8, 64, 6, 40, 4096, FERRY_BF16, 0, FERRY_F16, 1, 40, Routing::zipf, 0.2,
-              true},
-        Shape{"f16_h5120_one_expert_f32_out", 2, 8, 2, 128, 5120, FERRY_F16, 0, FERRY_F32, 4, 32, Routing::one_expert,
-              0.0, false},
-        Shape{"f32_h2048_top8_of_12_varying", 3, 12, 8, 50, 2048, FERRY_F32, 0, FERRY_BF16, 1, 10, Routing::uniform, 0.3,
-              true}),
+        Shape{"fp8_h7168_scales_top8_overflow",
+              {.world_size = 4, .num_experts = 32, .top_k = 8, .max_tokens = 64, .hidden = 7168,
+               .in_dtype = FERRY_FP8_E4M3, .out_dtype = FERRY_BF16, .scale_block = 128, .expert_alignment = 8,
+               .private_tokens = 16}},
+        Shape{"bf16_h4096_ep8_zipf_drops",
+              {.world_size = 8, .num_experts = 64, .top_k = 6, .max_tokens = 40, .hidden = 4096, .in_dtype = FERRY_BF16,
+               .out_dtype = FERRY_F16, .private_tokens = 40,
+               .spec = {.routing = Routing::zipf, .drop_fraction = 0.2, .vary_tokens = true}}},
+        Shape{"f16_h5120_one_expert_f32_out",
+              {.world_size = 2, .num_experts = 8, .top_k = 2, .max_tokens = 128, .hidden = 5120, .in_dtype = FERRY_F16,
+               .out_dtype = FERRY_F32, .expert_alignment = 4, .private_tokens = 32,
+               .spec = {.routing = Routing::one_expert}}},
+        Shape{"f32_h2048_top8_of_12_varying",
+              {.world_size = 3, .num_experts = 12, .top_k = 8, .max_tokens = 50, .hidden = 2048, .in_dtype = FERRY_F32,
+               .out_dtype = FERRY_BF16, .private_tokens = 10, .spec = {.drop_fraction = 0.3, .vary_tokens = true}}}),
     [](const ::testing::TestParamInfo<Shape>& info) { return std::string(info.param.name); });
 
 }  // namespace
@@ -381,7 +366,10 @@ class KernelErrors : public ::testing::Test {
 };
 
 ferry_a2a_config_t small_config() {
-  return config_of(Shape{"small", 4, 16, 4, 32, 2048, FERRY_BF16, 0, FERRY_BF16, 1, 8, Routing::uniform, 0.0, false}, 0);
+  return config_of(Shape{"small",
+                         {.world_size = 4, .num_experts = 16, .top_k = 4, .max_tokens = 32, .hidden = 2048,
+                          .in_dtype = FERRY_BF16, .out_dtype = FERRY_BF16, .private_tokens = 8}},
+                   0);
 }
 
 TEST_F(KernelErrors, InvalidExpertIdIsReportedAndPoisonsEveryCountHeader) {
