@@ -109,26 +109,17 @@ TEST(BenchArguments, BadValuesExitWithCode2AndNameTheArgument) {
       {"--hidden 7168 --scale-block 100", "--scale-block"},
       {"--out-dtype fp8_e4m3", "--out-dtype"},
       {"--dry-run --world-size 64 --experts 100", "--experts"},
-  };
-  for (const auto& [args, name] : cases) {
-    const auto r = bench(args);
-    EXPECT_EQ(r.exit_code, 2) << args << "\n" << r.out;
-    EXPECT_NE(r.out.find(name), std::string::npos) << args << " should name " << name << ":\n" << r.out;
-  }
-}
-
-TEST(BenchArguments, LocalNodesNeedLocalRanksAndMustDivideThem) {
-  const std::pair<const char*, const char*> cases[] = {
+      // --local-nodes splits --local-ranks: it needs them, and must divide them.
       {"--local-nodes 2", "--local-nodes 2 is only used with --local-ranks"},
       {"--local-ranks 4 --experts 16 --local-nodes 3", "--local-nodes 3 does not divide --local-ranks 4"},
       {"--local-ranks 4 --experts 16 --local-nodes 8", "--local-nodes 8 does not divide --local-ranks 4"},
       {"--local-ranks 4 --experts 16 --local-nodes 0", "--local-nodes"},
       {"--local-ranks 4 --experts 16 --local-nodes two", "--local-nodes"},
   };
-  for (const auto& [args, message] : cases) {
+  for (const auto& [args, name] : cases) {
     const auto r = bench(args);
     EXPECT_EQ(r.exit_code, 2) << args << "\n" << r.out;
-    EXPECT_NE(r.out.find(message), std::string::npos) << args << " should say " << message << ":\n" << r.out;
+    EXPECT_NE(r.out.find(name), std::string::npos) << args << " should name " << name << ":\n" << r.out;
   }
 }
 
