@@ -326,8 +326,10 @@ void expect_bad_input_fails_everywhere(const std::function<void(ferry_dispatch_a
   c.world_size = 4;
   c.num_experts = 8;
   c.timeout_ms = 40000;
-  c.launch_timeout_ms = 90000;
-  const auto results = testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
+  testing::LaunchOptions opts;
+  opts.world_size = c.world_size;
+  opts.timeout_ms = 90000;
+  const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) {
     const ferry_a2a_config_t cfg = config_of(c, b.rank());
     const Layout l = make_layout(cfg);
     auto backend = make_host_backend(cfg, b);
@@ -384,8 +386,10 @@ TEST(AllToAllErrors, AMissingRankIsNamedAtTheDeadline) {
   c.num_experts = 3;
   c.top_k = 1;
   c.timeout_ms = 3000;
-  c.launch_timeout_ms = 60000;
-  const auto results = testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
+  testing::LaunchOptions opts;
+  opts.world_size = c.world_size;
+  opts.timeout_ms = 60000;
+  const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) {
     const ferry_a2a_config_t cfg = config_of(c, b.rank());
     const Layout l = make_layout(cfg);
     auto backend = make_host_backend(cfg, b);
@@ -418,8 +422,9 @@ void expect_lie_detected(const std::function<void(const Layout&, const SendPlan&
   c.num_experts = 4;
   c.max_tokens = 8;
   c.top_k = 2;
-  c.launch_timeout_ms = 60000;
-  const auto results = testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
+  testing::LaunchOptions opts;
+  opts.world_size = 2;
+  const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) {
     const ferry_a2a_config_t cfg = config_of(c, b.rank());
     const Layout l = make_layout(cfg);
     const auto inputs = reference::generate_all(cfg, c.spec);
@@ -495,8 +500,9 @@ TEST(AllToAllErrors, DpGroupMembersWithDifferentTokensAreRejected) {
   Case c;
   c.world_size = 2;
   c.dp_size = 2;
-  c.launch_timeout_ms = 60000;
-  const auto results = testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
+  testing::LaunchOptions opts;
+  opts.world_size = 2;
+  const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) {
     const ferry_a2a_config_t cfg = config_of(c, b.rank());
     const Layout l = make_layout(cfg);
     auto backend = make_host_backend(cfg, b);
@@ -517,8 +523,9 @@ TEST(AllToAllErrors, DpGroupMembersWithDifferentTokensAreRejected) {
 
 TEST(AllToAllErrors, StepsOutOfOrderAreRejected) {
   Case c;
-  c.launch_timeout_ms = 60000;
-  const auto results = testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
+  testing::LaunchOptions opts;
+  opts.world_size = 2;
+  const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) {
     const ferry_a2a_config_t cfg = config_of(c, b.rank());
     auto backend = make_host_backend(cfg, b);
     ferry_combine_args_t cb{};

@@ -283,6 +283,38 @@ void run_case(const Case& c, const RankOptions& options = {}) {
       testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) { run_rank(b, c, shared, options); }));
 }
 
+// One rank at the start of step 0 over the shared regions, for the tests that stop the exchange
+// early: its engine (default deadline), send staging and Protocol, and every rank's step-0 inputs.
+struct FirstStep {
+  FirstStep(te::Bootstrap& b, const Case& c, const SharedRegions& shared)
+      : me(b.rank()),
+        l(make_layout(config_of(c, me))),
+        engine(engine_config(c), b),
+        send(l.send_buffer_bytes()),
+        combine_send(l.combine_send_bytes()),
+        protocol(l, engine, shared.buffers(me, send, combine_send, direct_flags(c, me)), kTimeoutMs),
+        all(step_inputs(c, 0)) {}
+
+  // This rank's dispatch SEND of step 0, as packed for every rank.
+  void post_dispatch() {
+    std::memcpy(send.data(), all.send[me].data(), send.size());
+    protocol.post_dispatch(all.plans[me].dest_count, all.plans[me].dest_offset);
+  }
+
+  static te::EngineConfig engine_config(const Case& c) {
+    te::EngineConfig ec;
+    ec.provider = c.provider;
+    return ec;
+  }
+
+  const int me;
+  const Layout l;
+  te::TransferEngine engine;
+  std::vector<uint8_t> send, combine_send;
+  Protocol protocol;
+  const StepInputs all;
+};
+
 // ---- the exchange ----------------------------------------------------------------------------
 
 TEST(ProtocolDirectPeers, SameNodePeersMovedByTheCallerOthersByTheEngineOverShm) {
@@ -327,25 +359,18 @@ TEST(ProtocolDirectPeers, ReceiveCountsThatContradictTheHeadersAreRejected) {
   SharedRegions shared(c.world_size, l0.recv_buffer_bytes(), l0.combine_recv_bytes());
   const auto results = testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
     const int R = c.world_size, me = b.rank();
-    const Layout l = make_layout(config_of(c, me));
-    te::EngineConfig ec;
-    ec.provider = c.provider;
-    te::TransferEngine engine(ec, b);
-    std::vector<uint8_t> send(l.send_buffer_bytes()), combine_send(l.combine_send_bytes());
-    Protocol protocol(l, engine, shared.buffers(me, send, combine_send, direct_flags(c, me)), kTimeoutMs);
-    const StepInputs all = step_inputs(c, 0);
-    protocol.begin_dispatch();
-    std::memcpy(send.data(), all.send[me].data(), send.size());
-    protocol.post_dispatch(all.plans[me].dest_count, all.plans[me].dest_offset);
-    protocol.wait_dispatch();
-    protocol.begin_combine();
+    FirstStep step(b, c, shared);
+    step.protocol.begin_dispatch();
+    step.post_dispatch();
+    step.protocol.wait_dispatch();
+    step.protocol.begin_combine();
     // Sender (me + 2) % 4 is on the other node: one record more than its header announced.
     const int liar = (me + 2) % R;
     std::vector<int32_t> recv_count(R);
-    for (int s = 0; s < R; ++s) recv_count[s] = all.plans[s].dest_count[me];
+    for (int s = 0; s < R; ++s) recv_count[s] = step.all.plans[s].dest_count[me];
     ++recv_count[liar];
     try {
-      protocol.post_combine(recv_count);
+      step.protocol.post_combine(recv_count);
       ADD_FAILURE() << "receive counts contradicting the count header accepted";
     } catch (const Error& e) {
       EXPECT_EQ(e.status(), Status::internal) << e.what();
@@ -367,22 +392,16 @@ TEST(ProtocolDirectPeers, AFailedRankPoisonsItsEnginePeersAndLeavesItsDirectPeer
   SharedRegions shared(c.world_size, l0.recv_buffer_bytes(), l0.combine_recv_bytes());
   const auto results = testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
     const int me = b.rank();
-    const Layout l = make_layout(config_of(c, me));
-    te::EngineConfig ec;
-    ec.provider = c.provider;
-    te::TransferEngine engine(ec, b);
-    std::vector<uint8_t> send(l.send_buffer_bytes()), combine_send(l.combine_send_bytes());
-    Protocol protocol(l, engine, shared.buffers(me, send, combine_send, direct_flags(c, me)), kTimeoutMs);
-    const StepInputs all = step_inputs(c, 0);
-    protocol.begin_dispatch();
+    FirstStep step(b, c, shared);
+    const Layout& l = step.l;
+    step.protocol.begin_dispatch();
     if (me == 0) {
-      protocol.post_dispatch_failure();
+      step.protocol.post_dispatch_failure();
     } else {
-      std::memcpy(send.data(), all.send[me].data(), send.size());
-      protocol.post_dispatch(all.plans[me].dest_count, all.plans[me].dest_offset);
+      step.post_dispatch();
       const auto started = std::chrono::steady_clock::now();
       try {
-        protocol.wait_dispatch();
+        step.protocol.wait_dispatch();
         EXPECT_EQ(me, 1) << "dispatch completed without rank 0";
       } catch (const Error& e) {
         EXPECT_NE(me, 1) << "rank 1 treats rank 0 as direct, yet failed: " << e.what();
