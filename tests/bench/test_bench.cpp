@@ -250,9 +250,18 @@ TEST(BenchRun, RoutingFileIsUsedAndBadLinesAreNamed) {
   fs::remove_all(dir);
 }
 
+namespace {
+
 // --local-nodes: the ranks of this machine play two nodes, and the result file says so (the host
 // backend moves the bytes the same way; what matters here is that every rank ran as its node).
-void expect_two_emulated_nodes(const RunResult& r, const json& j) {
+void expect_two_emulated_nodes(const std::string& launcher) {
+  const fs::path dir = temp_dir("nodes_" + launcher);
+  const auto r = bench(std::string(kScaledDown) + " --launcher " + launcher + " --local-nodes 2 --verify --json " +
+                       (dir / "nodes.json").string());
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  const json j = read_json(dir / "nodes.json");
+  expect_scaled_down_run(j, "decode", 8);
+  EXPECT_EQ(j["config"]["launcher"], "local-" + launcher);
   EXPECT_NE(r.out.find("verify: passed"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("nodes: 2 (emulated on one machine, FERRY_NODE_ID): local-node-0: ranks 0-1; "
                        "local-node-1: ranks 2-3"),
@@ -264,30 +273,18 @@ void expect_two_emulated_nodes(const RunResult& r, const json& j) {
   EXPECT_EQ(j["environment"]["nodes_note"], "emulated on one machine, FERRY_NODE_ID");
   EXPECT_EQ(j["environment"]["rank_nodes"],
             json({"local-node-0", "local-node-0", "local-node-1", "local-node-1"}));
-  EXPECT_EQ(j["verify"]["passed"], true);
+  fs::remove_all(dir);
 }
 
+}  // namespace
+
 TEST(BenchLocalNodes, FourForkedRanksAsTwoNodesVerifyAndRecordEachRanksNode) {
-  const fs::path dir = temp_dir("nodes_fork");
-  const auto r = bench(std::string(kScaledDown) + " --launcher fork --local-nodes 2 --verify --json " +
-                       (dir / "nodes.json").string());
-  ASSERT_EQ(r.exit_code, 0) << r.out;
-  const json j = read_json(dir / "nodes.json");
-  expect_scaled_down_run(j, "decode", 8);
-  expect_two_emulated_nodes(r, j);
-  fs::remove_all(dir);
+  expect_two_emulated_nodes("fork");
 }
 
 TEST(BenchLocalNodes, FourMpirunRanksAsTwoNodesVerifyAndRecordEachRanksNode) {
   if (run_shell("command -v mpirun").exit_code != 0) GTEST_SKIP() << "mpirun is not installed";
-  const fs::path dir = temp_dir("nodes_mpi");
-  const auto r = bench(std::string(kScaledDown) + " --launcher mpi --local-nodes 2 --verify --json " +
-                       (dir / "nodes.json").string());
-  ASSERT_EQ(r.exit_code, 0) << r.out;
-  const json j = read_json(dir / "nodes.json");
-  EXPECT_EQ(j["config"]["launcher"], "local-mpi");
-  expect_two_emulated_nodes(r, j);
-  fs::remove_all(dir);
+  expect_two_emulated_nodes("mpi");
 }
 
 TEST(BenchLocalNodes, FerryNodeIdOfTheUserWinsAndTheReportSaysSo) {
