@@ -21,6 +21,7 @@
 #include "csrc/dtype.h"
 #include "csrc/reference.h"
 #include "tests/common/a2a_case.h"
+#include "tests/common/cuda_copy.h"
 #include "tests/common/multiprocess.h"
 #include "tests/cuda/gpu.h"
 #include "transfer_engine/error.h"
@@ -30,6 +31,8 @@ namespace {
 
 using cuda::check_cuda;
 using cuda::DeviceBuffer;
+using testing::download;
+using testing::upload;
 
 using Case = testing::A2aCase;
 
@@ -43,15 +46,6 @@ Case cuda_case() {
 
 ferry_a2a_config_t config_of(const Case& c, int rank) { return testing::config_of(c, rank, FERRY_DEVICE_CUDA); }
 
-template <typename T>
-std::vector<T> download(const void* dev, size_t count) {
-  std::vector<T> out(count);
-  check_cuda(cudaMemcpy(out.data(), dev, count * sizeof(T), cudaMemcpyDeviceToHost), "download");
-  return out;
-}
-void upload(void* dev, const void* host, size_t bytes) {
-  if (bytes) check_cuda(cudaMemcpy(dev, host, bytes, cudaMemcpyHostToDevice), "upload");
-}
 
 // One rank's device buffers for a config: inputs sized for max_tokens, the batched outputs.
 struct RankBuffers {

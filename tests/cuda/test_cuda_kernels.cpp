@@ -19,6 +19,7 @@
 #include "csrc/plan.h"
 #include "csrc/reference.h"
 #include "tests/common/a2a_case.h"
+#include "tests/common/cuda_copy.h"
 #include "tests/cuda/gpu.h"
 
 namespace ferry::cuda {
@@ -27,6 +28,8 @@ namespace {
 using ep::reference::InputSpec;
 using ep::reference::RankInput;
 using ep::reference::Routing;
+using testing::download;
+using testing::upload;
 
 constexpr uint8_t kPoison = 0xEE;
 
@@ -42,15 +45,6 @@ void PrintTo(const Shape& s, std::ostream* os) { *os << s.name; }
 
 ferry_a2a_config_t config_of(const Shape& s, int rank) { return testing::config_of(s.c, rank, FERRY_DEVICE_CUDA); }
 
-template <typename T>
-std::vector<T> download(const void* dev, size_t count) {
-  std::vector<T> out(count);
-  check_cuda(cudaMemcpy(out.data(), dev, count * sizeof(T), cudaMemcpyDefault), "download");
-  return out;
-}
-void upload(void* dev, const void* host, size_t bytes) {
-  if (bytes) check_cuda(cudaMemcpy(dev, host, bytes, cudaMemcpyDefault), "upload");
-}
 void poison(void* dev, size_t bytes) { check_cuda(cudaMemset(dev, kPoison, bytes), "poison"); }
 
 // Index of the first differing byte, or -1.
