@@ -20,7 +20,7 @@ case "${1:-run}" in
 stage)
   build=${2:-$root/build-cuda}
   rm -rf "$stage" && mkdir -p "$stage/bin" "$stage/lib"
-  for b in tests/cuda/test_cuda_kernels tests/cuda/test_cuda_backend tests/cuda/test_cuda_locality bench/cuda/ferry-cuda-bench bench/ep/ferry-bench; do
+  for b in tests/cuda/test_cuda_kernels tests/cuda/test_cuda_backend tests/cuda/test_cuda_locality tests/cuda/test_gdrcopy bench/cuda/ferry-cuda-bench bench/ep/ferry-bench; do
     # Debug info stays here: the working tree that travels to the GPU machine is size-limited.
     [ -x "$build/$b" ] && cp "$build/$b" "$stage/bin/" && strip --strip-debug "$stage/bin/$(basename "$b")"
   done
@@ -51,6 +51,7 @@ run)
   }
   bin=$stage/bin
   step kernels timeout 300 "$bin/test_cuda_kernels"
+  step gdrcopy timeout 120 "$bin/test_gdrcopy"
   [ -x "$bin/test_cuda_backend" ] && step backend timeout 400 "$bin/test_cuda_backend"
   cs="timeout 240 compute-sanitizer --error-exitcode 9 --print-limit 20"
   step memcheck_kernels $cs --tool memcheck "$bin/test_cuda_kernels" \

@@ -419,6 +419,16 @@ TEST_F(CudaBackend, FourRanksOnTwoNodesMixCudaIpcAndTcp) {
   run_case(mixed_case(c, 2));
 }
 
+// Rank 2 is alone on its node: its only IPC peer is itself, every other peer is the engine's.
+TEST_F(CudaBackend, ThreeRanksOnTwoUnevenNodesOverShm) {
+  Case c = cuda_case();
+  c.world_size = 3;
+  c.num_experts = 9;
+  c.provider = "shm";
+  c.spec.vary_tokens = true;
+  run_case(mixed_case(c, 2));
+}
+
 TEST_F(CudaBackend, SixRanksOnThreeNodesOverShmWithSplitHalvesAndSkewedRanks) {
   Case c = cuda_case();
   c.world_size = 6;
