@@ -16,6 +16,7 @@
 #include "csrc/backend.h"
 #include "csrc/cuda/api.cuh"
 #include "csrc/cuda/gdrcopy.h"
+#include "tests/common/a2a_case.h"
 #include "csrc/cuda/memory.h"
 #include "tests/cuda/gpu.h"
 #include "transfer_engine/error.h"
@@ -160,16 +161,10 @@ struct WaitRig {
     ws = carve_workspace(layout, ws_dev.get(), ws_host.dev());
   }
   static ep::Layout small_layout() {
-    ferry_a2a_config_t c;
-    ferry_a2a_config_init(&c);
-    c.rank = 0;
-    c.world_size = 2;
-    c.num_experts = 4;
-    c.experts_per_token = 2;
-    c.max_tokens_per_rank = 8;
-    c.hidden_dim = 64;
-    c.device = FERRY_DEVICE_CUDA;
-    return ep::make_layout(c);
+    testing::A2aCase c;
+    c.max_tokens = 8;
+    c.hidden = 64;
+    return ep::make_layout(testing::config_of(c, 0, FERRY_DEVICE_CUDA));
   }
   // Launches the wait for *flag to reach `want` on the rig's stream (not waiting for it).
   void launch(const uint32_t* flag, uint32_t want, uint64_t timeout_ns) {
