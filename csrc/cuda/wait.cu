@@ -1,6 +1,7 @@
-// The one place a kernel waits for the CPU: the engine worker raises an arrival flag in pinned mapped
-// host memory once every expected immediate is in; a single thread polls it, so the kernels after it
-// on the stream start on complete data without a thousand blocks polling across PCIe.
+// The one place a kernel waits for the CPU: the proxy raises an arrival flag (pinned mapped host
+// memory, or device memory written through a GDRCopy BAR mapping) once every expected immediate is
+// in; a single thread polls it, so the kernels after it on the stream start on complete data without
+// a thousand blocks polling. With CUDA IPC peers, wait_step (ipc.cu) waits for their epochs too.
 #include "csrc/cuda/api.cuh"
 #include "csrc/cuda/cuda_check.h"
 #include "csrc/cuda/device.cuh"
