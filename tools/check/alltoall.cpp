@@ -1,9 +1,12 @@
 // Stage 4: dispatch and combine through the public C API at this job's EP size, every byte of every
-// iteration compared with the brute-force reference, timed per rank.
+// iteration compared with the brute-force reference, timed per rank. The host backend, or the CUDA
+// backend on every rank's GPU (kernels, proxy, CUDA IPC between same-node ranks): --a2a-device.
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <set>
 
 #include "csrc/backend.h"
 #include "csrc/reference.h"
@@ -11,6 +14,10 @@
 #include "tools/common/bootstrap.h"
 #include "tools/common/report.h"
 #include "transfer_engine/error.h"
+
+#if defined(FERRY_CHECK_CUDA)
+#include "csrc/cuda/memory.h"
+#endif
 
 namespace ferry::check {
 
@@ -71,6 +78,135 @@ std::vector<ref::RankInput> inputs_for(const ferry_a2a_config_t& config, const C
   return inputs;
 }
 
+// One argument buffer of the C API and its host image: inputs are staged in the image and uploaded,
+// outputs downloaded into it and checked there. Where the API memory lives is the Space's business,
+// so one run_case serves both backends.
+class Buffer {
+ public:
+  Buffer(std::string name, size_t bytes) : name_(std::move(name)), image_(bytes) {}
+  virtual ~Buffer() = default;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  // What ferry_a2a_* gets; null for an empty buffer (no scales), as the API expects.
+  virtual void* api() = 0;
+  virtual void upload() = 0;
+  // Outputs of the previous iteration must not pass for this one's: every output byte is overwritten
+  // with kPoison (counts read -1, scales NaN) before each call.
+  virtual void poison() = 0;
+  virtual void download() = 0;
+  template <typename T = uint8_t>
+  T* host() { return image_.empty() ? nullptr : reinterpret_cast<T*>(image_.data()); }
+  size_t bytes() const { return image_.size(); }
+  const std::string& name() const { return name_; }
+
+  static constexpr int kPoison = 0xff;
+
+ protected:
+  std::string name_;
+  std::vector<uint8_t> image_;
+};
+
+class Space {
+ public:
+  virtual ~Space() = default;
+  virtual const char* device() const = 0;  // "host" or "cuda", as the report names it
+  virtual std::unique_ptr<Buffer> make(const std::string& name, size_t bytes) = 0;
+  virtual void* stream() = 0;              // the a2a calls' stream (null on the host)
+  // Queued uploads and poisons finished, so a timing covers the a2a call alone.
+  virtual void sync() = 0;
+  // A buffer holding a copy of `bytes` bytes of src, uploaded.
+  std::unique_ptr<Buffer> input(const std::string& name, const void* src, size_t bytes) {
+    std::unique_ptr<Buffer> b = make(name, bytes);
+    if (bytes) std::memcpy(b->host(), src, bytes);
+    b->upload();
+    return b;
+  }
+};
+
+// Host backend: the image is the API memory.
+class HostBuffer final : public Buffer {
+ public:
+  using Buffer::Buffer;
+  void* api() override { return host(); }
+  void upload() override {}
+  void poison() override { std::memset(image_.data(), kPoison, image_.size()); }
+  void download() override {}
+};
+
+class HostSpace final : public Space {
+ public:
+  const char* device() const override { return "host"; }
+  std::unique_ptr<Buffer> make(const std::string& name, size_t bytes) override {
+    return std::make_unique<HostBuffer>(name, bytes);
+  }
+  void* stream() override { return nullptr; }
+  void sync() override {}
+};
+
+#if defined(FERRY_CHECK_CUDA)
+// CUDA backend: device memory on this rank's GPU, copied through one stream.
+class CudaSpace final : public Space {
+ public:
+  CudaSpace(int rank, int gpu) : rank_(rank) {
+    check(cudaSetDevice(gpu), "cudaSetDevice(" + std::to_string(gpu) + ")");
+    stream_ = std::make_unique<cuda::Stream>();
+  }
+  const char* device() const override { return "cuda"; }
+  std::unique_ptr<Buffer> make(const std::string& name, size_t bytes) override {
+    return std::make_unique<DeviceBuffer>(*this, name, bytes);
+  }
+  void* stream() override { return stream_->get(); }
+  void sync() override { check(cudaStreamSynchronize(stream_->get()), "cudaStreamSynchronize"); }
+  void check(cudaError_t err, const std::string& what) const {
+    cuda::check_cuda(err, ("rank " + std::to_string(rank_) + ": " + what).c_str());
+  }
+
+ private:
+  class DeviceBuffer final : public Buffer {
+   public:
+    DeviceBuffer(CudaSpace& space, const std::string& name, size_t bytes) : Buffer(name, bytes), space_(space) {
+      try {
+        mem_ = cuda::DeviceBuffer(bytes);
+      } catch (const Error& e) {
+        raise(e.status(), "rank " + std::to_string(space.rank_) + ": " + name + " (" + std::to_string(bytes) +
+                              " bytes): " + e.what());
+      }
+    }
+    void* api() override { return mem_.get(); }
+    void upload() override {
+      if (bytes()) space_.check(cudaMemcpyAsync(mem_.get(), image_.data(), bytes(), cudaMemcpyHostToDevice, stream()),
+                                "cudaMemcpyAsync of " + name_ + " to the device");
+    }
+    void poison() override {
+      if (bytes()) space_.check(cudaMemsetAsync(mem_.get(), kPoison, bytes(), stream()), "cudaMemsetAsync of " + name_);
+    }
+    void download() override {
+      if (!bytes()) return;
+      space_.check(cudaMemcpyAsync(image_.data(), mem_.get(), bytes(), cudaMemcpyDeviceToHost, stream()),
+                   "cudaMemcpyAsync of " + name_ + " to the host");
+      space_.check(cudaStreamSynchronize(stream()), "cudaStreamSynchronize after downloading " + name_);
+    }
+
+   private:
+    cudaStream_t stream() const { return space_.stream_->get(); }
+    CudaSpace& space_;
+    cuda::DeviceBuffer mem_;
+  };
+
+  int rank_;
+  std::unique_ptr<cuda::Stream> stream_;
+};
+#endif
+
+std::unique_ptr<Space> make_space(bool cuda_device, int rank, int gpu) {
+  if (!cuda_device) return std::make_unique<HostSpace>();
+#if defined(FERRY_CHECK_CUDA)
+  return std::make_unique<CudaSpace>(rank, gpu);
+#else
+  raise(Status::unsupported, "rank " + std::to_string(rank) + ": --a2a-device cuda: built without the CUDA backend");
+#endif
+}
+
 struct A2a {
   ferry_a2a_t handle = nullptr;
   ~A2a() {
@@ -84,7 +220,7 @@ struct CaseOutcome {
 };
 
 CaseOutcome run_case(const Options& opt, const ferry_a2a_config_t& config, const Case& c,
-                     tools::CBootstrap& cboot) {
+                     tools::CBootstrap& cboot, Space& space) {
   const int me = config.rank;
   const std::vector<ref::RankInput> inputs = inputs_for(config, c, opt.seed);
   const ref::RankInput& in = inputs[size_t(me)];
@@ -98,62 +234,81 @@ CaseOutcome run_case(const Options& opt, const ferry_a2a_config_t& config, const
   ferry_buffer_sizes_t sizes{};
   tools::check(ferry_a2a_buffer_bytes(a2a.handle, &sizes), "ferry_a2a_buffer_bytes");
   const size_t rows = size_t(sizes.num_local_experts) * size_t(sizes.max_rows_per_expert);
-  std::vector<int32_t> counts(size_t(sizes.num_local_experts));
-  std::vector<uint8_t> expert_x(rows * layout.payload_bytes);
-  std::vector<float> expert_x_scale(layout.num_scales > 0 ? rows * size_t(layout.num_scales) : 0);
-  std::vector<uint8_t> expert_y(rows * size_t(config.hidden_dim) * size_t(layout.out_elem_bytes));
-  std::vector<uint8_t> out_tokens(size_t(std::max(1, in.num_tokens)) * size_t(config.hidden_dim) *
-                                  size_t(layout.out_elem_bytes));
+
+  // Inputs once per case; the token count also through bound_m, where a serving stack keeps it.
+  const std::unique_ptr<Buffer> dp_x = space.input("dp_x", in.x.data(), in.x.size());
+  const std::unique_ptr<Buffer> dp_x_scale = space.input("dp_x_scale", in.x_scale.data(), in.x_scale.size() * sizeof(float));
+  const std::unique_ptr<Buffer> indices = space.input("indices", in.indices.data(), in.indices.size() * sizeof(int32_t));
+  const std::unique_ptr<Buffer> weights = space.input("weights", in.weights.data(), in.weights.size() * sizeof(float));
+  const int32_t num_tokens = in.num_tokens;
+  const std::unique_ptr<Buffer> bound_m = space.input("bound_m", &num_tokens, sizeof num_tokens);
+  const std::unique_ptr<Buffer> counts = space.make("out_expert_num_tokens", size_t(sizes.num_local_experts) * sizeof(int32_t));
+  const std::unique_ptr<Buffer> expert_x = space.make("out_expert_x", rows * layout.payload_bytes);
+  const std::unique_ptr<Buffer> expert_x_scale =
+      space.make("out_expert_x_scale", layout.num_scales > 0 ? rows * size_t(layout.num_scales) * sizeof(float) : 0);
+  const std::unique_ptr<Buffer> expert_y =
+      space.make("expert_y", rows * size_t(config.hidden_dim) * size_t(layout.out_elem_bytes));
+  const std::unique_ptr<Buffer> out_tokens =
+      space.make("out_tokens", size_t(std::max(1, in.num_tokens)) * size_t(config.hidden_dim) * size_t(layout.out_elem_bytes));
 
   CaseOutcome outcome;
   for (int iter = 0; iter < opt.a2a_warmup + opt.a2a_iters; ++iter) {
-    // Stale rows from the previous iteration must not pass for this one's.
-    std::fill(counts.begin(), counts.end(), -1);
-    std::memset(expert_x.data(), 0xcd, expert_x.size());
-    std::fill(expert_x_scale.begin(), expert_x_scale.end(), -1.0f);
+    counts->poison();
+    expert_x->poison();
+    expert_x_scale->poison();
+    space.sync();
     ferry_dispatch_args_t d{};
-    d.out_expert_num_tokens = counts.data();
-    d.out_expert_x = expert_x.data();
-    d.out_expert_x_scale = expert_x_scale.empty() ? nullptr : expert_x_scale.data();
-    d.dp_x = in.x.data();
-    d.dp_x_scale = in.x_scale.empty() ? nullptr : in.x_scale.data();
-    d.indices = in.indices.data();
-    d.weights = in.weights.data();
-    d.bound_m = nullptr;
+    d.out_expert_num_tokens = static_cast<int32_t*>(counts->api());
+    d.out_expert_x = expert_x->api();
+    d.out_expert_x_scale = static_cast<float*>(expert_x_scale->api());
+    d.dp_x = dp_x->api();
+    d.dp_x_scale = static_cast<const float*>(dp_x_scale->api());
+    d.indices = static_cast<const int32_t*>(indices->api());
+    d.weights = static_cast<const float*>(weights->api());
+    d.bound_m = static_cast<const int32_t*>(bound_m->api());
     d.num_tokens = in.num_tokens;
     d.flags = FERRY_SEND_RECV;
+    // A receiving call returns with its stream synchronised (the CUDA backend waits for its kernels),
+    // so the wall time of the call is the operation's latency on either backend.
     auto t0 = Clock::now();
-    tools::check(ferry_a2a_dispatch(a2a.handle, &d, nullptr), "ferry_a2a_dispatch");
+    tools::check(ferry_a2a_dispatch(a2a.handle, &d, space.stream()), "ferry_a2a_dispatch");
     const double dispatch_us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
-    std::string bad = ref::compare_dispatch(config, want, counts.data(), expert_x.data(),
-                                            expert_x_scale.empty() ? nullptr : expert_x_scale.data());
+    counts->download();
+    expert_x->download();
+    expert_x_scale->download();
+    std::string bad = ref::compare_dispatch(config, want, counts->host<int32_t>(), expert_x->host(),
+                                            expert_x_scale->host<float>());
     if (!bad.empty())
       raise(Status::internal, "rank " + std::to_string(me) + ": dispatch output differs from the reference in iteration " +
-                                  std::to_string(iter) + ": " + bad);
+                                  std::to_string(iter) + " (" + space.device() + " backend): " + bad);
     uint64_t rows_received = 0;
-    for (int32_t n : counts) rows_received += uint64_t(std::max(0, n));
-    outcome.bytes_checked += rows_received * (layout.payload_bytes + layout.scale_bytes) + counts.size() * 4;
+    for (int e = 0; e < sizes.num_local_experts; ++e) rows_received += uint64_t(std::max(0, counts->host<int32_t>()[e]));
+    outcome.bytes_checked += rows_received * (layout.payload_bytes + layout.scale_bytes) + counts->bytes();
 
-    std::memset(expert_y.data(), 0, expert_y.size());
-    ref::apply_experts(layout, counts.data(), expert_x.data(),
-                       expert_x_scale.empty() ? nullptr : expert_x_scale.data(), expert_y.data());
-    std::memset(out_tokens.data(), 0xcd, out_tokens.size());
+    // The expert model runs on the host, on the rows as received.
+    std::memset(expert_y->host(), 0, expert_y->bytes());
+    ref::apply_experts(layout, counts->host<int32_t>(), expert_x->host(), expert_x_scale->host<float>(),
+                       expert_y->host());
+    expert_y->upload();
+    out_tokens->poison();
+    space.sync();
     ferry_combine_args_t cb{};
-    cb.out_tokens = out_tokens.data();
-    cb.indices = in.indices.data();
-    cb.weights = in.weights.data();
-    cb.expert_y = expert_y.data();
-    cb.bound_m = nullptr;
+    cb.out_tokens = out_tokens->api();
+    cb.indices = d.indices;
+    cb.weights = d.weights;
+    cb.expert_y = expert_y->api();
+    cb.bound_m = d.bound_m;
     cb.num_tokens = in.num_tokens;
     cb.accumulate = 0;
     cb.flags = FERRY_SEND_RECV;
     t0 = Clock::now();
-    tools::check(ferry_a2a_combine(a2a.handle, &cb, nullptr), "ferry_a2a_combine");
+    tools::check(ferry_a2a_combine(a2a.handle, &cb, space.stream()), "ferry_a2a_combine");
     const double combine_us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
-    bad = ref::compare_combine(config, want_out, magnitude, out_tokens.data(), in.num_tokens);
+    out_tokens->download();
+    bad = ref::compare_combine(config, want_out, magnitude, out_tokens->host(), in.num_tokens);
     if (!bad.empty())
       raise(Status::internal, "rank " + std::to_string(me) + ": combine output differs from the reference in iteration " +
-                                  std::to_string(iter) + ": " + bad);
+                                  std::to_string(iter) + " (" + space.device() + " backend): " + bad);
     outcome.bytes_checked += uint64_t(in.num_tokens) * uint64_t(config.hidden_dim) * uint64_t(layout.out_elem_bytes);
     if (iter >= opt.a2a_warmup) {
       outcome.dispatch_us.push_back(dispatch_us);
@@ -161,6 +316,63 @@ CaseOutcome run_case(const Options& opt, const ferry_a2a_config_t& config, const
     }
   }
   return outcome;
+}
+
+// Whether a rank can run the CUDA backend, as every rank tells the others.
+enum CudaAbility : uint64_t { kNotBuilt = 0, kNoDevice = 1, kCudaReady = 2 };
+
+#if defined(FERRY_CHECK_CUDA)
+constexpr bool kBuiltWithCuda = true;
+#else
+constexpr bool kBuiltWithCuda = false;
+#endif
+
+struct DeviceChoice {
+  bool cuda = false;
+  std::string why;    // how --a2a-device resolved, for the progress line and the metrics
+  std::string error;  // --a2a-device cuda that some rank cannot run: the stage fails with this
+};
+
+std::string rank_list(const std::vector<int>& ranks, const std::vector<RankInventory>& all) {
+  std::string out;
+  std::set<std::string> hosts;
+  for (int r : ranks) {
+    out += (out.empty() ? "" : ", ") + std::to_string(r);
+    hosts.insert(all[size_t(r)].host);
+  }
+  std::string host_text;
+  for (const std::string& h : hosts) host_text += (host_text.empty() ? "" : ", ") + h;
+  return out + " (host " + host_text + ")";
+}
+
+// Decided from every rank's own answer (its build and the GPUs its inventory found), gathered, so all
+// ranks choose the same backend; the backend's creation is collective.
+DeviceChoice choose_device(const Options& opt, te::Bootstrap& boot, const std::vector<RankInventory>& all) {
+  DeviceChoice choice;
+  if (opt.a2a_device == "host") {
+    choice.why = "--a2a-device host";
+    return choice;
+  }
+  const int gpu = all[size_t(boot.rank())].gpu;
+  const uint64_t mine = !kBuiltWithCuda ? kNotBuilt : gpu < 0 ? kNoDevice : kCudaReady;
+  const std::vector<uint64_t> abilities = tools::allgather_u64(boot, mine, opt.collective_timeout_ms());
+  std::vector<int> not_built, no_device;
+  for (int r = 0; r < boot.world_size(); ++r) {
+    if (abilities[size_t(r)] == kNotBuilt) not_built.push_back(r);
+    if (abilities[size_t(r)] == kNoDevice) no_device.push_back(r);
+  }
+  std::string missing;
+  if (!not_built.empty()) missing = "built without the CUDA backend on rank(s) " + rank_list(not_built, all);
+  if (!no_device.empty())
+    missing += (missing.empty() ? "" : "; ") + std::string("no CUDA device on rank(s) ") + rank_list(no_device, all);
+  choice.cuda = missing.empty();
+  if (opt.a2a_device == "cuda") {
+    choice.why = "--a2a-device cuda";
+    if (!choice.cuda) choice.error = "--a2a-device cuda: " + missing;
+  } else {
+    choice.why = choice.cuda ? "--a2a-device auto: every rank has a CUDA device" : "--a2a-device auto: " + missing;
+  }
+  return choice;
 }
 
 }  // namespace
@@ -194,6 +406,18 @@ Share run_alltoall(const Options& opt, te::Bootstrap& boot, const std::vector<Ra
   ::setenv("FERRY_DOMAINS", domains.c_str(), 1);
   tools::CBootstrap cboot(boot, opt.collective_timeout_ms());
 
+  const DeviceChoice device = choose_device(opt, boot, all);
+  const char* device_name = device.cuda ? "cuda" : "host";
+  if (!device.error.empty()) {
+    // The user asked for the CUDA path; checking the host backend instead would pass a job that
+    // never exercised what it serves with.
+    if (me != 0) return share;
+    share.checks.push_back(CheckResult{"alltoall", "dispatch/combine", Verdict::fail, device.error,
+                                       {{"device", "cuda"}, {"device_requested", opt.a2a_device}}});
+    return share;
+  }
+  progress(me, "alltoall: %s backend (%s)", device_name, device.why.c_str());
+
   const std::vector<Case> cases = cases_for(opt);
   bool stop = false;
   std::string stop_reason;
@@ -208,6 +432,7 @@ Share run_alltoall(const Options& opt, te::Bootstrap& boot, const std::vector<Ra
     res.num_experts = c.experts_per_rank * world;
     res.dtype = dtype_name(c.in_dtype);
     res.iterations = opt.a2a_iters;
+    res.device = device_name;
     if (stop) {
       res.error = stop_reason;
       if (me == 0) {
@@ -229,7 +454,8 @@ Share run_alltoall(const Options& opt, te::Bootstrap& boot, const std::vector<Ra
     config.scale_block = c.scale_block;
     config.out_dtype = FERRY_BF16;
     config.expert_alignment = 1;
-    config.device = FERRY_DEVICE_HOST;
+    config.device = device.cuda ? FERRY_DEVICE_CUDA : FERRY_DEVICE_HOST;
+    if (device.cuda) config.cuda_device = mine.gpu;
     config.nets_per_rank = nets;
     config.provider = opt.provider.c_str();
     config.timeout_ms = opt.timeout_ms;
@@ -239,7 +465,9 @@ Share run_alltoall(const Options& opt, te::Bootstrap& boot, const std::vector<Ra
     std::string error;
     CaseOutcome outcome;
     try {
-      outcome = run_case(opt, config, c, cboot);
+      // Per case, inside the try: a GPU this rank cannot use fails the case on every rank together.
+      const std::unique_ptr<Space> space = make_space(device.cuda, me, mine.gpu);
+      outcome = run_case(opt, config, c, cboot, *space);
     } catch (const std::exception& e) {
       error = e.what();
       rank_failure(me, "alltoall " + name + ": " + error);
@@ -268,7 +496,8 @@ Share run_alltoall(const Options& opt, te::Bootstrap& boot, const std::vector<Ra
                      {"num_experts", res.num_experts}, {"dtype", res.dtype}, {"iterations", opt.a2a_iters},
                      {"bytes_checked", res.bytes_checked}, {"dispatch_us_p50", res.dispatch_us_p50},
                      {"dispatch_us_p99", res.dispatch_us_p99}, {"combine_us_p50", res.combine_us_p50},
-                     {"combine_us_p99", res.combine_us_p99}, {"nets_per_rank", nets}};
+                     {"combine_us_p99", res.combine_us_p99}, {"nets_per_rank", nets},
+                     {"device", device_name}, {"device_requested", opt.a2a_device}, {"device_choice", device.why}};
     if (!failed_ranks.empty()) {
       std::string list;
       for (int r : failed_ranks) list += (list.empty() ? "" : ", ") + std::to_string(r);

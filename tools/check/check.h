@@ -40,6 +40,9 @@ struct Options {
   double max_dispatch_us = 0;         // 0: no limit
   double max_combine_us = 0;
   uint64_t seed = 1;
+  // Which backend runs the all-to-all: "host", "cuda" (every rank's GPU; FAIL where a rank has none
+  // or the build lacks the CUDA backend) or "auto" (cuda when every rank can, else host).
+  std::string a2a_device = "auto";
   // nccl
   bool run_nccl = true;
   int nccl_bytes = 64 << 20;
@@ -114,6 +117,11 @@ int num_rounds(int world_size);
 int round_partner(int rank, int round, int world_size);
 
 // --- all-to-all and NCCL ------------------------------------------------------------------------
+// The values --a2a-device accepts.
+inline const std::vector<std::string>& a2a_device_names() {
+  static const std::vector<std::string> names = {"host", "cuda", "auto"};
+  return names;
+}
 Share run_alltoall(const Options& opt, te::Bootstrap& boot, const std::vector<RankInventory>& all);
 Share run_nccl(const Options& opt, te::Bootstrap& boot, const std::vector<RankInventory>& all);
 

@@ -73,6 +73,7 @@ class Driver {
                            {"a2a_iters", opt.a2a_iters},
                            {"max_dispatch_us", opt.max_dispatch_us},
                            {"max_combine_us", opt.max_combine_us},
+                           {"a2a_device", opt.a2a_device},
                            {"seed", opt.seed}};
   }
 
@@ -316,6 +317,11 @@ int main(int argc, char** argv) {
   app.add_option("--a2a-warmup", opt.a2a_warmup, "untimed (but verified) iterations per case");
   app.add_option("--max-dispatch-us", opt.max_dispatch_us, "fail when dispatch p99 exceeds this (0: no limit)");
   app.add_option("--max-combine-us", opt.max_combine_us, "fail when combine p99 exceeds this (0: no limit)");
+  app.add_option("--a2a-device", opt.a2a_device,
+                 "backend of the all-to-all stage: host, cuda (every rank's GPU: kernels, proxy, CUDA IPC "
+                 "between same-node ranks; FAIL where a rank has none) or auto (cuda when every rank has a "
+                 "CUDA device, else host)")
+      ->check(CLI::IsMember(check::a2a_device_names()));
   app.add_option("--seed", opt.seed, "seed of the all-to-all inputs");
   app.add_option("--nccl-bytes", opt.nccl_bytes, "bytes of the NCCL all-reduce")->check(CLI::PositiveNumber);
   bool no_links = false, no_alltoall = false, no_nccl = false;

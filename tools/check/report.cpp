@@ -132,7 +132,7 @@ void from_json(const json& j, LinkResult& v) {
 void to_json(json& j, const AlltoallResult& v) {
   j = json{{"shape", v.shape}, {"routing", v.routing}, {"num_tokens", v.num_tokens},
            {"hidden", v.hidden}, {"top_k", v.top_k}, {"num_experts", v.num_experts},
-           {"dtype", v.dtype}, {"iterations", v.iterations}, {"ok", v.ok}, {"error", v.error},
+           {"dtype", v.dtype}, {"iterations", v.iterations}, {"device", v.device}, {"ok", v.ok}, {"error", v.error},
            {"bytes_checked", v.bytes_checked},
            {"dispatch_us_p50", number_or_null(v.dispatch_us_p50)},
            {"dispatch_us_p99", number_or_null(v.dispatch_us_p99)},
@@ -148,6 +148,7 @@ void from_json(const json& j, AlltoallResult& v) {
   v.num_experts = j.value("num_experts", 0);
   v.dtype = j.value("dtype", "");
   v.iterations = j.value("iterations", 0);
+  v.device = j.value("device", "host");  // reports from before --a2a-device ran on the host
   v.ok = j.value("ok", false);
   v.error = j.value("error", "");
   v.bytes_checked = j.value("bytes_checked", uint64_t(0));

@@ -89,6 +89,7 @@ struct AlltoallResult {
   int num_experts = 0;
   std::string dtype;
   int iterations = 0;
+  std::string device = "host";  // the backend that ran it: "host" or "cuda" (--a2a-device)
   bool ok = false;
   std::string error;
   uint64_t bytes_checked = 0;  // over all ranks
