@@ -14,20 +14,6 @@ namespace {
 
 using nlohmann::json;
 
-// Small sizes: the point is that every check runs and verifies, not the numbers.
-std::vector<std::string> small_run(const std::string& provider, const std::string& json_path) {
-  std::vector<std::string> argv = {ferry_check_binary(), "--local-ranks", "4", "--provider", provider,
-                                   "--timeout-ms", "15000", "--latency-iters", "20", "--bw-bytes", "131072",
-                                   "--bw-iters", "4", "--bw-reps", "2", "--loopback-bytes", "65536",
-                                   "--a2a-tokens", "16", "--a2a-decode-hidden", "256", "--a2a-wide-hidden", "1024",
-                                   "--a2a-iters", "2", "--a2a-warmup", "1", "--json", json_path,
-                                   // Four ranks on two busy cores measure the scheduler as much as the
-                                   // links; slow-link detection has its own test with a real slow link.
-                                   "--outlier-ratio", "0"};
-  if (provider == "tcp") argv.insert(argv.end(), {"--nics", "lo"});
-  return argv;
-}
-
 void expect_healthy_report(const json& j, int world, const std::string& nic) {
   EXPECT_EQ(j["summary"]["result"], "PASS");
   EXPECT_EQ(j["summary"]["fail"], 0);
@@ -118,7 +104,7 @@ void expect_healthy_report(const json& j, int world, const std::string& nic) {
 
 TEST(CheckLocal, FourRanksOverTcpPass) {
   const std::string dir = make_temp_dir("tcp");
-  const ProcessResult r = run_process(small_run("tcp", dir + "/report.json"), 55000);
+  const ProcessResult r = run_process(small_check_run("tcp", dir + "/report.json"), 55000);
   ASSERT_FALSE(r.timed_out) << r.output;
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("PASS"), std::string::npos);
@@ -129,7 +115,7 @@ TEST(CheckLocal, FourRanksOverTcpPass) {
 
 TEST(CheckLocal, FourRanksOverShmPass) {
   const std::string dir = make_temp_dir("shm");
-  const ProcessResult r = run_process(small_run("shm", dir + "/report.json"), 55000);
+  const ProcessResult r = run_process(small_check_run("shm", dir + "/report.json"), 55000);
   ASSERT_FALSE(r.timed_out) << r.output;
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const json j = json::parse(read_text(dir + "/report.json"));
@@ -139,7 +125,7 @@ TEST(CheckLocal, FourRanksOverShmPass) {
 
 TEST(CheckLocal, ThresholdsTheJobCannotMeetFail) {
   const std::string dir = make_temp_dir("threshold");
-  std::vector<std::string> argv = small_run("tcp", dir + "/report.json");
+  std::vector<std::string> argv = small_check_run("tcp", dir + "/report.json");
   argv[2] = "2";  // --local-ranks 2
   argv.insert(argv.end(), {"--no-links", "--max-dispatch-us", "0.001"});
   const ProcessResult r = run_process(argv, 55000);
@@ -163,7 +149,7 @@ namespace {
 
 TEST(CheckLocal, KilledRankIsReportedAndTheJobFails) {
   const std::string dir = make_temp_dir("killed");
-  std::vector<std::string> argv = small_run("tcp", dir + "/report.json");
+  std::vector<std::string> argv = small_check_run("tcp", dir + "/report.json");
   argv[6] = "3000";  // --timeout-ms
   argv.insert(argv.end(), {"--debug-die-at", "links", "--debug-die-rank", "2"});
   const ProcessResult r = run_process(argv, 58000);
@@ -217,7 +203,7 @@ namespace {
 // --local-nodes: the ranks of this machine play two nodes; every rank's node is in the inventory.
 TEST(CheckLocal, FourRanksAsTwoNodesAreNamedInTheReport) {
   const std::string dir = make_temp_dir("nodes");
-  std::vector<std::string> argv = small_run("tcp", dir + "/report.json");
+  std::vector<std::string> argv = small_check_run("tcp", dir + "/report.json");
   argv.insert(argv.end(), {"--local-nodes", "2", "--no-links", "--no-nccl"});
   const ProcessResult r = run_process(argv, 55000);
   ASSERT_FALSE(r.timed_out) << r.output;
