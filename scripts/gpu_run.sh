@@ -93,7 +93,7 @@ ipc)
     "$@" > "$out/$name.log" 2>&1
     local rc=$?
     printf '%-22s rc=%-3d %4ds  %s\n' "$name" "$rc" $((SECONDS - t0)) \
-      "$(grep -E '^\[  (PASSED|FAILED) |ERROR SUMMARY' "$out/$name.log" | tr '\n' ' ' | cut -c1-200)" | tee -a "$summary"
+      "$(grep -E '^\[  (PASSED|FAILED) |ERROR SUMMARY|^[0-9]+ passed, [0-9]+ failed' "$out/$name.log" | tr '\n' ' ' | cut -c1-200)" | tee -a "$summary"
   }
   bin=$stage/bin
   step backend timeout 400 "$bin/test_cuda_backend"
@@ -110,9 +110,28 @@ ipc)
   # Mixed jobs: ranks split into nodes, same-node peers through CUDA IPC, the rest host-staged.
   step memcheck_mixed timeout 280 compute-sanitizer --error-exitcode 9 --print-limit 20 --tool memcheck \
     --target-processes all "$bin/test_cuda_backend" --gtest_filter='*FourRanksOnTwoNodes*:*InvalidExpertIdOnTwoNodes*'
+  # ferry-check's all-to-all stage on the CUDA backend, 4 ranks as 2 emulated nodes: kernels, proxy,
+  # CUDA IPC within a node and shm between, every byte checked against the reference.
+  if [ -x "$bin/ferry-check" ]; then
+    step check_cuda timeout 180 "$bin/ferry-check" --local-ranks 4 --local-nodes 2 --provider shm \
+      --a2a-device cuda --no-links --no-nccl --a2a-iters 20 --timeout-ms 20000 --json "$out/check_cuda.json"
+  else
+    echo "check_cuda: ferry-check is not in $bin (stage it from tools/check/)" | tee -a "$summary"
+  fi
   echo "---- bench through CUDA IPC"; cat "$out/bench_ipc.log"
   echo "---- bench host-staged shm"; cat "$out/bench_shm.log"
   echo "---- bench mixed: 2 emulated nodes, CUDA IPC within, shm between"; cat "$out/bench_mixed.log"
+  if [ -f "$out/check_cuda.log" ]; then
+    echo "---- ferry-check, all-to-all on the CUDA backend (2 emulated nodes)"
+    sed -n '/^stage  /,$p' "$out/check_cuda.log"
+    grep -E 'alltoall: cuda backend|ferry: cuda all-to-all|\] rank [0-9]+: FAIL' "$out/check_cuda.log" | head -20
+    command -v python3 > /dev/null && [ -f "$out/check_cuda.json" ] && python3 -c '
+import json, sys
+for a in json.load(open(sys.argv[1]))["alltoall"]:
+    print("%-6s %-7s %-10s %-5s dispatch p50/p99 %s/%s us  combine p50/p99 %s/%s us" % (a["device"], a["shape"],
+          a["routing"], "ok" if a["ok"] else "FAIL", a["dispatch_us_p50"], a["dispatch_us_p99"],
+          a["combine_us_p50"], a["combine_us_p99"]))' "$out/check_cuda.json"
+  fi
   echo "---- summary"; cat "$summary"
   ;;
 *)
