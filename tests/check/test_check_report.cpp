@@ -44,6 +44,7 @@ Report sample_report() {
   AlltoallResult a;
   a.shape = "decode";
   a.routing = "uniform";
+  a.device = "cuda";
   a.ok = true;
   a.dispatch_us_p50 = 10;
   r.alltoall.push_back(a);
@@ -73,6 +74,17 @@ TEST(CheckReport, JsonRoundTripKeepsEveryField) {
   EXPECT_EQ(j["summary"]["fail"], 1);
   EXPECT_EQ(j["checks"][1]["verdict"], "FAIL");
   EXPECT_EQ(j["inventory"][0]["host_nics"][0]["link_gbps"], 10.0);
+}
+
+TEST(CheckReport, AlltoallNamesItsBackendAndEarlierReportsReadAsHost) {
+  const nlohmann::json j = report_to_json(sample_report());
+  EXPECT_EQ(j["alltoall"][0]["device"], "cuda");
+  EXPECT_EQ(report_from_json(j).alltoall.at(0).device, "cuda");
+  EXPECT_NE(render_html(sample_report()).find("<th>device</th>"), std::string::npos);
+  // Reports written before --a2a-device existed ran the host backend.
+  nlohmann::json older = j;
+  older["alltoall"][0].erase("device");
+  EXPECT_EQ(report_from_json(older).alltoall.at(0).device, "host");
 }
 
 TEST(CheckReport, MatricesAreWorldByWorldWithNullWhereNotMeasured) {

@@ -219,13 +219,14 @@ static void alltoall_section(std::ostringstream& o, const Report& r) {
     return;
   }
   o << "<table id=\"alltoall-table\">\n<tr><th>shape</th><th>routing</th><th>tokens</th><th>hidden</th>"
-       "<th>top-k</th><th>experts</th><th>dtype</th><th>iterations</th><th>bytes checked</th>"
+       "<th>top-k</th><th>experts</th><th>dtype</th><th>device</th><th>iterations</th><th>bytes checked</th>"
        "<th>dispatch p50 / p99 &micro;s</th><th>combine p50 / p99 &micro;s</th><th>result</th></tr>\n";
   for (const AlltoallResult& a : r.alltoall) {
     const char* v = a.ok ? "PASS" : "FAIL";
     o << "<tr><td>" << escape(a.shape) << "</td><td>" << escape(a.routing) << "</td><td class=\"num\">"
       << a.num_tokens << "</td><td class=\"num\">" << a.hidden << "</td><td class=\"num\">" << a.top_k
-      << "</td><td class=\"num\">" << a.num_experts << "</td><td>" << escape(a.dtype) << "</td><td class=\"num\">"
+      << "</td><td class=\"num\">" << a.num_experts << "</td><td>" << escape(a.dtype) << "</td><td>"
+      << escape(a.device) << "</td><td class=\"num\">"
       << a.iterations << "</td><td class=\"num\">" << a.bytes_checked << "</td><td class=\"num\">"
       << fixed(a.dispatch_us_p50, 1) << " / " << fixed(a.dispatch_us_p99, 1) << "</td><td class=\"num\">"
       << fixed(a.combine_us_p50, 1) << " / " << fixed(a.combine_us_p99, 1) << "</td><td class=\"verdict " << v
