@@ -349,6 +349,9 @@ std::string rank_list(const std::vector<int>& ranks, const std::vector<RankInven
 // ranks choose the same backend; the backend's creation is collective.
 DeviceChoice choose_device(const Options& opt, te::Bootstrap& boot, const std::vector<RankInventory>& all) {
   DeviceChoice choice;
+  const std::vector<std::string>& names = a2a_device_names();
+  if (std::find(names.begin(), names.end(), opt.a2a_device) == names.end())
+    raise(Status::invalid_argument, "--a2a-device " + opt.a2a_device + ": expected host, cuda or auto");
   if (opt.a2a_device == "host") {
     choice.why = "--a2a-device host";
     return choice;
