@@ -20,7 +20,7 @@ case "${1:-run}" in
 stage)
   build=${2:-$root/build-cuda}
   rm -rf "$stage" && mkdir -p "$stage/bin" "$stage/lib"
-  for b in tests/cuda/test_cuda_kernels tests/cuda/test_cuda_backend tests/cuda/test_cuda_locality tests/cuda/test_gdrcopy bench/cuda/ferry-cuda-bench bench/ep/ferry-bench; do
+  for b in tests/cuda/test_cuda_kernels tests/cuda/test_cuda_backend tests/cuda/test_cuda_locality tests/cuda/test_gdrcopy bench/cuda/ferry-cuda-bench bench/ep/ferry-bench tools/check/ferry-check; do
     # Debug info stays here: the working tree that travels to the GPU machine is size-limited.
     [ -x "$build/$b" ] && cp "$build/$b" "$stage/bin/" && strip --strip-debug "$stage/bin/$(basename "$b")"
   done
