@@ -148,6 +148,8 @@ class Protocol {
   uint32_t step() const { return step_; }
   const ProtocolStats& stats() const { return stats_; }  // what crossed the engine, direct peers not
   bool is_direct(int rank) const { return !buffers_.direct.empty() && buffers_.direct[rank] != 0; }
+  // Some rank's bytes are the caller's: post_combine then needs the receive counts.
+  bool has_direct_peers() const { return any_direct_; }
 
  private:
   enum class Phase { idle, dispatch_packing, dispatch_posted, dispatched, combine_packing, combine_posted, broken };

@@ -224,8 +224,7 @@ class CudaBackend final : public Backend {
       for (int32_t r : ipc_ranks_) buffers.direct[r] = 1;
     }
     protocol_ = std::make_unique<Protocol>(layout_, *engine_, buffers, timeout_ms_);
-    proxy_ = std::make_unique<cuda::Proxy>(*protocol_, ws_, flags_.writer(), device_,
-                                           /*combine_with_recv_counts=*/paths_.any_ipc);
+    proxy_ = std::make_unique<cuda::Proxy>(*protocol_, ws_, flags_.writer(), device_);
     if (layout_.rank == 0)
       std::fprintf(stderr, "ferry: cuda all-to-all of %d ranks: arrival flags in %s\n", R,
                    flags_.description().c_str());

@@ -33,13 +33,8 @@ uint32_t load_acquire(const volatile uint32_t* p) {
 
 }  // namespace
 
-Proxy::Proxy(ep::Protocol& protocol, const Workspace& ws, ArrivalFlagWriter flags, int cuda_device,
-             bool combine_with_recv_counts)
-    : protocol_(protocol),
-      ws_(ws),
-      flags_(flags),
-      cuda_device_(cuda_device),
-      combine_with_recv_counts_(combine_with_recv_counts) {
+Proxy::Proxy(ep::Protocol& protocol, const Workspace& ws, ArrivalFlagWriter flags, int cuda_device)
+    : protocol_(protocol), ws_(ws), flags_(flags), cuda_device_(cuda_device) {
   thread_ = std::thread([this] { run(); });
 }
 
@@ -123,7 +118,7 @@ void Proxy::run() {
 
     if (!wait_signal(ws_.partials_ready, step)) return;
     guarded("combine", [&] {
-      if (combine_with_recv_counts_) {
+      if (protocol_.has_direct_peers()) {
         // Written by the dispatch receive kernels, which ran before the partials were released.
         for (int s = 0; s < R; ++s) received[s] = __atomic_load_n(&ws_.host_recv_count[s], __ATOMIC_RELAXED);
         protocol_.post_combine(received);

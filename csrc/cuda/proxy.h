@@ -31,10 +31,9 @@ class Proxy {
   // `ws` host-side views (error, send_ready, partials_ready, host_dest_count) are read from this
   // thread; `flags` raises the arrival epochs (mapped host memory or a GDRCopy BAR mapping, see
   // gdrcopy.h). cuda_device: the GPU whose cores the thread uses.
-  // combine_with_recv_counts: the Protocol leaves some peers to CUDA IPC, so its post_combine needs the
-  // records received from every sender, which the dispatch receive kernels mirror to host_recv_count.
-  Proxy(ep::Protocol& protocol, const Workspace& ws, ArrivalFlagWriter flags, int cuda_device,
-        bool combine_with_recv_counts = false);
+  // When the Protocol leaves some peers to CUDA IPC, its post_combine gets the records received from
+  // every sender, which the dispatch receive kernels mirror to host_recv_count.
+  Proxy(ep::Protocol& protocol, const Workspace& ws, ArrivalFlagWriter flags, int cuda_device);
   ~Proxy();
   Proxy(const Proxy&) = delete;
   Proxy& operator=(const Proxy&) = delete;
@@ -53,7 +52,6 @@ class Proxy {
   Workspace ws_;
   ArrivalFlagWriter flags_;
   int cuda_device_;
-  bool combine_with_recv_counts_;
   std::atomic<bool> stop_{false};
   mutable std::mutex mu_;
   std::string error_;
