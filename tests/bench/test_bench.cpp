@@ -115,6 +115,11 @@ TEST(BenchArguments, BadValuesExitWithCode2AndNameTheArgument) {
       {"--local-ranks 4 --experts 16 --local-nodes 8", "--local-nodes 8 does not divide --local-ranks 4"},
       {"--local-ranks 4 --experts 16 --local-nodes 0", "--local-nodes"},
       {"--local-ranks 4 --experts 16 --local-nodes two", "--local-nodes"},
+      // A zipf exponent that is not a finite number in [0, 10] has no law to draw from.
+      {"--routing zipf --zipf-s nan", "--zipf-s"},
+      {"--routing zipf --zipf-s inf", "--zipf-s"},
+      {"--routing zipf --zipf-s -1", "--zipf-s"},
+      {"--routing zipf --zipf-s 10.5", "--zipf-s"},
   };
   for (const auto& [args, name] : cases) {
     const auto r = bench(args);
