@@ -2,10 +2,10 @@
 
 #include <CLI/CLI.hpp>
 
-#include <cmath>
 #include <cstdio>
 #include <map>
 
+#include "tools/common/cli_checks.h"
 #include "tools/common/launch.h"
 
 namespace ferry::bench {
@@ -38,22 +38,6 @@ const char* kRoutingFileHelp =
     "separated; expert ids in [0, experts), -1 for no route). A rank's tokens are its lines, in "
     "order (at most --tokens of them). Blank lines and lines starting with '#' are ignored. Every "
     "iteration uses the same routing; weights are drawn by the seeded generator.";
-
-// CLI::Range lets nan through (every comparison with it is false), and a nan or infinite exponent
-// makes the zipf law meaningless.
-CLI::Validator finite_in(double low, double high) {
-  return CLI::Validator(
-      [low, high](std::string& text) -> std::string {
-        double value = 0;
-        if (!CLI::detail::lexical_cast(text, value) || !std::isfinite(value) || value < low ||
-            value > high) {
-          return "must be a finite number in [" + CLI::detail::to_string(low) + ", " +
-                 CLI::detail::to_string(high) + "], got '" + text + "'";
-        }
-        return {};
-      },
-      "FINITE in [" + CLI::detail::to_string(low) + " - " + CLI::detail::to_string(high) + "]");
-}
 
 }  // namespace
 
@@ -109,7 +93,7 @@ ParseResult parse_options(int argc, const char* const* argv) {
       ->transform(CLI::CheckedTransformer(routings));
   app.add_option("--zipf-s", o.zipf_s, "zipf exponent for --routing zipf (0: uniform; 10: nearly "
                                        "every token picks the same experts)")
-      ->check(finite_in(0.0, kMaxZipfS));
+      ->check(tools::finite_in(0.0, kMaxZipfS));
   app.add_option("--routing-file", o.routing_file, "routing for --routing file (format below)");
   app.add_flag("--overlap", o.overlap, "run a GEMM between SEND and RECV and report how much of the "
                                        "transfer it hid");

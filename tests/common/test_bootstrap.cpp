@@ -15,6 +15,7 @@
 
 #include "tests/common/multiprocess.h"
 #include "transfer_engine/bootstrap.h"
+#include "tests/common/error_of.h"
 #include "transfer_engine/error.h"
 
 namespace ferry::testing {
@@ -48,17 +49,6 @@ void expect_rank_major(const std::vector<uint8_t>& all, int world, size_t bytes)
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
       .count();
-}
-
-// Runs `op` expecting a ferry::Error; returns it so the caller can check status and text.
-template <typename Op>
-std::optional<Error> error_of(Op&& op) {
-  try {
-    op();
-  } catch (const Error& e) {
-    return e;
-  }
-  return std::nullopt;
 }
 
 class AllgatherAmong : public ::testing::TestWithParam<int> {};

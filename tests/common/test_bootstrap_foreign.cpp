@@ -219,6 +219,26 @@ LaunchOptions late_rank_job(int port, int late_ms) {
   return options;
 }
 
+// A job of late_rank_job while `attacks` run against its rank 0.
+struct AttackedJob {
+  std::vector<RankResult> results;
+  int64_t job_ms = 0;
+  std::vector<Seen> seen;  // what each attack got back
+};
+
+AttackedJob run_attacked_job(const std::vector<Attack>& attacks, int late_ms) {
+  const int port = pick_free_port();
+  AttackedJob out;
+  out.seen = with_intruder([&] { return attack(port, attacks, 15000); },
+                           [&] {
+                             const auto start = Clock::now();
+                             out.results = run_ranks(late_rank_job(port, late_ms),
+                                                     [](te::Bootstrap& b) { b.barrier(10000); });
+                             out.job_ms = ms_since(start);
+                           });
+  return out;
+}
+
 void expect_learnt_nothing(const std::vector<Seen>& seen, size_t expected_connections) {
   ASSERT_EQ(seen.size(), expected_connections);
   for (const Seen& s : seen) {
@@ -231,7 +251,6 @@ void expect_learnt_nothing(const std::vector<Seen>& seen, size_t expected_connec
 }
 
 TEST(ForeignClients, GarbageWrongKeysFakeRanksAndOversizedLengthsCostTheJobNothing) {
-  const int port = pick_free_port();
   std::vector<uint8_t> garbage(64 << 10);
   for (size_t i = 0; i < garbage.size(); ++i) garbage[i] = static_cast<uint8_t>(i * 131 + 7);
   auto half_greeting = wire::make_greeting(nonce_of(3));
@@ -251,20 +270,12 @@ TEST(ForeignClients, GarbageWrongKeysFakeRanksAndOversizedLengthsCostTheJobNothi
       hello_with_wrong_key("wrong-key-other-world", 1, 1 << 30),
   };
   for (int i = 0; i < 8; ++i) attacks.push_back(idle("idle" + std::to_string(i)));
-  std::vector<RankResult> results;
-  int64_t job_ms = 0;
-  const auto seen = with_intruder([&] { return attack(port, attacks, 15000); },
-                                  [&] {
-                                    const auto start = Clock::now();
-                                    results = run_ranks(late_rank_job(port, 2500),
-                                                        [](te::Bootstrap& b) { b.barrier(10000); });
-                                    job_ms = ms_since(start);
-                                  });
-  expect_all_ok(results);
+  const AttackedJob job = run_attacked_job(attacks, 2500);
+  expect_all_ok(job.results);
   // Unauthenticated connections are served side by side: none of them holds up the late rank.
-  EXPECT_LT(job_ms, 2500 + 4000);
-  expect_learnt_nothing(seen, attacks.size());
-  for (const Seen& s : seen) {
+  EXPECT_LT(job.job_ms, 2500 + 4000);
+  expect_learnt_nothing(job.seen, attacks.size());
+  for (const Seen& s : job.seen) {
     if (s.label.rfind("wrong-key", 0) == 0) {
       EXPECT_EQ(s.received, wire::kChallengeBytes) << s.label << " got no challenge";
     } else {
@@ -274,21 +285,12 @@ TEST(ForeignClients, GarbageWrongKeysFakeRanksAndOversizedLengthsCostTheJobNothi
 }
 
 TEST(ForeignClients, AHundredIdleConnectionsDelayNobody) {
-  const int port = pick_free_port();
   std::vector<Attack> attacks;
   for (int i = 0; i < 100; ++i) attacks.push_back(idle("idle" + std::to_string(i)));
-  std::vector<RankResult> results;
-  int64_t job_ms = 0;
-  const auto seen = with_intruder([&] { return attack(port, attacks, 15000); },
-                                  [&] {
-                                    const auto start = Clock::now();
-                                    results = run_ranks(late_rank_job(port, 2000),
-                                                        [](te::Bootstrap& b) { b.barrier(10000); });
-                                    job_ms = ms_since(start);
-                                  });
-  expect_all_ok(results);
-  EXPECT_LT(job_ms, 2000 + 4000);
-  expect_learnt_nothing(seen, attacks.size());
+  const AttackedJob job = run_attacked_job(attacks, 2000);
+  expect_all_ok(job.results);
+  EXPECT_LT(job.job_ms, 2000 + 4000);
+  expect_learnt_nothing(job.seen, attacks.size());
 }
 
 // A process that holds the port before rank 0 binds it hears one greeting per attempt (a random

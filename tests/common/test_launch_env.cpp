@@ -6,25 +6,18 @@
 #include <optional>
 #include <string>
 
+#include "tests/common/error_of.h"
 #include "transfer_engine/error.h"
 #include "transfer_engine/launch_env.h"
 
 namespace ferry::te {
 namespace {
 
+using testing::error_of;
+
 using ::testing::AllOf;
 using ::testing::HasSubstr;
 using ::testing::Not;
-
-template <typename Op>
-std::optional<Error> error_of(Op&& op) {
-  try {
-    op();
-  } catch (const Error& e) {
-    return e;
-  }
-  return std::nullopt;
-}
 
 TEST(LaunchEnv, SlurmWithoutMpiGivesRanksAndARendezvousEveryRankAgreesOn) {
   EnvVars vars{{"SLURM_PROCID", "5"},         {"SLURM_NTASKS", "8"},

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "tests/common/error_of.h"
 #include "tests/common/multiprocess.h"
 #include "transfer_engine/engine.h"
 #include "transfer_engine/peer_info.h"
@@ -19,18 +20,10 @@
 namespace ferry::te {
 namespace {
 
+using testing::error_of;
+
 using ::testing::AllOf;
 using ::testing::HasSubstr;
-
-template <typename Op>
-std::optional<Error> error_of(Op&& op) {
-  try {
-    op();
-  } catch (const Error& e) {
-    return e;
-  }
-  return std::nullopt;
-}
 
 peer_info::LocalSetup two_nic_setup() {
   peer_info::LocalSetup setup;

@@ -9,8 +9,6 @@
 #include <CLI/CLI.hpp>
 #include <cerrno>
 #include <chrono>
-#include <climits>
-#include <cmath>
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
@@ -25,6 +23,7 @@
 #include "tools/check/check.h"
 #include "tools/common/bootstrap.h"
 #include "tools/common/env.h"
+#include "tools/common/cli_checks.h"
 #include "tools/common/launch.h"
 #include "tools/common/report.h"
 #include "transfer_engine/engine.h"
@@ -76,21 +75,6 @@ bool write_report(const char* option, const std::string& path, const std::string
   std::fprintf(stderr, "[ferry-check] error: cannot write the %s report to %s: %s\n", option,
                path.c_str(), errno ? std::strerror(errno) : "write failed");
   return false;
-}
-
-// CLI::NonNegativeNumber and CLI::Range let nan through (every comparison with it is false).
-CLI::Validator finite_in(double low, double high) {
-  return CLI::Validator(
-      [low, high](std::string& text) -> std::string {
-        double value = 0;
-        if (!CLI::detail::lexical_cast(text, value) || !std::isfinite(value) || value < low ||
-            value > high) {
-          return "must be a finite number in [" + CLI::detail::to_string(low) + ", " +
-                 CLI::detail::to_string(high) + "], got '" + text + "'";
-        }
-        return {};
-      },
-      "FINITE in [" + CLI::detail::to_string(low) + " - " + CLI::detail::to_string(high) + "]");
 }
 
 // Raised when a collective step (a gather, an engine setup) fails: the job cannot go on together.
@@ -365,18 +349,18 @@ int main(int argc, char** argv) {
   app.add_option("--bw-iters", opt.bw_iters, "bandwidth writes per direction")->check(CLI::PositiveNumber);
   app.add_option("--bw-reps", opt.bw_reps, "bandwidth bursts per direction; the fastest counts")->check(CLI::PositiveNumber);
   app.add_option("--loopback-bytes", opt.loopback_bytes, "bytes of the per-NIC loopback check")->check(CLI::PositiveNumber);
-  app.add_option("--min-gbps", opt.min_gbps, "a link below this is slow (0: no floor)")->check(check::finite_in(0, 1e6));
+  app.add_option("--min-gbps", opt.min_gbps, "a link below this is slow (0: no floor)")->check(tools::finite_in(0, 1e6));
   app.add_option("--outlier-ratio", opt.outlier_ratio, "a link below this fraction of the median of its kind is slow (0: off)")
-      ->check(check::finite_in(0, 1));
+      ->check(tools::finite_in(0, 1));
   app.add_option("--a2a-tokens", opt.a2a_tokens, "tokens per rank of the decode shape (the wide shape uses a quarter)")->check(CLI::PositiveNumber);
   app.add_option("--a2a-decode-hidden", opt.a2a_decode_hidden, "hidden size of the decode shape")->check(CLI::PositiveNumber);
   app.add_option("--a2a-wide-hidden", opt.a2a_wide_hidden, "hidden size of the wide shape")->check(CLI::PositiveNumber);
   app.add_option("--a2a-iters", opt.a2a_iters, "timed iterations per all-to-all case")->check(CLI::PositiveNumber);
   app.add_option("--a2a-warmup", opt.a2a_warmup, "untimed (but verified) iterations per case")->check(CLI::Range(0, 1000000));
   app.add_option("--max-dispatch-us", opt.max_dispatch_us, "fail when dispatch p99 exceeds this (0: no limit)")
-      ->check(check::finite_in(0, 1e12));
+      ->check(tools::finite_in(0, 1e12));
   app.add_option("--max-combine-us", opt.max_combine_us, "fail when combine p99 exceeds this (0: no limit)")
-      ->check(check::finite_in(0, 1e12));
+      ->check(tools::finite_in(0, 1e12));
   app.add_option("--a2a-device", opt.a2a_device,
                  "backend of the all-to-all stage: host, cuda (every rank's GPU: kernels, proxy, CUDA IPC "
                  "between same-node ranks; FAIL where a rank has none) or auto (cuda when every rank has a "
