@@ -21,6 +21,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -251,6 +252,28 @@ std::string address_text(const sockaddr* a) {
   return host;
 }
 
+bool is_address_literal(const std::string& host) {
+  in6_addr a6;
+  in_addr a4;
+  return ::inet_pton(AF_INET, host.c_str(), &a4) == 1 || ::inet_pton(AF_INET6, host.c_str(), &a6) == 1;
+}
+
+bool is_localhost_name(const std::string& host) {
+  for (const char* name : {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}) {
+    if (strcasecmp(host.c_str(), name) == 0) return true;
+  }
+  return false;
+}
+
+bool is_loopback(const sockaddr_storage& a) {
+  if (a.ss_family == AF_INET) {
+    return (ntohl(reinterpret_cast<const sockaddr_in&>(a).sin_addr.s_addr) >> 24) == 127;
+  }
+  const in6_addr& a6 = reinterpret_cast<const sockaddr_in6&>(a).sin6_addr;
+  return IN6_IS_ADDR_LOOPBACK(&a6) ||
+         (IN6_IS_ADDR_V4MAPPED(&a6) && a6.s6_addr[12] == 127);
+}
+
 // ------------------------------------------------------------------------------------------------
 // TCP
 
@@ -387,6 +410,28 @@ class TcpBootstrap final : public Bootstrap {
       if (!seen) out.push_back(a);
     }
     ::freeaddrinfo(list);
+    // This host's own name often resolves to loopback here (/etc/hosts: "127.0.1.1 node07") while
+    // other hosts reach the same name at the host's network address, as srun's first-node
+    // rendezvous does. Loopback alone would shut them out, so such a name listens on every
+    // interface; the job key still decides who gets in. An address literal or "localhost" means
+    // exactly what it says.
+    if (!explicit_bind && !is_address_literal(host) && !is_localhost_name(host) && !out.empty() &&
+        std::all_of(out.begin(), out.end(), is_loopback)) {
+      what += " (this host's name, resolved to loopback here: every interface)";
+      sockaddr_storage a{};
+      if (Fd probe(::socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0)); probe.valid()) {
+        auto& any6 = reinterpret_cast<sockaddr_in6&>(a);
+        any6.sin6_family = AF_INET6;  // dual stack: IPv4 too
+        any6.sin6_addr = in6addr_any;
+        any6.sin6_port = htons(static_cast<uint16_t>(config_.master_port));
+      } else {
+        auto& any4 = reinterpret_cast<sockaddr_in&>(a);
+        any4.sin_family = AF_INET;
+        any4.sin_addr.s_addr = htonl(INADDR_ANY);
+        any4.sin_port = htons(static_cast<uint16_t>(config_.master_port));
+      }
+      out.assign(1, a);
+    }
     return out;
   }
 

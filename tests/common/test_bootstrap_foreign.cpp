@@ -3,6 +3,7 @@
 // first; the job completes (or fails naming the right cause), no rank is blamed for the intruder,
 // and the intruder never receives a host name or any data.
 #include <arpa/inet.h>
+#include <netdb.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
@@ -11,6 +12,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -409,6 +411,67 @@ TEST(BootstrapListener, ForMasterAddrLoopbackItListensOnLoopbackOnly) {
     char loopback[32];
     std::snprintf(loopback, sizeof(loopback), "0100007F:%04X", port);
     EXPECT_THAT(seen, ::testing::ElementsAre(loopback)) << "not on 0.0.0.0 nor on any other address";
+  };
+  expect_all_ok(run_ranks(options, [](te::Bootstrap& b) { b.barrier(10000); }));
+}
+
+// What `host` resolves to here, as /proc/net/tcp or tcp6 print a listener on `port`
+// ("0100007F:1F90"), and whether every address is a loopback one.
+std::vector<std::string> proc_net_addresses(const std::string& host, int port, bool& loopback_only) {
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* list = nullptr;
+  std::vector<std::string> out;
+  loopback_only = true;
+  if (::getaddrinfo(host.c_str(), nullptr, &hints, &list) != 0) return out;
+  for (addrinfo* ai = list; ai; ai = ai->ai_next) {
+    char text[64];
+    if (ai->ai_family == AF_INET) {
+      const in_addr a = reinterpret_cast<sockaddr_in*>(ai->ai_addr)->sin_addr;
+      loopback_only = loopback_only && (ntohl(a.s_addr) >> 24) == 127;
+      std::snprintf(text, sizeof(text), "%08X:%04X", a.s_addr, port);
+    } else if (ai->ai_family == AF_INET6) {
+      const in6_addr& a = reinterpret_cast<sockaddr_in6*>(ai->ai_addr)->sin6_addr;
+      loopback_only = loopback_only && IN6_IS_ADDR_LOOPBACK(&a);
+      uint32_t w[4];
+      std::memcpy(w, &a, sizeof(w));
+      std::snprintf(text, sizeof(text), "%08X%08X%08X%08X:%04X", w[0], w[1], w[2], w[3], port);
+    } else {
+      continue;
+    }
+    if (std::find(out.begin(), out.end(), text) == out.end()) out.push_back(text);
+  }
+  ::freeaddrinfo(list);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// MASTER_ADDR as srun's first-node rendezvous writes it: this host's name. Where that name
+// resolves to loopback here (/etc/hosts), the other hosts still reach it by the network address,
+// so rank 0 listens on every interface; elsewhere exactly on what the name resolves to.
+TEST(BootstrapListener, ForThisHostsNameItListensWhereOtherHostsReachIt) {
+  const int port = pick_free_port();
+  const std::string host = host_name();
+  bool loopback_only = false;
+  std::vector<std::string> expected = proc_net_addresses(host, port, loopback_only);
+  ASSERT_FALSE(expected.empty()) << host << " does not resolve";
+  if (loopback_only) {
+    char any[64];
+    std::snprintf(any, sizeof(any), "00000000000000000000000000000000:%04X", port);
+    expected = {any};
+  }
+  LaunchOptions options;
+  options.world_size = 2;
+  options.env = {{"MASTER_ADDR", host}, {"MASTER_PORT", std::to_string(port)}};
+  options.before_bootstrap = [port, expected](int rank) {
+    if (rank != 1) return;
+    std::vector<std::string> seen;
+    for (int i = 0; i < 200 && seen.empty(); ++i) {
+      seen = listeners_on(port);
+      if (seen.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    std::sort(seen.begin(), seen.end());
+    EXPECT_EQ(seen, expected);
   };
   expect_all_ok(run_ranks(options, [](te::Bootstrap& b) { b.barrier(10000); }));
 }
