@@ -330,8 +330,7 @@ int main(int argc, char** argv) {
   int local_nodes = 0;
   app.add_option("--local-nodes", local_nodes,
                  "with --local-ranks R: the ranks play N nodes of R/N contiguous ranks (rank r gets "
-                 "FERRY_NODE_ID=local-node-<r*N/R> unless FERRY_NODE_ID is set); the report names each rank's node")
-      ->check(CLI::Range(1, 4096));
+                 "FERRY_NODE_ID=local-node-<r*N/R> unless FERRY_NODE_ID is set); the report names each rank's node");
   app.add_option("--launcher", launcher, "how --local-ranks starts them: fork or mpi")->check(CLI::IsMember({"fork", "mpi"}));
   app.add_option("--job-timeout-s", job_timeout_s, "--local-ranks: stop the whole job after this long (at most a week)")
       ->check(CLI::Range(1, check::kMaxJobTimeoutS));
