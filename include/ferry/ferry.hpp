@@ -26,13 +26,13 @@ inline void check(ferry_status_t status) {
 
 class Bootstrap {
  public:
-  static Bootstrap from_env(int timeout_ms = 60000) {
+  static Bootstrap from_env(int timeout_ms = FERRY_DEFAULT_BOOTSTRAP_TIMEOUT_MS) {
     ferry_bootstrap_t b = nullptr;
     check(ferry_bootstrap_from_env(timeout_ms, &b));
     return Bootstrap(b);
   }
   static Bootstrap tcp(const std::string& master_addr, int master_port, int rank, int world_size,
-                       int timeout_ms = 60000) {
+                       int timeout_ms = FERRY_DEFAULT_BOOTSTRAP_TIMEOUT_MS) {
     ferry_bootstrap_t b = nullptr;
     check(ferry_bootstrap_tcp(master_addr.c_str(), master_port, rank, world_size, timeout_ms, &b));
     return Bootstrap(b);
