@@ -4,7 +4,7 @@ set -euo pipefail
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
 export DEBIAN_FRONTEND=noninteractive
-pkgs=(build-essential cmake pkg-config git python3 python3-matplotlib
+pkgs=(build-essential cmake pkg-config git python3 python3-matplotlib clang libclang-rt-dev
       libfabric-dev libfabric-bin libibverbs-dev libhwloc-dev hwloc
       openmpi-bin libopenmpi-dev libcli11-dev nlohmann-json3-dev
       libgtest-dev libgmock-dev libbenchmark-dev iproute2 chromium fonts-liberation fonts-dejavu-core)

@@ -234,7 +234,9 @@ struct TopologyBuilder {
       t.gpus_.push_back(std::move(g));
     }
     std::vector<hwloc_obj_t> nic_anchor;
-    for (const auto& [owner, osdevs] : nic_devs) {
+    for (const auto& [owner, devs] : nic_devs) {
+      // A named reference, not the structured binding: lambdas may not capture bindings in clang 14.
+      const std::vector<hwloc_obj_t>& osdevs = devs;
       TopoNic n;
       n.index = static_cast<int>(t.nics_.size());
       bool verbs = false;
