@@ -676,6 +676,20 @@ void PrintTo(const Disagreement& d, std::ostream* os) { *os << d.name; }
 
 class ConfigAgreementTest : public ::testing::TestWithParam<std::tuple<Disagreement, int>> {};
 
+// Creates the all-to-all expecting it to fail at once, long before any deadline; returns the error.
+Error create_error(const ferry_a2a_config_t& cfg, te::Bootstrap& b) {
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    testing::ApiA2a a2a(cfg, b);
+  } catch (const Error& e) {
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(cfg.timeout_ms / 2))
+        << "rank " << b.rank() << " waited for a deadline";
+    return e;
+  }
+  ADD_FAILURE() << "rank " << b.rank() << ": create succeeded";
+  return Error(Status::ok, "");
+}
+
 TEST_P(ConfigAgreementTest, EveryRankFailsCreateNamingTheFieldAndTheValues) {
   const auto& [d, world] = GetParam();
   Case c;
@@ -686,19 +700,12 @@ TEST_P(ConfigAgreementTest, EveryRankFailsCreateNamingTheFieldAndTheValues) {
     ferry_a2a_config_t cfg = config_of(c, b.rank());
     const int odd = world - 1;
     if (b.rank() == odd) d.change(cfg);
-    const auto start = std::chrono::steady_clock::now();
-    try {
-      testing::ApiA2a a2a(cfg, b);
-      ADD_FAILURE() << "rank " << b.rank() << ": create succeeded";
-    } catch (const Error& e) {
-      const std::string what = e.what();
-      EXPECT_EQ(e.status(), Status::invalid_argument) << what;
-      for (const std::string& field : d.fields) EXPECT_NE(what.find(field + ": rank 0 has "), std::string::npos) << what;
-      EXPECT_NE(what.find("rank " + std::to_string(odd) + " has "), std::string::npos) << what;
-      EXPECT_NE(what.find("1 of " + std::to_string(world) + " ranks differ from rank 0"), std::string::npos) << what;
-    }
-    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(c.timeout_ms / 2))
-        << "rank " << b.rank() << " waited for a deadline";
+    const Error e = create_error(cfg, b);
+    const std::string what = e.what();
+    EXPECT_EQ(e.status(), Status::invalid_argument) << what;
+    for (const std::string& field : d.fields) EXPECT_NE(what.find(field + ": rank 0 has "), std::string::npos) << what;
+    EXPECT_NE(what.find("rank " + std::to_string(odd) + " has "), std::string::npos) << what;
+    EXPECT_NE(what.find("1 of " + std::to_string(world) + " ranks differ from rank 0"), std::string::npos) << what;
   }));
 }
 
@@ -717,19 +724,13 @@ TEST(ConfigAgreement, AnInvalidConfigOnOneRankFailsEveryRankNamingIt) {
   testing::expect_all_ok(testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
     ferry_a2a_config_t cfg = config_of(c, b.rank());
     if (b.rank() == 1) cfg.experts_per_token = FERRY_MAX_TOP_K + 1;
-    const auto start = std::chrono::steady_clock::now();
-    try {
-      testing::ApiA2a a2a(cfg, b);
-      ADD_FAILURE() << "rank " << b.rank() << ": create succeeded";
-    } catch (const Error& e) {
-      const std::string what = e.what();
-      EXPECT_EQ(e.status(), b.rank() == 1 ? Status::unsupported : Status::invalid_argument) << what;
-      EXPECT_NE(what.find("experts_per_token 9 outside the supported top-k range"), std::string::npos) << what;
-      if (b.rank() != 1) {
-        EXPECT_NE(what.find("the config of rank 1 fails its own checks"), std::string::npos) << what;
-      }
+    const Error e = create_error(cfg, b);
+    const std::string what = e.what();
+    EXPECT_EQ(e.status(), b.rank() == 1 ? Status::unsupported : Status::invalid_argument) << what;
+    EXPECT_NE(what.find("experts_per_token 9 outside the supported top-k range"), std::string::npos) << what;
+    if (b.rank() != 1) {
+      EXPECT_NE(what.find("the config of rank 1 fails its own checks"), std::string::npos) << what;
     }
-    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(c.timeout_ms / 2));
   }));
 }
 

@@ -188,19 +188,26 @@ TEST(CApiHandles, ValuesThatAreNoLiveHandleOfTheirKindAreRefusedNamingWhatTheyAr
   EXPECT_EQ(ferry_bootstrap_destroy(nullptr), FERRY_OK);  // like free(NULL)
 }
 
+// A small all-to-all of two ranks.
+ferry_a2a_config_t two_ranks(int rank) {
+  ferry_a2a_config_t c;
+  ferry_a2a_config_init(&c);
+  c.rank = rank;
+  c.world_size = 2;
+  c.num_experts = 4;
+  c.experts_per_token = 2;
+  c.max_tokens_per_rank = 8;
+  c.hidden_dim = 64;
+  return c;
+}
+
 // Destroying an all-to-all twice, or calling it after destroy, is an error (not a use after free,
 // which ASan would report), and so is every call on the dead value.
 TEST(CApiHandles, DestroyedAllToAllIsRefusedByEveryCallAndByASecondDestroy) {
   ferry::testing::LaunchOptions opts;
   opts.world_size = 2;
   ferry::testing::expect_all_ok(ferry::testing::run_ranks(opts, [](ferry::te::Bootstrap& group) {
-    ferry_a2a_config_t c;
-    ferry_a2a_config_init(&c);
-    c.rank = group.rank();
-    c.world_size = 2;
-    c.num_experts = 2;
-    c.hidden_dim = 64;
-    ferry::testing::ApiA2a a2a(c, group);
+    ferry::testing::ApiA2a a2a(two_ranks(group.rank()), group);
     const ferry_a2a_t dead = a2a.release();
     ASSERT_EQ(ferry_a2a_destroy(dead), FERRY_OK) << ferry_last_error();
     EXPECT_EQ(ferry_a2a_destroy(dead), FERRY_ERR_INVALID_ARGUMENT);
@@ -226,14 +233,7 @@ TEST(CApiHandles, AnAllToAllKeepsItsBootstrapAfterTheBootstrapHandleIsDestroyed)
   ferry::testing::LaunchOptions opts;
   opts.world_size = 2;
   ferry::testing::expect_all_ok(ferry::testing::run_ranks(opts, [](ferry::te::Bootstrap& group) {
-    ferry_a2a_config_t c;
-    ferry_a2a_config_init(&c);
-    c.rank = group.rank();
-    c.world_size = 2;
-    c.num_experts = 4;
-    c.experts_per_token = 2;
-    c.max_tokens_per_rank = 8;
-    c.hidden_dim = 64;
+    const ferry_a2a_config_t c = two_ranks(group.rank());
     ferry_bootstrap_t boot = nullptr;
     ferry::testing::check_api(ferry_bootstrap_callback(c.rank, 2, allgather_through, &group, &boot));
     ferry_a2a_t a2a = nullptr;
