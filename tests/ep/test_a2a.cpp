@@ -691,7 +691,8 @@ Error create_error(const ferry_a2a_config_t& cfg, te::Bootstrap& b) {
 }
 
 TEST_P(ConfigAgreementTest, EveryRankFailsCreateNamingTheFieldAndTheValues) {
-  const auto& [d, world] = GetParam();
+  const Disagreement& d = std::get<0>(GetParam());
+  const int world = std::get<1>(GetParam());
   Case c;
   c.world_size = world;
   c.num_experts = 4 * world;

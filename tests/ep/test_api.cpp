@@ -303,6 +303,9 @@ TEST(CppApi, DispatchAndCombineOnTheCallersProcessGroup) {
     c.out_dtype = FERRY_F32;
     c.expert_alignment = 4;
     auto bootstrap = ferry::Bootstrap::callback(c.rank, c.world_size, allgather_through, &group);
+    EXPECT_EQ(bootstrap.rank(), c.rank);
+    const std::byte mine[] = {std::byte(10 + c.rank)};
+    EXPECT_EQ(bootstrap.allgather(mine), (std::vector<std::byte>{std::byte(10), std::byte(11), std::byte(12)}));
     ferry::AllToAll a2a(c, bootstrap);
     const auto inputs = ferry::ep::reference::generate_all(c, {});
     const auto& in = inputs[c.rank];
