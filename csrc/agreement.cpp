@@ -94,7 +94,7 @@ ConfigAgreement describe_config(const ferry_a2a_config_t& c, int bootstrap_rank,
   a.device = enum_value(c.device);
   a.nets_per_rank = c.nets_per_rank;
   a.dp_size = c.dp_size;
-  a.private_tokens = status == Status::ok && c.private_tokens < 0 ? c.max_tokens_per_rank : c.private_tokens;
+  a.private_tokens = c.private_tokens == -1 ? c.max_tokens_per_rank : c.private_tokens;
   copy_text(a.provider, sizeof a.provider, provider);
   copy_text(a.error, sizeof a.error, error);
   return a;

@@ -61,7 +61,7 @@ struct ConfigAgreement {
   int32_t device;
   int32_t nets_per_rank;
   int32_t dp_size;
-  int32_t private_tokens;  // resolved when the config passed its checks, else as given
+  int32_t private_tokens;  // -1 (automatic) as max_tokens_per_rank
   char provider[32];       // NUL-padded, truncated
   char error[160];         // the sender's own config error, NUL-padded, truncated
 };

@@ -201,9 +201,12 @@ ferry_a2a_config_t agree_on_config(const ferry_a2a_config_t& config, te::Bootstr
   } catch (const Error& e) {
     ep::fail(e.status(), site, std::string("exchanging the config with the other ranks: ") + e.what());
   }
+  // A disagreement is everyone's problem, and the same status everywhere; without one, a config
+  // that fails its own checks keeps that failure's status.
   const ep::AgreementOutcome agreed = ep::check_agreement(all, b.world_size(), b.rank());
   if (local_status != Status::ok)
-    ep::fail(local_status, site, local_error + (agreed.message.empty() ? "" : "; " + agreed.message));
+    ep::fail(agreed.status != Status::ok ? agreed.status : local_status, site,
+             local_error + (agreed.message.empty() ? "" : "; " + agreed.message));
   if (agreed.status != Status::ok) ep::fail(agreed.status, site, agreed.message);
   return ep::resolve_config(config);
 }

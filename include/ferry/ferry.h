@@ -110,7 +110,8 @@ ferry_status_t ferry_bootstrap_world_size(ferry_bootstrap_t bootstrap, int* worl
  * dp_size, device, nets_per_rank and provider (after FERRY_PROVIDER). ferry_a2a_create compares them
  * across ranks before building anything and, if any differs, or one rank's config is invalid, or
  * two builds of different wire versions meet, fails on every rank with FERRY_ERR_INVALID_ARGUMENT
- * naming the field and the ranks' values. rank, cuda_device, expert_alignment and timeout_ms are
+ * naming the field and the ranks' values (a rank whose own config fails its checks while the
+ * others agree gets that failure's status). rank, cuda_device, expert_alignment and timeout_ms are
  * each rank's own. */
 typedef struct ferry_a2a_config {
   int rank;                    /* must match the bootstrap's */

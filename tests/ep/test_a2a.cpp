@@ -716,19 +716,19 @@ INSTANTIATE_TEST_SUITE_P(
       return std::string(std::get<0>(info.param).name) + "On" + std::to_string(std::get<1>(info.param)) + "Ranks";
     });
 
-// A config that fails its own rank's checks fails create on every rank at once, naming that rank
-// and why: the others do not wait for it until their deadline.
+// A config that fails its own rank's checks (in a field no other rank compares) fails create on
+// every rank at once, naming that rank and why: the others do not wait for it until their deadline.
 TEST(ConfigAgreement, AnInvalidConfigOnOneRankFailsEveryRankNamingIt) {
   Case c;
   c.world_size = 3;
   c.num_experts = 6;
   testing::expect_all_ok(testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
     ferry_a2a_config_t cfg = config_of(c, b.rank());
-    if (b.rank() == 1) cfg.experts_per_token = FERRY_MAX_TOP_K + 1;
+    if (b.rank() == 1) cfg.expert_alignment = 0;
     const Error e = create_error(cfg, b);
     const std::string what = e.what();
-    EXPECT_EQ(e.status(), b.rank() == 1 ? Status::unsupported : Status::invalid_argument) << what;
-    EXPECT_NE(what.find("experts_per_token 9 outside the supported top-k range"), std::string::npos) << what;
+    EXPECT_EQ(e.status(), Status::invalid_argument) << what;
+    EXPECT_NE(what.find("expert_alignment 0 outside [1, 2^30]"), std::string::npos) << what;
     if (b.rank() != 1) {
       EXPECT_NE(what.find("the config of rank 1 fails its own checks"), std::string::npos) << what;
     }
