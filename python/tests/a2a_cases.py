@@ -1,0 +1,346 @@
+"""What each rank of a test world runs: ferry.AllToAll steps checked byte for byte against the
+pure-torch reference (reference.py), and the error cases. Imported by the spawned ranks."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+import ferry
+import reference
+
+DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32, "fp8": torch.float8_e4m3fn}
+SENTINEL = 0x5A  # bytes of outputs before a call: what the library must not write stays this
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    experts_per_rank: int = 2
+    top_k: int = 2
+    hidden: int = 64
+    max_tokens: int = 12
+    in_dtype: str = "bf16"
+    out_dtype: str = "bf16"
+    hidden_dim_scale: Optional[int] = None  # fp8: one fp32 scale per hidden / hidden_dim_scale elements
+    expert_padding: int = 1
+    dp_size: int = 1
+    empty_groups: tuple = ()  # dp groups (ranks when dp_size 1) that pass zero tokens
+    drop: float = 0.0  # fraction of routes set to -1
+    steps: int = 1
+    split: bool = False  # send and receive halves called separately, work in between
+    skew_rank: int = -1  # this rank sleeps between the halves
+    accumulate: bool = False
+    bound_m: bool = False  # a bound_m below num_tokens
+    flat_layout: bool = False  # outputs as [rows, hidden] instead of [experts, rows, hidden]
+    index_dtype: str = "int32"
+    seed: int = 0
+    extra: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+def make_inputs(case: Case, world: int, group: int, step: int):
+    """A dp group's tokens for one step (every member of the group builds the same)."""
+    gen = torch.Generator().manual_seed(case.seed * 1_000_003 + step * 7919 + group * 31 + 1)
+    num_experts = case.experts_per_rank * world
+    tokens = 0 if group in case.empty_groups else int(torch.randint(1, case.max_tokens + 1, (1,), generator=gen))
+    if case.bound_m and tokens < 2:
+        tokens = 2
+    x = torch.randn((tokens, case.hidden), generator=gen).to(DTYPES[case.in_dtype])
+    x_scale = None
+    if case.hidden_dim_scale:
+        x_scale = torch.rand((tokens, case.hidden_dim_scale), generator=gen) + 0.5
+    scores = torch.rand((tokens, num_experts), generator=gen)
+    indices = scores.topk(case.top_k, dim=1).indices.to(torch.int32)
+    if case.drop:
+        indices[torch.rand(indices.shape, generator=gen) < case.drop] = -1
+    weights = torch.rand((tokens, case.top_k), generator=gen)
+    previous = torch.randn((tokens, case.hidden), generator=gen).to(DTYPES[case.out_dtype])
+    return x, x_scale, indices, weights, previous
+
+
+def expert_fn(expert_x: torch.Tensor, expert_x_scale: Optional[torch.Tensor], num_local_experts: int,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """What the local experts compute: row * scale * (e + 1) / 4 + e / 8 (rows flattened)."""
+    x = expert_x.reshape(-1, expert_x.shape[-1]).to(torch.float32)
+    if expert_x_scale is not None:
+        s = expert_x_scale.reshape(x.shape[0], -1)
+        x = x * s.repeat_interleave(x.shape[1] // s.shape[1], dim=1)
+    e = torch.arange(num_local_experts, dtype=torch.float32).repeat_interleave(x.shape[0] // num_local_experts)
+    return (x * ((e[:, None] + 1) / 4) + e[:, None] / 8).to(out_dtype)
+
+
+def first_difference(what: str, got: torch.Tensor, want: torch.Tensor) -> str:
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return f"{what}: {tuple(got.shape)} {got.dtype} vs reference {tuple(want.shape)} {want.dtype}"
+    row = math.prod(got.shape[1:])
+    g, w = (t.contiguous().reshape(t.shape[0], row).view(torch.uint8) for t in (got, want))
+    bad = (g != w).any(dim=1).nonzero()
+    if len(bad) == 0:
+        return ""
+    r = int(bad[0])
+    return (f"{what}: {len(bad)} rows differ from the reference, first row {r}: got {got[r].flatten()[:6].tolist()} "
+            f"want {want[r].flatten()[:6].tolist()}")
+
+
+def sentinel_like(shape, dtype) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype)
+    t.view(torch.uint8).fill_(SENTINEL)
+    return t
+
+
+def dp_group_of(case: Case, world: int):
+    """The caller's dp group, created on every rank (new_group is collective over the world)."""
+    if case.dp_size == 1:
+        return None
+    mine = None
+    for g in range(world // case.dp_size):
+        pg = dist.new_group(list(range(g * case.dp_size, (g + 1) * case.dp_size)), backend="gloo")
+        if g == dist.get_rank() // case.dp_size:
+            mine = pg
+    return mine
+
+
+def make_a2a(case: Case, world: int, provider: str, **overrides) -> ferry.AllToAll:
+    args = dict(max_num_tokens=case.max_tokens, num_experts=case.experts_per_rank * world,
+                expert_padding=case.expert_padding, hidden_dim=case.hidden, hidden_dim_scale=case.hidden_dim_scale,
+                in_dtype=DTYPES[case.in_dtype], out_dtype=DTYPES[case.out_dtype],
+                scale_dtype=torch.float32 if case.hidden_dim_scale else None, num_experts_per_token=case.top_k,
+                device="cpu", dp_group=dp_group_of(case, world), provider=provider, timeout_ms=20000)
+    args.update(overrides)
+    return ferry.AllToAll(**args)
+
+
+def run_step(a2a: ferry.AllToAll, case: Case, world: int, rank: int, step: int) -> list[str]:
+    """One dispatch + combine through Ferry and through the reference; the differences found."""
+    x, x_scale, indices, weights, previous = make_inputs(case, world, rank // case.dp_size, step)
+    tokens = x.shape[0]
+    count = tokens - 1 if case.bound_m else tokens
+    bound_m = torch.tensor([count], dtype=torch.int32) if case.bound_m else None
+    if case.index_dtype == "uint32":
+        routes = indices.view(torch.uint32)
+    else:
+        routes = indices
+
+    L, M, H = a2a.num_local_experts, a2a.max_tokens_per_expert, a2a.hidden_dim
+    shape = (L * M, H) if case.flat_layout else (L, M, H)
+    counts = sentinel_like((L,), torch.int32)
+    expert_x = sentinel_like(shape, a2a.in_dtype)
+    expert_x_scale = None
+    if case.hidden_dim_scale:
+        expert_x_scale = sentinel_like(shape[:-1] + (case.hidden_dim_scale,), torch.float32)
+
+    if case.split:
+        handle = a2a.dispatch(counts, expert_x, expert_x_scale, x, x_scale, routes, weights, bound_m, do_recv=False)
+        assert isinstance(handle, ferry.DispatchHandle)
+        _work(rank, case)
+        handle.recv()
+        handle.recv()  # a second recv() does nothing
+    else:
+        assert a2a.dispatch(counts, expert_x, expert_x_scale, x, x_scale, routes, weights, bound_m) is None
+
+    want = reference.dispatch(x[:count], x_scale[:count] if x_scale is not None else None, indices[:count],
+                              weights[:count], num_experts=a2a.num_experts, max_rows=M,
+                              expert_padding=case.expert_padding, dp_size=case.dp_size)
+    problems = []
+    if not torch.equal(counts, want.counts):
+        problems.append(f"out_expert_num_tokens {counts.tolist()} vs reference {want.counts.tolist()}")
+    flat_x = expert_x.reshape(L * M, H)
+    flat_scale = expert_x_scale.reshape(L * M, -1) if expert_x_scale is not None else None
+    untouched = sentinel_like((1, H), a2a.in_dtype).view(torch.uint8)
+    for e in range(L):
+        rows = slice(e * M, e * M + want.padded[e])
+        problems.append(first_difference(f"out_expert_x expert {e}", flat_x[rows], want.expert_x[rows]))
+        if flat_scale is not None:
+            problems.append(first_difference(f"out_expert_x_scale expert {e}", flat_scale[rows],
+                                             want.expert_x_scale[rows]))
+        beyond = flat_x[e * M + want.padded[e]:(e + 1) * M].view(torch.uint8)
+        if not bool((beyond == untouched).all()):
+            problems.append(f"out_expert_x expert {e}: rows past the padded count were written")
+
+    # The experts run on what arrived; the reference's experts on what it computed.
+    expert_y = expert_fn(expert_x, expert_x_scale, L, a2a.out_dtype).reshape(shape)
+    want_y = expert_fn(want.expert_x, want.expert_x_scale, L, a2a.out_dtype)
+    out = previous.clone() if case.accumulate else sentinel_like((tokens, H), a2a.out_dtype)
+    before = out.clone()
+    if case.split:
+        handle = a2a.combine(out, routes, weights, expert_y, bound_m, do_recv=False, accumulate=case.accumulate)
+        assert isinstance(handle, ferry.CombineHandle)
+        _work(rank, case)
+        handle.recv()
+    else:
+        a2a.combine(out, routes, weights, expert_y, bound_m, accumulate=case.accumulate)
+    want_out = reference.combine(want, want_y, count, dp_size=case.dp_size,
+                                 previous=previous[:count] if case.accumulate else None)
+    problems.append(first_difference("out_tokens", out[:count], want_out))
+    if count < tokens and not torch.equal(out[count:].view(torch.uint8), before[count:].view(torch.uint8)):
+        problems.append("out_tokens: rows at or past bound_m were written")
+    return [f"rank {rank} case {case.name} step {step}: {p}" for p in problems if p]
+
+
+def _work(rank: int, case: Case) -> None:
+    """Something to do between the halves (the shared expert, a GEMM); the skewed rank dawdles."""
+    a = torch.randn(64, 64)
+    for _ in range(4):
+        a = torch.tanh(a @ a)
+    if rank == case.skew_rank:
+        time.sleep(0.3)
+
+
+def run_cases(rank: int, world: int, cases: list[tuple[str, Case]]) -> list[str]:
+    """Every (provider, case) on this rank; returns what ran (raises with every difference found)."""
+    problems, ran = [], []
+    for provider, case in cases:
+        with make_a2a(case, world, provider) as a2a:
+            for step in range(case.steps):
+                problems += [f"{provider}: {p}" for p in run_step(a2a, case, world, rank, step)]
+        ran.append(f"{provider}/{case.name}")
+    assert not problems, "\n".join(problems[:20])
+    return ran
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+def expect_error(kind: type, needle: str, call) -> str:
+    """Runs call(); it must raise `kind` whose text contains `needle`. Returns the text."""
+    try:
+        call()
+    except kind as e:
+        text = str(e)
+        assert needle in text, f"{kind.__name__} without {needle!r}: {text}"
+        return text
+    except Exception as e:  # noqa: BLE001
+        raise AssertionError(f"expected {kind.__name__} containing {needle!r}, got {type(e).__name__}: {e}") from e
+    raise AssertionError(f"expected {kind.__name__} containing {needle!r}, nothing was raised")
+
+
+def argument_errors(rank: int, world: int, provider: str) -> int:
+    """Every bad argument of dispatch and combine raises ValueError naming it, before anything moves;
+    the all-to-all then runs a correct step. Returns the number of bad calls checked."""
+    import numpy as np
+
+    case = Case("argument_errors", hidden=64, max_tokens=12)
+    a2a = make_a2a(case, world, provider)
+    L, M, H, K = a2a.num_local_experts, a2a.max_tokens_per_expert, 64, case.top_k
+    n = 5
+    good = dict(out_expert_num_tokens=torch.zeros(L, dtype=torch.int32),
+                out_expert_x=torch.zeros((L, M, H), dtype=torch.bfloat16), out_expert_x_scale=None,
+                dp_x=torch.zeros((n, H), dtype=torch.bfloat16), dp_x_scale=None,
+                indices=torch.zeros((n, K), dtype=torch.int32), weights=torch.zeros((n, K)))
+    bad_dispatch = [
+        ("dp_x", torch.zeros((n, H), dtype=torch.float32), "dp_x: dtype torch.float32, expected torch.bfloat16"),
+        ("dp_x", torch.zeros((n, H + 16), dtype=torch.bfloat16), "dp_x: shape (5, 80), expected (5, 64)"),
+        ("dp_x", torch.zeros((13, H), dtype=torch.bfloat16), "dp_x: 13 tokens, expected at most max_num_tokens=12"),
+        ("dp_x", torch.zeros((H, n), dtype=torch.bfloat16).t(), "dp_x: strides (1, 5), expected a contiguous"),
+        ("dp_x", torch.zeros(H, dtype=torch.bfloat16), "dp_x: shape (64,), expected 2 dimensions"),
+        ("dp_x", [[0.0] * H] * n, "dp_x: list, expected a torch.Tensor or a numpy.ndarray"),
+        ("dp_x", torch.zeros((n, H), dtype=torch.bfloat16, device="meta"), "dp_x: on meta, expected cpu"),
+        ("dp_x", np.zeros((n, H), dtype=np.float64), "dp_x: numpy dtype float64, expected torch.bfloat16"),
+        ("dp_x_scale", torch.ones((n, 2)), "dp_x_scale: expected None (this all-to-all has no hidden_dim_scale)"),
+        ("indices", torch.zeros((n, K), dtype=torch.int64), "indices: dtype torch.int64, expected torch.int32 or"),
+        ("indices", torch.zeros((n, K + 1), dtype=torch.int32), "indices: shape (5, 3), expected (5, 2)"),
+        ("weights", torch.zeros((n, K), dtype=torch.bfloat16), "weights: dtype torch.bfloat16, expected torch.float32"),
+        ("weights", torch.zeros((n - 1, K)), "weights: shape (4, 2), expected (5, 2)"),
+        ("out_expert_num_tokens", torch.zeros(L, dtype=torch.int64), "out_expert_num_tokens: dtype torch.int64"),
+        ("out_expert_num_tokens", torch.zeros(L + 1, dtype=torch.int32), "out_expert_num_tokens: shape (3,), expected (2,)"),
+        ("out_expert_x", torch.zeros((L, M - 1, H), dtype=torch.bfloat16),
+         f"out_expert_x: shape ({L}, {M - 1}, {H}), expected ({L}, {M}, {H}) or ({L * M}, {H})"),
+        ("out_expert_x", torch.zeros((L, M, 2 * H), dtype=torch.bfloat16)[:, :, ::2],
+         f"out_expert_x: strides ({2 * M * H}, {2 * H}, 2), expected a contiguous"),
+        ("out_expert_x_scale", torch.zeros((L, M, 2)), "out_expert_x_scale: expected None"),
+    ]
+    readonly = np.zeros((L * M, H), dtype=np.uint16)
+    readonly.flags.writeable = False
+    bad_dispatch.append(("out_expert_x", readonly, "out_expert_x: read-only array"))
+    checked = 0
+    for name, value, needle in bad_dispatch:
+        args = dict(good, **{name: value})
+        expect_error(ValueError, needle, lambda: a2a.dispatch(**args))
+        checked += 1
+    expect_error(ValueError, "bound_m: shape (2,), expected (1,) or ()",
+                 lambda: a2a.dispatch(**good, bound_m=torch.zeros(2, dtype=torch.int32)))
+    expect_error(ValueError, "bound_m: dtype torch.int64, expected torch.int32",
+                 lambda: a2a.dispatch(**good, bound_m=torch.zeros(1, dtype=torch.int64)))
+    expect_error(ValueError, "do_send, do_recv: both False",
+                 lambda: a2a.dispatch(**good, do_send=False, do_recv=False))
+    out = torch.zeros((n, H), dtype=torch.bfloat16)
+    y = torch.zeros((L, M, H), dtype=torch.bfloat16)
+    idx, w = good["indices"], good["weights"]
+    expect_error(ValueError, "expert_y: dtype torch.float32, expected torch.bfloat16",
+                 lambda: a2a.combine(out, idx, w, y.float()))
+    expect_error(ValueError, "out_tokens: shape (4, 64), expected (5, 64)", lambda: a2a.combine(out[:4], idx, w, y))
+    expect_error(ValueError, "indices: shape (5, 2, 1), expected 2 dimensions",
+                 lambda: a2a.combine(out, idx[:, :, None], w, y))
+    expect_error(ValueError, "weights: dtype torch.float16", lambda: a2a.combine(out, idx, w.half(), y))
+    expect_error(ValueError, "do_send, do_recv: both False",
+                 lambda: a2a.combine(out, idx, w, y, do_send=False, do_recv=False))
+    expect_error(ValueError, "dispatch_handle: tuple, expected a ferry.DispatchHandle",
+                 lambda: a2a.combine_async(out_tokens=out, dispatch_handle=(), expert_y=y))
+    checked += 9
+    # Nothing reached the library: the next step is whole, and equals the reference.
+    problems = run_step(a2a, case, world, rank, 0)
+    assert not problems, "\n".join(problems)
+    a2a.close()
+    expect_error(ValueError, "AllToAll: closed", lambda: a2a.dispatch(**good))
+    a2a.close()  # idempotent
+    return checked
+
+
+def library_errors(rank: int, world: int, provider: str, bad_rank: int) -> str:
+    """`bad_rank` routes a token to an expert that does not exist: it gets FerryInvalidArgument (a
+    ValueError too), every other rank FerryPeerFailed naming it, within the deadline; the step is
+    over for everyone and a later call says the all-to-all must be recreated."""
+    case = Case("library_errors", top_k=2)
+    a2a = make_a2a(case, world, provider, timeout_ms=15000)
+    x, _, indices, weights, _ = make_inputs(case, world, rank, 0)
+    if rank == bad_rank:
+        indices[0, 0] = a2a.num_experts
+    counts, ex, _ = a2a.empty_dispatch_outputs()
+    start = time.monotonic()
+    if rank == bad_rank:
+        text = expect_error(ferry.FerryInvalidArgument, f"names expert {a2a.num_experts}",
+                            lambda: a2a.dispatch(counts, ex, None, x, None, indices, weights))
+    else:
+        text = expect_error(ferry.FerryPeerFailed, f"rank {bad_rank}",
+                            lambda: a2a.dispatch(counts, ex, None, x, None, indices, weights))
+    elapsed = time.monotonic() - start
+    assert elapsed < 7.5, f"failing took {elapsed:.1f} s, half the deadline is 7.5 s: {text}"
+    try:
+        a2a.dispatch(counts, ex, None, x, None, indices, weights)
+        raise AssertionError("dispatch after a failed step succeeded")
+    except ferry.FerryError as e:
+        assert e.status in (ferry.Status.INTERNAL, ferry.Status.PEER_FAILED, ferry.Status.INVALID_ARGUMENT), str(e)
+    a2a.close()
+    return text
+
+
+def killed_peer(rank: int, world: int, provider: str, victim: int) -> str:
+    """After a good step, `victim` dies; the others' next step raises FerryPeerFailed naming it
+    within the deadline (no hang)."""
+    case = Case("killed_peer", top_k=2)
+    a2a = make_a2a(case, world, provider, timeout_ms=6000)
+    problems = run_step(a2a, case, world, rank, 0)
+    assert not problems, "\n".join(problems)
+    dist.barrier()
+    if rank == victim:
+        import os
+
+        os._exit(17)
+    time.sleep(0.5)  # the victim is gone before anyone starts the step
+    x, _, indices, weights, _ = make_inputs(case, world, rank, 1)
+    counts, ex, _ = a2a.empty_dispatch_outputs()
+    out = torch.zeros_like(x)
+    start = time.monotonic()
+
+    def step():
+        a2a.dispatch(counts, ex, None, x, None, indices, weights)
+        a2a.combine(out, indices, weights, expert_fn(ex, None, a2a.num_local_experts, a2a.out_dtype).view(ex.shape))
+
+    text = expect_error(ferry.FerryPeerFailed, f"rank {victim}", step)
+    elapsed = time.monotonic() - start
+    assert elapsed < 6.0 + 3.0, f"failing took {elapsed:.1f} s with a 6 s deadline: {text}"
+    return text
