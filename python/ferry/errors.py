@@ -33,9 +33,6 @@ class FerryError(RuntimeError):
         self.status = Status(status)
         self.message = message
 
-    def __str__(self) -> str:
-        # Defined here so OSError's "[Errno N]" form never applies (FerryTimeout is a TimeoutError).
-        return f"{self.message} [{_ferry.status_string(int(self.status))}]"
 
     @property
     def ranks(self) -> list[int]:
@@ -51,12 +48,30 @@ class FerryInvalidArgument(FerryError, ValueError):
     """The library refused an argument or a configuration (also a ``ValueError``)."""
 
 
-class FerryTimeout(FerryError, TimeoutError):
-    """A wait passed its deadline; the message names the ranks that did not arrive."""
-
-
 class FerryPeerFailed(FerryError):
-    """A peer failed, disconnected, or sent bytes that do not pass the checks; the message names it."""
+    """A peer failed, disconnected, or sent bytes that do not pass the checks; the message names it.
+
+    A wait that passed its deadline for named peers (a killed or hung process: neither tcp nor shm
+    reports a dead peer by itself) raises :class:`FerryPeerTimeout`, which is one too.
+    """
+
+
+class FerryTimeout(FerryError):
+    """A wait passed its deadline. When the library names the peers it waited for, the exception
+    is a :class:`FerryPeerTimeout` (also a :class:`FerryPeerFailed`); ``status`` stays TIMEOUT."""
+
+    def __new__(cls, status: int = int(Status.TIMEOUT), message: str = "", *args: object):
+        if cls is FerryTimeout and _MISSING_PEER.search(message):
+            cls = FerryPeerTimeout
+        return super().__new__(cls, status, message, *args)
+
+
+class FerryPeerTimeout(FerryTimeout, FerryPeerFailed):
+    """Named peers did not arrive within the deadline: ``ranks`` lists them (after this rank)."""
+
+
+# How libferry's waits name the peers they still expect.
+_MISSING_PEER = re.compile(r"from rank \d+\)?: \d+ of \d+ missing|did not arrive|disconnected")
 
 
 class FerryTransportError(FerryError):

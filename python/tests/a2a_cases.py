@@ -4,6 +4,7 @@ pure-torch reference (reference.py), and the error cases. Imported by the spawne
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -13,6 +14,7 @@ import torch.distributed as dist
 
 import ferry
 import reference
+from ferry import launch
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32, "fp8": torch.float8_e4m3fn}
 SENTINEL = 0x5A  # bytes of outputs before a call: what the library must not write stays this
@@ -39,6 +41,7 @@ class Case:
     bound_m: bool = False  # a bound_m below num_tokens
     flat_layout: bool = False  # outputs as [rows, hidden] instead of [experts, rows, hidden]
     index_dtype: str = "int32"
+    bootstrap: str = "group"  # group: the torch process group; env: torchrun variables; tcp: explicit
     seed: int = 0
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
@@ -112,7 +115,23 @@ def make_a2a(case: Case, world: int, provider: str, **overrides) -> ferry.AllToA
                 scale_dtype=torch.float32 if case.hidden_dim_scale else None, num_experts_per_token=case.top_k,
                 device="cpu", dp_group=dp_group_of(case, world), provider=provider, timeout_ms=20000)
     args.update(overrides)
-    return ferry.AllToAll(**args)
+    if case.bootstrap == "group":
+        return ferry.AllToAll(**args)
+    # Ferry's own rendezvous, on a port of its own (rank 0's torch store holds MASTER_PORT).
+    port = [launch.free_port() if dist.get_rank() == 0 else 0]
+    dist.broadcast_object_list(port, src=0)
+    if case.bootstrap == "env":
+        saved = os.environ["MASTER_PORT"]
+        os.environ["MASTER_PORT"] = str(port[0])
+        try:
+            boot = ferry.Bootstrap.from_env(20000)
+        finally:
+            os.environ["MASTER_PORT"] = saved
+    else:
+        boot = ferry.Bootstrap.tcp("127.0.0.1", port[0], dist.get_rank(), world, 20000)
+    a2a = ferry.AllToAll(**args, bootstrap=boot)
+    boot.close()  # released when the all-to-all closes
+    return a2a
 
 
 def run_step(a2a: ferry.AllToAll, case: Case, world: int, rank: int, step: int) -> list[str]:
@@ -290,57 +309,61 @@ def argument_errors(rank: int, world: int, provider: str) -> int:
     return checked
 
 
-def library_errors(rank: int, world: int, provider: str, bad_rank: int) -> str:
+def library_errors(rank: int, world: int, bad_rank: int) -> list[str]:
     """`bad_rank` routes a token to an expert that does not exist: it gets FerryInvalidArgument (a
     ValueError too), every other rank FerryPeerFailed naming it, within the deadline; the step is
-    over for everyone and a later call says the all-to-all must be recreated."""
-    case = Case("library_errors", top_k=2)
-    a2a = make_a2a(case, world, provider, timeout_ms=15000)
-    x, _, indices, weights, _ = make_inputs(case, world, rank, 0)
-    if rank == bad_rank:
-        indices[0, 0] = a2a.num_experts
-    counts, ex, _ = a2a.empty_dispatch_outputs()
-    start = time.monotonic()
-    if rank == bad_rank:
-        text = expect_error(ferry.FerryInvalidArgument, f"names expert {a2a.num_experts}",
-                            lambda: a2a.dispatch(counts, ex, None, x, None, indices, weights))
-    else:
-        text = expect_error(ferry.FerryPeerFailed, f"rank {bad_rank}",
-                            lambda: a2a.dispatch(counts, ex, None, x, None, indices, weights))
-    elapsed = time.monotonic() - start
-    assert elapsed < 7.5, f"failing took {elapsed:.1f} s, half the deadline is 7.5 s: {text}"
-    try:
-        a2a.dispatch(counts, ex, None, x, None, indices, weights)
-        raise AssertionError("dispatch after a failed step succeeded")
-    except ferry.FerryError as e:
-        assert e.status in (ferry.Status.INTERNAL, ferry.Status.PEER_FAILED, ferry.Status.INVALID_ARGUMENT), str(e)
-    a2a.close()
-    return text
+    over for everyone and a later call says the all-to-all must be recreated. Over tcp, then shm."""
+    texts = []
+    for provider in ("tcp", "shm"):
+        case = Case("library_errors", top_k=2)
+        a2a = make_a2a(case, world, provider, timeout_ms=15000)
+        x, _, indices, weights, _ = make_inputs(case, world, rank, 0)
+        if rank == bad_rank:
+            indices[0, 0] = a2a.num_experts
+        counts, ex, _ = a2a.empty_dispatch_outputs()
+        start = time.monotonic()
+        if rank == bad_rank:
+            text = expect_error(ferry.FerryInvalidArgument, f"indices[0][0] = {a2a.num_experts} outside",
+                                lambda: a2a.dispatch(counts, ex, None, x, None, indices, weights))
+        else:
+            text = expect_error(ferry.FerryPeerFailed, f"rank {bad_rank}",
+                                lambda: a2a.dispatch(counts, ex, None, x, None, indices, weights))
+        elapsed = time.monotonic() - start
+        assert elapsed < 7.5, f"{provider}: failing took {elapsed:.1f} s, half the deadline is 7.5 s: {text}"
+        expect_error(ferry.FerryInternalError, "must be recreated",
+                     lambda: a2a.dispatch(counts, ex, None, x, None, indices, weights))
+        a2a.close()
+        texts.append(text)
+    return texts
 
 
-def killed_peer(rank: int, world: int, provider: str, victim: int) -> str:
-    """After a good step, `victim` dies; the others' next step raises FerryPeerFailed naming it
-    within the deadline (no hang)."""
+def killed_peer(rank: int, world: int, victim: int) -> list[str]:
+    """After a good step on a tcp and a shm all-to-all, `victim` dies; on both, the others' next
+    step raises FerryPeerFailed naming it within the deadline (nothing hangs)."""
     case = Case("killed_peer", top_k=2)
-    a2a = make_a2a(case, world, provider, timeout_ms=6000)
-    problems = run_step(a2a, case, world, rank, 0)
-    assert not problems, "\n".join(problems)
+    a2as = {p: make_a2a(case, world, p, timeout_ms=5000) for p in ("tcp", "shm")}
+    for a2a in a2as.values():
+        problems = run_step(a2a, case, world, rank, 0)
+        assert not problems, "\n".join(problems)
     dist.barrier()
     if rank == victim:
-        import os
-
         os._exit(17)
     time.sleep(0.5)  # the victim is gone before anyone starts the step
-    x, _, indices, weights, _ = make_inputs(case, world, rank, 1)
-    counts, ex, _ = a2a.empty_dispatch_outputs()
-    out = torch.zeros_like(x)
-    start = time.monotonic()
+    texts = []
+    for provider, a2a in a2as.items():
+        x, _, indices, weights, _ = make_inputs(case, world, rank, 1)
+        counts, ex, _ = a2a.empty_dispatch_outputs()
+        out = torch.zeros_like(x)
 
-    def step():
-        a2a.dispatch(counts, ex, None, x, None, indices, weights)
-        a2a.combine(out, indices, weights, expert_fn(ex, None, a2a.num_local_experts, a2a.out_dtype).view(ex.shape))
+        def step():
+            a2a.dispatch(counts, ex, None, x, None, indices, weights)
+            y = expert_fn(ex, None, a2a.num_local_experts, a2a.out_dtype).view(ex.shape)
+            a2a.combine(out, indices, weights, y)
 
-    text = expect_error(ferry.FerryPeerFailed, f"rank {victim}", step)
-    elapsed = time.monotonic() - start
-    assert elapsed < 6.0 + 3.0, f"failing took {elapsed:.1f} s with a 6 s deadline: {text}"
-    return text
+        start = time.monotonic()
+        text = expect_error(ferry.FerryPeerFailed, f"rank {victim}", step)
+        elapsed = time.monotonic() - start
+        assert elapsed < 5.0 + 3.0, f"{provider}: failing took {elapsed:.1f} s with a 5 s deadline: {text}"
+        texts.append(text)
+        a2a.close()
+    return texts

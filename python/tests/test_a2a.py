@@ -23,6 +23,8 @@ WORLDS = {
                      flat_layout=True, index_dtype="uint32", out_dtype="f16")),
         ("shm", Case("fp8_scales_top8", experts_per_rank=4, top_k=8, in_dtype="fp8", hidden=128, hidden_dim_scale=2)),
         ("shm", Case("split_back_to_back_20_steps", split=True, skew_rank=1, steps=20, drop=0.1)),
+        ("shm", Case("bootstrap_from_torchrun_env", bootstrap="env")),
+        ("tcp", Case("bootstrap_explicit_tcp", bootstrap="tcp", out_dtype="f32")),
     ],
     4: [
         ("tcp", Case("dp2_fp8_scales_top8", dp_size=2, experts_per_rank=2, top_k=8, in_dtype="fp8", hidden=128,

@@ -21,7 +21,7 @@ EP64_DECODE = dict(world_size=64, max_num_tokens=128, num_experts=256, hidden_di
 def test_every_status_has_its_exception_type_carrying_status_and_message():
     expected = {
         ferry.Status.INVALID_ARGUMENT: (ferry.FerryInvalidArgument, ValueError),
-        ferry.Status.TIMEOUT: (ferry.FerryTimeout, TimeoutError),
+        ferry.Status.TIMEOUT: (ferry.FerryTimeout, ferry.FerryError),
         ferry.Status.PEER_FAILED: (ferry.FerryPeerFailed, ferry.FerryError),
         ferry.Status.TRANSPORT: (ferry.FerryTransportError, ferry.FerryError),
         ferry.Status.OUT_OF_MEMORY: (ferry.FerryOutOfMemory, MemoryError),
@@ -30,13 +30,25 @@ def test_every_status_has_its_exception_type_carrying_status_and_message():
     }
     for status, (cls, also) in expected.items():
         assert ferry.errors.error_type(status) is cls
-        e = cls(int(status), "rank 3: count headers from rank 5 did not arrive")
+        e = cls(int(status), "rank 3: count headers from rank 5 were refused")
         assert isinstance(e, ferry.FerryError) and isinstance(e, also)
         assert e.status == status and e.message.startswith("rank 3")
-        assert str(e) == f"rank 3: count headers from rank 5 did not arrive [{_ferry.status_string(int(status))}]"
+        assert str(e) == f"rank 3: count headers from rank 5 were refused [{_ferry.status_string(int(status))}]"
         assert e.ranks == [3, 5]
         again = pickle.loads(pickle.dumps(e))
         assert type(again) is cls and again.status == status and again.message == e.message
+
+
+def test_a_timeout_naming_the_peers_it_waited_for_is_also_a_peer_failure():
+    missing = ("rank 0 step 1 dispatch: waiting for the count headers and private records: rank 0 wait: timed out "
+               "after 6000 ms waiting for imm 0x51002 (tag 81, from rank 2): 1 of 1 missing")
+    e = ferry.FerryTimeout(int(ferry.Status.TIMEOUT), missing)
+    assert type(e) is ferry.FerryPeerTimeout
+    assert isinstance(e, ferry.FerryPeerFailed) and isinstance(e, ferry.FerryTimeout)
+    assert e.status == ferry.Status.TIMEOUT and e.ranks == [0, 0, 2]
+    assert type(pickle.loads(pickle.dumps(e))) is ferry.FerryPeerTimeout
+    busy = ferry.FerryTimeout(int(ferry.Status.TIMEOUT), "rank 0: operation queue full for 30000 ms")
+    assert type(busy) is ferry.FerryTimeout and not isinstance(busy, ferry.FerryPeerFailed)
 
 
 def test_sizing_ep64_decode_without_a_job_matches_the_c_api():
