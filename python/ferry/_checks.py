@@ -179,14 +179,32 @@ def address(
     raise ValueError(f"{name}: {type(t).__name__}, expected a torch.Tensor or a numpy.ndarray")
 
 
-def optional_address(
-    name: str, t: Optional[Any], want: bool, shapes: tuple, dtypes: Dtypes, device: Device, why_none: str, **kw: Any
-) -> int:
+def host_address(name: str, t: Any, shapes: tuple, dtypes: Dtypes, device: Device, writable: bool = False,
+                 layout: str = "") -> int:
+    """address() for the host backend, with the common case (a contiguous CPU torch tensor of the
+    right dtype and shape) first: the checks cost well under a microsecond per tensor."""
+    if t.__class__ is _Tensor and t.is_cpu and t.dtype in dtypes.torch and t.shape in shapes and t.is_contiguous():
+        return t.data_ptr()
+    return address(name, t, shapes, dtypes, device, writable=writable, layout=layout)
+
+
+def cuda_address(name: str, t: Any, shapes: tuple, dtypes: Dtypes, device: Device, writable: bool = False,
+                 layout: str = "") -> int:
+    """address() for the CUDA backend, the common case first (see host_address)."""
+    if (t.__class__ is _Tensor and t.is_cuda and t.get_device() == device.index and t.dtype in dtypes.torch
+            and t.shape in shapes and t.is_contiguous()):
+        return t.data_ptr()
+    return address(name, t, shapes, dtypes, device, writable=writable, layout=layout)
+
+
+def optional_address(name: str, t: Optional[Any], want: bool, shapes: tuple, dtypes: Dtypes, device: Device,
+                     why_none: str, writable: bool = False, layout: str = "") -> int:
     """Like address() for an argument that is required when `want` and must be None otherwise."""
     if want:
         if t is None:
             raise ValueError(f"{name}: None, expected {dtypes.text} of shape {_shape_text(shapes)}")
-        return address(name, t, shapes, dtypes, device, **kw)
+        check = cuda_address if device.cuda else host_address
+        return check(name, t, shapes, dtypes, device, writable, layout)
     if t is not None:
         raise ValueError(f"{name}: expected None ({why_none}), got a {_where(t)} {type(t).__name__}")
     return 0

@@ -13,7 +13,7 @@ import weakref
 from typing import Any, Optional
 
 from ferry import _checks, _ferry
-from ferry._checks import COUNT, FLOAT32, INT32, ROUTES, Device, address, optional_address, rows
+from ferry._checks import COUNT, FLOAT32, INT32, ROUTES, Device, optional_address, rows
 from ferry.bootstrap import Bootstrap
 
 try:
@@ -348,6 +348,7 @@ class AllToAll:
         self._expert_layout = (" ([num_local_experts, max_tokens_per_expert, hidden_dim] or its rows flattened)")
         self._scale_layout = (" ([num_local_experts, max_tokens_per_expert, hidden_dim_scale] or its rows flattened)")
         self._has_scales = bool(S)
+        self._address = _checks.cuda_address if s.device.cuda else _checks.host_address
         self._in_dtypes = _checks.dtypes_of(s.in_code)
         self._out_dtypes = _checks.dtypes_of(s.out_code)
         self._dispatch_sent: Any = None
@@ -393,6 +394,7 @@ class AllToAll:
             if n > self.max_num_tokens:
                 raise ValueError(f"dp_x: {n} tokens, expected at most max_num_tokens={self.max_num_tokens}")
             H, K = self.hidden_dim, self.num_experts_per_token
+            address = self._address
             x = address("dp_x", dp_x, ((n, H),), self._in_dtypes, dev)
             xs = optional_address("dp_x_scale", dp_x_scale, self._has_scales, ((n, self.hidden_dim_scale),),
                                   FLOAT32, dev, "this all-to-all has no hidden_dim_scale")
@@ -404,10 +406,11 @@ class AllToAll:
         else:
             n = x = xs = idx = w = bm = 0
         if do_recv:
-            cnt = address("out_expert_num_tokens", out_expert_num_tokens, self._counts_shape, INT32, dev,
-                          writable=True, layout=" ([num_local_experts])")
-            ox = address("out_expert_x", out_expert_x, self._expert_shape, self._in_dtypes, dev, writable=True,
-                         layout=self._expert_layout)
+            address = self._address
+            cnt = address("out_expert_num_tokens", out_expert_num_tokens, self._counts_shape, INT32, dev, True,
+                          " ([num_local_experts])")
+            ox = address("out_expert_x", out_expert_x, self._expert_shape, self._in_dtypes, dev, True,
+                         self._expert_layout)
             oxs = optional_address("out_expert_x_scale", out_expert_x_scale, self._has_scales,
                                    self._expert_scale_shape, FLOAT32, dev, "this all-to-all has no hidden_dim_scale",
                                    writable=True, layout=self._scale_layout)
@@ -442,16 +445,17 @@ class AllToAll:
         impl = self._live()
         dev = self._device
         n = rows("indices", indices)
+        address = self._address
         if do_send:
-            ey = address("expert_y", expert_y, self._expert_shape, self._out_dtypes, dev, layout=self._expert_layout)
+            ey = address("expert_y", expert_y, self._expert_shape, self._out_dtypes, dev, False, self._expert_layout)
         elif not do_recv:
             raise ValueError("do_send, do_recv: both False, expected at least one half")
         else:
             ey = 0
         if do_recv:
             K = self.num_experts_per_token
-            ot = address("out_tokens", out_tokens, ((n, self.hidden_dim),), self._out_dtypes, dev, writable=True,
-                         layout=" ([num_tokens of indices, hidden_dim])")
+            ot = address("out_tokens", out_tokens, ((n, self.hidden_dim),), self._out_dtypes, dev, True,
+                         " ([num_tokens of indices, hidden_dim])")
             idx = address("indices", indices, ((n, K),), ROUTES, dev)
             w = address("weights", weights, ((n, K),), FLOAT32, dev)
             bm = self._bound_m(bound_m)
@@ -564,8 +568,8 @@ class AllToAll:
     def _bound_m(self, bound_m: Optional[Tensor]) -> int:
         if bound_m is None:
             return 0
-        return address("bound_m", bound_m, ((1,), ()), COUNT, self._device,
-                       layout=" (one int32 element: the token count, on the all-to-all's device)")
+        return self._address("bound_m", bound_m, ((1,), ()), COUNT, self._device, False,
+                             " (one int32 element: the token count, on the all-to-all's device)")
 
     def _stream(self) -> int:
         if self._device.cuda:

@@ -40,9 +40,20 @@ class Bootstrap:
     # ---- constructors -------------------------------------------------------------------------
 
     @classmethod
-    def from_env(cls, timeout_ms: int = 60000) -> "Bootstrap":
-        """torchrun's environment, else an MPI launch (OMPI_COMM_WORLD_RANK, PMI_RANK, PMIX_RANK)."""
+    def from_env(cls, timeout_ms: int = 60000, master_port: Optional[int] = None) -> "Bootstrap":
+        """torchrun's environment, else an MPI launch (OMPI_COMM_WORLD_RANK, PMI_RANK, PMIX_RANK).
+
+        Rank 0 listens on MASTER_PORT. Under torchrun that port is held by torchrun's own store:
+        pass `master_port` (the same free port on every rank) to rendezvous at MASTER_ADDR on it,
+        or use :meth:`from_process_group`, which needs no port.
+        """
         rank, world_size = _rank_from_env()
+        if master_port is not None:
+            addr = os.environ.get("MASTER_ADDR")
+            if not addr:
+                raise ValueError("master_port: given, but MASTER_ADDR is not set")
+            handle = _ferry.Bootstrap.tcp(addr, int(master_port), rank, world_size, timeout_ms)
+            return cls(handle, rank, world_size, description=f"environment, port {master_port}")
         handle = _ferry.Bootstrap.from_env(timeout_ms)
         return cls(handle, rank, world_size, description="environment")
 

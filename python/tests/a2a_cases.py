@@ -90,8 +90,8 @@ def first_difference(what: str, got: torch.Tensor, want: torch.Tensor) -> str:
             f"want {want[r].flatten()[:6].tolist()}")
 
 
-def sentinel_like(shape, dtype) -> torch.Tensor:
-    t = torch.empty(shape, dtype=dtype)
+def sentinel_like(shape, dtype, device="cpu") -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
     t.view(torch.uint8).fill_(SENTINEL)
     return t
 
@@ -135,41 +135,45 @@ def make_a2a(case: Case, world: int, provider: str, **overrides) -> ferry.AllToA
 
 
 def run_step(a2a: ferry.AllToAll, case: Case, world: int, rank: int, step: int) -> list[str]:
-    """One dispatch + combine through Ferry and through the reference; the differences found."""
+    """One dispatch + combine through Ferry (on the all-to-all's device) and through the reference
+    (on the CPU); the differences found."""
+    dev = a2a.device
     x, x_scale, indices, weights, previous = make_inputs(case, world, rank // case.dp_size, step)
     tokens = x.shape[0]
     count = tokens - 1 if case.bound_m else tokens
-    bound_m = torch.tensor([count], dtype=torch.int32) if case.bound_m else None
-    if case.index_dtype == "uint32":
-        routes = indices.view(torch.uint32)
-    else:
-        routes = indices
+    bound_m = torch.tensor([count], dtype=torch.int32, device=dev) if case.bound_m else None
+    routes = (indices.view(torch.uint32) if case.index_dtype == "uint32" else indices).to(dev)
+    x_d, w_d = x.to(dev), weights.to(dev)
+    x_scale_d = x_scale.to(dev) if x_scale is not None else None
 
     L, M, H = a2a.num_local_experts, a2a.max_tokens_per_expert, a2a.hidden_dim
     shape = (L * M, H) if case.flat_layout else (L, M, H)
-    counts = sentinel_like((L,), torch.int32)
-    expert_x = sentinel_like(shape, a2a.in_dtype)
+    counts = sentinel_like((L,), torch.int32, dev)
+    expert_x = sentinel_like(shape, a2a.in_dtype, dev)
     expert_x_scale = None
     if case.hidden_dim_scale:
-        expert_x_scale = sentinel_like(shape[:-1] + (case.hidden_dim_scale,), torch.float32)
+        expert_x_scale = sentinel_like(shape[:-1] + (case.hidden_dim_scale,), torch.float32, dev)
 
     if case.split:
-        handle = a2a.dispatch(counts, expert_x, expert_x_scale, x, x_scale, routes, weights, bound_m, do_recv=False)
+        handle = a2a.dispatch(counts, expert_x, expert_x_scale, x_d, x_scale_d, routes, w_d, bound_m, do_recv=False)
         assert isinstance(handle, ferry.DispatchHandle)
         _work(rank, case)
         handle.recv()
         handle.recv()  # a second recv() does nothing
     else:
-        assert a2a.dispatch(counts, expert_x, expert_x_scale, x, x_scale, routes, weights, bound_m) is None
+        assert a2a.dispatch(counts, expert_x, expert_x_scale, x_d, x_scale_d, routes, w_d, bound_m) is None
 
     want = reference.dispatch(x[:count], x_scale[:count] if x_scale is not None else None, indices[:count],
                               weights[:count], num_experts=a2a.num_experts, max_rows=M,
                               expert_padding=case.expert_padding, dp_size=case.dp_size)
     problems = []
-    if not torch.equal(counts, want.counts):
-        problems.append(f"out_expert_num_tokens {counts.tolist()} vs reference {want.counts.tolist()}")
-    flat_x = expert_x.reshape(L * M, H)
-    flat_scale = expert_x_scale.reshape(L * M, -1) if expert_x_scale is not None else None
+    got_counts = counts.cpu()
+    if not torch.equal(got_counts, want.counts):
+        problems.append(f"out_expert_num_tokens {got_counts.tolist()} vs reference {want.counts.tolist()}")
+    got_x = expert_x.cpu()
+    got_scale = expert_x_scale.cpu() if expert_x_scale is not None else None
+    flat_x = got_x.reshape(L * M, H)
+    flat_scale = got_scale.reshape(L * M, -1) if got_scale is not None else None
     untouched = sentinel_like((1, H), a2a.in_dtype).view(torch.uint8)
     for e in range(L):
         rows = slice(e * M, e * M + want.padded[e])
@@ -182,21 +186,22 @@ def run_step(a2a: ferry.AllToAll, case: Case, world: int, rank: int, step: int) 
             problems.append(f"out_expert_x expert {e}: rows past the padded count were written")
 
     # The experts run on what arrived; the reference's experts on what it computed.
-    expert_y = expert_fn(expert_x, expert_x_scale, L, a2a.out_dtype).reshape(shape)
+    expert_y = expert_fn(got_x, got_scale, L, a2a.out_dtype).reshape(shape).to(dev)
     want_y = expert_fn(want.expert_x, want.expert_x_scale, L, a2a.out_dtype)
-    out = previous.clone() if case.accumulate else sentinel_like((tokens, H), a2a.out_dtype)
-    before = out.clone()
+    before = previous.clone() if case.accumulate else sentinel_like((tokens, H), a2a.out_dtype)
+    out = before.to(dev, copy=True)
     if case.split:
-        handle = a2a.combine(out, routes, weights, expert_y, bound_m, do_recv=False, accumulate=case.accumulate)
+        handle = a2a.combine(out, routes, w_d, expert_y, bound_m, do_recv=False, accumulate=case.accumulate)
         assert isinstance(handle, ferry.CombineHandle)
         _work(rank, case)
         handle.recv()
     else:
-        a2a.combine(out, routes, weights, expert_y, bound_m, accumulate=case.accumulate)
+        a2a.combine(out, routes, w_d, expert_y, bound_m, accumulate=case.accumulate)
     want_out = reference.combine(want, want_y, count, dp_size=case.dp_size,
                                  previous=previous[:count] if case.accumulate else None)
-    problems.append(first_difference("out_tokens", out[:count], want_out))
-    if count < tokens and not torch.equal(out[count:].view(torch.uint8), before[count:].view(torch.uint8)):
+    got_out = out.cpu()
+    problems.append(first_difference("out_tokens", got_out[:count], want_out))
+    if count < tokens and not torch.equal(got_out[count:].view(torch.uint8), before[count:].view(torch.uint8)):
         problems.append("out_tokens: rows at or past bound_m were written")
     return [f"rank {rank} case {case.name} step {step}: {p}" for p in problems if p]
 
@@ -207,19 +212,79 @@ def _work(rank: int, case: Case) -> None:
     for _ in range(4):
         a = torch.tanh(a @ a)
     if rank == case.skew_rank:
-        time.sleep(0.3)
+        time.sleep(0.05)
 
 
-def run_cases(rank: int, world: int, cases: list[tuple[str, Case]]) -> list[str]:
-    """Every (provider, case) on this rank; returns what ran (raises with every difference found)."""
+def run_cases(rank: int, world: int, cases: list[tuple[str, Case]], device: str = "cpu") -> list[str]:
+    """Every (provider, case) on this rank; returns what ran (raises with every difference found).
+    device "cuda": every rank of the world on the first GPU (CUDA tensors, CUDA backend)."""
+    if device == "cuda":
+        torch.cuda.set_device(0)
+        device = "cuda:0"
     problems, ran = [], []
     for provider, case in cases:
-        with make_a2a(case, world, provider) as a2a:
+        with make_a2a(case, world, provider, device=device) as a2a:
             for step in range(case.steps):
                 problems += [f"{provider}: {p}" for p in run_step(a2a, case, world, rank, step)]
         ran.append(f"{provider}/{case.name}")
     assert not problems, "\n".join(problems[:20])
     return ran
+
+
+def graph_replays(rank: int, world: int, provider: str, replays: int) -> int:
+    """dispatch + expert + combine captured in one CUDA graph, replayed `replays` times over five
+    input sets (copied into the captured tensors before each replay), equal the eager steps."""
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda", 0)
+    case = Case("graph", top_k=4, hidden=256, max_tokens=16, in_dtype="fp8", hidden_dim_scale=2)
+    a2a = make_a2a(case, world, provider, device=dev)
+    T, H, K, S = case.max_tokens, case.hidden, case.top_k, case.hidden_dim_scale
+    x = torch.zeros((T, H), dtype=torch.float8_e4m3fn, device=dev)
+    x_scale = torch.ones((T, S), device=dev)
+    indices = torch.full((T, K), -1, dtype=torch.int32, device=dev)
+    weights = torch.zeros((T, K), device=dev)
+    bound_m = torch.zeros((1,), dtype=torch.int32, device=dev)
+    counts, expert_x, expert_x_scale = a2a.empty_dispatch_outputs()
+    expert_y = a2a.empty_expert_y()
+    out = torch.zeros((T, H), dtype=a2a.out_dtype, device=dev)
+
+    def load(step: int) -> int:
+        xs, ss, idx, w, _ = make_inputs(case, world, rank, step)
+        n = xs.shape[0]
+        x[:n].copy_(xs)
+        x_scale[:n].copy_(ss)
+        indices.fill_(-1)
+        indices[:n].copy_(idx)
+        weights[:n].copy_(w)
+        bound_m.fill_(n)
+        return n
+
+    def step() -> None:
+        a2a.dispatch(counts, expert_x, expert_x_scale, x, x_scale, indices, weights, bound_m)
+        expert_y.copy_(expert_x)  # the expert: fp8 rows widened to bf16, in place (capturable)
+        a2a.combine(out, indices, weights, expert_y, bound_m)
+
+    eager = []
+    for s in range(5):
+        n = load(s)
+        step()
+        torch.cuda.synchronize()
+        eager.append((n, counts.clone(), out[:n].clone()))
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    torch.cuda.synchronize()
+    for i in range(replays):
+        n, want_counts, want_out = eager[i % 5]
+        load(i % 5)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(counts, want_counts), f"rank {rank} replay {i}: counts {counts.tolist()} vs eager"
+        assert torch.equal(out[:n].view(torch.uint8), want_out.view(torch.uint8)), \
+            f"rank {rank} replay {i}: out_tokens differ from the eager step"
+    a2a.close()
+    return replays
 
 
 # ---- errors ------------------------------------------------------------------------------------
