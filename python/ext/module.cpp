@@ -196,6 +196,38 @@ T* ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
+ferry_dispatch_args_t dispatch_args(uintptr_t out_expert_num_tokens, uintptr_t out_expert_x,
+                                    uintptr_t out_expert_x_scale, uintptr_t dp_x, uintptr_t dp_x_scale,
+                                    uintptr_t indices, uintptr_t weights, uintptr_t bound_m, int num_tokens,
+                                    int flags) {
+  ferry_dispatch_args_t a{};
+  a.out_expert_num_tokens = ptr<int32_t>(out_expert_num_tokens);
+  a.out_expert_x = ptr<void>(out_expert_x);
+  a.out_expert_x_scale = ptr<float>(out_expert_x_scale);
+  a.dp_x = ptr<const void>(dp_x);
+  a.dp_x_scale = ptr<const float>(dp_x_scale);
+  a.indices = ptr<const int32_t>(indices);
+  a.weights = ptr<const float>(weights);
+  a.bound_m = ptr<const int32_t>(bound_m);
+  a.num_tokens = num_tokens;
+  a.flags = flags;
+  return a;
+}
+
+ferry_combine_args_t combine_args(uintptr_t out_tokens, uintptr_t indices, uintptr_t weights, uintptr_t expert_y,
+                                  uintptr_t bound_m, int num_tokens, bool accumulate, int flags) {
+  ferry_combine_args_t a{};
+  a.out_tokens = ptr<void>(out_tokens);
+  a.indices = ptr<const int32_t>(indices);
+  a.weights = ptr<const float>(weights);
+  a.expert_y = ptr<const void>(expert_y);
+  a.bound_m = ptr<const int32_t>(bound_m);
+  a.num_tokens = num_tokens;
+  a.accumulate = accumulate ? 1 : 0;
+  a.flags = flags;
+  return a;
+}
+
 using Clock = std::chrono::steady_clock;
 
 int64_t ns_since(Clock::time_point start) {
@@ -230,48 +262,15 @@ class AllToAll {
   void dispatch(uintptr_t out_expert_num_tokens, uintptr_t out_expert_x, uintptr_t out_expert_x_scale, uintptr_t dp_x,
                 uintptr_t dp_x_scale, uintptr_t indices, uintptr_t weights, uintptr_t bound_m, int num_tokens,
                 int flags, uintptr_t stream) {
-    ferry_dispatch_args_t a{};
-    a.out_expert_num_tokens = ptr<int32_t>(out_expert_num_tokens);
-    a.out_expert_x = ptr<void>(out_expert_x);
-    a.out_expert_x_scale = ptr<float>(out_expert_x_scale);
-    a.dp_x = ptr<const void>(dp_x);
-    a.dp_x_scale = ptr<const float>(dp_x_scale);
-    a.indices = ptr<const int32_t>(indices);
-    a.weights = ptr<const float>(weights);
-    a.bound_m = ptr<const int32_t>(bound_m);
-    a.num_tokens = num_tokens;
-    a.flags = flags;
-    ferry_a2a_t h = open_handle();
-    ferry_status_t status;
-    {
-      nb::gil_scoped_release release;
-      const auto start = Clock::now();
-      status = ferry_a2a_dispatch(h, &a, ptr<void>(stream));
-      last_call_ns_ = ns_since(start);
-    }
-    raise_on_error(status);
+    call(ferry_a2a_dispatch, dispatch_args(out_expert_num_tokens, out_expert_x, out_expert_x_scale, dp_x, dp_x_scale,
+                                           indices, weights, bound_m, num_tokens, flags),
+         stream);
   }
 
   void combine(uintptr_t out_tokens, uintptr_t indices, uintptr_t weights, uintptr_t expert_y, uintptr_t bound_m,
                int num_tokens, bool accumulate, int flags, uintptr_t stream) {
-    ferry_combine_args_t a{};
-    a.out_tokens = ptr<void>(out_tokens);
-    a.indices = ptr<const int32_t>(indices);
-    a.weights = ptr<const float>(weights);
-    a.expert_y = ptr<const void>(expert_y);
-    a.bound_m = ptr<const int32_t>(bound_m);
-    a.num_tokens = num_tokens;
-    a.accumulate = accumulate ? 1 : 0;
-    a.flags = flags;
-    ferry_a2a_t h = open_handle();
-    ferry_status_t status;
-    {
-      nb::gil_scoped_release release;
-      const auto start = Clock::now();
-      status = ferry_a2a_combine(h, &a, ptr<void>(stream));
-      last_call_ns_ = ns_since(start);
-    }
-    raise_on_error(status);
+    call(ferry_a2a_combine, combine_args(out_tokens, indices, weights, expert_y, bound_m, num_tokens, accumulate, flags),
+         stream);
   }
 
   // The benchmark's baseline: `iterations` blocking dispatch + combine steps issued from C++ with
@@ -280,23 +279,10 @@ class AllToAll {
                                   uintptr_t out_expert_x_scale, uintptr_t dp_x, uintptr_t dp_x_scale,
                                   uintptr_t indices, uintptr_t weights, int num_tokens, uintptr_t expert_y,
                                   uintptr_t out_tokens, int iterations, uintptr_t stream) {
-    ferry_dispatch_args_t d{};
-    d.out_expert_num_tokens = ptr<int32_t>(out_expert_num_tokens);
-    d.out_expert_x = ptr<void>(out_expert_x);
-    d.out_expert_x_scale = ptr<float>(out_expert_x_scale);
-    d.dp_x = ptr<const void>(dp_x);
-    d.dp_x_scale = ptr<const float>(dp_x_scale);
-    d.indices = ptr<const int32_t>(indices);
-    d.weights = ptr<const float>(weights);
-    d.num_tokens = num_tokens;
-    d.flags = FERRY_SEND_RECV;
-    ferry_combine_args_t c{};
-    c.out_tokens = ptr<void>(out_tokens);
-    c.indices = d.indices;
-    c.weights = d.weights;
-    c.expert_y = ptr<const void>(expert_y);
-    c.num_tokens = num_tokens;
-    c.flags = FERRY_SEND_RECV;
+    const ferry_dispatch_args_t d = dispatch_args(out_expert_num_tokens, out_expert_x, out_expert_x_scale, dp_x,
+                                                  dp_x_scale, indices, weights, 0, num_tokens, FERRY_SEND_RECV);
+    const ferry_combine_args_t c =
+        combine_args(out_tokens, indices, weights, expert_y, 0, num_tokens, false, FERRY_SEND_RECV);
     ferry_a2a_t h = open_handle();
     std::vector<int64_t> ns;
     ns.reserve(size_t(2) * size_t(iterations > 0 ? iterations : 0));
@@ -346,6 +332,21 @@ class AllToAll {
   int64_t last_call_ns() const { return last_call_ns_; }
 
  private:
+  // One blocking C call with the GIL released (the CUDA backend's eager receive synchronises its
+  // stream, the host backend waits for the peers), timed for the benchmark's split.
+  template <class Args>
+  void call(ferry_status_t (*fn)(ferry_a2a_t, const Args*, void*), const Args& args, uintptr_t stream) {
+    ferry_a2a_t h = open_handle();
+    ferry_status_t status;
+    {
+      nb::gil_scoped_release release;
+      const auto start = Clock::now();
+      status = fn(h, &args, ptr<void>(stream));
+      last_call_ns_ = ns_since(start);
+    }
+    raise_on_error(status);
+  }
+
   ferry_a2a_t open_handle() const {
     if (!handle_) throw StatusError{FERRY_ERR_INVALID_ARGUMENT, "all-to-all is closed"};
     return handle_;
