@@ -18,7 +18,7 @@ from ferry import launch  # noqa: E402
 
 CASES = [
     ("tcp", Case("bf16_top2")),
-    ("tcp", Case("fp8_scales_top8", experts_per_rank=2, top_k=8, in_dtype="fp8", hidden=256, hidden_dim_scale=2,
+    ("tcp", Case("fp8_scales_top8", experts_per_rank=8, top_k=8, in_dtype="fp8", hidden=256, hidden_dim_scale=2,
                  drop=0.2, empty_groups=(1,))),
     ("tcp", Case("split_skewed_back_to_back", split=True, skew_rank=0, steps=5, out_dtype="f32")),
     ("tcp", Case("bound_m_accumulate_padding", bound_m=True, accumulate=True, expert_padding=4, steps=3)),
