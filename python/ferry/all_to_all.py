@@ -543,6 +543,13 @@ class AllToAll:
 
     destroy = close  # pplx-kernels' and pplx-garden's name
 
+    def __del__(self) -> None:
+        # Not collective, so safe from the garbage collector; releases the bootstrap too.
+        try:
+            self.close()
+        except Exception:
+            pass
+
     @property
     def closed(self) -> bool:
         return self._impl is None

@@ -95,8 +95,13 @@ class Bootstrap:
         if "gloo" in backend or backend == "mpi":
             cpu_group = group
         else:
-            kwargs = {"timeout": timeout} if timeout is not None else {}
-            cpu_group = dist.new_group(ranks=dist.get_process_group_ranks(group), backend="gloo", **kwargs)
+            # One gloo group per set of ranks, made once: every rank constructs its all-to-alls in
+            # the same order, so every rank finds (or creates) it at the same call.
+            ranks = tuple(dist.get_process_group_ranks(group))
+            cpu_group = _gloo_groups.get(ranks)
+            if cpu_group is None:
+                kwargs = {"timeout": timeout} if timeout is not None else {}
+                cpu_group = _gloo_groups[ranks] = dist.new_group(ranks=list(ranks), backend="gloo", **kwargs)
 
         def allgather(data: bytes) -> bytes:
             if not data:
@@ -140,6 +145,9 @@ class Bootstrap:
 
     def __repr__(self) -> str:
         return f"Bootstrap(rank={self.rank}, world_size={self.world_size}, {self.description})"
+
+
+_gloo_groups: dict[tuple[int, ...], Any] = {}
 
 
 def _rank_from_env(mpi_only: bool = False) -> tuple[int, int]:
