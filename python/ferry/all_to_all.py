@@ -52,9 +52,11 @@ def _device_of(device: Any) -> Device:
     if kind == "cuda":
         if torch is None:
             raise ValueError(f"device: {text!r} needs torch (CUDA tensors come from torch)")
+        if index and not index.isdigit():
+            raise ValueError(f"device: {text!r}, expected 'cpu', 'cuda' or 'cuda:N'")
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {text!r}, but torch sees no CUDA device (torch.cuda.is_available() is False)")
         if index:
-            if not index.isdigit():
-                raise ValueError(f"device: {text!r}, expected 'cpu', 'cuda' or 'cuda:N'")
             return Device(True, int(index))
         return Device(True, torch.cuda.current_device())
     raise ValueError(f"device: {text!r}, expected 'cpu', 'cuda' or 'cuda:N'")

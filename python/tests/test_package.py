@@ -85,6 +85,7 @@ CONSTRUCTOR = dict(max_num_tokens=8, num_experts=4, hidden_dim=64, in_dtype=torc
     (dict(expert_padding=1.5), "expert_padding: 1.5, expected an int >= 1"),
     (dict(max_private_tokens=-2), "max_private_tokens: -2, expected an int >= 0"),
     (dict(device="tpu:0"), "device: 'tpu:0', expected 'cpu', 'cuda' or 'cuda:N'"),
+    (dict(device="cuda:x"), "device: 'cuda:x', expected 'cpu', 'cuda' or 'cuda:N'"),
     (dict(provider=3), "provider: 3, expected a libfabric provider name"),
     (dict(global_group=None), "global_group: torch.distributed is not initialized"),
     (dict(bootstrap="tcp://x"), "bootstrap: str, expected a ferry.Bootstrap"),
