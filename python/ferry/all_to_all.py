@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from ferry import _checks, _ferry
 from ferry._checks import COUNT, FLOAT32, INT32, ROUTES, Device, optional_address, rows
-from ferry.bootstrap import Bootstrap
+from ferry.bootstrap import Bootstrap, group_rank
 
 try:
     import torch
@@ -306,14 +306,16 @@ class AllToAll:
                 raise ValueError("global_group: give a process group or a bootstrap, not both")
             if not isinstance(bootstrap, Bootstrap):
                 raise ValueError(f"bootstrap: {type(bootstrap).__name__}, expected a ferry.Bootstrap")
-            self._owns_bootstrap = False
+            rank, world_size = bootstrap.rank, bootstrap.world_size
         else:
+            global_group, rank, world_size = group_rank(global_group)
+        # Every argument is checked before the first collective step (the bootstrap's).
+        dp = _dp_size_of(dp_group, dp_size, global_group, rank, world_size)
+        self._owns_bootstrap = bootstrap is None
+        if bootstrap is None:
             bootstrap = Bootstrap.from_process_group(global_group)
-            self._owns_bootstrap = True
         self._bootstrap = bootstrap
         try:
-            rank, world_size = bootstrap.rank, bootstrap.world_size
-            dp = _dp_size_of(dp_group, dp_size, global_group, rank, world_size)
             handle = bootstrap._acquire(self)
             self._impl = _ferry.AllToAll(s.config(rank, world_size, dp), handle)
         except BaseException:

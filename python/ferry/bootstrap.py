@@ -82,15 +82,7 @@ class Bootstrap:
         import torch
         import torch.distributed as dist
 
-        if not dist.is_available() or not dist.is_initialized():
-            raise ValueError("global_group: torch.distributed is not initialized; call "
-                             "torch.distributed.init_process_group first (or pass bootstrap=ferry.Bootstrap.from_env())")
-        if group is None:
-            group = dist.group.WORLD
-        rank = dist.get_rank(group)
-        world_size = dist.get_world_size(group)
-        if rank < 0:
-            raise ValueError("global_group: this process is not a member of the group")
+        group, rank, world_size = group_rank(group)
         backend = str(dist.get_backend(group))
         if "gloo" in backend or backend == "mpi":
             cpu_group = group
@@ -148,6 +140,21 @@ class Bootstrap:
 
 
 _gloo_groups: dict[tuple[int, ...], Any] = {}
+
+
+def group_rank(group: Any) -> tuple[Any, int, int]:
+    """(group, this process's rank in it, its size); None is the world group."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("global_group: torch.distributed is not initialized; call "
+                         "torch.distributed.init_process_group first (or pass bootstrap=ferry.Bootstrap.from_env())")
+    if group is None:
+        group = dist.group.WORLD
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("global_group: this process is not a member of the group")
+    return group, rank, dist.get_world_size(group)
 
 
 def _rank_from_env(mpi_only: bool = False) -> tuple[int, int]:

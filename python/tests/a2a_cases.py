@@ -378,6 +378,10 @@ def library_errors(rank: int, world: int, bad_rank: int) -> list[str]:
     """`bad_rank` routes a token to an expert that does not exist: it gets FerryInvalidArgument (a
     ValueError too), every other rank FerryPeerFailed naming it, within the deadline; the step is
     over for everyone and a later call says the all-to-all must be recreated. Over tcp, then shm."""
+    # dp groups of ranks that are not consecutive: refused on every rank before anything is set up.
+    mine = [dist.new_group(g, backend="gloo") for g in ([0, 2], [1, 3])][rank % 2]
+    expect_error(ValueError, f"dp_group: ranks {[rank % 2, rank % 2 + 2]} (positions",
+                 lambda: make_a2a(Case("dp_not_consecutive"), world, "tcp", dp_group=mine))
     texts = []
     for provider in ("tcp", "shm"):
         case = Case("library_errors", top_k=2)
