@@ -70,8 +70,11 @@ def spawn(
     backend: str = "gloo",
     env: Optional[dict[str, str]] = None,
     may_exit: Iterable[int] = (),
+    grace_s: float = 45.0,
 ) -> list[Any]:
-    """Starts `world_size` processes running fn(rank, world_size, *args); returns their results."""
+    """Starts `world_size` processes running fn(rank, world_size, *args); returns their results.
+    Once a rank has failed, the others get `grace_s` more seconds to finish or fail before they are
+    stopped."""
     import torch.multiprocessing as mp
 
     # A fork server that has imported torch once starts each rank in milliseconds instead of a fresh
@@ -102,9 +105,12 @@ def spawn(
         while len(done) + len(failures) < world_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                first = min(failures) if failures else None
+                why = (f"still running {grace_s:.0f} s after rank {first} failed (stopped)" if first is not None
+                       else f"no result within {timeout_s:.0f} s (stopped)")
                 for r in range(world_size):
                     if r not in done and r not in failures and r not in allowed:
-                        failures[r] = f"no result within {timeout_s:.0f} s (stopped)"
+                        failures[r] = why
                 break
             try:
                 rank, ok, value = results.get(timeout=min(remaining, 0.2))
@@ -112,6 +118,9 @@ def spawn(
                     done[rank] = (True, value)
                 else:
                     failures[rank] = value
+                    # The others now fail too (naming this rank) or wait for it: give them the time
+                    # their own deadlines need to say so, not the whole world's.
+                    deadline = min(deadline, time.monotonic() + grace_s)
                 continue
             except queue_module.Empty:
                 pass
@@ -126,6 +135,7 @@ def spawn(
                         done[r] = (True, None)
                     else:
                         failures[r] = f"exited with code {p.exitcode} without a result"
+                        deadline = min(deadline, time.monotonic() + grace_s)
     finally:
         for p in procs:
             p.join(timeout=max(0.0, min(10.0, deadline - time.monotonic())))
