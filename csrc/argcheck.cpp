@@ -29,6 +29,45 @@ unsigned __int128 buffer_bytes(const ferry_a2a_config_t& c, int in_elem, int out
   return U(c.world_size) * header * 2 + (max_send + max_recv) * (record + partial);
 }
 
+const char* scale_layout_name(int scale_layout) {
+  switch (scale_layout) {
+    case FERRY_SCALE_ROW_MAJOR: return "FERRY_SCALE_ROW_MAJOR";
+    case FERRY_SCALE_COLUMN_MAJOR: return "FERRY_SCALE_COLUMN_MAJOR";
+    case FERRY_SCALE_UE8M0_COLUMN_MAJOR: return "FERRY_SCALE_UE8M0_COLUMN_MAJOR";
+    default: return "unknown";
+  }
+}
+
+// The quantize arguments of a dispatch SEND against the all-to-all's wire format.
+void check_quantize(const Layout& l, const ferry_dispatch_args_t& a, const Site& site) {
+  const int quantize = enum_value(a.quantize);
+  if (quantize != FERRY_QUANTIZE_NONE && quantize != FERRY_QUANTIZE_FP8_BLOCK)
+    fail(Status::invalid_argument, site,
+         "quantize " + str(quantize) + " is not a ferry_quantize_t (FERRY_QUANTIZE_NONE 0, FERRY_QUANTIZE_FP8_BLOCK 1)");
+  if (a.round_scale != 0 && a.round_scale != 1)
+    fail(Status::invalid_argument, site, "round_scale " + str(a.round_scale) + " must be 0 or 1");
+  if (quantize == FERRY_QUANTIZE_NONE) {
+    if (a.round_scale)
+      fail(Status::invalid_argument, site,
+           "round_scale 1 with FERRY_QUANTIZE_NONE: it rounds the scales Ferry computes when it quantizes; "
+           "without quantize the scales are dp_x_scale's");
+    return;
+  }
+  if (l.in_dtype != FERRY_FP8_E4M3)
+    fail(Status::invalid_argument, site,
+         std::string("quantize FERRY_QUANTIZE_FP8_BLOCK casts bf16 tokens to fp8_e4m3, but this all-to-all carries ") +
+             dtype_name(l.in_dtype) + " (create it with in_dtype FERRY_FP8_E4M3 and a scale_block)");
+  const int b = l.scale_block;
+  if (b < FERRY_QUANTIZE_MIN_BLOCK || b > FERRY_QUANTIZE_MAX_BLOCK || (b & (b - 1)) != 0)
+    fail(Status::invalid_argument, site,
+         "quantize FERRY_QUANTIZE_FP8_BLOCK needs a scale_block that is a power of two in [" +
+             str(FERRY_QUANTIZE_MIN_BLOCK) + ", " + str(FERRY_QUANTIZE_MAX_BLOCK) + "] (one scale per block); this "
+             "all-to-all has scale_block " + str(b));
+  if (a.dp_x_scale)
+    fail(Status::invalid_argument, site,
+         "dp_x_scale must be NULL with quantize FERRY_QUANTIZE_FP8_BLOCK: Ferry computes the scales from dp_x (bf16)");
+}
+
 }  // namespace
 
 const char* dtype_name(int dtype) {
@@ -148,13 +187,26 @@ void check_dispatch_args(const Layout& l, const ferry_dispatch_args_t& a, const 
     if (a.num_tokens < 0 || a.num_tokens > l.max_tokens)
       fail(Status::invalid_argument, site,
            "num_tokens " + str(a.num_tokens) + " outside [0, max_tokens_per_rank=" + str(l.max_tokens) + "]");
-    if (a.num_tokens > 0 && (!a.dp_x || !a.indices || !a.weights || (l.num_scales > 0 && !a.dp_x_scale)))
+    check_quantize(l, a, site);
+    const bool scales_needed = l.num_scales > 0 && enum_value(a.quantize) == FERRY_QUANTIZE_NONE;
+    if (a.num_tokens > 0 && (!a.dp_x || !a.indices || !a.weights || (scales_needed && !a.dp_x_scale)))
       fail(Status::invalid_argument, site,
-           std::string("dp_x, indices, weights (and dp_x_scale with scale_block > 0) must not be NULL with ") +
+           std::string("dp_x, indices, weights (and dp_x_scale with scale_block > 0, unless Ferry quantizes) must not "
+                       "be NULL with ") +
                str(a.num_tokens) + " tokens (" + (!a.dp_x ? "dp_x" : !a.indices ? "indices" : !a.weights ? "weights" : "dp_x_scale") +
                " is)");
   }
   if (a.flags & FERRY_RECV) {
+    const int scale_layout = enum_value(a.out_scale_layout);
+    if (scale_layout < FERRY_SCALE_ROW_MAJOR || scale_layout > FERRY_SCALE_UE8M0_COLUMN_MAJOR)
+      fail(Status::invalid_argument, site,
+           "out_scale_layout " + str(scale_layout) +
+               " is not a ferry_scale_layout_t (FERRY_SCALE_ROW_MAJOR 0, FERRY_SCALE_COLUMN_MAJOR 1, "
+               "FERRY_SCALE_UE8M0_COLUMN_MAJOR 2)");
+    if (scale_layout != FERRY_SCALE_ROW_MAJOR && l.num_scales == 0)
+      fail(Status::invalid_argument, site,
+           std::string("out_scale_layout ") + scale_layout_name(scale_layout) +
+               " lays out scales, and this all-to-all carries none (scale_block 0)");
     if (!a.out_expert_num_tokens || !a.out_expert_x || (l.num_scales > 0 && !a.out_expert_x_scale))
       fail(Status::invalid_argument, site,
            std::string("out_expert_num_tokens, out_expert_x (and out_expert_x_scale with scale_block > 0) must not "

@@ -9,6 +9,10 @@
 
 #include "csrc/plan.h"
 
+#if defined(__CUDACC__)
+#include <cuda_fp8.h>
+#endif
+
 namespace ferry::ep::dtype {
 
 constexpr int kBf16 = 0, kF16 = 1, kF32 = 2, kFp8E4M3 = 3;  // ferry_dtype_t values
@@ -69,7 +73,13 @@ FERRY_HD float fp8e4m3_to_f32(uint8_t b) {
   else v = ldexpf(1.0f + float(mant) / 8.0f, exp - 7);
   return neg ? -v : v;
 }
+// On GPUs with fp8 conversion instructions (sm_89 and later) the device uses them: cvt.rn.satfinite
+// is specified as exactly the software path below (nearest, ties to even, +-448 beyond range, NaN
+// kept), which the host tests check against a brute-force nearest search.
 FERRY_HD uint8_t f32_to_fp8e4m3(float f) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  return uint8_t(__nv_cvt_float_to_fp8(f, __NV_SATFINITE, __NV_E4M3));
+#else
   const uint8_t sign = uint8_t((f32_bits(f) >> 24) & 0x80u);
   float a = fabsf(f);
   if (a != a) return uint8_t(sign | 0x7f);
@@ -81,6 +91,69 @@ FERRY_HD uint8_t f32_to_fp8e4m3(float f) {
   int mant = int(rintf((m * 2.0f - 1.0f) * 8.0f));
   if (mant == 8) { mant = 0; ++e; }
   return uint8_t(sign | uint8_t((e + 7) << 3) | uint8_t(mant));
+#endif
+}
+// Two at once: the low byte is `a`'s (one instruction on the device).
+FERRY_HD uint16_t f32x2_to_fp8e4m3x2(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  return uint16_t(__nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3));
+#else
+  return uint16_t(f32_to_fp8e4m3(a) | (uint16_t(f32_to_fp8e4m3(b)) << 8));
+#endif
+}
+
+// ---- quantize on dispatch (ferry.h, ferry_quantize_t) ----------------------------------------------
+// The block math every path shares: the host backend's pack, the CUDA pack kernel. The reference
+// (csrc/reference.cpp) computes the same numbers its own way.
+constexpr float kFp8E4M3Max = 448.0f;
+constexpr float kFp8E4M3MaxInv = 1.0f / 448.0f;
+constexpr float kQuantizeAmaxFloor = 1e-4f;  // FERRY_QUANTIZE_AMAX_FLOOR
+
+// What one element contributes to its block's amax: |x|, or 0 for NaN and infinities (they do not
+// set the scale; they saturate or stay NaN when cast).
+FERRY_HD float amax_term(float x) {
+  const float a = fabsf(x);
+  return a <= 3.40282347e+38f ? a : 0.0f;
+}
+
+struct BlockScale {
+  float scale;       // travels with the token: q * scale approximates x
+  float multiplier;  // x * multiplier is cast to fp8
+};
+
+// `amax`: the block's largest amax_term (any value; the floor is applied here).
+FERRY_HD BlockScale fp8_block_scale(float amax, bool round_scale) {
+  amax = amax > kQuantizeAmaxFloor ? amax : kQuantizeAmaxFloor;
+  const float s = amax * kFp8E4M3MaxInv;
+  if (!round_scale) return {s, kFp8E4M3Max / amax};
+  // s is a normal float here (amax in [1e-4, bf16 max]): its exponent, plus one unless s is a power
+  // of two, is the least e with 2^e >= s; e stays within [-22, 120].
+  const uint32_t bits = f32_bits(s);
+  const int e = int((bits >> 23) & 0xffu) - 127 + ((bits & 0x7fffffu) != 0 ? 1 : 0);
+  return {f32_from_bits(uint32_t(127 + e) << 23), f32_from_bits(uint32_t(127 - e) << 23)};
+}
+
+// The UE8M0 form of a scale: its biased exponent byte (ferry.h, FERRY_SCALE_UE8M0_COLUMN_MAJOR).
+FERRY_HD uint8_t ue8m0_of(float scale) { return uint8_t((f32_bits(scale) >> 23) & 0xffu); }
+
+// Slot s of a row of out_expert_x_scale, at Layout::out_scale_offset: the fp32 scale, or its UE8M0
+// byte. Padding rows and the bytes that fill a UE8M0 word take scale 0 (stored as 0 either way).
+FERRY_HD void store_out_scale(void* out, int scale_layout, uint64_t offset, float scale) {
+  auto* bytes = static_cast<uint8_t*>(out) + offset;
+  if (scale_layout == kScaleUe8m0ColumnMajor) *bytes = ue8m0_of(scale);
+  else *reinterpret_cast<float*>(bytes) = scale;  // f32 layouts: offsets are multiples of 4
+}
+
+// One block of n bf16 elements: q (n bytes of fp8) and its scale.
+FERRY_HD float quantize_block(const uint16_t* x, int n, bool round_scale, uint8_t* q) {
+  float amax = 0.0f;
+  for (int i = 0; i < n; ++i) {
+    const float a = amax_term(bf16_to_f32(x[i]));
+    amax = a > amax ? a : amax;
+  }
+  const BlockScale bs = fp8_block_scale(amax, round_scale);
+  for (int i = 0; i < n; ++i) q[i] = f32_to_fp8e4m3(bf16_to_f32(x[i]) * bs.multiplier);
+  return bs.scale;
 }
 
 // Element i of a row of `type`.

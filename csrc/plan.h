@@ -45,6 +45,9 @@ struct RecordHeader {
 };
 static_assert(sizeof(RecordHeader) == 64, "record header is 64 bytes on the wire");
 
+// ferry_scale_layout_t values: how a dispatch lays out out_expert_x_scale.
+constexpr int kScaleRowMajor = 0, kScaleColumnMajor = 1, kScaleUe8m0ColumnMajor = 2;
+
 FERRY_HD int elem_bytes_of(int ferry_dtype) {
   // FERRY_BF16=0, FERRY_F16=1, FERRY_F32=2, FERRY_FP8_E4M3=3
   return ferry_dtype == 2 ? 4 : ferry_dtype == 3 ? 1 : 2;
@@ -78,6 +81,28 @@ struct Layout {
 
   FERRY_HD uint64_t payload_offset() const { return sizeof(RecordHeader); }
   FERRY_HD uint64_t scale_offset() const { return sizeof(RecordHeader) + payload_bytes; }
+
+  // out_expert_x_scale in each ferry_scale_layout_t (ferry.h). Slots per row: the scales, and with
+  // UE8M0 the zero bytes that fill a row's last word.
+  FERRY_HD int ue8m0_words() const { return (num_scales + 3) / 4; }
+  FERRY_HD int out_scale_slots(int scale_layout) const {
+    return scale_layout == kScaleUe8m0ColumnMajor ? 4 * ue8m0_words() : num_scales;
+  }
+  // Bytes of the whole out_expert_x_scale (every local expert's max_rows_per_expert rows).
+  FERRY_HD uint64_t out_scale_buffer_bytes(int scale_layout) const {
+    const uint64_t rows = uint64_t(experts_per_rank) * uint64_t(max_rows_per_expert);
+    return rows * uint64_t(out_scale_slots(scale_layout)) * (scale_layout == kScaleUe8m0ColumnMajor ? 1u : 4u);
+  }
+  // Byte offset of slot s of batched row `row` (e * max_rows_per_expert + r).
+  FERRY_HD uint64_t out_scale_offset(int scale_layout, int64_t row, int s) const {
+    const uint64_t e = uint64_t(row) / uint64_t(max_rows_per_expert), r = uint64_t(row) % uint64_t(max_rows_per_expert);
+    switch (scale_layout) {
+      case kScaleColumnMajor: return ((e * num_scales + uint64_t(s)) * max_rows_per_expert + r) * 4;
+      case kScaleUe8m0ColumnMajor:
+        return ((e * ue8m0_words() + uint64_t(s / 4)) * max_rows_per_expert + r) * 4 + uint64_t(s % 4);
+      default: return (uint64_t(row) * num_scales + uint64_t(s)) * 4;
+    }
+  }
 
   // A token travels at most once to each destination rank.
   FERRY_HD int max_send_records() const {

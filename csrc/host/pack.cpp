@@ -8,36 +8,81 @@
 
 namespace ferry::ep::host {
 
-void pack_dispatch(const Layout& l, const SendPlan& plan, const void* x, const float* x_scale, const int32_t* indices,
-                   const float* weights, void* send_buffer) {
-  auto* buf = static_cast<uint8_t*>(send_buffer);
-  const int R = l.world_size, epr = l.experts_per_rank;
-  for (int d = 0; d < R; ++d) write_count_header(l, plan, d, buf + l.send_section_offset(d, plan.dest_offset[d]));
-  for (int slot = 0; slot < plan.total_records; ++slot) {
-    const int t = plan.slot_token[slot], d = plan.slot_dest[slot];
-    const int64_t index_in_run = slot - plan.dest_offset[d];
-    uint8_t* rec = buf + l.send_record_offset(d, plan.dest_offset[d], index_in_run);
-    RecordHeader h{};
-    h.src_token = t;
-    h.src_rank = l.rank;
-    for (int k = 0; k < l.top_k; ++k) {
-      const int32_t e = indices[int64_t(t) * l.top_k + k];
-      if (e < 0 || owner_rank(e, epr) != d) continue;
-      h.local_expert[h.num_routes] = int16_t(local_expert(e, epr));
-      h.weight[h.num_routes] = weights[int64_t(t) * l.top_k + k];
-      ++h.num_routes;
-    }
-    std::memcpy(rec, &h, sizeof h);
-    std::memcpy(rec + l.payload_offset(), static_cast<const uint8_t*>(x) + uint64_t(t) * l.payload_bytes, l.payload_bytes);
-    if (l.num_scales > 0)
-      std::memcpy(rec + l.scale_offset(), x_scale + int64_t(t) * l.num_scales, l.scale_bytes);
-    const uint64_t used = l.scale_offset() + l.scale_bytes;
-    std::memset(rec + used, 0, l.record_bytes - used);
+namespace {
+
+// The fp8 payload and scales of one token, cast from its bf16 row.
+void quantize_token(const Layout& l, const uint16_t* x_row, bool round_scale, uint8_t* rec) {
+  const int block = l.scale_block;
+  for (int b = 0; b < l.num_scales; ++b) {
+    const float scale = dtype::quantize_block(x_row + int64_t(b) * block, block, round_scale,
+                                              rec + l.payload_offset() + int64_t(b) * block);
+    std::memcpy(rec + l.scale_offset() + 4 * uint64_t(b), &scale, 4);
   }
 }
 
+}  // namespace
+
+// Token by token, so that a token's payload is read (and with quantize, cast) once whatever the
+// number of its destinations.
+void pack_dispatch(const Layout& l, const SendPlan& plan, const void* x, const float* x_scale, const int32_t* indices,
+                   const float* weights, void* send_buffer, Quantize quantize) {
+  auto* buf = static_cast<uint8_t*>(send_buffer);
+  const int R = l.world_size, epr = l.experts_per_rank, md = l.max_dests_per_token();
+  const uint64_t used = l.scale_offset() + l.scale_bytes;
+  for (int d = 0; d < R; ++d) write_count_header(l, plan, d, buf + l.send_section_offset(d, plan.dest_offset[d]));
+  for (int t = 0; t < plan.num_tokens; ++t) {
+    const uint8_t* first = nullptr;
+    for (int i = 0; i < plan.token_num_dests[t]; ++i) {
+      const int d = plan.token_dest[size_t(t) * md + i];
+      const int64_t index_in_run = plan.token_slot[size_t(t) * md + i] - plan.dest_offset[d];
+      uint8_t* rec = buf + l.send_record_offset(d, plan.dest_offset[d], index_in_run);
+      RecordHeader h{};
+      h.src_token = t;
+      h.src_rank = l.rank;
+      for (int k = 0; k < l.top_k; ++k) {
+        const int32_t e = indices[int64_t(t) * l.top_k + k];
+        if (e < 0 || owner_rank(e, epr) != d) continue;
+        h.local_expert[h.num_routes] = int16_t(local_expert(e, epr));
+        h.weight[h.num_routes] = weights[int64_t(t) * l.top_k + k];
+        ++h.num_routes;
+      }
+      std::memcpy(rec, &h, sizeof h);
+      if (first) {
+        std::memcpy(rec + l.payload_offset(), first + l.payload_offset(), used - l.payload_offset());
+      } else if (quantize.enabled) {
+        quantize_token(l, static_cast<const uint16_t*>(x) + int64_t(t) * l.hidden, quantize.round_scale, rec);
+      } else {
+        std::memcpy(rec + l.payload_offset(), static_cast<const uint8_t*>(x) + uint64_t(t) * l.payload_bytes,
+                    l.payload_bytes);
+        if (l.num_scales > 0) std::memcpy(rec + l.scale_offset(), x_scale + int64_t(t) * l.num_scales, l.scale_bytes);
+      }
+      std::memset(rec + used, 0, l.record_bytes - used);
+      first = rec;
+    }
+  }
+}
+
+namespace {
+
+// One row's scales (num_scales fp32 at `scales`, any alignment; null: a padding row of zeros) into
+// out_expert_x_scale in `scale_layout`.
+void store_scales(const Layout& l, int scale_layout, const uint8_t* scales, int64_t row, float* out) {
+  if (scale_layout == kScaleRowMajor) {
+    if (scales) std::memcpy(out + row * l.num_scales, scales, l.scale_bytes);
+    else std::memset(out + row * l.num_scales, 0, l.scale_bytes);
+    return;
+  }
+  for (int s = 0; s < l.out_scale_slots(scale_layout); ++s) {
+    float v = 0.0f;
+    if (scales && s < l.num_scales) std::memcpy(&v, scales + 4 * s, 4);
+    dtype::store_out_scale(out, scale_layout, l.out_scale_offset(scale_layout, row, s), v);
+  }
+}
+
+}  // namespace
+
 void unpack_dispatch(const Layout& l, const RecvPlan& plan, const void* recv_buffer, int32_t* out_expert_num_tokens,
-                     void* out_expert_x, float* out_expert_x_scale, ReceivedRoutes& routes) {
+                     void* out_expert_x, float* out_expert_x_scale, ReceivedRoutes& routes, int scale_layout) {
   const auto* buf = static_cast<const uint8_t*>(recv_buffer);
   auto* out_x = static_cast<uint8_t*>(out_expert_x);
   const int R = l.world_size, epr = l.experts_per_rank, K = l.top_k;
@@ -73,7 +118,7 @@ void unpack_dispatch(const Layout& l, const RecvPlan& plan, const void* recv_buf
         routes.row[i * K + r] = row;
         routes.weight[i * K + r] = h.weight[r];
         std::memcpy(out_x + row * l.payload_bytes, rec + l.payload_offset(), l.payload_bytes);
-        if (l.num_scales > 0) std::memcpy(out_expert_x_scale + row * l.num_scales, rec + l.scale_offset(), l.scale_bytes);
+        if (l.num_scales > 0) store_scales(l, scale_layout, rec + l.scale_offset(), row, out_expert_x_scale);
       }
     }
     for (int e = 0; e < epr; ++e)
@@ -87,7 +132,8 @@ void unpack_dispatch(const Layout& l, const RecvPlan& plan, const void* recv_buf
     const int64_t first = int64_t(e) * l.max_rows_per_expert + plan.expert_count[e];
     const int64_t pad = plan.expert_padded[e] - plan.expert_count[e];
     std::memset(out_x + first * l.payload_bytes, 0, pad * l.payload_bytes);
-    if (l.num_scales > 0) std::memset(out_expert_x_scale + first * l.num_scales, 0, pad * l.scale_bytes);
+    for (int64_t row = first; row < first + pad && l.num_scales > 0; ++row)
+      store_scales(l, scale_layout, nullptr, row, out_expert_x_scale);
   }
 }
 

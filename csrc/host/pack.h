@@ -10,12 +10,19 @@
 
 namespace ferry::ep::host {
 
+// Quantize on dispatch (ferry.h, ferry_quantize_t): x holds bf16 and pack casts each token once,
+// into its first record, with dtype::quantize_block; its other records copy those bytes.
+struct Quantize {
+  bool enabled = false;
+  bool round_scale = false;
+};
+
 // Dispatch-send. Writes, for every destination d, the count header and the run of records (in
 // source token order) at layout.send_section_offset(d, plan.dest_offset[d]) of send_buffer.
-// x: [num_tokens][hidden] in_dtype; x_scale: [num_tokens][num_scales] or null without scales;
-// indices/weights: [num_tokens][top_k], routing validated.
+// x: [num_tokens][hidden] in_dtype (bf16 with quantize); x_scale: [num_tokens][num_scales], or null
+// without scales and with quantize; indices/weights: [num_tokens][top_k], routing validated.
 void pack_dispatch(const Layout& layout, const SendPlan& plan, const void* x, const float* x_scale,
-                   const int32_t* indices, const float* weights, void* send_buffer);
+                   const int32_t* indices, const float* weights, void* send_buffer, Quantize quantize = {});
 
 // What combine needs of every received record, in receive order (sender-major).
 struct ReceivedRoutes {
@@ -29,10 +36,11 @@ struct ReceivedRoutes {
 // sender announced (Status::peer_failed naming the sender, before anything is written out of
 // place), and writes the expert-major output: local expert e's rows at e * max_rows_per_expert,
 // rows ordered by source rank then source token, rows from the count up to the aligned count
-// zeroed (payload and scales). out_expert_x_scale may be null without scales.
+// zeroed (payload and scales). out_expert_x_scale may be null without scales; scale_layout is a
+// ferry_scale_layout_t (Layout::out_scale_offset).
 void unpack_dispatch(const Layout& layout, const RecvPlan& plan, const void* recv_buffer,
                      int32_t* out_expert_num_tokens, void* out_expert_x, float* out_expert_x_scale,
-                     ReceivedRoutes& routes);
+                     ReceivedRoutes& routes, int scale_layout = kScaleRowMajor);
 
 // Combine-send. Partial of received record i = sum over its routes of weight * expert_y[row],
 // accumulated in fp32 and rounded once to out_dtype, at combine_send_buffer + i * partial_bytes.

@@ -62,6 +62,48 @@ typedef enum ferry_device {
   FERRY_DEVICE_CUDA = 1,
 } ferry_device_t;
 
+/* Quantize on dispatch (ferry_dispatch_args_t.quantize): the caller passes bf16 tokens and Ferry
+ * casts them to the all-to-all's fp8 wire format while packing (no separate pass over the tokens).
+ * FERRY_QUANTIZE_FP8_BLOCK needs in_dtype FERRY_FP8_E4M3 and a scale_block that is a power of two
+ * in [FERRY_QUANTIZE_MIN_BLOCK, FERRY_QUANTIZE_MAX_BLOCK] (DeepEP's low-latency dispatch: 128).
+ *
+ * Numerics, per token and per block of scale_block consecutive elements x_i (bf16, exact in fp32),
+ * in fp32 arithmetic, each operation rounded to nearest even:
+ *  amax  = max(FERRY_QUANTIZE_AMAX_FLOOR, max_i |x_i| over the finite x_i)
+ *  without round_scale: scale = amax * (1.0f / 448.0f)   (the fp32 constant nearest 1/448)
+ *                       mult  = 448.0f / amax
+ *  with round_scale:    scale = 2^e, e = the least integer with 2^e >= amax * (1.0f / 448.0f)
+ *                       mult  = 2^-e
+ *  q_i   = fp8 e4m3 (the "fn" variant) nearest to x_i * mult, ties to even mantissa, saturating:
+ *          beyond +-448 gives +-448 (infinities too), NaN stays NaN, the sign of zero is kept.
+ * scale travels with the token and lands in out_expert_x_scale; q * scale approximates x. A block
+ * of zeros gets scale 1e-4 / 448 (2^-22 with round_scale) and zero bytes. For finite inputs these
+ * are the bytes of DeepEP's low-latency cast (fp8 values and fp32 scales). */
+typedef enum ferry_quantize {
+  FERRY_QUANTIZE_NONE = 0,        /* dp_x holds in_dtype elements; scales come from dp_x_scale */
+  FERRY_QUANTIZE_FP8_BLOCK = 1,   /* dp_x holds bf16 elements; Ferry computes q and the scales */
+} ferry_quantize_t;
+#define FERRY_QUANTIZE_MIN_BLOCK 8
+#define FERRY_QUANTIZE_MAX_BLOCK 256
+#define FERRY_QUANTIZE_AMAX_FLOOR 1e-4f
+
+/* Layout of the scales a dispatch writes into out_expert_x_scale (ferry_dispatch_args_t.
+ * out_scale_layout), with L = num_local_experts, M = max_rows_per_expert, S = hidden_dim /
+ * scale_block; row r of local expert e is the row of out_expert_x at e * M + r. */
+typedef enum ferry_scale_layout {
+  /* f32 [L][M][S]: scale s of row r of expert e at (e * M + r) * S + s. */
+  FERRY_SCALE_ROW_MAJOR = 0,
+  /* f32 [L][S][M]: at (e * S + s) * M + r. Per expert, the rows are the fastest index: DeepEP's
+   * low-latency recv_x_scales (shape [L, M, S], strides (M * S, 1, M)), DeepGEMM's MN-major scales. */
+  FERRY_SCALE_COLUMN_MAJOR = 1,
+  /* UE8M0: the exponent byte of each fp32 scale (bits 30..23; the scale itself when it is a power
+   * of two, as every scale is with round_scale; otherwise the scale rounded down to one), four
+   * scales to a 32-bit word, byte j of word g holding scale 4g + j (bytes past S are 0), words
+   * laid out as int32 [L][G][M] with G = ceil(S / 4): at (e * G + g) * M + r. DeepEP's
+   * use_ue8m0 recv_x_scales (shape [L, M, G], strides (M * G, 1, M)). */
+  FERRY_SCALE_UE8M0_COLUMN_MAJOR = 2,
+} ferry_scale_layout_t;
+
 /* Flags for dispatch/combine: SEND posts this rank's data, RECV waits for and unpacks the peers'.
  * Both together is one blocking call; separately, the caller may compute in between. The halves
  * alternate strictly on a handle: dispatch SEND, dispatch RECV, combine SEND, combine RECV, then the
@@ -177,8 +219,10 @@ ferry_status_t ferry_a2a_buffer_bytes(ferry_a2a_t a2a, ferry_buffer_sizes_t* out
  *                        from the count up to the count rounded up to expert_alignment are zero;
  *                        rows after those are not written.
  *  out_expert_x_scale    [num_local_experts * max_rows_per_expert][hidden_dim / scale_block] f32, or
- *                        NULL when scale_block == 0; rows as out_expert_x.
- *  dp_x [num_tokens][hidden_dim] in_dtype; dp_x_scale [num_tokens][hidden/scale_block] f32 or NULL.
+ *                        NULL when scale_block == 0; rows as out_expert_x (FERRY_SCALE_ROW_MAJOR;
+ *                        out_scale_layout picks another layout of the same scales).
+ *  dp_x [num_tokens][hidden_dim] in_dtype (bf16 with quantize); dp_x_scale [num_tokens][hidden /
+ *  scale_block] f32, or NULL without scales and with quantize.
  *  indices [num_tokens][experts_per_token] int32 in [0, num_experts) or -1 (no route); a token
  *          naming one expert twice is an error.
  *  weights [num_tokens][experts_per_token] f32.
@@ -193,7 +237,10 @@ ferry_status_t ferry_a2a_buffer_bytes(ferry_a2a_t a2a, ferry_buffer_sizes_t* out
  * foreign handle, NULL args, flags or a half out of order, num_tokens outside [0,
  * max_tokens_per_rank], NULL buffers the call needs (dp_x, indices, weights and dp_x_scale with
  * scales when num_tokens > 0; the out_ buffers for RECV; expert_y for combine SEND; out_tokens for
- * combine RECV when num_tokens > 0), and a combine num_tokens other than its dispatch's. Every
+ * combine RECV when num_tokens > 0), quantize, round_scale or out_scale_layout values the
+ * all-to-all cannot honour (quantize without an fp8 in_dtype or with a scale_block it does not
+ * support, a dp_x_scale given with quantize, round_scale without quantize, a scale layout
+ * without scales), and a combine num_tokens other than its dispatch's. Every
  * other error fails the step: an expert id out of range or repeated, or m outside [0, num_tokens],
  * found while the step runs (FERRY_ERR_INVALID_ARGUMENT on this rank, the peers fail at once with
  * FERRY_ERR_PEER_FAILED naming it), a peer's failure or bad data, a deadline, a transport error.
@@ -202,7 +249,7 @@ ferry_status_t ferry_a2a_buffer_bytes(ferry_a2a_t a2a, ferry_buffer_sizes_t* out
 typedef struct ferry_dispatch_args {
   int32_t* out_expert_num_tokens;
   void* out_expert_x;
-  float* out_expert_x_scale;
+  float* out_expert_x_scale;    /* f32, or int32 words with FERRY_SCALE_UE8M0_COLUMN_MAJOR */
   const void* dp_x;
   const float* dp_x_scale;
   const int32_t* indices;
@@ -210,6 +257,13 @@ typedef struct ferry_dispatch_args {
   const int32_t* bound_m;       /* NULL: num_tokens is exact */
   int num_tokens;
   int flags;                    /* FERRY_SEND | FERRY_RECV */
+  /* Read by SEND. FERRY_QUANTIZE_FP8_BLOCK: dp_x is [num_tokens][hidden_dim] bf16, Ferry computes
+   * the fp8 payload and the scales (see ferry_quantize_t) and dp_x_scale must be NULL. */
+  ferry_quantize_t quantize;
+  int round_scale;              /* SEND, with quantize only: 1 rounds each scale up to a power of two */
+  /* Read by RECV: how out_expert_x_scale is laid out (scale_block > 0 only; 0 is the row-major
+   * layout above). The receiver decides it alone: a peer's scales arrive as fp32 either way. */
+  ferry_scale_layout_t out_scale_layout;
 } ferry_dispatch_args_t;
 
 /* Combine: out_tokens[num_tokens][hidden_dim] out_dtype (= or += when accumulate) receives

@@ -28,6 +28,8 @@ struct A2aCase {
   int expert_alignment = 1;
   int dp_size = 1;
   int private_tokens = -1;  // -1: automatic
+  // How dispatch lays out out_expert_x_scale (with scales). Quantize on dispatch is spec.quantize.
+  ferry_scale_layout_t out_scale_layout = FERRY_SCALE_ROW_MAJOR;
 
   // Transport.
   int nets_per_rank = 1;

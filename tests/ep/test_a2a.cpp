@@ -37,9 +37,10 @@ ferry_a2a_config_t config_of(const Case& c, int rank) { return testing::config_o
 void run_steps(testing::ApiA2a& a2a, const ferry_a2a_config_t& cfg, const Case& c) {
   const Layout l = make_layout(cfg);
   const size_t rows = size_t(l.experts_per_rank) * l.max_rows_per_expert;
+  const int scale_layout = c.out_scale_layout;
   std::vector<int32_t> counts(l.experts_per_rank, -1);
   std::vector<uint8_t> expert_x(rows * l.payload_bytes, 0xee);
-  std::vector<float> expert_scale(rows * l.num_scales, -1.0f);
+  std::vector<float> expert_scale(l.out_scale_buffer_bytes(scale_layout) / 4, -1.0f);
   std::vector<uint8_t> expert_y(rows * l.out_row_bytes(), 0);
   std::vector<uint8_t> out(size_t(l.max_tokens) * l.out_row_bytes());
   testing::HalfStepCaller caller(c, l.rank);
@@ -53,20 +54,27 @@ void run_steps(testing::ApiA2a& a2a, const ferry_a2a_config_t& cfg, const Case& 
     d.out_expert_x = expert_x.data();
     d.out_expert_x_scale = l.num_scales ? expert_scale.data() : nullptr;
     d.dp_x = in.x.data();
-    d.dp_x_scale = l.num_scales ? in.x_scale.data() : nullptr;
+    d.dp_x_scale = l.num_scales && !in.quantize ? in.x_scale.data() : nullptr;
     d.indices = in.indices.data();
     d.weights = in.weights.data();
     d.num_tokens = in.num_tokens;
+    d.quantize = in.quantize ? FERRY_QUANTIZE_FP8_BLOCK : FERRY_QUANTIZE_NONE;
+    d.round_scale = in.round_scale ? 1 : 0;
+    d.out_scale_layout = c.out_scale_layout;
     caller.call([&](int flags) {
       d.flags = flags;
       a2a.dispatch(d);
     });
 
     const auto want = reference::dispatch(cfg, inputs, l.rank);
-    const std::string diff = reference::compare_dispatch(cfg, want, counts.data(), expert_x.data(), expert_scale.data());
+    const std::string diff =
+        reference::compare_dispatch(cfg, want, counts.data(), expert_x.data(), expert_scale.data(), scale_layout);
     ASSERT_TRUE(diff.empty()) << "step " << step << "\n" << diff;
 
-    reference::apply_experts(l, counts.data(), expert_x.data(), expert_scale.data(), expert_y.data());
+    const std::vector<float> scale_rows = scale_layout == FERRY_SCALE_ROW_MAJOR || l.num_scales == 0
+                                              ? expert_scale
+                                              : reference::scales_as_rows(cfg, scale_layout, expert_scale.data());
+    reference::apply_experts(l, counts.data(), expert_x.data(), scale_rows.data(), expert_y.data());
     std::vector<float> initial(size_t(in.num_tokens) * l.hidden, 0.0f);
     if (c.accumulate) {
       for (size_t i = 0; i < initial.size(); ++i) {
@@ -231,6 +239,110 @@ TEST(AllToAll, CombineAccumulatesIntoOutTokens) {
   c.out_dtype = FERRY_F32;
   c.accumulate = true;
   run_case(c);
+}
+
+// ---- quantize on dispatch ------------------------------------------------------------------------
+// bf16 tokens in; what travels and lands in out_expert_x is fp8 e4m3 with one fp32 scale per block,
+// computed by Ferry while it packs. Every byte (values, scales, padding) against the reference's
+// own cast; combine runs the experts on the cast values. The inputs have blocks of magnitudes
+// 2^-20 .. 2^20, zero blocks, -0 and infinities (reference.h, InputSpec::quantize).
+
+Case quantize_case() {
+  Case c;
+  c.in_dtype = FERRY_FP8_E4M3;
+  c.scale_block = 128;
+  c.hidden = 1024;
+  c.spec.quantize = true;
+  return c;
+}
+
+TEST(QuantizeOnDispatch, Ep2OverTcpIsTheReferenceCastByteForByte) { run_case(quantize_case()); }
+
+TEST(QuantizeOnDispatch, Ep4OverShmWithScalesRoundedToPowersOfTwo) {
+  Case c = quantize_case();
+  c.world_size = 4;
+  c.num_experts = 8;
+  c.top_k = 3;
+  c.provider = "shm";
+  c.spec.round_scale = reference::RoundScale::all;
+  run_case(c);
+}
+
+TEST(QuantizeOnDispatch, RanksRoundTheirScalesOrNotEachForItself) {
+  Case c = quantize_case();
+  c.world_size = 4;
+  c.num_experts = 8;
+  c.spec.round_scale = reference::RoundScale::odd_groups;
+  c.steps = 2;
+  run_case(c);
+}
+
+TEST(QuantizeOnDispatch, ColumnMajorScalesWithPaddedExperts) {
+  Case c = quantize_case();
+  c.world_size = 4;
+  c.num_experts = 8;
+  c.expert_alignment = 3;
+  c.out_scale_layout = FERRY_SCALE_COLUMN_MAJOR;
+  run_case(c);
+}
+
+TEST(QuantizeOnDispatch, Ue8m0ScalesOfRoundedScalesWithAPartlyFilledLastWordOverShm) {
+  Case c = quantize_case();
+  c.world_size = 4;
+  c.num_experts = 8;
+  c.hidden = 640;  // 5 scales: two words, the second with three zero bytes
+  c.provider = "shm";
+  c.expert_alignment = 2;
+  c.out_scale_layout = FERRY_SCALE_UE8M0_COLUMN_MAJOR;
+  c.spec.round_scale = reference::RoundScale::all;
+  run_case(c);
+}
+
+TEST(QuantizeOnDispatch, RanksWithZeroTokensAndDroppedRoutes) {
+  Case c = quantize_case();
+  c.world_size = 4;
+  c.num_experts = 8;
+  c.top_k = 3;
+  c.spec.zero_tokens_every = 2;
+  c.spec.drop_fraction = 0.3;
+  c.steps = 2;
+  run_case(c);
+}
+
+TEST(QuantizeOnDispatch, SendAndRecvSplitWithSkewedRanksOverShm) {
+  Case c = quantize_case();
+  c.world_size = 4;
+  c.num_experts = 8;
+  c.provider = "shm";
+  c.split = true;
+  c.max_skew_ms = 10;
+  c.steps = 3;
+  c.spec.vary_tokens = true;
+  c.spec.round_scale = reference::RoundScale::odd_groups;
+  run_case(c);
+}
+
+TEST(QuantizeOnDispatch, DeepEpDecodeShapeTop8Hidden7168WithUe8m0Scales) {
+  Case c = quantize_case();
+  c.world_size = 4;
+  c.num_experts = 16;
+  c.top_k = 8;
+  c.max_tokens = 8;
+  c.hidden = 7168;
+  c.out_scale_layout = FERRY_SCALE_UE8M0_COLUMN_MAJOR;
+  c.spec.round_scale = reference::RoundScale::all;
+  run_case(c);
+}
+
+TEST(QuantizeOnDispatch, SmallestAndLargestScaleBlocks) {
+  for (int block : {FERRY_QUANTIZE_MIN_BLOCK, FERRY_QUANTIZE_MAX_BLOCK}) {
+    Case c = quantize_case();
+    c.hidden = 768;
+    c.scale_block = block;
+    c.spec.round_scale = reference::RoundScale::odd_groups;
+    SCOPED_TRACE("scale_block " + std::to_string(block));
+    run_case(c);
+  }
 }
 
 // ---- protocol paths ----------------------------------------------------------------------------
@@ -634,6 +746,34 @@ TEST(AllToAllErrors, CombineNumTokensOtherThanItsDispatchsIsRefusedOnEveryRank) 
               "");
     for (size_t i = size_t(in.num_tokens) * l.out_row_bytes(); i < out.size(); ++i)
       ASSERT_EQ(out[i], 0x77) << "rank " << l.rank << ": byte " << i << " after the dispatch's rows written";
+  }));
+}
+
+// A quantize call the all-to-all cannot honour (here scales given although Ferry computes them) is
+// refused before anything moves; the same handle then runs the steps and every rank gets the
+// reference's bytes.
+TEST(AllToAllErrors, ARefusedQuantizeCallChangesNothingAndTheStepsThenRun) {
+  Case c = quantize_case();
+  c.world_size = 3;
+  c.num_experts = 6;
+  testing::expect_all_ok(testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
+    const ferry_a2a_config_t cfg = config_of(c, b.rank());
+    testing::ApiA2a a2a(cfg, b);
+    if (b.rank() == 1) {
+      const auto in = reference::generate_input(cfg, c.spec, 1);
+      DispatchCall call(make_layout(cfg), in);
+      const std::vector<float> scales(size_t(in.num_tokens) * 8, 1.0f);
+      call.args.quantize = FERRY_QUANTIZE_FP8_BLOCK;
+      call.args.dp_x_scale = scales.data();
+      try {
+        a2a.dispatch(call.args);
+        ADD_FAILURE() << "dp_x_scale with quantize accepted";
+      } catch (const Error& e) {
+        EXPECT_EQ(e.status(), Status::invalid_argument) << e.what();
+        EXPECT_NE(std::string(e.what()).find("dp_x_scale must be NULL with quantize"), std::string::npos) << e.what();
+      }
+    }
+    run_steps(a2a, cfg, c);
   }));
 }
 
