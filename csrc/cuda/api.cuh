@@ -79,13 +79,17 @@ struct Workspace {
 
 struct DispatchSendParams {
   ep::Layout layout;
-  const void* x;              // [num_tokens][hidden] in_dtype
-  const float* x_scale;       // [num_tokens][num_scales] or null without scales
+  const void* x;              // [num_tokens][hidden] in_dtype, or bf16 with quantize
+  const float* x_scale;       // [num_tokens][num_scales], or null without scales and with quantize
   const int32_t* indices;     // [num_tokens][top_k]
   const float* weights;       // [num_tokens][top_k]
   const int32_t* bound_m;     // device token count, or null: num_tokens is exact
   int num_tokens;             // host-side upper bound
   uint8_t* send_buf;          // send_buffer_bytes(), device or mapped host memory
+  // Quantize on dispatch (ferry.h): the pack kernel casts each bf16 token to fp8 with its block
+  // scales as it loads it (needs a power-of-two scale_block in [8, 256]).
+  bool quantize = false;
+  bool round_scale = false;
 };
 
 struct DispatchRecvParams {
@@ -106,6 +110,7 @@ struct DispatchRecvParams {
   // senders write into another buffer than the engine's; null: recv_buf for every sender. Only with
   // private_tokens >= max_tokens (no overflow region).
   const uint8_t* const* sender_base = nullptr;
+  int scale_layout = ep::kScaleRowMajor;  // of out_expert_x_scale (ferry_scale_layout_t)
 };
 
 struct CombineSendParams {

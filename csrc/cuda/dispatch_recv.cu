@@ -7,6 +7,7 @@
 #include "csrc/cuda/api.cuh"
 #include "csrc/cuda/cuda_check.h"
 #include "csrc/cuda/device.cuh"
+#include "csrc/dtype.h"
 
 namespace ferry::cuda {
 namespace {
@@ -178,6 +179,7 @@ __global__ void __launch_bounds__(kCopyThreads)
   __shared__ int rows_s[ep::kMaxTopK];
   const ep::Layout& L = p.layout;
   const int EPR = L.experts_per_rank, max_rows = L.max_rows_per_expert, ns = L.num_scales;
+  const int scale_slots = L.out_scale_slots(p.scale_layout);
   const int tid = threadIdx.x, lane = lane_id();
   const int N = *ws.num_recv;
   const int nvec = int(L.payload_bytes / 16);
@@ -228,11 +230,13 @@ __global__ void __launch_bounds__(kCopyThreads)
     }
     if (p.out_expert_x_scale != nullptr) {
       const float* scales = reinterpret_cast<const float*>(src + L.scale_offset());
-      for (int i = tid; i < ns; i += kCopyThreads) {
-        const float s = __int_as_float(ld_cv_s32(scales + i));
+      for (int i = tid; i < scale_slots; i += kCopyThreads) {
+        const float s = i < ns ? __int_as_float(ld_cv_s32(scales + i)) : 0.f;
 #pragma unroll
         for (int j = 0; j < ep::kMaxTopK; ++j)
-          if (rows[j] >= 0) p.out_expert_x_scale[uint64_t(rows[j]) * ns + i] = s;
+          if (rows[j] >= 0)
+            ep::dtype::store_out_scale(p.out_expert_x_scale, p.scale_layout,
+                                       L.out_scale_offset(p.scale_layout, rows[j], i), s);
       }
     }
     __syncthreads();  // rows_s is rewritten for the next record
@@ -252,7 +256,9 @@ __global__ void __launch_bounds__(kCopyThreads)
       uint8_t* dst = out_x + row * L.payload_bytes;
       for (int i = lane; i < nvec; i += kWarpSize) st_v4(dst + 16 * uint64_t(i), make_uint4(0, 0, 0, 0));
       if (p.out_expert_x_scale != nullptr)
-        for (int i = lane; i < ns; i += kWarpSize) p.out_expert_x_scale[row * ns + i] = 0.f;
+        for (int i = lane; i < scale_slots; i += kWarpSize)
+          ep::dtype::store_out_scale(p.out_expert_x_scale, p.scale_layout, L.out_scale_offset(p.scale_layout, row, i),
+                                     0.f);
     }
   }
 }
