@@ -19,10 +19,10 @@ const Site kConfig{-1, -1, "ferry_a2a_config"};
 std::string str(int64_t v) { return std::to_string(v); }
 
 // The buffers a valid layout registers, in 128 bits: a config must not wrap 64-bit sizes.
-unsigned __int128 buffer_bytes(const ferry_a2a_config_t& c, int in_elem, int out_elem, int num_scales) {
+unsigned __int128 buffer_bytes(const ferry_a2a_config_t& c, int in_elem, int out_elem, int num_scales, int combine_rows) {
   using U = unsigned __int128;
   const U record = U(align_up(sizeof(RecordHeader) + uint64_t(c.hidden_dim) * in_elem + uint64_t(num_scales) * 4));
-  const U partial = U(align_up(uint64_t(c.hidden_dim) * out_elem));
+  const U partial = U(align_up(uint64_t(c.hidden_dim) * out_elem)) * U(combine_rows);
   const U header = U(align_up(4 * (uint64_t(c.world_size) + uint64_t(c.num_experts / c.world_size))));
   const U max_recv = U(c.world_size) * U(c.max_tokens_per_rank);
   const U max_send = U(c.max_tokens_per_rank) * U(std::min(c.experts_per_token, c.world_size));
@@ -80,6 +80,14 @@ const char* dtype_name(int dtype) {
   }
 }
 
+const char* combine_weights_name(int combine_weights) {
+  switch (combine_weights) {
+    case FERRY_WEIGHTS_AT_DISPATCH: return "at dispatch";
+    case FERRY_WEIGHTS_AT_COMBINE: return "at combine";
+    default: return "unknown";
+  }
+}
+
 const char* device_name(int device) {
   switch (device) {
     case FERRY_DEVICE_HOST: return "host";
@@ -133,8 +141,16 @@ void check_config(const ferry_a2a_config_t& c) {
     bad_config("nets_per_rank " + str(c.nets_per_rank) + " outside [1, " + str(FERRY_MAX_NETS_PER_RANK) + "]");
   if (device != FERRY_DEVICE_HOST && device != FERRY_DEVICE_CUDA)
     bad_config("device " + str(device) + " is neither host nor cuda");
+  const int combine_weights = enum_value(c.combine_weights);
+  if (combine_weights != FERRY_WEIGHTS_AT_DISPATCH && combine_weights != FERRY_WEIGHTS_AT_COMBINE)
+    bad_config("combine_weights " + str(combine_weights) +
+               " is not a ferry_combine_weights_t (FERRY_WEIGHTS_AT_DISPATCH 0, FERRY_WEIGHTS_AT_COMBINE 1)");
+  if (combine_weights == FERRY_WEIGHTS_AT_COMBINE && c.dp_size != 1)
+    unsupported_config("combine_weights FERRY_WEIGHTS_AT_COMBINE supports dp_size 1 (got " + str(c.dp_size) + ")");
   const int num_scales = c.scale_block > 0 ? c.hidden_dim / c.scale_block : 0;
-  const unsigned __int128 bytes = buffer_bytes(c, in_elem, out_elem, num_scales);
+  const int combine_rows =
+      combine_weights == FERRY_WEIGHTS_AT_COMBINE ? std::min(c.experts_per_token, c.num_experts / c.world_size) : 1;
+  const unsigned __int128 bytes = buffer_bytes(c, in_elem, out_elem, num_scales, combine_rows);
   if (bytes > kMaxBufferBytes)
     unsupported_config("hidden_dim " + str(c.hidden_dim) + ", max_tokens_per_rank " + str(c.max_tokens_per_rank) +
                        " and world_size " + str(c.world_size) + " need " +
@@ -189,11 +205,14 @@ void check_dispatch_args(const Layout& l, const ferry_dispatch_args_t& a, const 
            "num_tokens " + str(a.num_tokens) + " outside [0, max_tokens_per_rank=" + str(l.max_tokens) + "]");
     check_quantize(l, a, site);
     const bool scales_needed = l.num_scales > 0 && enum_value(a.quantize) == FERRY_QUANTIZE_NONE;
-    if (a.num_tokens > 0 && (!a.dp_x || !a.indices || !a.weights || (scales_needed && !a.dp_x_scale)))
+    const bool weights_needed = !l.weights_at_combine;
+    if (a.num_tokens > 0 &&
+        (!a.dp_x || !a.indices || (weights_needed && !a.weights) || (scales_needed && !a.dp_x_scale)))
       fail(Status::invalid_argument, site,
-           std::string("dp_x, indices, weights (and dp_x_scale with scale_block > 0, unless Ferry quantizes) must not "
-                       "be NULL with ") +
-               str(a.num_tokens) + " tokens (" + (!a.dp_x ? "dp_x" : !a.indices ? "indices" : !a.weights ? "weights" : "dp_x_scale") +
+           std::string("dp_x, indices, weights (unless they come at combine) and dp_x_scale (with scale_block > 0, "
+                       "unless Ferry quantizes) must not be NULL with ") +
+               str(a.num_tokens) + " tokens (" +
+               (!a.dp_x ? "dp_x" : !a.indices ? "indices" : weights_needed && !a.weights ? "weights" : "dp_x_scale") +
                " is)");
   }
   if (a.flags & FERRY_RECV) {
@@ -226,6 +245,10 @@ void check_combine_args(const Layout& l, const ferry_combine_args_t& a, int disp
                str(l.max_tokens) + ")");
     if (!a.out_tokens && a.num_tokens > 0)
       fail(Status::invalid_argument, site, "out_tokens must not be NULL with " + str(a.num_tokens) + " tokens");
+    if (l.weights_at_combine && !a.weights && a.num_tokens > 0)
+      fail(Status::invalid_argument, site,
+           "weights must not be NULL with " + str(a.num_tokens) +
+               " tokens: this all-to-all takes them at combine (FERRY_WEIGHTS_AT_COMBINE)");
   }
 }
 

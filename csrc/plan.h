@@ -72,6 +72,10 @@ struct Layout {
   int max_rows_per_expert = 0;  // align_up(world_size * max_tokens, expert_alignment)
   int in_dtype = 0;           // ferry_dtype_t values
   int out_dtype = 0;
+  // FERRY_WEIGHTS_AT_COMBINE: destinations return each expert row of a record unweighted, so a
+  // combine slot (one per record) holds combine_rows = max_routes_per_record() rows; else 1 partial.
+  bool weights_at_combine = false;
+  int combine_rows = 1;
 
   uint64_t payload_bytes = 0;       // hidden * in_elem_bytes
   uint64_t scale_bytes = 0;         // num_scales * 4
@@ -123,8 +127,10 @@ struct Layout {
   }
   // Most records one rank can receive: each sender sends a token at most once.
   FERRY_HD uint64_t max_recv_records() const { return uint64_t(world_size) * max_tokens; }
-  FERRY_HD uint64_t combine_send_bytes() const { return max_recv_records() * partial_bytes; }
-  FERRY_HD uint64_t combine_recv_bytes() const { return uint64_t(max_send_records()) * partial_bytes; }
+  // Combine slot i (a record) starts at i * combine_slot_bytes(): its partial, or its rows.
+  FERRY_HD uint64_t combine_slot_bytes() const { return uint64_t(combine_rows) * partial_bytes; }
+  FERRY_HD uint64_t combine_send_bytes() const { return max_recv_records() * combine_slot_bytes(); }
+  FERRY_HD uint64_t combine_recv_bytes() const { return uint64_t(max_send_records()) * combine_slot_bytes(); }
 
   // Receive-side row capacity of one destination's count header: ranks then local experts.
   FERRY_HD int max_dests_per_token() const { return top_k < world_size ? top_k : world_size; }
@@ -219,6 +225,12 @@ struct SendPlan {
                                            // the send buffer (= combine slot), runs by source token
   std::vector<int32_t> slot_token;         // [total_records] inverse of token_slot
   std::vector<int32_t> slot_dest;          // [total_records]
+  std::vector<int32_t> slot_routes;        // [total_records] routes of the record (its rows in combine
+                                           // with weights at combine)
+  std::vector<int32_t> route_row;          // [num_tokens * top_k] with weights at combine, the combine row
+                                           // of route k: slot * combine_rows + its position among the
+                                           // token's routes to that rank (top-k order); else, and for
+                                           // a -1 route, -1
 };
 // Routing must have been validated.
 SendPlan make_send_plan(const Layout& layout, const int32_t* indices, int num_tokens, int member);

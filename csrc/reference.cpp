@@ -196,6 +196,8 @@ DispatchResult dispatch(const ferry_a2a_config_t& c, std::span<const RankInput> 
   out.expert_padded_rows.assign(epr, 0);
   out.expert_x.assign(size_t(epr) * l.max_rows_per_expert * l.payload_bytes, 0);
   out.expert_x_scale.assign(size_t(epr) * l.max_rows_per_expert * l.num_scales, 0.0f);
+  out.expert_src_token.assign(size_t(epr) * l.max_rows_per_expert, -1);
+  out.expert_num_tokens_per_rank.assign(size_t(epr) * l.world_size, 0);
   for (int e = 0; e < epr; ++e) {
     const int expert = rank * epr + e;
     int row = 0;
@@ -205,6 +207,8 @@ DispatchResult dispatch(const ferry_a2a_config_t& c, std::span<const RankInput> 
         const int32_t* idx = &in.indices[size_t(t) * K];
         if (std::find(idx, idx + K, expert) == idx + K) continue;
         const size_t dst = size_t(e) * l.max_rows_per_expert + row;
+        out.expert_src_token[dst] = t;
+        ++out.expert_num_tokens_per_rank[size_t(e) * l.world_size + s];
         if (in.quantize) {
           const QuantizedToken q = quantize_token(reinterpret_cast<const uint16_t*>(in.x.data()) + size_t(t) * l.hidden,
                                                   l.hidden, l.scale_block, in.round_scale);
@@ -387,6 +391,29 @@ std::string compare_dispatch(const ferry_a2a_config_t& c, const DispatchResult& 
           }
           ++reported;
         }
+      }
+    }
+  }
+  return os.str();
+}
+
+std::string compare_sources(const ferry_a2a_config_t& c, const DispatchResult& want, const int32_t* src_token,
+                            const int32_t* num_tokens_per_rank) {
+  const Layout l = make_layout(c);
+  std::ostringstream os;
+  for (int e = 0; e < l.experts_per_rank; ++e) {
+    for (int s = 0; s < l.world_size; ++s) {
+      const size_t i = size_t(e) * l.world_size + s;
+      if (num_tokens_per_rank[i] != want.expert_num_tokens_per_rank[i])
+        os << "rank " << l.rank << " local expert " << e << ": " << num_tokens_per_rank[i] << " rows from rank " << s
+           << ", want " << want.expert_num_tokens_per_rank[i] << "\n";
+    }
+    for (int r = 0; r < want.expert_num_tokens[e]; ++r) {
+      const size_t row = size_t(e) * l.max_rows_per_expert + r;
+      if (src_token[row] != want.expert_src_token[row]) {
+        os << "rank " << l.rank << " local expert " << e << " row " << r << ": source token " << src_token[row]
+           << ", want " << want.expert_src_token[row] << "\n";
+        break;
       }
     }
   }

@@ -70,6 +70,8 @@ struct DispatchResult {
   // padded count are zero; rows past the padded count are zero here but unspecified in real output.
   std::vector<uint8_t> expert_x;     // [num_local_experts * max_rows_per_expert][hidden] in_dtype
   std::vector<float> expert_x_scale; // [num_local_experts * max_rows_per_expert][num_scales]
+  std::vector<int32_t> expert_src_token;            // [rows] token index on its source rank, -1 past the count
+  std::vector<int32_t> expert_num_tokens_per_rank;  // [num_local_experts][world_size]
 };
 DispatchResult dispatch(const ferry_a2a_config_t& config, std::span<const RankInput> inputs, int rank);
 
@@ -96,6 +98,10 @@ std::vector<float> combine_standard(const ferry_a2a_config_t& config, const Rank
 std::string compare_dispatch(const ferry_a2a_config_t& config, const DispatchResult& want,
                              const int32_t* expert_num_tokens, const void* expert_x,
                              const float* expert_x_scale, int scale_layout = 0);
+// Empty when a dispatch's optional source outputs (ferry_dispatch_args_t's out_expert_src_token and
+// out_expert_num_tokens_per_rank) hold what `want` says, for every row below each count.
+std::string compare_sources(const ferry_a2a_config_t& config, const DispatchResult& want, const int32_t* src_token,
+                            const int32_t* num_tokens_per_rank);
 // A dispatch output's scales in `scale_layout` as the row-major [rows][num_scales] fp32 the
 // expert model reads (UE8M0 bytes b as 2^(b - 127)).
 std::vector<float> scales_as_rows(const ferry_a2a_config_t& config, int scale_layout, const void* expert_x_scale);

@@ -43,7 +43,7 @@ void pack_dispatch(const Layout& l, const SendPlan& plan, const void* x, const f
         const int32_t e = indices[int64_t(t) * l.top_k + k];
         if (e < 0 || owner_rank(e, epr) != d) continue;
         h.local_expert[h.num_routes] = int16_t(local_expert(e, epr));
-        h.weight[h.num_routes] = weights[int64_t(t) * l.top_k + k];
+        h.weight[h.num_routes] = weights ? weights[int64_t(t) * l.top_k + k] : 0.0f;  // null: weights at combine
         ++h.num_routes;
       }
       std::memcpy(rec, &h, sizeof h);
@@ -82,7 +82,8 @@ void store_scales(const Layout& l, int scale_layout, const uint8_t* scales, int6
 }  // namespace
 
 void unpack_dispatch(const Layout& l, const RecvPlan& plan, const void* recv_buffer, int32_t* out_expert_num_tokens,
-                     void* out_expert_x, float* out_expert_x_scale, ReceivedRoutes& routes, int scale_layout) {
+                     void* out_expert_x, float* out_expert_x_scale, ReceivedRoutes& routes, int scale_layout,
+                     int32_t* out_src_token, int32_t* out_num_tokens_per_rank) {
   const auto* buf = static_cast<const uint8_t*>(recv_buffer);
   auto* out_x = static_cast<uint8_t*>(out_expert_x);
   const int R = l.world_size, epr = l.experts_per_rank, K = l.top_k;
@@ -119,13 +120,16 @@ void unpack_dispatch(const Layout& l, const RecvPlan& plan, const void* recv_buf
         routes.weight[i * K + r] = h.weight[r];
         std::memcpy(out_x + row * l.payload_bytes, rec + l.payload_offset(), l.payload_bytes);
         if (l.num_scales > 0) store_scales(l, scale_layout, rec + l.scale_offset(), row, out_expert_x_scale);
+        if (out_src_token) out_src_token[row] = h.src_token;
       }
     }
-    for (int e = 0; e < epr; ++e)
+    for (int e = 0; e < epr; ++e) {
       if (tally[e] != limit(e))
         fail(Status::peer_failed, {l.rank, -1, "dispatch RECV"},
              "rank " + std::to_string(s) + " announced " + std::to_string(limit(e)) + " rows for local expert " +
                  std::to_string(e) + " but sent " + std::to_string(tally[e]));
+      if (out_num_tokens_per_rank) out_num_tokens_per_rank[size_t(e) * R + s] = tally[e];
+    }
   }
   for (int e = 0; e < epr; ++e) {
     out_expert_num_tokens[e] = plan.expert_count[e];
@@ -208,11 +212,38 @@ void pack_combine(const Layout& l, const ReceivedRoutes& routes, const void* exp
   const auto* y = static_cast<const uint8_t*>(expert_y);
   const int K = l.top_k;
   const uint64_t row_bytes = l.out_row_bytes();
+  if (l.weights_at_combine) {  // the rows themselves, in route order, the slot's rest untouched
+    for (size_t i = 0; i < routes.num_routes.size(); ++i)
+      for (int r = 0; r < routes.num_routes[i]; ++r)
+        std::memcpy(buf + i * l.combine_slot_bytes() + uint64_t(r) * l.partial_bytes,
+                    y + uint64_t(routes.row[i * K + r]) * row_bytes, row_bytes);
+    return;
+  }
   const void* rows[kMaxTopK];
   for (size_t i = 0; i < routes.num_routes.size(); ++i) {
     const int n = routes.num_routes[i];
     for (int r = 0; r < n; ++r) rows[r] = y + uint64_t(routes.row[i * K + r]) * row_bytes;
     weighted_sum_of(l.out_dtype, buf + i * l.partial_bytes, rows, &routes.weight[i * K], n, l.hidden, false);
+  }
+}
+
+FERRY_VECTOR_CLONES
+void unpack_combine_rows(const Layout& l, const SendPlan& plan, const void* combine_recv_buffer, const float* weights,
+                         void* out_tokens, bool accumulate) {
+  const auto* buf = static_cast<const uint8_t*>(combine_recv_buffer);
+  const int K = l.top_k;
+  const void* rows[kMaxTopK];
+  float w[kMaxTopK];
+  for (int t = 0; t < plan.num_tokens; ++t) {
+    int n = 0;
+    for (int k = 0; k < K; ++k) {
+      const int32_t row = plan.route_row[size_t(t) * K + k];
+      if (row < 0) continue;
+      rows[n] = buf + uint64_t(row) * l.partial_bytes;
+      w[n++] = weights[size_t(t) * K + k];
+    }
+    weighted_sum_of(l.out_dtype, static_cast<uint8_t*>(out_tokens) + uint64_t(t) * l.out_row_bytes(), rows, w, n,
+                    l.hidden, accumulate);
   }
 }
 

@@ -87,6 +87,17 @@ typedef enum ferry_quantize {
 #define FERRY_QUANTIZE_MAX_BLOCK 256
 #define FERRY_QUANTIZE_AMAX_FLOOR 1e-4f
 
+/* Where combine's weights come from (ferry_a2a_config_t.combine_weights). */
+typedef enum ferry_combine_weights {
+  /* dispatch carries each token's weights; every destination rank returns one partial per token,
+   * the weighted sum over its own experts (the fewest bytes; see ferry_combine_args_t's numerics). */
+  FERRY_WEIGHTS_AT_DISPATCH = 0,
+  /* combine RECV takes the weights (ferry_combine_args_t.weights): every destination returns each
+   * of the token's expert rows unweighted, and the source sums them. DeepEP's low-latency combine,
+   * whose dispatch knows no weights. Dispatch's weights are not read (may be NULL). */
+  FERRY_WEIGHTS_AT_COMBINE = 1,
+} ferry_combine_weights_t;
+
 /* Layout of the scales a dispatch writes into out_expert_x_scale (ferry_dispatch_args_t.
  * out_scale_layout), with L = num_local_experts, M = max_rows_per_expert, S = hidden_dim /
  * scale_block; row r of local expert e is the row of out_expert_x at e * M + r. */
@@ -149,8 +160,9 @@ ferry_status_t ferry_bootstrap_world_size(ferry_bootstrap_t bootstrap, int* worl
  * limits above, with an error naming it. Every rank must pass the same value of each field that
  * shapes the wire or the buffers: world_size, num_experts, experts_per_token, max_tokens_per_rank,
  * hidden_dim, in_dtype, scale_block, out_dtype, private_tokens (-1 counting as max_tokens_per_rank),
- * dp_size, device, nets_per_rank and provider (after FERRY_PROVIDER). ferry_a2a_create compares them
- * across ranks before building anything and, if any differs, or one rank's config is invalid, or
+ * dp_size, device, nets_per_rank, provider (after FERRY_PROVIDER) and combine_weights.
+ * ferry_a2a_create compares them across ranks before building anything and, if any differs, or one
+ * rank's config is invalid, or
  * two builds of different wire versions meet, fails on every rank with FERRY_ERR_INVALID_ARGUMENT
  * naming the field and the ranks' values (a rank whose own config fails its checks while the
  * others agree gets that failure's status). rank, cuda_device, expert_alignment and timeout_ms are
@@ -182,10 +194,13 @@ typedef struct ferry_a2a_config {
   int private_tokens;          /* records per sender written speculatively with the counts, 0..max_tokens;
                                   the rest follows once counts are known. -1: automatic (max_tokens:
                                   the receive region has the same size whatever the split) */
+  ferry_combine_weights_t combine_weights;  /* FERRY_WEIGHTS_AT_COMBINE needs dp_size 1; its combine
+                                  buffers hold min(experts_per_token, experts per rank) rows per
+                                  record instead of one partial */
 } ferry_a2a_config_t;
 
 /* Fills a config with defaults (bf16 in/out, alignment 1, host, 1 NIC, dp_size 1, timeout
- * FERRY_DEFAULT_TIMEOUT_MS, private_tokens -1). */
+ * FERRY_DEFAULT_TIMEOUT_MS, private_tokens -1, weights at dispatch). */
 void ferry_a2a_config_init(ferry_a2a_config_t* config);
 
 typedef struct ferry_a2a* ferry_a2a_t;
@@ -225,7 +240,7 @@ ferry_status_t ferry_a2a_buffer_bytes(ferry_a2a_t a2a, ferry_buffer_sizes_t* out
  *  scale_block] f32, or NULL without scales and with quantize.
  *  indices [num_tokens][experts_per_token] int32 in [0, num_experts) or -1 (no route); a token
  *          naming one expert twice is an error.
- *  weights [num_tokens][experts_per_token] f32.
+ *  weights [num_tokens][experts_per_token] f32 (not read with FERRY_WEIGHTS_AT_COMBINE).
  *  bound_m: pointer to the token count m (device memory for the CUDA backend, so it can come from a
  *  kernel and be captured in a graph), read once by the SEND half; num_tokens is the host-side
  *  upper bound (<= max_tokens_per_rank) and m must be in [0, num_tokens]. Tokens m..num_tokens-1
@@ -235,9 +250,9 @@ ferry_status_t ferry_a2a_buffer_bytes(ferry_a2a_t a2a, ferry_buffer_sizes_t* out
  * Errors and the handle. Checked before anything moves, leaving the handle as it was (the call may
  * be made again, corrected; the peers keep waiting for this rank within their deadline): a dead or
  * foreign handle, NULL args, flags or a half out of order, num_tokens outside [0,
- * max_tokens_per_rank], NULL buffers the call needs (dp_x, indices, weights and dp_x_scale with
- * scales when num_tokens > 0; the out_ buffers for RECV; expert_y for combine SEND; out_tokens for
- * combine RECV when num_tokens > 0), quantize, round_scale or out_scale_layout values the
+ * max_tokens_per_rank], NULL buffers the call needs (dp_x, indices, weights unless they come at
+ * combine, and dp_x_scale with scales unless Ferry quantizes, when num_tokens > 0; the out_ buffers for RECV; expert_y for combine SEND; out_tokens, and
+ * weights with FERRY_WEIGHTS_AT_COMBINE, for combine RECV when num_tokens > 0), quantize, round_scale or out_scale_layout values the
  * all-to-all cannot honour (quantize without an fp8 in_dtype or with a scale_block it does not
  * support, a dp_x_scale given with quantize, round_scale without quantize, a scale layout
  * without scales), and a combine num_tokens other than its dispatch's. Every
@@ -264,18 +279,30 @@ typedef struct ferry_dispatch_args {
   /* Read by RECV: how out_expert_x_scale is laid out (scale_block > 0 only; 0 is the row-major
    * layout above). The receiver decides it alone: a peer's scales arrive as fp32 either way. */
   ferry_scale_layout_t out_scale_layout;
+  /* Written by RECV when not NULL: where each row came from. out_expert_src_token [num_local_experts
+   * * max_rows_per_expert] int32: the row's token index on its source rank (rows from the count on
+   * not written). out_expert_num_tokens_per_rank [num_local_experts][world_size] int32: the rows
+   * each local expert got from each rank; rows are source-rank major, so expert e's rows from rank
+   * s start at the sum of its counts from ranks before s (DeepEP's recv_src_info, layout_range). */
+  int32_t* out_expert_src_token;
+  int32_t* out_expert_num_tokens_per_rank;
 } ferry_dispatch_args_t;
 
 /* Combine: out_tokens[num_tokens][hidden_dim] out_dtype (= or += when accumulate) receives
  * sum_k weights[t][k] * expert_y[row of (t, k)]. expert_y has the layout of out_expert_x with
  * out_dtype elements. num_tokens must be the matching dispatch's (checked by RECV); combine uses
- * the routes, weights and token count (m) its dispatch carried: indices, weights and bound_m here
- * are not read.
- * Numerics, in this order (fp32 arithmetic, a multiply then an add, never fused):
+ * the routes and token count (m) its dispatch carried: indices and bound_m here are not read, and
+ * weights are the dispatch's (not read here) unless the config takes them at combine.
+ * Numerics with FERRY_WEIGHTS_AT_DISPATCH, in this order (fp32 arithmetic, a multiply then an add,
+ * never fused):
  *  1. each destination rank d of token t forms one partial: acc = 0, then for each of t's routes
  *     to d's experts in top-k order acc += weights[t][k] * expert_y[row], rounded once to out_dtype;
  *  2. the source: acc = 0 (or out_tokens[t] with accumulate), then acc += partial_d for each
  *     destination d in ascending rank order, rounded once to out_dtype (round to nearest even).
+ * With FERRY_WEIGHTS_AT_COMBINE, weights [num_tokens][experts_per_token] f32 is read by RECV (NULL
+ * only with num_tokens 0), and the source computes acc = 0 (or out_tokens[t]), then for k in top-k
+ * order over t's routes acc += weights[t][k] * expert_y[row of (t, k)], rounded once to out_dtype
+ * (DeepEP's low-latency combine).
  *  A token with no route gets 0 (keeps its value with accumulate). Rows m..num_tokens-1 are not
  *  written. */
 typedef struct ferry_combine_args {

@@ -87,6 +87,8 @@ struct DispatchOptions {
   ferry_quantize_t quantize = FERRY_QUANTIZE_NONE;  // FERRY_QUANTIZE_FP8_BLOCK: dp_x is bf16
   bool round_scale = false;
   ferry_scale_layout_t out_scale_layout = FERRY_SCALE_ROW_MAJOR;
+  int32_t* out_expert_src_token = nullptr;            // [expert_rows()] or null
+  int32_t* out_expert_num_tokens_per_rank = nullptr;  // [num_local_experts][world_size] or null
 };
 
 // Byte-typed views of the dtype-dependent buffers; sizes are checked against the config.
@@ -153,6 +155,8 @@ class AllToAll {
     a.quantize = options.quantize;
     a.round_scale = options.round_scale ? 1 : 0;
     a.out_scale_layout = options.out_scale_layout;
+    a.out_expert_src_token = options.out_expert_src_token;
+    a.out_expert_num_tokens_per_rank = options.out_expert_num_tokens_per_rank;
     check(ferry_a2a_dispatch(handle_, &a, stream));
   }
 

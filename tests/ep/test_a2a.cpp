@@ -43,6 +43,7 @@ void run_steps(testing::ApiA2a& a2a, const ferry_a2a_config_t& cfg, const Case& 
   std::vector<float> expert_scale(l.out_scale_buffer_bytes(scale_layout) / 4, -1.0f);
   std::vector<uint8_t> expert_y(rows * l.out_row_bytes(), 0);
   std::vector<uint8_t> out(size_t(l.max_tokens) * l.out_row_bytes());
+  std::vector<int32_t> src_token(rows, -7), per_rank(size_t(l.experts_per_rank) * l.world_size, -7);
   testing::HalfStepCaller caller(c, l.rank);
 
   for (int step = 0; step < c.steps; ++step) {
@@ -56,11 +57,13 @@ void run_steps(testing::ApiA2a& a2a, const ferry_a2a_config_t& cfg, const Case& 
     d.dp_x = in.x.data();
     d.dp_x_scale = l.num_scales && !in.quantize ? in.x_scale.data() : nullptr;
     d.indices = in.indices.data();
-    d.weights = in.weights.data();
+    d.weights = l.weights_at_combine ? nullptr : in.weights.data();
     d.num_tokens = in.num_tokens;
     d.quantize = in.quantize ? FERRY_QUANTIZE_FP8_BLOCK : FERRY_QUANTIZE_NONE;
     d.round_scale = in.round_scale ? 1 : 0;
     d.out_scale_layout = c.out_scale_layout;
+    d.out_expert_src_token = src_token.data();
+    d.out_expert_num_tokens_per_rank = per_rank.data();
     caller.call([&](int flags) {
       d.flags = flags;
       a2a.dispatch(d);
@@ -70,6 +73,8 @@ void run_steps(testing::ApiA2a& a2a, const ferry_a2a_config_t& cfg, const Case& 
     const std::string diff =
         reference::compare_dispatch(cfg, want, counts.data(), expert_x.data(), expert_scale.data(), scale_layout);
     ASSERT_TRUE(diff.empty()) << "step " << step << "\n" << diff;
+    const std::string sources = reference::compare_sources(cfg, want, src_token.data(), per_rank.data());
+    ASSERT_TRUE(sources.empty()) << "step " << step << "\n" << sources;
 
     const std::vector<float> scale_rows = scale_layout == FERRY_SCALE_ROW_MAJOR || l.num_scales == 0
                                               ? expert_scale
@@ -343,6 +348,80 @@ TEST(QuantizeOnDispatch, SmallestAndLargestScaleBlocks) {
     SCOPED_TRACE("scale_block " + std::to_string(block));
     run_case(c);
   }
+}
+
+// ---- weights at combine -----------------------------------------------------------------------
+// Dispatch carries no weights (NULL); every destination returns the token's expert rows and combine
+// RECV sums them with the weights it is given (DeepEP's low-latency combine). Several experts per
+// rank, so records carry several routes and slots several rows.
+
+Case weights_at_combine_case() {
+  Case c;
+  c.world_size = 2;
+  c.num_experts = 8;
+  c.top_k = 4;
+  c.combine_weights = FERRY_WEIGHTS_AT_COMBINE;
+  return c;
+}
+
+TEST(WeightsAtCombine, Ep2OverTcpSumsEveryExpertRowWithTheCombinesWeights) { run_case(weights_at_combine_case()); }
+
+TEST(WeightsAtCombine, Ep4Top8Of16ExpertsOverShm) {
+  Case c = weights_at_combine_case();
+  c.world_size = 4;
+  c.num_experts = 16;
+  c.top_k = 8;
+  c.provider = "shm";
+  run_case(c);
+}
+
+TEST(WeightsAtCombine, RanksWithZeroTokensDroppedRoutesAndAccumulatingF32) {
+  Case c = weights_at_combine_case();
+  c.world_size = 4;
+  c.num_experts = 12;
+  c.out_dtype = FERRY_F32;
+  c.accumulate = true;
+  c.spec.zero_tokens_every = 2;
+  c.spec.drop_fraction = 0.3;
+  c.steps = 2;
+  run_case(c);
+}
+
+TEST(WeightsAtCombine, SplitHalvesBackToBackWithSkewedRanksAndASmallPrivateRegionOverShm) {
+  Case c = weights_at_combine_case();
+  c.world_size = 3;
+  c.num_experts = 9;
+  c.top_k = 5;
+  c.provider = "shm";
+  c.split = true;
+  c.max_skew_ms = 10;
+  c.private_tokens = 3;
+  c.steps = 6;
+  c.spec.vary_tokens = true;
+  run_case(c);
+}
+
+TEST(WeightsAtCombine, WithQuantizeOnDispatchAndColumnMajorScalesAsDeepEpLowLatency) {
+  Case c = quantize_case();
+  c.world_size = 4;
+  c.num_experts = 16;
+  c.top_k = 6;
+  c.combine_weights = FERRY_WEIGHTS_AT_COMBINE;
+  c.out_scale_layout = FERRY_SCALE_COLUMN_MAJOR;
+  c.spec.round_scale = reference::RoundScale::odd_groups;
+  c.spec.drop_fraction = 0.1;
+  run_case(c);
+}
+
+TEST(WeightsAtCombine, SlotsOfMoreThanAMegabyteTravelInPiecesOverTwoNics) {
+  Case c = weights_at_combine_case();
+  c.num_experts = 16;
+  c.top_k = 8;
+  c.max_tokens = 4;
+  c.hidden = 65536;
+  c.out_dtype = FERRY_F32;  // 256 KiB rows, four or more per record
+  c.nets_per_rank = 2;
+  run_case(c);
 }
 
 // ---- protocol paths ----------------------------------------------------------------------------
@@ -801,6 +880,7 @@ const Disagreement kDisagreements[] = {
     {"Device", {"device"}, [](ferry_a2a_config_t& c) { c.device = FERRY_DEVICE_CUDA; }},
     {"NetsPerRank", {"nets_per_rank"}, [](ferry_a2a_config_t& c) { c.nets_per_rank = 2; }},
     {"Provider", {"provider"}, [](ferry_a2a_config_t& c) { c.provider = "shm"; }},
+    {"CombineWeights", {"combine_weights"}, [](ferry_a2a_config_t& c) { c.combine_weights = FERRY_WEIGHTS_AT_COMBINE; }},
     // Pairs that used to run to the end with every status FERRY_OK and wrong combine output (with
     // MaxTokens and OutDtype above).
     {"Bf16AgainstF16InAndOut", {"in_dtype", "out_dtype"},

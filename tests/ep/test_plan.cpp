@@ -455,6 +455,63 @@ TEST(Quantize, ArgumentsTheAllToAllCannotHonourAreRefusedNamingThem) {
             std::string::npos);
 }
 
+// ---- weights at combine ------------------------------------------------------------------------
+
+// A slot holds one row per route of its record; route k of a token names its row: the slot of the
+// token's record to that rank times the rows per slot, plus its place among the token's routes
+// there (top-k order, as the record header lists them).
+TEST(WeightsAtCombine, EveryRouteHasItsRowInItsRecordsSlot) {
+  auto c = config(2, 8, 3, 4, 64);  // 4 experts per rank: up to 3 rows per slot
+  c.combine_weights = FERRY_WEIGHTS_AT_COMBINE;
+  const Layout l = make_layout(c);
+  EXPECT_EQ(l.combine_rows, 3);
+  EXPECT_EQ(l.combine_slot_bytes(), 3 * l.partial_bytes);
+  EXPECT_EQ(l.combine_recv_bytes(), uint64_t(l.max_send_records()) * 3 * l.partial_bytes);
+  // Token 0 -> experts 5 (rank 1), 1 (rank 0), 4 (rank 1); token 1 -> -1, 6 (rank 1), -1; token 2 -> 0, 2, 3.
+  const int32_t idx[] = {5, 1, 4, -1, 6, -1, 0, 2, 3};
+  const SendPlan p = make_send_plan(l, idx, 3, 0);
+  // Runs: rank 0 gets tokens 0, 2 (slots 0, 1); rank 1 tokens 0, 1 (slots 2, 3).
+  EXPECT_EQ(p.slot_routes, (std::vector<int32_t>{1, 3, 2, 1}));
+  EXPECT_EQ(p.route_row, (std::vector<int32_t>{2 * 3 + 0, 0 * 3 + 0, 2 * 3 + 1, -1, 3 * 3 + 0, -1, 3, 4, 5}));
+  const SendPlan partial = make_send_plan(make_layout(config(2, 8, 3, 4, 64)), idx, 3, 0);
+  EXPECT_EQ(partial.route_row, std::vector<int32_t>(9, -1));
+}
+
+TEST(WeightsAtCombine, TheConfigAndTheCallsSayWhereTheWeightsAre) {
+  auto c = config(4, 8, 2, 8, 64);
+  c.combine_weights = FERRY_WEIGHTS_AT_COMBINE;
+  c.dp_size = 2;
+  EXPECT_EQ(status_of(c), Status::unsupported);
+  EXPECT_NE(error_of(c).find("FERRY_WEIGHTS_AT_COMBINE supports dp_size 1"), std::string::npos);
+  c.dp_size = 1;
+  int five = 5;
+  std::memcpy(&c.combine_weights, &five, sizeof five);
+  EXPECT_NE(error_of(c).find("combine_weights 5 is not a ferry_combine_weights_t"), std::string::npos);
+  c.combine_weights = FERRY_WEIGHTS_AT_COMBINE;
+  const Layout l = make_layout(c);
+  const int32_t idx[2] = {0, 1};
+  const uint8_t x[128] = {};
+  ferry_dispatch_args_t d{};
+  d.dp_x = x;
+  d.indices = idx;
+  d.num_tokens = 1;
+  d.flags = FERRY_SEND;
+  EXPECT_EQ(dispatch_error(l, d), "");  // no weights at dispatch
+  ferry_combine_args_t cb{};
+  uint8_t out[128];
+  cb.out_tokens = out;
+  cb.num_tokens = 1;
+  cb.flags = FERRY_RECV;
+  try {
+    check_combine_args(l, cb, 1, Site{0, 0, "combine RECV"});
+    ADD_FAILURE() << "combine RECV without weights accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("weights must not be NULL with 1 tokens: this all-to-all takes them at combine"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
 TEST(Reference, InputsDependOnlyOnSeedAndGroup) {
   auto c = config(4, 8, 2, 6, 64);
   c.dp_size = 2;
@@ -608,18 +665,19 @@ TEST(Agreement, TheAccountStaysShortAtAnyWorldSize) {
     ConfigAgreement* a = description(all, r);
     for (int32_t* field : {&a->num_experts, &a->experts_per_token, &a->max_tokens_per_rank, &a->hidden_dim,
                            &a->in_dtype, &a->scale_block, &a->out_dtype, &a->private_tokens, &a->dp_size,
-                           &a->device, &a->nets_per_rank})
+                           &a->device, &a->nets_per_rank, &a->combine_weights})
       *field += r;
     std::memset(a->provider, 'x', sizeof a->provider);  // no NUL: read up to the field's end only
     a->status = int32_t(Status::unsupported);
     std::memset(a->error, '\x01', sizeof a->error);
   }
   const AgreementOutcome out = check_agreement(all, world, 0);
+  const ConfigAgreement a0{};
   EXPECT_EQ(out.status, Status::invalid_argument);
   EXPECT_LT(out.message.size(), 4096u) << out.message;
   EXPECT_NE(out.message.find("and 4091 more (4095 of 4096 ranks differ from rank 0)"), std::string::npos);
   EXPECT_NE(out.message.find("rank 1 has \"" + std::string(32, 'x') + "\""), std::string::npos) << out.message;
-  EXPECT_NE(out.message.find("(" + std::string(160, '?') + ")"), std::string::npos) << out.message;
+  EXPECT_NE(out.message.find("(" + std::string(sizeof a0.error, '?') + ")"), std::string::npos) << out.message;
   EXPECT_NE(out.message.find("so do those of ranks 2, 3, 4, 5 and 4090 more"), std::string::npos) << out.message;
 }
 
