@@ -248,6 +248,8 @@ class CudaBackend final : public Backend {
                                  wait_timeout_ns(), a.out_expert_num_tokens, a.out_expert_x,
                                  layout_.num_scales > 0 ? a.out_expert_x_scale : nullptr};
       p.scale_layout = enum_value(a.out_scale_layout);
+      p.out_src_token = a.out_expert_src_token;
+      p.out_num_tokens_per_rank = a.out_expert_num_tokens_per_rank;
       if (paths_.any_ipc) {
         p.sender_arrived = ipc_flags_.get<uint32_t>();
         p.ipc_senders = peers_.ranks;
@@ -273,6 +275,7 @@ class CudaBackend final : public Backend {
       cuda::CombineRecvParams p{layout_, static_cast<const uint8_t*>(combine_recv_->ptr),
                                 proxy_ ? &flags_.device()->combine_arrived : nullptr,
                                 wait_timeout_ns(), a.out_tokens, a.accumulate != 0};
+      if (layout_.weights_at_combine) p.weights = a.weights;
       if (paths_.any_ipc) {
         p.sender_arrived = ipc_flags_.get<uint32_t>() + layout_.world_size;
         p.ipc_senders = peers_.ranks;

@@ -237,7 +237,7 @@ __global__ void __launch_bounds__(kCopyThreads)
       // routes reach the destination lanes by shuffles, without further loads.
       const int lane = tid;
       const int e_mine = lane < K ? p.indices[t * K + lane] : -1;
-      const float w_mine = lane < K ? p.weights[t * K + lane] : 0.f;
+      const float w_mine = lane < K && p.weights != nullptr ? p.weights[t * K + lane] : 0.f;  // null: at combine
       bool repeated = false;  // a repeated expert was reported by the routing kernel; skip it here
       for (int k = 0; k < K; ++k) {
         const int e = __shfl_sync(0xffffffffu, e_mine, k);
@@ -269,14 +269,34 @@ __global__ void __launch_bounds__(kCopyThreads)
         }
       }
       uint8_t* rec = nullptr;
+      int slot = -1;
       if (d >= 0) {
-        const int slot = ws.dest_offset[d] + ws.send_chunk_base[(t / kChunk) * R + d] +
-                         ws.token_slot[t * ep::kMaxTopK + lane];
+        slot = ws.dest_offset[d] + ws.send_chunk_base[(t / kChunk) * R + d] + ws.token_slot[t * ep::kMaxTopK + lane];
         ws.token_slot[t * ep::kMaxTopK + lane] = slot;
         rec = p.send_buf + L.send_section_offset(d, 0) + L.count_header_bytes + uint64_t(slot) * L.record_bytes;
         const uint4* hv = reinterpret_cast<const uint4*>(&h);
 #pragma unroll
         for (int i = 0; i < 4; ++i) st_v4(rec + 16 * i, hv[i]);
+      }
+      if (L.weights_at_combine) {
+        // Each route's combine row (ep::SendPlan::route_row): its record's slot times the rows per
+        // slot, plus its place among the token's routes to that rank in top-k order (the header's).
+        const int my_dest = usable ? ep::owner_rank(e_mine, EPR) : -1;
+        int position = 0, my_slot = -1;
+        for (int k = 0; k < K; ++k) {
+          const int other = __shfl_sync(0xffffffffu, my_dest, k);
+          position += k < lane && other == my_dest ? 1 : 0;
+        }
+#pragma unroll
+        for (int j = 0; j < ep::kMaxTopK; ++j) {
+          const int dj = __shfl_sync(0xffffffffu, d, j), sj = __shfl_sync(0xffffffffu, slot, j);
+          if (dj >= 0 && dj == my_dest) my_slot = sj;
+        }
+        if (lane < K) {
+          ws.route_dest[t * ep::kMaxTopK + lane] = my_dest;
+          ws.route_row[t * ep::kMaxTopK + lane] = my_dest >= 0 ? my_slot * L.combine_rows + position : -1;
+        }
+        if (d >= 0 && ws.host_slot_routes != nullptr) ws.host_slot_routes[slot] = h.num_routes;
       }
       if (lane < ep::kMaxTopK) dst_s[lane] = rec;
       const int nd = __popc(__ballot_sync(0xffffffffu, d >= 0));

@@ -53,7 +53,7 @@ struct RankBuffers {
   Layout l;
   size_t rows;
   int scale_layout;  // of expert_scale (ferry_scale_layout_t)
-  DeviceBuffer x, x_scale, indices, weights, bound_m, counts, expert_x, expert_scale, expert_y, out;
+  DeviceBuffer x, x_scale, indices, weights, bound_m, counts, expert_x, expert_scale, expert_y, out, src_token, per_rank;
   bool quantize = false, round_scale = false;  // this step's input: bf16 that dispatch casts
   RankBuffers(const Layout& layout, int out_scale_layout)
       : l(layout),
@@ -68,7 +68,9 @@ struct RankBuffers {
         expert_x(rows * l.payload_bytes),
         expert_scale(l.out_scale_buffer_bytes(scale_layout) + 4),
         expert_y(rows * l.out_row_bytes()),
-        out(size_t(l.max_tokens) * l.out_row_bytes()) {}
+        out(size_t(l.max_tokens) * l.out_row_bytes()),
+        src_token(rows * 4),
+        per_rank(size_t(l.experts_per_rank) * l.world_size * 4) {}
 
   void set_input(const reference::RankInput& in) {
     quantize = in.quantize;
@@ -93,13 +95,15 @@ struct RankBuffers {
     d.dp_x = x.get();
     d.dp_x_scale = l.num_scales && !quantize ? x_scale.get<float>() : nullptr;
     d.indices = indices.get<int32_t>();
-    d.weights = weights.get<float>();
+    d.weights = l.weights_at_combine ? nullptr : weights.get<float>();  // at combine: not read
     d.bound_m = bound_m.get<int32_t>();
     d.num_tokens = num_tokens;
     d.flags = flags;
     d.quantize = quantize ? FERRY_QUANTIZE_FP8_BLOCK : FERRY_QUANTIZE_NONE;
     d.round_scale = round_scale ? 1 : 0;
     d.out_scale_layout = ferry_scale_layout_t(scale_layout);
+    d.out_expert_src_token = src_token.get<int32_t>();
+    d.out_expert_num_tokens_per_rank = per_rank.get<int32_t>();
     return d;
   }
   // The received scales (downloaded) and as the row-major fp32 the expert model reads.
@@ -146,6 +150,10 @@ void run_rank(te::Bootstrap& bootstrap, const Case& c) {
     const std::string diff = reference::compare_dispatch(cfg, want, counts.data(), x.data(),
                                                          reinterpret_cast<const float*>(xs.data()), c.out_scale_layout);
     ASSERT_TRUE(diff.empty()) << "rank " << l.rank << " step " << step << "\n" << diff;
+    const std::string sources =
+        reference::compare_sources(cfg, want, download<int32_t>(b.src_token.get(), b.rows).data(),
+                                   download<int32_t>(b.per_rank.get(), size_t(l.experts_per_rank) * l.world_size).data());
+    ASSERT_TRUE(sources.empty()) << "rank " << l.rank << " step " << step << "\n" << sources;
 
     std::vector<uint8_t> y(b.rows * l.out_row_bytes(), 0);
     const auto scale_rows = b.scale_rows(cfg, xs);
@@ -287,6 +295,30 @@ TEST_F(CudaBackend, QuantizeOnDispatchThroughCudaIpcWithSplitHalvesAndColumnMajo
 }
 
 TEST_F(CudaBackend, QuantizeOnDispatchOnTwoNodesMixingCudaIpcAndTcp) { run_case(mixed_case(quantize_case(), 2)); }
+
+// Weights at combine: every destination returns the expert rows, the source weighs them with the
+// weights combine RECV gets (DeepEP's low-latency combine); through the engine, CUDA IPC and both.
+Case weights_at_combine_case() {
+  Case c = quantize_case();
+  c.combine_weights = FERRY_WEIGHTS_AT_COMBINE;
+  c.out_scale_layout = FERRY_SCALE_COLUMN_MAJOR;
+  return c;
+}
+
+TEST_F(CudaBackend, WeightsAtCombineFourRanksOverShmWithSplitHalves) {
+  Case c = weights_at_combine_case();
+  c.provider = "shm";
+  c.split = true;
+  c.max_skew_ms = 10;
+  c.private_tokens = 8;
+  run_case(c);
+}
+
+TEST_F(CudaBackend, WeightsAtCombineThroughCudaIpc) { run_case(ipc_case(weights_at_combine_case())); }
+
+TEST_F(CudaBackend, WeightsAtCombineOnTwoNodesMixingCudaIpcAndTcp) {
+  run_case(mixed_case(weights_at_combine_case(), 2));
+}
 
 // An id outside [0, num_experts) fails the bad rank's receive call naming the token, and its peers'
 // receive calls naming that rank; nothing waits for a deadline.

@@ -64,7 +64,7 @@ struct SimRank {
   int bound = 0;  // this step's token count (<= L.max_tokens)
   DeviceBuffer x, x_scale, indices, weights, bound_m;
   DeviceBuffer send, recv, partials, combine_recv;
-  DeviceBuffer ws_dev, out_num, out_x, out_x_scale, expert_y, out_tokens;
+  DeviceBuffer ws_dev, out_num, out_x, out_x_scale, expert_y, out_tokens, out_src_token, out_per_rank;
   MappedHostBuffer ws_host;
   Workspace ws{};
 
@@ -86,6 +86,8 @@ struct SimRank {
         out_x_scale(L.out_scale_buffer_bytes(scale_layout)),
         expert_y(rows() * L.out_row_bytes()),
         out_tokens(uint64_t(L.max_tokens) * L.out_row_bytes()),
+        out_src_token(rows() * 4),
+        out_per_rank(uint64_t(L.experts_per_rank) * L.world_size * 4),
         ws_host(workspace_host_bytes(L)) {
     check_cuda(cudaMemset(ws_dev.get(), 0, ws_dev.bytes()), "memset workspace");
     std::memset(ws_host.host(), 0, ws_host.bytes());
@@ -110,9 +112,10 @@ struct SimRank {
   }
 
   DispatchSendParams send_params() const {
+    // With weights at combine dispatch gets none: the kernels must not read them.
     DispatchSendParams p{L, x.get(), L.num_scales && !in.quantize ? x_scale.get<float>() : nullptr,
-                         indices.get<int32_t>(), weights.get<float>(), bound_m.get<int32_t>(), in.num_tokens,
-                         send.get<uint8_t>()};
+                         indices.get<int32_t>(), L.weights_at_combine ? nullptr : weights.get<float>(),
+                         bound_m.get<int32_t>(), in.num_tokens, send.get<uint8_t>()};
     p.quantize = in.quantize;
     p.round_scale = in.round_scale;
     return p;
@@ -121,6 +124,8 @@ struct SimRank {
     DispatchRecvParams p{L, recv.get<uint8_t>(), nullptr, kDefaultWaitTimeoutNs, out_num.get<int32_t>(), out_x.get(),
                          L.num_scales ? out_x_scale.get<float>() : nullptr};
     p.scale_layout = scale_layout;
+    p.out_src_token = out_src_token.get<int32_t>();
+    p.out_num_tokens_per_rank = out_per_rank.get<int32_t>();
     return p;
   }
   // The received scales as the row-major fp32 the expert model reads.
@@ -131,7 +136,9 @@ struct SimRank {
   }
   CombineSendParams combine_send_params() const { return {L, expert_y.get(), partials.get<uint8_t>()}; }
   CombineRecvParams combine_recv_params(bool accumulate) const {
-    return {L, combine_recv.get<uint8_t>(), nullptr, kDefaultWaitTimeoutNs, out_tokens.get(), accumulate};
+    CombineRecvParams p{L, combine_recv.get<uint8_t>(), nullptr, kDefaultWaitTimeoutNs, out_tokens.get(), accumulate};
+    if (L.weights_at_combine) p.weights = weights.get<float>();
+    return p;
   }
 };
 
@@ -196,7 +203,8 @@ void run_and_compare(std::vector<std::unique_ptr<SimRank>>& ranks, const ferry_a
     std::vector<uint8_t> hs(k.send.bytes(), kPoison);
     ep::host::pack_dispatch(k.L, h.plans[r], bounded[r].x.data(),
                             k.L.num_scales && !bounded[r].quantize ? bounded[r].x_scale.data() : nullptr,
-                            bounded[r].indices.data(), bounded[r].weights.data(), hs.data(),
+                            bounded[r].indices.data(), k.L.weights_at_combine ? nullptr : bounded[r].weights.data(),
+                            hs.data(),
                             {bounded[r].quantize, bounded[r].round_scale});
     for (int d = 0; d < R; ++d) h.count_matrix[size_t(r) * R + d] = h.plans[r].dest_count[d];
     h.send.push_back(std::move(hs));
@@ -224,6 +232,8 @@ void run_and_compare(std::vector<std::unique_ptr<SimRank>>& ranks, const ferry_a
     poison(k.out_num.get(), k.out_num.bytes());
     poison(k.out_x.get(), k.out_x.bytes());
     poison(k.out_x_scale.get(), k.out_x_scale.bytes());
+    poison(k.out_src_token.get(), k.out_src_token.bytes());
+    poison(k.out_per_rank.get(), k.out_per_rank.bytes());
     dispatch_recv(k.recv_params(), k.ws, sms, nullptr);
   }
   check_cuda(cudaDeviceSynchronize(), "dispatch_recv");
@@ -239,9 +249,15 @@ void run_and_compare(std::vector<std::unique_ptr<SimRank>>& ranks, const ferry_a
     const auto recv_bytes = download<uint8_t>(k.recv.get(), k.recv.bytes());
     std::vector<int32_t> hn(epr);
     std::vector<uint8_t> hx(k.out_x.bytes(), kPoison), hxs(k.out_x_scale.bytes(), kPoison);
+    std::vector<uint8_t> hsrc(k.out_src_token.bytes(), kPoison), hper(k.out_per_rank.bytes(), kPoison);
     ep::host::unpack_dispatch(k.L, recv_plans[d], recv_bytes.data(), hn.data(), hx.data(),
                               k.L.num_scales ? reinterpret_cast<float*>(hxs.data()) : nullptr, routes[d],
-                              k.scale_layout);
+                              k.scale_layout, reinterpret_cast<int32_t*>(hsrc.data()),
+                              reinterpret_cast<int32_t*>(hper.data()));
+    ASSERT_EQ(first_difference(download<uint8_t>(k.out_src_token.get(), k.out_src_token.bytes()), hsrc), -1)
+        << "rank " << d << " source tokens differ from the host's unpack";
+    ASSERT_EQ(first_difference(download<uint8_t>(k.out_per_rank.get(), k.out_per_rank.bytes()), hper), -1)
+        << "rank " << d << " rows per source rank differ from the host's unpack";
     EXPECT_EQ(download<int32_t>(k.out_num.get(), epr), hn) << "rank " << d << " expert counts";
     ASSERT_EQ(first_difference(download<uint8_t>(k.out_x.get(), k.out_x.bytes()), hx), -1)
         << "rank " << d << " expert rows differ from the host's unpack";
@@ -309,8 +325,12 @@ void run_and_compare(std::vector<std::unique_ptr<SimRank>>& ranks, const ferry_a
       ASSERT_EQ(k.error().code, kErrNone) << "rank " << s << ": " << device_error_name(k.error().code);
       const auto crecv = download<uint8_t>(k.combine_recv.get(), k.combine_recv.bytes());
       std::vector<uint8_t> hout = before[s];
-      ep::host::unpack_combine(k.L, std::span<const ep::SendPlan>(&h.plans[s], 1), crecv.data(), hout.data(),
-                               accumulate);
+      if (k.L.weights_at_combine)
+        ep::host::unpack_combine_rows(k.L, h.plans[s], crecv.data(), bounded[s].weights.data(), hout.data(),
+                                      accumulate);
+      else
+        ep::host::unpack_combine(k.L, std::span<const ep::SendPlan>(&h.plans[s], 1), crecv.data(), hout.data(),
+                                 accumulate);
       const auto dout = download<uint8_t>(k.out_tokens.get(), k.out_tokens.bytes());
       ASSERT_EQ(first_difference(dout, hout), -1)
           << "rank " << s << (accumulate ? " accumulated" : "") << " out_tokens differ from the host's combine";
@@ -385,6 +405,16 @@ INSTANTIATE_TEST_SUITE_P(
               {.world_size = 2, .num_experts = 4, .top_k = 2, .max_tokens = 33, .hidden = 1536,
                .in_dtype = FERRY_FP8_E4M3, .out_dtype = FERRY_F32, .scale_block = 256,
                .spec = {.quantize = true}}},
+        // Weights at combine: rows travel back unweighted, the source weighs them (DeepEP's combine).
+        Shape{"weights_at_combine_bf16_top8_of_32",
+              {.world_size = 4, .num_experts = 32, .top_k = 8, .max_tokens = 48, .hidden = 4096,
+               .in_dtype = FERRY_BF16, .out_dtype = FERRY_BF16, .private_tokens = 12,
+               .combine_weights = FERRY_WEIGHTS_AT_COMBINE, .spec = {.drop_fraction = 0.2, .vary_tokens = true}}},
+        Shape{"weights_at_combine_bf16_cast_fp8_ue8m0_f32_out",
+              {.world_size = 3, .num_experts = 12, .top_k = 6, .max_tokens = 40, .hidden = 2048,
+               .in_dtype = FERRY_FP8_E4M3, .out_dtype = FERRY_F32, .scale_block = 128, .expert_alignment = 2,
+               .out_scale_layout = FERRY_SCALE_UE8M0_COLUMN_MAJOR, .combine_weights = FERRY_WEIGHTS_AT_COMBINE,
+               .spec = {.zero_tokens_every = 3, .quantize = true, .round_scale = ep::reference::RoundScale::all}}},
         Shape{"bf16_cast_fp8_block8_rounded",
               {.world_size = 2, .num_experts = 4, .top_k = 2, .max_tokens = 33, .hidden = 512,
                .in_dtype = FERRY_FP8_E4M3, .out_dtype = FERRY_BF16, .scale_block = 8,
