@@ -214,3 +214,49 @@ def run_cases(rank: int, world: int, cases: list[tuple[str, Case]], device: str 
         ran.append(f"{provider}/{case.name}")
     assert not problems, "\n".join(problems[:20])
     return ran
+
+
+def misuse(rank: int, world: int) -> list[str]:
+    """What DeepEP's contract forbids is refused with an error naming the argument, before anything
+    moves, and the Buffer keeps working. Returns the messages seen."""
+    import pytest
+
+    buffer = deep_ep.Buffer(dist.group.WORLD, low_latency_mode=True, provider="tcp", timeout_ms=20000)
+    T, H, E, K = 4, 256, 2 * world, 2
+    x = torch.randn((T, H)).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    w = torch.rand((T, K))
+    seen = []
+    with pytest.raises(ValueError, match="x: torch.float32") as e:
+        buffer.low_latency_dispatch(x.float(), idx, T, E)
+    seen.append(str(e.value))
+    with pytest.raises(ValueError, match="use_ue8m0: True needs use_fp8 and round_scale") as e:
+        buffer.low_latency_dispatch(x, idx, T, E, use_ue8m0=True)
+    seen.append(str(e.value))
+    with pytest.raises(ValueError, match="expected at most num_max_dispatch_tokens_per_rank=2") as e:
+        buffer.low_latency_dispatch(x, idx, 2, E)
+    seen.append(str(e.value))
+    with pytest.raises(NotImplementedError, match="low-latency interface"):
+        buffer.dispatch(x)
+    # A hook not yet run; a third dispatch while two wait for their combine; a handle combined twice.
+    _, _, first, _, hook = buffer.low_latency_dispatch(x, idx, T, E, return_recv_hook=True)
+    y = torch.zeros((E // world, world * T, H), dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="receive hook has not run") as e:
+        buffer.low_latency_combine(y, idx, w, first)
+    seen.append(str(e.value))
+    hook()
+    _, _, second, _, _ = buffer.low_latency_dispatch(x, idx, T, E)
+    with pytest.raises(RuntimeError, match="at most two may be in flight"):
+        buffer.low_latency_dispatch(x, idx, T, E)
+    for handle in (first, second):
+        out, _, _ = buffer.low_latency_combine(y, idx, w, handle)
+        assert bool((out == 0).all()), "zero expert outputs must combine to zero"
+    with pytest.raises(ValueError, match="already combined"):
+        buffer.low_latency_combine(y, idx, w, first)
+    # still working: a regular step
+    _, _, handle, _, _ = buffer.low_latency_dispatch(x, idx, T, E)
+    buffer.low_latency_combine(y, idx, w, handle)
+    buffer.destroy()
+    with pytest.raises(RuntimeError, match="destroyed"):
+        buffer.low_latency_dispatch(x, idx, T, E)
+    return seen

@@ -9,7 +9,7 @@ from conftest import SKIP_NO_TORCH
 
 pytest.importorskip("torch", reason=SKIP_NO_TORCH)
 
-from deep_ep_cases import Case, run_cases  # noqa: E402
+from deep_ep_cases import Case, misuse, run_cases  # noqa: E402
 from ferry import launch  # noqa: E402
 
 WORLDS = {
@@ -40,3 +40,8 @@ def test_low_latency_dispatch_and_combine_equal_deep_eps_semantics(world):
     cases = WORLDS[world]
     ran = launch.spawn(run_cases, world, args=(cases,), timeout_s=400)
     assert ran == [[f"{p}/{c.name}" for p, c in cases]] * world
+
+
+def test_what_deep_eps_contract_forbids_is_refused_and_the_buffer_keeps_working():
+    seen = launch.spawn(misuse, 2, timeout_s=120)
+    assert len(seen[0]) == 4 and all("x:" in m or "use_ue8m0" in m or "hook" in m for m in seen[0])
