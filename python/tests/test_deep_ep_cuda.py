@@ -5,14 +5,11 @@ torch.cuda.graph replays like eager steps, printing the replay times of dispatch
 
 import pytest
 
-from conftest import SKIP_NO_TORCH
+from conftest import SKIP_NO_CUDA, SKIP_NO_TORCH
 
 torch = pytest.importorskip("torch", reason=SKIP_NO_TORCH)
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="python tests skipped: no CUDA device here (torch.cuda.is_available() is False); "
-           "the CUDA tests run on the GPU machine")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason=SKIP_NO_CUDA)
 
 import torch.distributed as dist  # noqa: E402
 

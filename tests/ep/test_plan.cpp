@@ -58,6 +58,7 @@ TEST(Config, DefaultsDescribeABf16HostAllToAll) {
   EXPECT_EQ(c.device, FERRY_DEVICE_HOST);
   EXPECT_EQ(c.private_tokens, -1);
   EXPECT_EQ(c.timeout_ms, FERRY_DEFAULT_TIMEOUT_MS);
+  EXPECT_EQ(c.combine_weights, FERRY_WEIGHTS_AT_DISPATCH);
 }
 
 TEST(Config, RejectsEachInvalidFieldNamingIt) {
