@@ -80,17 +80,21 @@ FERRY_HD uint8_t f32_to_fp8e4m3(float f) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
   return uint8_t(__nv_cvt_float_to_fp8(f, __NV_SATFINITE, __NV_E4M3));
 #else
-  const uint8_t sign = uint8_t((f32_bits(f) >> 24) & 0x80u);
-  float a = fabsf(f);
-  if (a != a) return uint8_t(sign | 0x7f);
-  if (a > 448.0f) a = 448.0f;
-  if (a < 0.015625f) return uint8_t(sign | uint8_t(rintf(a * 512.0f)));  // subnormal, 2^-6 > a
-  int e2;
-  const float m = frexpf(a, &e2);
-  int e = e2 - 1;
-  int mant = int(rintf((m * 2.0f - 1.0f) * 8.0f));
-  if (mant == 8) { mant = 0; ++e; }
-  return uint8_t(sign | uint8_t((e + 7) << 3) | uint8_t(mant));
+  // On the bits, without libm: the host backend casts every element of a quantized token here.
+  const uint32_t u = f32_bits(f);
+  const uint8_t sign = uint8_t((u >> 24) & 0x80u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return uint8_t(sign | 0x7f);  // NaN
+  if (a >= 0x43e00000u) return uint8_t(sign | 0x7e);  // >= 448 (infinity too): saturate
+  if (a < 0x3c800000u) {                               // below 2^-6: a multiple of 2^-9, or 0
+    // a * 512 is exact; adding and taking away 2^23 rounds it to an integer, ties to even.
+    const float scaled = f32_from_bits(a) * 512.0f;
+    return uint8_t(sign | uint8_t(int((scaled + 8388608.0f) - 8388608.0f)));
+  }
+  // Keep 3 of the 23 mantissa bits, rounding to nearest even; a carry moves into the exponent
+  // (below 448 it never reaches the NaN code 0x7f).
+  const uint32_t r = a + 0x7ffffu + ((a >> 20) & 1u);
+  return uint8_t(sign | uint8_t((((r >> 23) - 120u) << 3) | ((r >> 20) & 7u)));
 #endif
 }
 // Two at once: the low byte is `a`'s (one instruction on the device).
