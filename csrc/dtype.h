@@ -80,21 +80,22 @@ FERRY_HD uint8_t f32_to_fp8e4m3(float f) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
   return uint8_t(__nv_cvt_float_to_fp8(f, __NV_SATFINITE, __NV_E4M3));
 #else
-  // On the bits, without libm: the host backend casts every element of a quantized token here.
+  // On the bits, without libm or branches, so that the host backend's loop over a token vectorizes.
   const uint32_t u = f32_bits(f);
-  const uint8_t sign = uint8_t((u >> 24) & 0x80u);
+  const uint32_t sign = (u >> 24) & 0x80u;
   const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return uint8_t(sign | 0x7f);  // NaN
-  if (a >= 0x43e00000u) return uint8_t(sign | 0x7e);  // >= 448 (infinity too): saturate
-  if (a < 0x3c800000u) {                               // below 2^-6: a multiple of 2^-9, or 0
-    // a * 512 is exact; adding and taking away 2^23 rounds it to an integer, ties to even.
-    const float scaled = f32_from_bits(a) * 512.0f;
-    return uint8_t(sign | uint8_t(int((scaled + 8388608.0f) - 8388608.0f)));
-  }
-  // Keep 3 of the 23 mantissa bits, rounding to nearest even; a carry moves into the exponent
-  // (below 448 it never reaches the NaN code 0x7f).
+  // Below 2^-6 the value is a multiple of 2^-9: a * 512 is exact, and adding and taking away 2^23
+  // rounds it to an integer, ties to even (clamped first so the conversion stays in range).
+  const float scaled = f32_from_bits(a < 0x3c800000u ? a : 0x3c800000u) * 512.0f;
+  const uint32_t subnormal = uint32_t(int((scaled + 8388608.0f) - 8388608.0f));
+  // Otherwise keep 3 of the 23 mantissa bits, rounding to nearest even; a carry moves into the
+  // exponent (below 448 it never reaches the NaN code 0x7f).
   const uint32_t r = a + 0x7ffffu + ((a >> 20) & 1u);
-  return uint8_t(sign | uint8_t((((r >> 23) - 120u) << 3) | ((r >> 20) & 7u)));
+  const uint32_t normal = (((r >> 23) - 120u) << 3) | ((r >> 20) & 7u);
+  const uint32_t code = a > 0x7f800000u ? 0x7fu          // NaN
+                        : a >= 0x43e00000u ? 0x7eu       // >= 448, infinity too: saturate
+                        : a < 0x3c800000u ? subnormal : normal;
+  return uint8_t(sign | code);
 #endif
 }
 // Two at once: the low byte is `a`'s (one instruction on the device).
