@@ -1,7 +1,8 @@
 // Element conversions of the wire and output types, written once for the host backend, the
 // reference and the CUDA kernels (__host__ __device__), so every path rounds the same way:
 // round-to-nearest-even everywhere; fp8 e4m3 (the "fn" variant: no infinities, max 448) saturates
-// finite values, like __nv_cvt_float_to_fp8(..., __NV_SATFINITE, __NV_E4M3).
+// finite values and infinities and turns any NaN into the canonical 0x7f, like
+// __nv_cvt_float_to_fp8(..., __NV_SATFINITE, __NV_E4M3).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -92,10 +93,8 @@ FERRY_HD uint8_t f32_to_fp8e4m3(float f) {
   // exponent (below 448 it never reaches the NaN code 0x7f).
   const uint32_t r = a + 0x7ffffu + ((a >> 20) & 1u);
   const uint32_t normal = (((r >> 23) - 120u) << 3) | ((r >> 20) & 7u);
-  const uint32_t code = a > 0x7f800000u ? 0x7fu          // NaN
-                        : a >= 0x43e00000u ? 0x7eu       // >= 448, infinity too: saturate
-                        : a < 0x3c800000u ? subnormal : normal;
-  return uint8_t(sign | code);
+  const uint32_t code = a >= 0x43e00000u ? 0x7eu : a < 0x3c800000u ? subnormal : normal;  // >= 448: saturate
+  return uint8_t(a > 0x7f800000u ? 0x7fu : sign | code);  // NaN: the canonical 0x7f, as cvt gives it
 #endif
 }
 // Two at once: the low byte is `a`'s (one instruction on the device).

@@ -81,8 +81,8 @@ void quantized_input(const Layout& l, Rng& rng, RankInput& in) {
 }  // namespace
 
 uint8_t nearest_fp8(float v) {
+  if (std::isnan(v)) return 0x7f;  // the canonical NaN, whatever the sign
   const uint8_t sign = std::signbit(v) ? 0x80 : 0;
-  if (std::isnan(v)) return uint8_t(sign | 0x7f);
   const std::vector<double>& values = fp8_values();
   const double a = std::fabs(double(v));
   if (a >= values.back()) return uint8_t(sign | 126);

@@ -60,7 +60,7 @@ struct QuantizedToken {
   std::vector<float> scale;    // [hidden / scale_block]
 };
 QuantizedToken quantize_token(const uint16_t* x, int hidden, int scale_block, bool round_scale);
-// The fp8 e4m3 byte nearest to v (ties to even, saturating at +-448, NaN kept), by search.
+// The fp8 e4m3 byte nearest to v (ties to even, saturating at +-448; NaN: 0x7f), by search.
 uint8_t nearest_fp8(float v);
 
 struct DispatchResult {

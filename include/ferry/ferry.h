@@ -75,7 +75,8 @@ typedef enum ferry_device {
  *  with round_scale:    scale = 2^e, e = the least integer with 2^e >= amax * (1.0f / 448.0f)
  *                       mult  = 2^-e
  *  q_i   = fp8 e4m3 (the "fn" variant) nearest to x_i * mult, ties to even mantissa, saturating:
- *          beyond +-448 gives +-448 (infinities too), NaN stays NaN, the sign of zero is kept.
+ *          beyond +-448 gives +-448 (infinities too), a NaN gives 0x7f (the canonical NaN, as
+ *          the GPUs' conversion gives it), the sign of zero is kept.
  * scale travels with the token and lands in out_expert_x_scale; q * scale approximates x. A block
  * of zeros gets scale 1e-4 / 448 (2^-22 with round_scale) and zero bytes. For finite inputs these
  * are the bytes of DeepEP's low-latency cast (fp8 values and fp32 scales). */

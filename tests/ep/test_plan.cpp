@@ -311,6 +311,7 @@ TEST(Quantize, Fp8ConversionIsTheNearestValueTiesToEvenSaturating) {
   EXPECT_EQ(dtype::f32_to_fp8e4m3(INFINITY), 0x7e);
   EXPECT_EQ(dtype::f32_to_fp8e4m3(-INFINITY), 0xfe);
   EXPECT_EQ(dtype::f32_to_fp8e4m3(-0.0f), 0x80);
+  EXPECT_EQ(dtype::f32_to_fp8e4m3(-NAN), 0x7f);  // the canonical NaN, sign dropped (cvt.rn.satfinite)
   EXPECT_EQ(dtype::f32x2_to_fp8e4m3x2(1.0f, -448.0f), 0xfe38);
 }
 
