@@ -223,6 +223,14 @@ TEST(BenchRun, VerifyFailureExitsWithCode1NamingTheRank) {
   EXPECT_EQ(r.out.find("dispatch: rank 1 "), std::string::npos) << "only rank 2's dispatch output was touched";
 }
 
+// The steepest zipf law the bench accepts puts nearly every draw on one expert; top-8 of 16 must
+// still route every token to 8 distinct experts, in bounded time, and verify.
+TEST(BenchRun, SteepestZipfLawWithTopKOfHalfTheExpertsVerifies) {
+  const auto r = bench(std::string(kScaledDown) + " --launcher fork --verify --routing zipf --zipf-s 10 --topk 8");
+  EXPECT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("verify"), std::string::npos) << r.out;
+}
+
 // A rank that stops (SIGSTOP: alive, silent) under the default mpirun launcher: the others reach
 // their deadline, say which rank is missing, and leave without waiting for it in MPI_Finalize;
 // mpirun then ends the job. The launcher's own deadline is far away, so only that path can end it

@@ -545,6 +545,24 @@ TEST(Reference, RoutingModesShapeTheExpertLoad) {
   EXPECT_EQ(reference::generate_input(c, spec, 2).num_tokens, 64);
 }
 
+TEST(Reference, SteepZipfLawStillGivesEveryTokenDistinctExperts) {
+  // s = 10 puts ~99.9 % of each draw on one expert: redrawing until a free expert comes up would
+  // take forever for the later routes of a top-8 over 8 experts.
+  auto c = config(2, 8, 8, 64, 64);
+  reference::InputSpec spec;
+  spec.routing = reference::Routing::zipf;
+  spec.zipf_s = 10;
+  const auto in = reference::generate_input(c, spec, 0);
+  std::vector<int> first(8, 0);
+  for (int t = 0; t < in.num_tokens; ++t) {
+    std::vector<int32_t> row(in.indices.begin() + t * 8, in.indices.begin() + (t + 1) * 8);
+    ++first[row[0]];
+    std::sort(row.begin(), row.end());
+    EXPECT_EQ(row, (std::vector<int32_t>{0, 1, 2, 3, 4, 5, 6, 7})) << "token " << t;
+  }
+  EXPECT_GE(*std::max_element(first.begin(), first.end()), in.num_tokens - 2) << "the law's head leads";
+}
+
 TEST(Reference, DispatchCountsEveryRouteOnce) {
   auto c = config(4, 8, 3, 10, 64);
   c.expert_alignment = 4;
