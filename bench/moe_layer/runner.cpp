@@ -1,0 +1,243 @@
+#include "bench/moe_layer/runner.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "bench/moe_layer/layer.h"
+#include "bench/moe_layer/measure.h"
+#include "bench/moe_layer/memory.h"
+#include "bench/moe_layer/reference.h"
+#include "bench/moe_layer/tp_all_reduce.h"
+#include "csrc/plan.h"
+#include "tools/common/bootstrap.h"
+#include "tools/common/env.h"
+#include "tools/common/report.h"
+#include "transfer_engine/error.h"
+
+#if defined(FERRY_HAVE_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
+namespace ferry::moe {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using nlohmann::json;
+
+struct ScheduleResult {
+  ScheduleKind kind;
+  Schedule schedule;
+  ScheduleTiming timing;
+  double gemm_flops = 0;  // this rank's, last step
+};
+
+json percentiles_json(const tools::Percentiles& p) {
+  return {{"count", p.count}, {"min", p.min}, {"mean", p.mean}, {"p50", p.p50}, {"p90", p.p90}, {"p99", p.p99}, {"max", p.max}};
+}
+
+std::string dtype_text(ferry_dtype_t t) { return t == FERRY_F32 ? "f32" : "bf16"; }
+
+// Every token of this rank's output against the dense reference, and the rows each local expert
+// received against the reference router: empty when all match.
+std::string verify_schedule(MoeLayer& layer, const LayerShape& s, const ReferenceOutput& want, int rank, ScheduleKind kind) {
+  const Schedule schedule = make_schedule(kind);
+  const int n = num_micro_batches(schedule);
+  std::string failure;
+  for (int b = 0; b < n; ++b) {
+    const std::vector<int32_t> counts = reference_expert_counts(s, rank, n, b);
+    if (counts != layer.expert_counts(b)) {
+      failure += "rank " + std::to_string(rank) + " " + schedule_name(kind) + " micro-batch " + std::to_string(b) +
+                 ": local experts received rows";
+      for (int32_t c : layer.expert_counts(b)) failure += " " + std::to_string(c);
+      failure += ", the reference router sends";
+      for (int32_t c : counts) failure += " " + std::to_string(c);
+      failure += "\n";
+    }
+  }
+  std::vector<uint8_t> out(size_t(s.tokens) * s.hidden * ep::elem_bytes_of(s.out_dtype));
+  layer.download_output(out.data());
+  return failure + compare_output(s, want, rank, 0, out.data(), s.tokens);
+}
+
+void print_table(const Options& o, const LayerShape& s, const std::vector<ScheduleResult>& results,
+                 const std::vector<ferry_buffer_sizes_t>& sizes, const std::string& provider, const std::string& gemm,
+                 const std::string& all_reduce, double all_reduce_us, const std::string& verify) {
+  std::printf("ferry-moe-layer: %d ranks (TP %d, %d groups), %s backend, provider %s\n", s.world_size, s.tp_size,
+              s.num_groups(), o.backend == FERRY_DEVICE_CUDA ? "cuda" : "host", provider.c_str());
+  std::printf("layer: %d tokens per group and step, hidden %d, intermediate %d, %d experts (%d per rank), top-%d, "
+              "SwiGLU experts, bf16 dispatch, %s combine\n",
+              s.tokens, s.hidden, s.intermediate, s.num_experts, s.experts_per_rank(), s.top_k, dtype_text(s.out_dtype).c_str());
+  std::printf("grouped GEMM: %s; TP all-reduce: %s, p50 %.1f us (before the layer, not in the step)\n", gemm.c_str(),
+              all_reduce.c_str(), all_reduce_us);
+  for (size_t b = 0; b < sizes.size(); ++b) {
+    std::printf("all-to-all handle %zu: %s registered (%d rows per expert)%s\n", b,
+                tools::format_bytes(double(sizes[b].total_registered_bytes)).c_str(), sizes[b].max_rows_per_expert,
+                b == 1 ? ": the second micro-batch's buffers, what two batches in flight cost" : "");
+  }
+  std::printf("\n");
+  tools::Table t;
+  t.add_column("schedule", tools::Table::Align::left);
+  t.add_column("ops", tools::Table::Align::left);
+  t.add_column("transfer us");
+  t.add_column("GEMM us");
+  t.add_column("step us");
+  t.add_column("step p90 us");
+  t.add_column("hidden");
+  t.add_column("GEMM GFLOP/s");
+  for (const ScheduleResult& r : results) {
+    const double gflops = r.timing.gemm_us.p50 > 0 ? r.gemm_flops / (r.timing.gemm_us.p50 * 1e3) : 0;
+    t.add_row({schedule_name(r.kind), describe(r.schedule), tools::format("%.1f", r.timing.transfer_us.p50),
+               tools::format("%.1f", r.timing.gemm_us.p50), tools::format("%.1f", r.timing.step_us.p50),
+               tools::format("%.1f", r.timing.step_us.p90), tools::format("%.2f", r.timing.hidden_fraction),
+               tools::format("%.2f", gflops)});
+  }
+  t.print(stdout);
+  std::printf("p50 over %d iterations of the slowest rank's time; hidden = 1 - (step - GEMM) / transfer\n", o.iters);
+  if (!verify.empty()) std::printf("%s\n", verify.c_str());
+}
+
+}  // namespace
+
+int run_rank(const Options& o, const char* launcher_label) {
+  const tools::RankEnv env = tools::discover_rank_env();
+  auto boot = tools::make_bootstrap(env, o.timeout_ms);
+  const int rank = boot->rank(), world = boot->world_size();
+  const LayerShape s = shape_of(o, world);
+  if (const std::string msg = check_shape(s); !msg.empty()) {
+    if (rank == 0) std::fprintf(stderr, "ferry-moe-layer: error: %s (world size %d)\n", msg.c_str(), world);
+    return 2;
+  }
+  tools::CBootstrap cboot(*boot, o.timeout_ms);
+  const bool device = o.backend == FERRY_DEVICE_CUDA;
+  LayerOptions lo;
+  lo.shape = s;
+  lo.rank = rank;
+  lo.device = o.backend;
+  lo.provider = o.provider;
+  lo.nets_per_rank = o.nets_per_rank;
+  lo.timeout_ms = o.timeout_ms;
+  lo.micro_batches =
+      std::any_of(o.schedules.begin(), o.schedules.end(), [](ScheduleKind k) { return k == ScheduleKind::tbo; }) ? 2 : 1;
+  lo.gemm_threads = o.gemm_threads > 0 ? o.gemm_threads : default_gemm_threads(boot->local_size());
+#if defined(FERRY_HAVE_CUDA)
+  if (device) {
+    int gpus = 0;
+    if (cudaGetDeviceCount(&gpus) != cudaSuccess || gpus == 0)
+      raise(Status::unsupported, "--backend cuda: no CUDA GPU on this host (cudaGetDeviceCount found none)");
+    lo.cuda_device = (env.local_rank >= 0 ? env.local_rank : rank) % gpus;
+    if (cudaSetDevice(lo.cuda_device) != cudaSuccess) raise(Status::internal, "cudaSetDevice failed");
+  }
+#endif
+
+  // Attention-TP all-reduce of this member's partial: the layer's input.
+  std::vector<uint16_t> x = attention_partial(s, s.group_of(rank), s.member_of(rank));
+  MoeLayer layer(lo, cboot.get());
+  std::unique_ptr<TpAllReduce> all_reduce;
+  Memory x_dev(x.size() * sizeof(uint16_t), device);
+  if (device) {
+    all_reduce = make_nccl_all_reduce(*boot, s.tp_size, lo.cuda_device, layer.stream(), o.timeout_ms);
+  } else {
+    all_reduce = make_bootstrap_all_reduce(*boot, s.tp_size, o.timeout_ms);
+  }
+  std::vector<double> all_reduce_us;
+  const std::vector<uint16_t> partial = x;
+  for (int i = 0; i < std::max(1, o.iters / 4); ++i) {
+    x_dev.upload(partial.data(), x_dev.bytes());
+    boot->barrier(o.timeout_ms);
+    const auto t0 = Clock::now();
+    all_reduce->all_reduce_bf16(x_dev.get(), x.size());
+    all_reduce_us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+  }
+  x_dev.download(x.data(), x_dev.bytes());
+  layer.set_tokens(x.data());
+
+  // ---- verification: every token of every schedule against the dense reference ------------------
+  std::string failure;
+  if (o.verify) {
+    const ReferenceOutput want = reference_layer(s, s.group_of(rank));
+    if (want.x != x) failure += "rank " + std::to_string(rank) + ": the TP all-reduce's hidden states differ from the sum of the partials\n";
+    for (ScheduleKind kind : o.schedules) {
+      boot->barrier(o.timeout_ms);
+      layer.run(make_schedule(kind));
+      failure += verify_schedule(layer, s, want, rank, kind);
+    }
+  }
+  const auto failures = tools::allgather_strings(*boot, failure, o.timeout_ms);
+  std::string verify_text;
+  std::vector<int> failed_ranks;
+  for (int r = 0; r < world; ++r)
+    if (!failures[size_t(r)].empty()) failed_ranks.push_back(r);
+  if (o.verify) {
+    if (failed_ranks.empty()) {
+      verify_text = "verify: PASS: every token of every rank within the dtype-derived tolerance of the dense reference, "
+                    "expert rows and the TP all-reduce exact";
+    } else {
+      verify_text = "verify: FAIL on " + std::to_string(failed_ranks.size()) + " rank(s)";
+    }
+  }
+  if (!failure.empty()) std::fprintf(stderr, "ferry-moe-layer: verify failed:\n%s", failure.c_str());
+
+  // ---- timed schedules ----------------------------------------------------------------------------
+  std::vector<ScheduleResult> results;
+  for (ScheduleKind kind : o.schedules) {
+    ScheduleResult r;
+    r.kind = kind;
+    r.schedule = make_schedule(kind);
+    const ScheduleSamples samples = time_schedule(layer, *boot, r.schedule, o.warmup, o.iters, o.timeout_ms);
+    layer.run(gemms_of(r.schedule));
+    r.gemm_flops = layer.last_gemm_flops();
+    r.timing = summarize_schedule(*boot, samples, o.timeout_ms);
+    // The slowest rank's GEMM time is the job's; its work is the largest.
+    const auto flops = tools::allgather_values(*boot, std::vector<double>{r.gemm_flops}, o.timeout_ms);
+    r.gemm_flops = *std::max_element(flops.begin(), flops.end());
+    results.push_back(r);
+  }
+  const double all_reduce_p50 = [&] {
+    const auto all = tools::allgather_values(*boot, all_reduce_us, o.timeout_ms);
+    return tools::percentiles(all).p50;
+  }();
+  std::vector<ferry_buffer_sizes_t> sizes;
+  for (int b = 0; b < layer.num_handles(); ++b) sizes.push_back(layer.buffer_sizes(b));
+  boot->barrier(o.timeout_ms);
+
+  if (rank == 0) {
+    const char* env_provider = std::getenv("FERRY_PROVIDER");
+    const std::string provider = !o.provider.empty() ? o.provider : env_provider ? env_provider : "tcp";
+    print_table(o, s, results, sizes, provider, layer.gemm_description(), all_reduce->describe(), all_reduce_p50, verify_text);
+    if (!o.json_path.empty()) {
+      json j;
+      j["config"] = {{"world_size", world}, {"tp", s.tp_size}, {"tokens", s.tokens}, {"hidden", s.hidden},
+                     {"intermediate", s.intermediate}, {"experts", s.num_experts}, {"topk", s.top_k},
+                     {"out_dtype", dtype_text(s.out_dtype)}, {"backend", device ? "cuda" : "host"},
+                     {"provider", provider}, {"warmup", o.warmup}, {"iters", o.iters}, {"seed", o.seed},
+                     {"launcher", launcher_label}};
+      j["grouped_gemm"] = layer.gemm_description();
+      j["tp_all_reduce"] = {{"how", all_reduce->describe()}, {"p50_us", all_reduce_p50}};
+      for (const auto& b : sizes)
+        j["handles"].push_back({{"registered_bytes", b.total_registered_bytes}, {"max_rows_per_expert", b.max_rows_per_expert}});
+      for (const ScheduleResult& r : results) {
+        j["schedules"].push_back({{"name", schedule_name(r.kind)}, {"ops", describe(r.schedule)},
+                                  {"step_us", percentiles_json(r.timing.step_us)},
+                                  {"transfer_us", percentiles_json(r.timing.transfer_us)},
+                                  {"gemm_us", percentiles_json(r.timing.gemm_us)},
+                                  {"hidden_fraction", r.timing.hidden_fraction}, {"gemm_flops", r.gemm_flops}});
+      }
+      j["verify"] = {{"requested", o.verify}, {"passed", o.verify && failed_ranks.empty()}, {"failed_ranks", failed_ranks}};
+      std::ofstream f(o.json_path);
+      f << j.dump(2) << "\n";
+      if (!f) raise(Status::invalid_argument, "--json " + o.json_path + ": cannot write the file");
+    }
+  }
+  return failed_ranks.empty() ? 0 : 1;
+}
+
+}  // namespace ferry::moe

@@ -1,0 +1,50 @@
+// The attention-TP all-reduce on CUDA: NCCL on the TP communicator of ferry::nccl::Communicators,
+// which came from the same bootstrap as the all-to-all.
+#include <nccl.h>
+
+#include <memory>
+
+#include "bench/moe_layer/tp_all_reduce.h"
+#include "csrc/nccl/communicators.h"
+#include "tools/common/report.h"
+#include "transfer_engine/error.h"
+
+namespace ferry::moe {
+
+namespace {
+
+class NcclAllReduce final : public TpAllReduce {
+ public:
+  NcclAllReduce(te::Bootstrap& boot, int tp, int cuda_device, void* stream, int timeout_ms)
+      : comms_(boot, nccl::ParallelLayout{boot.world_size(), tp, 1}, cuda_device, timeout_ms),
+        stream_(stream),
+        timeout_ms_(timeout_ms) {}
+
+  void all_reduce_bf16(void* data, size_t count) override {
+    nccl::Communicator& c = comms_.tp();
+    const ncclResult_t rc =
+        ncclAllReduce(data, data, count, ncclBfloat16, ncclSum, c.get(), static_cast<cudaStream_t>(stream_));
+    if (rc != ncclSuccess && rc != ncclInProgress)
+      raise(Status::transport, "ncclAllReduce on " + c.name() + ": " + ncclGetErrorString(rc));
+    c.wait(stream_, "ncclAllReduce", timeout_ms_);
+  }
+
+  std::string describe() const override {
+    return tools::format("NCCL all-reduce on the TP communicator (TP %d), from Ferry's bootstrap",
+                         int(comms_.tp().group().ranks.size()));
+  }
+
+ private:
+  nccl::Communicators comms_;
+  void* stream_;
+  int timeout_ms_;
+};
+
+}  // namespace
+
+std::unique_ptr<TpAllReduce> make_nccl_all_reduce(te::Bootstrap& bootstrap, int tp_size, int cuda_device, void* stream,
+                                                  int timeout_ms) {
+  return std::make_unique<NcclAllReduce>(bootstrap, tp_size, cuda_device, stream, timeout_ms);
+}
+
+}  // namespace ferry::moe
