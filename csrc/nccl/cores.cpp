@@ -89,38 +89,65 @@ std::vector<int> core_pool(const te::Topology& t, int gpu, const std::string& ni
 
 bool CoreSplit::disjoint() const { return !ferry.empty() && !nccl.empty() && common_cpus(ferry, nccl).empty(); }
 
-CoreSplit split_cores(const std::vector<int>& pool_in, int share_index, int share_count, int ferry_cores) {
+std::vector<std::vector<int>> physical_cores(const std::vector<int>& cpus_in) {
+  const std::vector<int> cpus = sorted_unique(cpus_in);
+  const std::set<int> wanted(cpus.begin(), cpus.end());
+  std::set<int> placed;
+  std::vector<std::vector<int>> cores;
+  for (int c : cpus) {
+    if (placed.count(c)) continue;
+    std::ifstream f("/sys/devices/system/cpu/cpu" + std::to_string(c) + "/topology/thread_siblings_list");
+    std::string text;
+    std::getline(f, text);
+    std::vector<int> core;
+    for (int s : parse_cpu_list(text))
+      if (wanted.count(s) && !placed.count(s)) core.push_back(s);
+    if (std::find(core.begin(), core.end(), c) == core.end()) core = {c};
+    for (int s : core) placed.insert(s);
+    cores.push_back(sorted_unique(core));
+  }
+  return cores;
+}
+
+CoreSplit split_cores(const std::vector<std::vector<int>>& cores, int share_index, int share_count, int ferry_cores) {
   if (share_count < 1 || share_index < 0 || share_index >= share_count)
     raise(Status::invalid_argument, "split_cores: share " + std::to_string(share_index) + " of " +
                                         std::to_string(share_count) + " is not a valid share");
   if (ferry_cores < 1) raise(Status::invalid_argument, "split_cores: ferry_cores must be at least 1");
+  if (cores.empty()) raise(Status::invalid_argument, "split_cores: the pool has no core");
+  auto flat = [](auto first, auto last) {
+    std::vector<int> out;
+    for (auto it = first; it != last; ++it) out.insert(out.end(), it->begin(), it->end());
+    return sorted_unique(out);
+  };
   CoreSplit s;
-  s.pool = sorted_unique(pool_in);
+  s.pool = flat(cores.begin(), cores.end());
   s.share_index = share_index;
   s.share_count = share_count;
-  if (s.pool.empty()) raise(Status::invalid_argument, "split_cores: the pool has no core");
-  const int n = int(s.pool.size());
+  const int n = int(cores.size());
+  std::vector<std::vector<int>> slice;
   if (n >= share_count) {
     // Contiguous slices; the first n % share_count ranks take one core more.
     const int base = n / share_count, extra = n % share_count;
     const int begin = share_index * base + std::min(share_index, extra);
-    s.slice.assign(s.pool.begin() + begin, s.pool.begin() + begin + base + (share_index < extra ? 1 : 0));
+    slice.assign(cores.begin() + begin, cores.begin() + begin + base + (share_index < extra ? 1 : 0));
   } else {
-    s.slice = {s.pool[size_t(share_index % n)]};
+    slice = {cores[size_t(share_index % n)]};
     s.note = std::to_string(share_count) + " ranks share " + std::to_string(n) + " core(s) (" + cpu_text(s.pool) +
-             "): a rank's slice is one core, shared with other ranks";
+             "): each rank gets one core, shared with other ranks";
   }
-  if (s.slice.size() == 1) {
+  s.slice = flat(slice.begin(), slice.end());
+  if (slice.size() == 1) {
     s.ferry = s.nccl = s.slice;
     if (s.note.empty()) s.note = "this rank's slice is one core (" + cpu_text(s.slice) + "): Ferry and NCCL share it";
-  } else {
-    const int k = std::min(ferry_cores, int(s.slice.size()) - 1);
-    s.ferry.assign(s.slice.begin(), s.slice.begin() + k);
-    s.nccl.assign(s.slice.begin() + k, s.slice.end());
-    if (k < ferry_cores)
-      s.note = "Ferry asked for " + std::to_string(ferry_cores) + " cores and got " + std::to_string(k) +
-               " (the slice has " + std::to_string(s.slice.size()) + "; NCCL keeps at least one)";
+    return s;
   }
+  const int k = std::min(ferry_cores, int(slice.size()) - 1);
+  s.ferry = flat(slice.begin(), slice.begin() + k);
+  s.nccl = flat(slice.begin() + k, slice.end());
+  if (k < ferry_cores)
+    s.note = "Ferry asked for " + std::to_string(ferry_cores) + " cores and got " + std::to_string(k) + " (the slice has " +
+             std::to_string(slice.size()) + "; NCCL keeps at least one)";
   return s;
 }
 
@@ -144,7 +171,7 @@ CoreSplit plan_core_split(te::Bootstrap& boot, const std::string& node, const st
     if (r == boot.rank()) index = count;
     ++count;
   }
-  return split_cores(pool, index, count, ferry_cores);
+  return split_cores(physical_cores(pool), index, count, ferry_cores);
 }
 
 ScopedAffinity::ScopedAffinity(const std::vector<int>& cpus) : saved_(thread_cpus()) {

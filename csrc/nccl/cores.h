@@ -4,8 +4,10 @@
 //
 //   pool   the cores NUMA-local to the rank's GPU (hwloc), else to its first NIC, within the CPUs the
 //          process may use; on a host without either (CI, the host backend), the allowed CPUs
-//   slice  the ranks of one host that draw from the same pool split it into contiguous slices, in
-//          rank order (a node with 8 GPUs on 2 sockets: 4 ranks per socket's cores)
+//   cores  the pool's CPUs grouped into physical cores (hyperthread siblings, from sysfs), so that
+//          Ferry and NCCL never share a core through its two hardware threads
+//   slice  the ranks of one host that draw from the same pool split its cores into contiguous
+//          slices, in rank order (a node with 8 GPUs on 2 sockets: 4 ranks per socket's cores)
 //   split  Ferry takes the first `ferry_cores` cores of the slice (at most all but one), NCCL the rest
 //
 // Both libraries pin their threads by inheritance: the transfer engine pins its worker to the
@@ -36,19 +38,25 @@ std::vector<int> thread_cpus();
 // none of their cores is allowed.
 std::vector<int> core_pool(const te::Topology& topology, int gpu, const std::string& nic, const std::vector<int>& allowed);
 
+// `cpus` grouped by physical core: each group the CPUs of one core (its hyperthread siblings, read
+// from /sys/devices/system/cpu; a CPU whose siblings are unknown is a core of its own), groups in
+// order of their first CPU.
+std::vector<std::vector<int>> physical_cores(const std::vector<int>& cpus);
+
 struct CoreSplit {
-  std::vector<int> pool;   // what the ranks sharing it split
+  std::vector<int> pool;   // CPUs the ranks sharing it split
   std::vector<int> slice;  // this rank's part
   std::vector<int> ferry;  // Ferry's worker(s) and proxy
   std::vector<int> nccl;   // NCCL's threads
   int share_index = 0, share_count = 1;
-  std::string note;        // why ferry and nccl overlap, when they do
+  std::string note;        // why ferry and nccl overlap, or Ferry got fewer cores, when so
   bool disjoint() const;
 };
 
-// Pure: this rank's slice `share_index` of `share_count` of `pool`, then the split. A slice of one
-// core (or a pool with fewer cores than ranks) leaves Ferry and NCCL on the same core; `note` says so.
-CoreSplit split_cores(const std::vector<int>& pool, int share_index, int share_count, int ferry_cores);
+// Pure: this rank's slice `share_index` of `share_count` of the pool's physical `cores`, then the
+// split (ferry_cores counted in physical cores). A slice of one core (or a pool with fewer cores
+// than ranks) leaves Ferry and NCCL on the same core; `note` says so.
+CoreSplit split_cores(const std::vector<std::vector<int>>& cores, int share_index, int share_count, int ferry_cores);
 
 // Collective over `bootstrap`: every rank passes its node (host name or FERRY_NODE_ID) and pool; the
 // ranks of a node with the same pool share it in rank order.
