@@ -1,6 +1,7 @@
 #include "bench/moe_layer/layer.h"
 
 #include <algorithm>
+#include <optional>
 
 #include "csrc/plan.h"
 #include "tools/common/bootstrap.h"
@@ -18,7 +19,10 @@ MoeLayer::MoeLayer(const LayerOptions& o, ferry_bootstrap_t bootstrap)
   const size_t out_elem = size_t(ep::elem_bytes_of(s.out_dtype));
   batches_.reserve(size_t(o.micro_batches));
   int max_rows = 0;
+  auto threads_before = nccl::process_threads();
   try {
+    std::optional<nccl::ScopedAffinity> on_ferry_cores;
+    if (!o.ferry_cpus.empty()) on_ferry_cores.emplace(o.ferry_cpus);
     for (int b = 0; b < o.micro_batches; ++b) {
       // Handle 0 also runs the plain schedule (every token in one batch).
       const int max_tokens = b == 0 ? s.tokens : micro_batch_range(s.tokens, 2, 1).size();
@@ -47,8 +51,15 @@ MoeLayer::MoeLayer(const LayerOptions& o, ferry_bootstrap_t bootstrap)
   indices_ = Memory(size_t(s.tokens) * s.top_k * sizeof(int32_t), device);
   weights_ = Memory(size_t(s.tokens) * s.top_k * sizeof(float), device);
   out_ = Memory(size_t(s.tokens) * s.hidden * out_elem, device);
-  gemm_ = device ? make_cuda_grouped_gemm(s, o.rank, max_rows, stream_.get())
-                 : make_host_grouped_gemm(s, o.rank, o.gemm_threads);
+  ferry_threads_ = nccl::new_threads(threads_before, nccl::process_threads());
+  threads_before = nccl::process_threads();
+  {
+    std::optional<nccl::ScopedAffinity> on_gemm_cores;
+    if (!o.gemm_cpus.empty()) on_gemm_cores.emplace(o.gemm_cpus);
+    gemm_ = device ? make_cuda_grouped_gemm(s, o.rank, max_rows, stream_.get())
+                   : make_host_grouped_gemm(s, o.rank, o.gemm_threads);
+  }
+  gemm_threads_ = nccl::new_threads(threads_before, nccl::process_threads());
 }
 
 MoeLayer::~MoeLayer() {

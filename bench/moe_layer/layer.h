@@ -18,6 +18,7 @@
 #include "bench/moe_layer/model.h"
 #include "bench/moe_layer/router.h"
 #include "bench/moe_layer/schedule.h"
+#include "csrc/nccl/cores.h"
 #include "ferry/ferry.h"
 
 namespace ferry::moe {
@@ -32,6 +33,9 @@ struct LayerOptions {
   int timeout_ms = 30000;    // every wait inside Ferry
   int micro_batches = 2;     // handles to create: 1 runs only the plain schedule
   int gemm_threads = 1;      // host grouped GEMM
+  // Cores the handles' threads (engine workers, CUDA proxies) and the host GEMM's threads start on
+  // (csrc/nccl/cores.h); empty: wherever the process may run.
+  std::vector<int> ferry_cpus, gemm_cpus;
 };
 
 class MoeLayer {
@@ -62,6 +66,10 @@ class MoeLayer {
   double last_gemm_flops() const { return last_gemm_flops_; }
   std::string gemm_description() const { return gemm_->describe(); }
   const Router& router() const { return router_; }
+  // The threads the handles started (engine workers, CUDA proxies) and those of the host GEMM, with
+  // the CPUs each may run on, as read when they were created.
+  const std::vector<nccl::ThreadInfo>& ferry_threads() const { return ferry_threads_; }
+  const std::vector<nccl::ThreadInfo>& gemm_threads() const { return gemm_threads_; }
   void* stream() const { return stream_.get(); }  // cudaStream_t of the CUDA backend, else null
 
  private:
@@ -83,6 +91,7 @@ class MoeLayer {
   Memory x_, indices_, weights_, out_;
   std::unique_ptr<GroupedGemm> gemm_;
   double last_gemm_flops_ = 0;
+  std::vector<nccl::ThreadInfo> ferry_threads_, gemm_threads_;
 };
 
 }  // namespace ferry::moe

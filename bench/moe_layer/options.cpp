@@ -62,6 +62,10 @@ ParseResult parse_options(int argc, const char* const* argv) {
   app.add_option("--gemm-threads", o.gemm_threads,
                  "host GEMM threads per rank (0: the CPUs this process may use / ranks on this host - 1, at least 1)")
       ->check(CLI::Range(0, 1024));
+  app.add_flag("--split-cores", o.split_cores,
+               "start Ferry's threads (engine workers, CUDA proxies) and NCCL's (host: the GEMM's) on separate "
+               "cores of this rank's share of its GPU's socket (csrc/nccl/cores.h); without it they run "
+               "anywhere. Either way the report says where each library's threads may run and whether they collide");
   app.add_option("--schedule", schedule, "plain, tbo, or both")->check(CLI::IsMember({"plain", "tbo", "both"}));
   app.add_option("--warmup", o.warmup, "untimed iterations per schedule")->check(CLI::Range(0, 100000));
   app.add_option("--iters", o.iters, "timed iterations per schedule")->check(CLI::Range(1, 100000));

@@ -27,6 +27,7 @@ struct Options {
   int nets_per_rank = 1;
   int timeout_ms = 30000;
   int gemm_threads = 0;       // host: 0 = default_gemm_threads
+  bool split_cores = false;   // Ferry's threads and NCCL's (host: the GEMM's) on their own cores
   // What it measures.
   std::vector<ScheduleKind> schedules = {ScheduleKind::plain, ScheduleKind::tbo};
   int warmup = 3;

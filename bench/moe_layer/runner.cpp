@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -16,11 +17,14 @@
 #include "bench/moe_layer/memory.h"
 #include "bench/moe_layer/reference.h"
 #include "bench/moe_layer/tp_all_reduce.h"
+#include "csrc/nccl/cores.h"
 #include "csrc/plan.h"
 #include "tools/common/bootstrap.h"
 #include "tools/common/env.h"
+#include "tools/common/launch.h"
 #include "tools/common/report.h"
 #include "transfer_engine/error.h"
+#include "transfer_engine/topology.h"
 
 #if defined(FERRY_HAVE_CUDA)
 #include <cuda_runtime_api.h>
@@ -68,9 +72,32 @@ std::string verify_schedule(MoeLayer& layer, const LayerShape& s, const Referenc
   return failure + compare_output(s, want, rank, 0, out.data(), s.tokens);
 }
 
+// Where each library's threads may run, and whether they collide.
+struct CoreReport {
+  bool applied = false;  // --split-cores
+  nccl::CoreSplit split;  // rank 0's
+  std::vector<nccl::RankCores> ranks;
+  std::vector<std::string> collisions;
+  std::string other;  // "NCCL" or "the GEMM"
+};
+
+void print_cores(const CoreReport& c) {
+  const nccl::RankCores& r0 = c.ranks.front();
+  std::printf("cores: %s; rank 0: Ferry's threads on %s, %s's on %s", c.applied ? "--split-cores" : "not split (no --split-cores)",
+              nccl::cpu_text(r0.ferry).c_str(), c.other.c_str(), nccl::cpu_text(r0.other).c_str());
+  if (c.applied && !c.split.note.empty()) std::printf(" (%s)", c.split.note.c_str());
+  std::printf("\n");
+  if (c.collisions.empty()) {
+    std::printf("cores: no rank's Ferry threads may run where %s's of a rank of its node may\n", c.other.c_str());
+    return;
+  }
+  std::printf("cores: %zu collision(s) of Ferry's threads with %s's, e.g. %s\n", c.collisions.size(), c.other.c_str(),
+              c.collisions.front().c_str());
+}
+
 void print_table(const Options& o, const LayerShape& s, const std::vector<ScheduleResult>& results,
                  const std::vector<ferry_buffer_sizes_t>& sizes, const std::string& provider, const std::string& gemm,
-                 const std::string& all_reduce, double all_reduce_us, const std::string& verify) {
+                 const std::string& all_reduce, double all_reduce_us, const CoreReport& cores, const std::string& verify) {
   std::printf("ferry-moe-layer: %d ranks (TP %d, %d groups), %s backend, provider %s\n", s.world_size, s.tp_size,
               s.num_groups(), o.backend == FERRY_DEVICE_CUDA ? "cuda" : "host", provider.c_str());
   std::printf("layer: %d tokens per group and step, hidden %d, intermediate %d, %d experts (%d per rank), top-%d, "
@@ -83,6 +110,7 @@ void print_table(const Options& o, const LayerShape& s, const std::vector<Schedu
                 tools::format_bytes(double(sizes[b].total_registered_bytes)).c_str(), sizes[b].max_rows_per_expert,
                 b == 1 ? ": the second micro-batch's buffers, what two batches in flight cost" : "");
   }
+  print_cores(cores);
   std::printf("\n");
   tools::Table t;
   t.add_column("schedule", tools::Table::Align::left);
@@ -103,6 +131,22 @@ void print_table(const Options& o, const LayerShape& s, const std::vector<Schedu
   t.print(stdout);
   std::printf("p50 over %d iterations of the slowest rank's time; hidden = 1 - (step - GEMM) / transfer\n", o.iters);
   if (!verify.empty()) std::printf("%s\n", verify.c_str());
+}
+
+// The split of this rank's cores; the pool is its GPU's socket (hwloc) within the CPUs it may use,
+// or those CPUs when hwloc knows no GPU here.
+nccl::CoreSplit plan_split(te::Bootstrap& boot, const std::string& gpu_bus_id, int ferry_cores, int timeout_ms) {
+  const std::vector<int> allowed = nccl::allowed_cpus();
+  std::vector<int> pool = allowed;
+  if (!gpu_bus_id.empty()) {
+    try {
+      const te::Topology topo = te::Topology::discover();
+      pool = nccl::core_pool(topo, topo.find_gpu(gpu_bus_id), "", allowed);
+    } catch (const Error&) {
+      // No topology: the allowed CPUs.
+    }
+  }
+  return nccl::plan_core_split(boot, tools::node_label(), pool, ferry_cores, timeout_ms);
 }
 
 }  // namespace
@@ -128,6 +172,7 @@ int run_rank(const Options& o, const char* launcher_label) {
   lo.micro_batches =
       std::any_of(o.schedules.begin(), o.schedules.end(), [](ScheduleKind k) { return k == ScheduleKind::tbo; }) ? 2 : 1;
   lo.gemm_threads = o.gemm_threads > 0 ? o.gemm_threads : default_gemm_threads(boot->local_size());
+  std::string gpu_bus_id;
 #if defined(FERRY_HAVE_CUDA)
   if (device) {
     int gpus = 0;
@@ -135,19 +180,45 @@ int run_rank(const Options& o, const char* launcher_label) {
       raise(Status::unsupported, "--backend cuda: no CUDA GPU on this host (cudaGetDeviceCount found none)");
     lo.cuda_device = (env.local_rank >= 0 ? env.local_rank : rank) % gpus;
     if (cudaSetDevice(lo.cuda_device) != cudaSuccess) raise(Status::internal, "cudaSetDevice failed");
+    char bus[32] = {};
+    if (cudaDeviceGetPCIBusId(bus, sizeof bus, lo.cuda_device) == cudaSuccess) gpu_bus_id = bus;
   }
 #endif
+  // This rank's share of its GPU's socket, split between Ferry's threads (a worker per handle, and a
+  // proxy per handle on CUDA) and NCCL's (on the host backend: the GEMM's).
+  const nccl::CoreSplit split = plan_split(*boot, gpu_bus_id, lo.micro_batches * (device ? 2 : 1), o.timeout_ms);
+  if (o.split_cores) {
+    lo.ferry_cpus = split.ferry;
+    if (!device) lo.gemm_cpus = split.nccl;
+  }
 
   // Attention-TP all-reduce of this member's partial: the layer's input.
   std::vector<uint16_t> x = attention_partial(s, s.group_of(rank), s.member_of(rank));
   MoeLayer layer(lo, cboot.get());
   std::unique_ptr<TpAllReduce> all_reduce;
   Memory x_dev(x.size() * sizeof(uint16_t), device);
+  std::vector<int> other_cpus;  // where NCCL's threads (host: the GEMM's) may run
+  std::optional<nccl::ScopedAffinity> on_gemm_cores;
   if (device) {
-    all_reduce = make_nccl_all_reduce(*boot, s.tp_size, lo.cuda_device, layer.stream(), o.timeout_ms);
+    const auto before = nccl::process_threads();
+    all_reduce = make_nccl_all_reduce(*boot, s.tp_size, lo.cuda_device, layer.stream(), o.timeout_ms,
+                                      o.split_cores ? split.nccl : std::vector<int>{});
+    other_cpus = nccl::cpus_of(nccl::new_threads(before, nccl::process_threads()));
   } else {
     all_reduce = make_bootstrap_all_reduce(*boot, s.tp_size, o.timeout_ms);
+    // The calling thread runs GEMM tiles (and packs and unpacks): with the split, on the GEMM's side.
+    if (o.split_cores) on_gemm_cores.emplace(split.nccl);
+    other_cpus = nccl::thread_cpus();
+    const auto pool = nccl::cpus_of(layer.gemm_threads());
+    other_cpus.insert(other_cpus.end(), pool.begin(), pool.end());
   }
+  nccl::RankCores cores;
+  cores.rank = rank;
+  cores.node = tools::node_label();
+  cores.ferry = nccl::cpus_of(layer.ferry_threads());
+  cores.other = other_cpus;
+  const std::vector<nccl::RankCores> rank_cores = nccl::gather_rank_cores(*boot, cores, o.timeout_ms);
+  const std::vector<std::string> collisions = nccl::core_collisions(rank_cores, device ? "NCCL" : "the GEMM");
   std::vector<double> all_reduce_us;
   const std::vector<uint16_t> partial = x;
   for (int i = 0; i < std::max(1, o.iters / 4); ++i) {
@@ -212,7 +283,9 @@ int run_rank(const Options& o, const char* launcher_label) {
   if (rank == 0) {
     const char* env_provider = std::getenv("FERRY_PROVIDER");
     const std::string provider = !o.provider.empty() ? o.provider : env_provider ? env_provider : "tcp";
-    print_table(o, s, results, sizes, provider, layer.gemm_description(), all_reduce->describe(), all_reduce_p50, verify_text);
+    CoreReport core_report{o.split_cores, split, rank_cores, collisions, device ? "NCCL" : "the GEMM"};
+    print_table(o, s, results, sizes, provider, layer.gemm_description(), all_reduce->describe(), all_reduce_p50,
+                core_report, verify_text);
     if (!o.json_path.empty()) {
       json j;
       j["config"] = {{"world_size", world}, {"tp", s.tp_size}, {"tokens", s.tokens}, {"hidden", s.hidden},
@@ -231,6 +304,11 @@ int run_rank(const Options& o, const char* launcher_label) {
                                   {"gemm_us", percentiles_json(r.timing.gemm_us)},
                                   {"hidden_fraction", r.timing.hidden_fraction}, {"gemm_flops", r.gemm_flops}});
       }
+      for (const auto& rc : rank_cores)
+        j["cores"]["ranks"].push_back({{"rank", rc.rank}, {"node", rc.node}, {"ferry", nccl::cpu_text(rc.ferry)},
+                                       {device ? "nccl" : "gemm", nccl::cpu_text(rc.other)}});
+      j["cores"]["split_applied"] = o.split_cores;
+      j["cores"]["collisions"] = collisions;
       j["verify"] = {{"requested", o.verify}, {"passed", o.verify && failed_ranks.empty()}, {"failed_ranks", failed_ranks}};
       std::ofstream f(o.json_path);
       f << j.dump(2) << "\n";

@@ -51,7 +51,7 @@ std::unique_ptr<TpAllReduce> make_bootstrap_all_reduce(te::Bootstrap& bootstrap,
 }
 
 #if !defined(FERRY_HAVE_NCCL)
-std::unique_ptr<TpAllReduce> make_nccl_all_reduce(te::Bootstrap&, int, int, void*, int) {
+std::unique_ptr<TpAllReduce> make_nccl_all_reduce(te::Bootstrap&, int, int, void*, int, const std::vector<int>&) {
   raise(Status::unsupported, "the TP all-reduce on CUDA needs NCCL; this build has none");
 }
 #endif

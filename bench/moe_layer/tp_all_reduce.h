@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "transfer_engine/bootstrap.h"
 
@@ -25,8 +26,10 @@ class TpAllReduce {
 };
 
 std::unique_ptr<TpAllReduce> make_bootstrap_all_reduce(te::Bootstrap& bootstrap, int tp_size, int timeout_ms);
-// Throws Status::unsupported when built without NCCL. `stream`: the cudaStream_t the layer uses.
+// Throws Status::unsupported when built without NCCL. `stream`: the cudaStream_t the layer uses;
+// nccl_cpus: the cores NCCL's threads start on (empty: anywhere).
 std::unique_ptr<TpAllReduce> make_nccl_all_reduce(te::Bootstrap& bootstrap, int tp_size, int cuda_device,
-                                                  void* stream, int timeout_ms);
+                                                  void* stream, int timeout_ms,
+                                                  const std::vector<int>& nccl_cpus = {});
 
 }  // namespace ferry::moe

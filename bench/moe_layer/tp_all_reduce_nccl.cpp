@@ -15,8 +15,9 @@ namespace {
 
 class NcclAllReduce final : public TpAllReduce {
  public:
-  NcclAllReduce(te::Bootstrap& boot, int tp, int cuda_device, void* stream, int timeout_ms)
-      : comms_(boot, nccl::ParallelLayout{boot.world_size(), tp, 1}, cuda_device, timeout_ms),
+  NcclAllReduce(te::Bootstrap& boot, int tp, int cuda_device, void* stream, int timeout_ms,
+                const std::vector<int>& nccl_cpus)
+      : comms_(boot, nccl::ParallelLayout{boot.world_size(), tp, 1}, cuda_device, timeout_ms, nccl_cpus),
         stream_(stream),
         timeout_ms_(timeout_ms) {}
 
@@ -43,8 +44,8 @@ class NcclAllReduce final : public TpAllReduce {
 }  // namespace
 
 std::unique_ptr<TpAllReduce> make_nccl_all_reduce(te::Bootstrap& bootstrap, int tp_size, int cuda_device, void* stream,
-                                                  int timeout_ms) {
-  return std::make_unique<NcclAllReduce>(bootstrap, tp_size, cuda_device, stream, timeout_ms);
+                                                  int timeout_ms, const std::vector<int>& nccl_cpus) {
+  return std::make_unique<NcclAllReduce>(bootstrap, tp_size, cuda_device, stream, timeout_ms, nccl_cpus);
 }
 
 }  // namespace ferry::moe

@@ -139,7 +139,7 @@ CoreSplit split_cores(const std::vector<std::vector<int>>& cores, int share_inde
   s.slice = flat(slice.begin(), slice.end());
   if (slice.size() == 1) {
     s.ferry = s.nccl = s.slice;
-    if (s.note.empty()) s.note = "this rank's slice is one core (" + cpu_text(s.slice) + "): Ferry and NCCL share it";
+    if (s.note.empty()) s.note = "this rank's slice is one core (" + cpu_text(s.slice) + "): Ferry's threads share it with the rest";
     return s;
   }
   const int k = std::min(ferry_cores, int(slice.size()) - 1);
@@ -147,7 +147,7 @@ CoreSplit split_cores(const std::vector<std::vector<int>>& cores, int share_inde
   s.nccl = flat(slice.begin() + k, slice.end());
   if (k < ferry_cores)
     s.note = "Ferry asked for " + std::to_string(ferry_cores) + " cores and got " + std::to_string(k) + " (the slice has " +
-             std::to_string(slice.size()) + "; NCCL keeps at least one)";
+             std::to_string(slice.size()) + "; the other side keeps at least one)";
   return s;
 }
 
@@ -233,6 +233,46 @@ std::vector<int> common_cpus(const std::vector<int>& a, const std::vector<int>& 
   std::vector<int> out;
   std::set_intersection(x.begin(), x.end(), y.begin(), y.end(), std::back_inserter(out));
   return out;
+}
+
+std::vector<RankCores> gather_rank_cores(te::Bootstrap& boot, const RankCores& mine, int timeout_ms) {
+  // Fixed-size text entries: "node|ferry cpus|other cpus".
+  constexpr size_t kEntry = 2048;
+  const std::string text = mine.node + "|" + cpu_text(mine.ferry) + "|" + cpu_text(mine.other);
+  if (text.size() >= kEntry) raise(Status::invalid_argument, "gather_rank_cores: node name or core lists too long");
+  std::vector<char> in(kEntry, 0), all(kEntry * size_t(boot.world_size()));
+  std::memcpy(in.data(), text.data(), text.size());
+  boot.allgather(in.data(), kEntry, all.data(), timeout_ms);
+  std::vector<RankCores> out;
+  for (int r = 0; r < boot.world_size(); ++r) {
+    const char* e = all.data() + size_t(r) * kEntry;
+    const std::string t(e, strnlen(e, kEntry));
+    const size_t a = t.find('|'), b = t.find('|', a + 1);
+    if (a == std::string::npos || b == std::string::npos)
+      raise(Status::peer_failed, "gather_rank_cores: rank " + std::to_string(r) + " sent a malformed entry");
+    RankCores rc;
+    rc.rank = r;
+    rc.node = t.substr(0, a);
+    rc.ferry = parse_cpu_list(t.substr(a + 1, b - a - 1));
+    rc.other = parse_cpu_list(t.substr(b + 1));
+    out.push_back(std::move(rc));
+  }
+  return out;
+}
+
+std::vector<std::string> core_collisions(const std::vector<RankCores>& ranks, const std::string& other_name) {
+  std::vector<std::string> lines;
+  for (const RankCores& f : ranks) {
+    for (const RankCores& o : ranks) {
+      if (f.node != o.node) continue;
+      const std::vector<int> shared = common_cpus(f.ferry, o.other);
+      if (shared.empty()) continue;
+      lines.push_back(f.node + ": Ferry's threads of rank " + std::to_string(f.rank) + " (CPUs " + cpu_text(f.ferry) +
+                      ") and " + other_name + "'s of rank " + std::to_string(o.rank) + " (CPUs " + cpu_text(o.other) +
+                      ") share CPU " + cpu_text(shared));
+    }
+  }
+  return lines;
 }
 
 std::string cpu_text(const std::vector<int>& cpus) { return cpus.empty() ? "-" : te::format_cpu_list(sorted_unique(cpus)); }

@@ -89,6 +89,20 @@ std::vector<ThreadInfo> new_threads(const std::vector<ThreadInfo>& before, const
 std::vector<int> cpus_of(const std::vector<ThreadInfo>& threads);
 // Sorted intersection.
 std::vector<int> common_cpus(const std::vector<int>& a, const std::vector<int>& b);
+// Where one rank's threads may run, by owner.
+struct RankCores {
+  int rank = 0;
+  std::string node;        // host name or FERRY_NODE_ID
+  std::vector<int> ferry;  // union of the masks of Ferry's threads
+  std::vector<int> other;  // union of the masks of the other library's threads (NCCL's, or the GEMM's)
+};
+// Collective: every rank's RankCores, in rank order.
+std::vector<RankCores> gather_rank_cores(te::Bootstrap& bootstrap, const RankCores& mine, int timeout_ms);
+// Every pair of ranks of one node (a rank with itself included) where Ferry's threads of one may run
+// on a CPU where `other_name`'s threads of the other may: one line each, naming both ranks, the node
+// and the shared CPUs. Empty when the node's Ferry and other cores are disjoint.
+std::vector<std::string> core_collisions(const std::vector<RankCores>& ranks, const std::string& other_name);
+
 // "0-3,8" (te::format_cpu_list), "-" when empty.
 std::string cpu_text(const std::vector<int>& cpus);
 
