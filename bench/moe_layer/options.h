@@ -15,7 +15,7 @@ struct Options {
   // Shape (world size comes from the launch).
   int tokens = 64;            // per attention-TP group and step
   int hidden = 1024;
-  int intermediate = 256;
+  int intermediate = 32;
   int experts = 32;
   int topk = 4;
   int tp = 1;
