@@ -1,76 +1,19 @@
-// Host-side plan: config validation, layout, and the routing math the host backend executes and the
-// CUDA kernels reproduce in parallel.
+// Host-side plan: the layout of a checked config, the count-header check, and the routing math the
+// host backend executes and the CUDA kernels reproduce in parallel.
 #include "csrc/plan.h"
 
 #include <algorithm>
+#include <cstring>
 #include <string>
 
+#include "csrc/argcheck.h"
 #include "csrc/backend.h"
-#include "transfer_engine/error.h"
-#include "transfer_engine/imm.h"
+#include "csrc/errors.h"
 
 namespace ferry::ep {
-namespace {
-
-[[noreturn]] void bad_config(const std::string& what) {
-  raise(Status::invalid_argument, "ferry_a2a_config: " + what);
-}
-
-const char* dtype_name(int dtype) {
-  switch (dtype) {
-    case FERRY_BF16: return "bf16";
-    case FERRY_F16: return "f16";
-    case FERRY_F32: return "f32";
-    case FERRY_FP8_E4M3: return "fp8_e4m3";
-    default: return "unknown";
-  }
-}
-
-}  // namespace
 
 Layout make_layout(const ferry_a2a_config_t& c) {
-  const int max_ranks = std::min<int>(kMaxRanks, int(te::imm::kMaxRanks));
-  if (c.world_size < 1 || c.world_size > max_ranks)
-    bad_config("world_size " + std::to_string(c.world_size) + " outside [1, " + std::to_string(max_ranks) + "]");
-  if (c.rank < 0 || c.rank >= c.world_size)
-    bad_config("rank " + std::to_string(c.rank) + " outside [0, world_size=" + std::to_string(c.world_size) + ")");
-  if (c.dp_size < 1 || c.world_size % c.dp_size != 0)
-    bad_config("dp_size " + std::to_string(c.dp_size) + " must be >= 1 and divide world_size " +
-               std::to_string(c.world_size));
-  if (c.num_experts < 1 || c.num_experts % c.world_size != 0)
-    bad_config("num_experts " + std::to_string(c.num_experts) + " must be a positive multiple of world_size " +
-               std::to_string(c.world_size) + " (experts are placed contiguously, the same number per rank)");
-  if (c.experts_per_token < 1 || c.experts_per_token > kMaxTopK)
-    raise(Status::unsupported, "ferry_a2a_config: experts_per_token " + std::to_string(c.experts_per_token) +
-                                   " outside the supported top-k range [1, " + std::to_string(kMaxTopK) + "]");
-  if (c.experts_per_token > c.num_experts)
-    bad_config("experts_per_token " + std::to_string(c.experts_per_token) + " exceeds num_experts " +
-               std::to_string(c.num_experts));
-  if (c.max_tokens_per_rank < 1)
-    bad_config("max_tokens_per_rank " + std::to_string(c.max_tokens_per_rank) + " must be >= 1");
-  if (int64_t(c.max_tokens_per_rank) * c.world_size > (int64_t(1) << 30))
-    bad_config("world_size * max_tokens_per_rank exceeds 2^30 rows");
-  if (c.in_dtype < FERRY_BF16 || c.in_dtype > FERRY_FP8_E4M3)
-    raise(Status::unsupported, "ferry_a2a_config: in_dtype " + std::to_string(int(c.in_dtype)) + " is not a ferry_dtype_t");
-  if (c.out_dtype < FERRY_BF16 || c.out_dtype > FERRY_F32)
-    raise(Status::unsupported, std::string("ferry_a2a_config: out_dtype ") + dtype_name(c.out_dtype) +
-                                   " unsupported for combine (bf16, f16 or f32)");
-  const int in_elem = elem_bytes_of(c.in_dtype);
-  if (c.hidden_dim < 1 || (int64_t(c.hidden_dim) * in_elem) % kAlign != 0)
-    raise(Status::unsupported, "ferry_a2a_config: hidden_dim " + std::to_string(c.hidden_dim) + " of " +
-                                   dtype_name(c.in_dtype) + " is not a positive multiple of 16 bytes");
-  if (c.scale_block < 0 || (c.scale_block > 0 && c.hidden_dim % c.scale_block != 0))
-    raise(Status::unsupported, "ferry_a2a_config: hidden_dim " + std::to_string(c.hidden_dim) +
-                                   " is not a multiple of scale_block " + std::to_string(c.scale_block));
-  if (c.expert_alignment < 1) bad_config("expert_alignment " + std::to_string(c.expert_alignment) + " must be >= 1");
-  if (c.private_tokens < -1 || c.private_tokens > c.max_tokens_per_rank)
-    bad_config("private_tokens " + std::to_string(c.private_tokens) + " outside [0, max_tokens_per_rank=" +
-               std::to_string(c.max_tokens_per_rank) + "] (or -1: automatic)");
-  if (c.timeout_ms < 0) bad_config("timeout_ms " + std::to_string(c.timeout_ms) + " must be >= 0 (0: default)");
-  if (c.nets_per_rank < 1) bad_config("nets_per_rank " + std::to_string(c.nets_per_rank) + " must be >= 1");
-  if (c.device != FERRY_DEVICE_HOST && c.device != FERRY_DEVICE_CUDA)
-    bad_config("device " + std::to_string(int(c.device)) + " is neither host nor cuda");
-
+  check_config(c);
   Layout l;
   l.world_size = c.world_size;
   l.rank = c.rank;
@@ -79,10 +22,10 @@ Layout make_layout(const ferry_a2a_config_t& c) {
   l.top_k = c.experts_per_token;
   l.max_tokens = c.max_tokens_per_rank;
   l.hidden = c.hidden_dim;
-  l.in_dtype = c.in_dtype;
-  l.out_dtype = c.out_dtype;
-  l.in_elem_bytes = in_elem;
-  l.out_elem_bytes = elem_bytes_of(c.out_dtype);
+  l.in_dtype = enum_value(c.in_dtype);
+  l.out_dtype = enum_value(c.out_dtype);
+  l.in_elem_bytes = elem_bytes_of(l.in_dtype);
+  l.out_elem_bytes = elem_bytes_of(l.out_dtype);
   l.scale_block = c.scale_block;
   l.num_scales = c.scale_block > 0 ? c.hidden_dim / c.scale_block : 0;
   // Automatic: the whole run fits the private region. The receive buffer is world_size *
@@ -92,7 +35,7 @@ Layout make_layout(const ferry_a2a_config_t& c) {
   l.dp_size = c.dp_size;
   l.expert_alignment = c.expert_alignment;
   l.max_rows_per_expert = int(align_up(uint64_t(c.world_size) * c.max_tokens_per_rank, c.expert_alignment));
-  l.payload_bytes = uint64_t(c.hidden_dim) * in_elem;
+  l.payload_bytes = uint64_t(c.hidden_dim) * l.in_elem_bytes;
   l.scale_bytes = uint64_t(l.num_scales) * 4;
   l.record_bytes = align_up(sizeof(RecordHeader) + l.payload_bytes + l.scale_bytes);
   l.count_header_bytes = align_up(4 * uint64_t(c.world_size + l.experts_per_rank));
@@ -115,23 +58,47 @@ ferry_buffer_sizes_t buffer_sizes_for(const ferry_a2a_config_t& config) {
 }
 
 void validate_routing(const Layout& l, const int32_t* indices, int num_tokens) {
+  const Site site{l.rank, -1, "dispatch"};
   for (int t = 0; t < num_tokens; ++t) {
     const int32_t* row = indices + int64_t(t) * l.top_k;
     for (int k = 0; k < l.top_k; ++k) {
       const int32_t e = row[k];
       if (e < -1 || e >= l.num_experts)
-        raise(Status::invalid_argument, "rank " + std::to_string(l.rank) + ": dispatch indices[" + std::to_string(t) +
-                                            "][" + std::to_string(k) + "] = " + std::to_string(e) +
-                                            " outside [0, num_experts=" + std::to_string(l.num_experts) +
-                                            ") and not -1");
+        fail(Status::invalid_argument, site,
+             "indices[" + std::to_string(t) + "][" + std::to_string(k) + "] = " + std::to_string(e) +
+                 " outside [0, num_experts=" + std::to_string(l.num_experts) + ") and not -1");
       if (e < 0) continue;
       for (int j = 0; j < k; ++j)
         if (row[j] == e)
-          raise(Status::invalid_argument, "rank " + std::to_string(l.rank) + ": dispatch token " + std::to_string(t) +
-                                              " names expert " + std::to_string(e) + " twice (routes " +
-                                              std::to_string(j) + " and " + std::to_string(k) + ")");
+          fail(Status::invalid_argument, site,
+               "token " + std::to_string(t) + " names expert " + std::to_string(e) + " twice (routes " +
+                   std::to_string(j) + " and " + std::to_string(k) + ")");
     }
   }
+}
+
+std::string check_count_header(const Layout& l, const void* header, int32_t* counts, int32_t* expert_counts) {
+  const int R = l.world_size, epr = l.experts_per_rank;
+  // Read through memcpy: the bytes come from a peer, at whatever alignment the caller holds them.
+  const auto* bytes = static_cast<const uint8_t*>(header);
+  std::memcpy(counts, bytes, sizeof(int32_t) * size_t(R));
+  std::memcpy(expert_counts, bytes + sizeof(int32_t) * size_t(R), sizeof(int32_t) * size_t(epr));
+  if (counts[0] == kPoisonCount) return "reports that its dispatch failed (invalid input on that rank)";
+  for (int d = 0; d < R; ++d)
+    if (counts[d] < 0 || counts[d] > l.max_tokens)
+      return "claims " + std::to_string(counts[d]) + " records for rank " + std::to_string(d) +
+             ", outside [0, max_tokens=" + std::to_string(l.max_tokens) + "]";
+  const int32_t mine = counts[l.rank];
+  int64_t routes = 0;
+  for (int e = 0; e < epr; ++e) {
+    if (expert_counts[e] < 0 || expert_counts[e] > mine)
+      return "claims " + std::to_string(expert_counts[e]) + " rows for local expert " + std::to_string(e) +
+             " out of " + std::to_string(mine) + " records";
+    routes += expert_counts[e];
+  }
+  if (routes < mine || routes > int64_t(mine) * l.max_routes_per_record())
+    return "claims " + std::to_string(routes) + " expert rows for " + std::to_string(mine) + " records";
+  return {};
 }
 
 SendPlan make_send_plan(const Layout& l, const int32_t* indices, int num_tokens, int member) {

@@ -18,6 +18,7 @@
 #pragma once
 #include <climits>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #if defined(__CUDACC__)
@@ -213,6 +214,12 @@ struct RecvPlan {
   std::vector<int32_t> expert_padded;     // [experts_per_rank] expert_count aligned up
 };
 RecvPlan make_recv_plan(const Layout& layout, const int32_t* count_matrix, const int32_t* expert_counts);
+
+// Checks the count header a sender wrote this rank (count_header_bytes at `header`, any alignment)
+// before anything is derived from it: returns "" when it is valid, otherwise what is wrong with it
+// (the caller names the sender). Fills counts[world_size] (records per destination rank) and
+// expert_counts[experts_per_rank] (this rank's local experts) with what it read.
+std::string check_count_header(const Layout& layout, const void* header, int32_t* counts, int32_t* expert_counts);
 
 // Overflow records that senders before `sender` put into rank `dest`'s overflow region.
 int64_t overflow_before(const Layout& layout, const int32_t* count_matrix, int sender, int dest);

@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
-#include "transfer_engine/error.h"
+#include "csrc/errors.h"
 #include "transfer_engine/imm.h"
 
 namespace ferry::ep {
@@ -25,9 +25,9 @@ Protocol::Protocol(const Layout& layout, te::TransferEngine& engine, const Proto
     : layout_(layout), engine_(engine), buffers_(buffers), timeout_ms_(timeout_ms) {
   const int R = layout_.world_size, me = layout_.rank;
   if (engine_.rank() != me || engine_.world_size() != R)
-    raise(Status::invalid_argument, "a2a config says rank " + std::to_string(me) + " of " + std::to_string(R) +
-                                        " but the transfer engine is rank " + std::to_string(engine_.rank()) +
-                                        " of " + std::to_string(engine_.world_size()));
+    fail(Status::invalid_argument, site("protocol setup"),
+         "the layout is rank " + std::to_string(me) + " of " + std::to_string(R) + " but the transfer engine is rank " +
+             std::to_string(engine_.rank()) + " of " + std::to_string(engine_.world_size()));
   validate_direct();
   send_mr_ = &engine_.register_memory(buffers_.send, layout_.send_buffer_bytes(), buffers_.kind, buffers_.cuda_device);
   recv_mr_ = &engine_.register_memory(buffers_.recv, layout_.recv_buffer_bytes(), buffers_.kind, buffers_.cuda_device);
@@ -57,21 +57,21 @@ Protocol::Protocol(const Layout& layout, te::TransferEngine& engine, const Proto
 }
 
 void Protocol::validate_direct() {
-  const int R = layout_.world_size, me = layout_.rank;
+  const int R = layout_.world_size;
   const std::vector<uint8_t>& direct = buffers_.direct;
   if (!direct.empty() && direct.size() != size_t(R))
-    raise(Status::invalid_argument, "rank " + std::to_string(me) + ": " + std::to_string(direct.size()) +
-                                        " direct-peer flags for world_size " + std::to_string(R) +
-                                        " (give none or one per rank)");
+    fail(Status::invalid_argument, site("protocol setup"),
+         std::to_string(direct.size()) + " direct-peer flags for world_size " + std::to_string(R) +
+             " (give none or one per rank)");
   any_direct_ = std::any_of(direct.begin(), direct.end(), [](uint8_t f) { return f != 0; });
   if (any_direct_ && layout_.private_tokens < layout_.max_tokens)
-    raise(Status::invalid_argument,
-          "rank " + std::to_string(me) + ": direct peers need private_tokens >= max_tokens (private_tokens " +
-              std::to_string(layout_.private_tokens) + ", max_tokens " + std::to_string(layout_.max_tokens) +
-              "): overflow offsets depend on counts the protocol does not see for direct senders");
+    fail(Status::invalid_argument, site("protocol setup"),
+         "direct peers need private_tokens >= max_tokens (private_tokens " + std::to_string(layout_.private_tokens) +
+             ", max_tokens " + std::to_string(layout_.max_tokens) +
+             "): overflow offsets depend on counts the protocol does not see for direct senders");
   if (any_direct_ && layout_.dp_size != 1)
-    raise(Status::unsupported, "rank " + std::to_string(me) + ": direct peers with dp_size " +
-                                   std::to_string(layout_.dp_size) + " (only dp_size 1 is supported)");
+    fail(Status::unsupported, site("protocol setup"),
+         "direct peers with dp_size " + std::to_string(layout_.dp_size) + " (only dp_size 1 is supported)");
   // A one-sided disagreement would show up only as a deadline (one side waits for writes the other
   // makes by hand) or as bytes written twice: every rank checks the whole matrix, so all fail
   // together with the same message.
@@ -82,10 +82,9 @@ void Protocol::validate_direct() {
     for (int b = a + 1; b < R; ++b)
       if (all[size_t(a) * R + b] != all[size_t(b) * R + a]) {
         const int yes = all[size_t(a) * R + b] ? a : b, no = yes == a ? b : a;
-        raise(Status::invalid_argument, "rank " + std::to_string(me) + ": rank " + std::to_string(yes) +
-                                            " treats rank " + std::to_string(no) + " as a direct peer but rank " +
-                                            std::to_string(no) + " does not treat rank " + std::to_string(yes) +
-                                            " as one");
+        fail(Status::invalid_argument, site("protocol setup"),
+             "rank " + std::to_string(yes) + " treats rank " + std::to_string(no) + " as a direct peer but rank " +
+                 std::to_string(no) + " does not treat rank " + std::to_string(yes) + " as one");
       }
 }
 
@@ -126,12 +125,12 @@ bool Protocol::route_dispatch_bytes(int d, uint64_t src, uint64_t dst, uint64_t 
 
 void Protocol::expect_phase(Phase want, const char* operation) {
   if (phase_ == Phase::broken)
-    raise(Status::internal, "rank " + std::to_string(layout_.rank) + ": " + operation +
-                                " after a failed step; the all-to-all must be recreated (" + broken_reason_ + ")");
+    fail(Status::internal, site(operation),
+         "after a failed step; the all-to-all must be recreated (" + broken_reason_ + ")");
   if (phase_ != want)
-    raise(Status::invalid_argument, "rank " + std::to_string(layout_.rank) + ": " + operation +
-                                        " out of order: dispatch SEND, dispatch RECV, combine SEND and combine "
-                                        "RECV must alternate; state is " + phase_text(int(phase_)));
+    fail(Status::invalid_argument, site(operation),
+         std::string("out of order: dispatch SEND, dispatch RECV, combine SEND and combine RECV must alternate; "
+                     "state is ") + phase_text(int(phase_)));
 }
 
 template <class Fn>
@@ -145,7 +144,7 @@ void Protocol::guarded(const char* operation, Fn&& fn) {
   } catch (const std::exception& e) {
     phase_ = Phase::broken;
     broken_reason_ = std::string(operation) + ": " + e.what();
-    raise(Status::internal, "rank " + std::to_string(layout_.rank) + " " + operation + ": " + e.what());
+    fail(Status::internal, site(operation), e.what());
   }
 }
 
@@ -161,8 +160,7 @@ void Protocol::wait_or_throw(std::vector<te::ImmExpect>& expects, const char* wh
   try {
     engine_.wait(expects, timeout_ms_);
   } catch (const Error& e) {
-    raise(e.status(), "rank " + std::to_string(layout_.rank) + " step " + std::to_string(step_) + " " + what +
-                          ": " + e.what());
+    fail(e.status(), site(what), e.what());
   }
 }
 
@@ -196,9 +194,9 @@ void Protocol::post_dispatch(std::span<const int32_t> dest_count, std::span<cons
   guarded("dispatch SEND", [&] {
     const size_t R = size_t(layout_.world_size);
     if (dest_count.size() != R || dest_offset.size() != R + 1)
-      raise(Status::internal, "rank " + std::to_string(layout_.rank) + " post_dispatch: " +
-                                  std::to_string(dest_count.size()) + " counts and " +
-                                  std::to_string(dest_offset.size()) + " offsets for " + std::to_string(R) + " ranks");
+      fail(Status::internal, site("dispatch SEND"),
+           std::to_string(dest_count.size()) + " counts and " + std::to_string(dest_offset.size()) + " offsets for " +
+               std::to_string(R) + " ranks");
     dest_count_.assign(dest_count.begin(), dest_count.end());
     dest_offset_.assign(dest_offset.begin(), dest_offset.end());
     post_private(false);
@@ -244,30 +242,10 @@ void Protocol::read_count_headers() {
     }
     copy(header_scratch_.data(), static_cast<const uint8_t*>(buffers_.recv) + layout_.recv_private_offset(s),
          header_scratch_.size());
-    const int32_t* counts = header_counts(header_scratch_.data());
-    const int32_t* experts = header_expert_counts(header_scratch_.data(), R);
-    auto bad = [&](const std::string& what) {
-      raise(Status::peer_failed, "rank " + std::to_string(me) + " dispatch step " + std::to_string(step_) +
-                                     ": count header from rank " + std::to_string(s) + " " + what);
-    };
-    if (counts[0] == kPoisonCount) bad("reports that its dispatch failed (invalid input on that rank)");
-    for (int d = 0; d < R; ++d) {
-      if (counts[d] < 0 || counts[d] > layout_.max_tokens)
-        bad("claims " + std::to_string(counts[d]) + " records for rank " + std::to_string(d) +
-            ", outside [0, max_tokens=" + std::to_string(layout_.max_tokens) + "]");
-      count_matrix_[size_t(s) * R + d] = counts[d];
-    }
-    const int32_t mine = counts[me];
-    int64_t routes = 0;
-    for (int e = 0; e < epr; ++e) {
-      if (experts[e] < 0 || experts[e] > mine)
-        bad("claims " + std::to_string(experts[e]) + " rows for local expert " + std::to_string(e) + " out of " +
-            std::to_string(mine) + " records");
-      routes += experts[e];
-      expert_counts_[size_t(s) * epr + e] = experts[e];
-    }
-    if (routes < mine || routes > int64_t(mine) * layout_.max_routes_per_record())
-      bad("claims " + std::to_string(routes) + " expert rows for " + std::to_string(mine) + " records");
+    const std::string bad = check_count_header(layout_, header_scratch_.data(), &count_matrix_[size_t(s) * R],
+                                               &expert_counts_[size_t(s) * epr]);
+    if (!bad.empty())
+      fail(Status::peer_failed, site("dispatch RECV"), "count header from rank " + std::to_string(s) + " " + bad);
   }
   // What this rank sent is known first hand, also when its own section went the caller's way.
   std::copy(dest_count_.begin(), dest_count_.end(), count_matrix_.begin() + ptrdiff_t(me) * R);
@@ -326,9 +304,8 @@ void Protocol::begin_combine() {
 void Protocol::post_combine() {
   expect_phase(Phase::combine_packing, "combine SEND");
   if (any_direct_)
-    raise(Status::internal, "rank " + std::to_string(layout_.rank) + " step " + std::to_string(step_) +
-                                ": combine SEND with direct peers needs the receive counts "
-                                "(post_combine(recv_count)); nothing was sent");
+    fail(Status::internal, site("combine SEND"),
+         "with direct peers it needs the receive counts (post_combine(recv_count)); nothing was sent");
   guarded("combine SEND", [&] { post_partials(recv_plan_.count); });
   phase_ = Phase::combine_posted;
 }
@@ -337,19 +314,17 @@ void Protocol::post_combine(std::span<const int32_t> recv_count) {
   expect_phase(Phase::combine_packing, "combine SEND");
   guarded("combine SEND", [&] {
     const int R = layout_.world_size, me = layout_.rank;
-    auto fail = [&](const std::string& what) {
-      raise(Status::internal, "rank " + std::to_string(me) + " combine SEND step " + std::to_string(step_) + ": " + what);
-    };
+    auto bad = [&](const std::string& what) { fail(Status::internal, site("combine SEND"), what); };
     if (recv_count.size() != size_t(R))
-      fail(std::to_string(recv_count.size()) + " receive counts for " + std::to_string(R) + " ranks");
+      bad(std::to_string(recv_count.size()) + " receive counts for " + std::to_string(R) + " ranks");
     for (int s = 0; s < R; ++s) {
       const int32_t announced = count_matrix_[size_t(s) * R + me];
       if (!is_direct(s) && recv_count[s] != announced)
-        fail("receive count " + std::to_string(recv_count[s]) + " for sender " + std::to_string(s) +
+        bad("receive count " + std::to_string(recv_count[s]) + " for sender " + std::to_string(s) +
              " but its count header announced " + std::to_string(announced));
       // Bounds the receive order, and so every source offset, by the combine-send buffer.
       if (recv_count[s] < 0 || recv_count[s] > layout_.max_tokens)
-        fail("receive count " + std::to_string(recv_count[s]) + " for sender " + std::to_string(s) +
+        bad("receive count " + std::to_string(recv_count[s]) + " for sender " + std::to_string(s) +
              " outside [0, max_tokens=" + std::to_string(layout_.max_tokens) + "]");
     }
     post_partials(recv_count);

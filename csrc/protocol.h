@@ -44,6 +44,7 @@
 #include <string>
 #include <vector>
 
+#include "csrc/errors.h"
 #include "csrc/plan.h"
 #include "transfer_engine/engine.h"
 
@@ -155,6 +156,7 @@ class Protocol {
   enum class Phase { idle, dispatch_packing, dispatch_posted, dispatched, combine_packing, combine_posted, broken };
   enum Kind : uint32_t { kPrivate = 0, kOverflow = 1, kCombine = 2 };
   uint32_t imm(Kind kind, int sender) const;
+  Site site(std::string_view operation) const { return {layout_.rank, int64_t(step_), operation}; }
   void expect_phase(Phase want, const char* operation);
   void copy(void* dst, const void* src, size_t bytes);
   // Bytes [src, src + bytes) of the send buffer for rank d's receive buffer at dst: copied here when

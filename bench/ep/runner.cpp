@@ -227,7 +227,7 @@ int run_rank(const Options& o, const char* launcher_label, const tools::NodeEmul
     if (rank == 0) std::fprintf(stderr, "ferry-bench: error: %s\n", msg.c_str());
     return 2;
   }
-  tools::CBootstrap cboot(*boot, timeout_ms);
+  tools::CBootstrap cboot(*boot);
   const bool device = o.backend == FERRY_DEVICE_CUDA;
 
   ferry_a2a_config_t config = make_a2a_config(o, rank, world);

@@ -19,6 +19,7 @@
 #include "csrc/cuda/locality.h"
 #include "csrc/cuda/memory.h"
 #include "csrc/cuda/proxy.h"
+#include "csrc/errors.h"
 #include "csrc/protocol.h"
 #include "transfer_engine/engine.h"
 
@@ -117,19 +118,9 @@ struct TransportBuffer {
 
 class CudaBackend final : public Backend {
  public:
+  // `config` comes checked (check_config: dp_size 1, 16-byte rows in and out) and resolved by the C API.
   CudaBackend(const ferry_a2a_config_t& config, te::Bootstrap& bootstrap)
-      : config_(config), layout_(make_layout(config)), timeout_ms_(config.timeout_ms > 0 ? config.timeout_ms : 30000) {
-    if (bootstrap.rank() != config.rank || bootstrap.world_size() != config.world_size)
-      raise(Status::invalid_argument, "ferry_a2a_config says rank " + std::to_string(config.rank) + " of " +
-                                          std::to_string(config.world_size) + " but the bootstrap is rank " +
-                                          std::to_string(bootstrap.rank()) + " of " +
-                                          std::to_string(bootstrap.world_size()));
-    if (layout_.dp_size != 1)
-      raise(Status::unsupported, rank_text() + "the CUDA backend supports dp_size 1 (got " +
-                                     std::to_string(layout_.dp_size) + ")");
-    if (layout_.payload_bytes % 16 != 0 || layout_.out_row_bytes() % 16 != 0)
-      raise(Status::unsupported, rank_text() + "the CUDA kernels move 16-byte vectors: hidden_dim " +
-                                     std::to_string(layout_.hidden) + " times the element size must be a multiple of 16");
+      : config_(config), layout_(make_layout(config)), timeout_ms_(config.timeout_ms) {
     device_ = config.cuda_device;
     if (device_ < 0) cuda::check_cuda(cudaGetDevice(&device_), "cudaGetDevice");
     DeviceScope scope(device_);
@@ -193,8 +184,8 @@ class CudaBackend final : public Backend {
     ws_ = cuda::carve_workspace(layout_, ws_dev_.get(), ws_host_.dev());
     // The proxy thread and the Protocol use the device addresses of mapped host memory on the host.
     if (ws_host_.dev() != ws_host_.host())
-      raise(Status::unsupported, rank_text() + "the CUDA backend needs unified addressing (mapped host memory "
-                                               "at the same address on host and device)");
+      fail(Status::unsupported, "the CUDA backend needs unified addressing (mapped host memory at the same address "
+                                "on host and device)");
 
     if (paths_.any_ipc) open_ipc_peers(bootstrap);
     if (me == 0) {
@@ -241,15 +232,7 @@ class CudaBackend final : public Backend {
   void dispatch(const ferry_dispatch_args_t& a, void* stream_ptr) override {
     DeviceScope scope(device_);
     const auto stream = static_cast<cudaStream_t>(stream_ptr);
-    if (!(a.flags & (FERRY_SEND | FERRY_RECV)))
-      fail(Status::invalid_argument, "dispatch flags " + std::to_string(a.flags) + " name neither FERRY_SEND nor FERRY_RECV");
     if (a.flags & FERRY_SEND) {
-      if (a.num_tokens < 0 || a.num_tokens > layout_.max_tokens)
-        fail(Status::invalid_argument, "dispatch num_tokens " + std::to_string(a.num_tokens) +
-                                           " outside [0, max_tokens_per_rank=" + std::to_string(layout_.max_tokens) + "]");
-      if (a.num_tokens > 0 && (!a.dp_x || !a.indices || !a.weights || (layout_.num_scales > 0 && !a.dp_x_scale)))
-        fail(Status::invalid_argument,
-             "dispatch SEND: dp_x, indices, weights (and dp_x_scale with scale_block > 0) must not be null");
       cuda::DispatchSendParams p{layout_, a.dp_x, a.dp_x_scale, a.indices, a.weights, a.bound_m, a.num_tokens,
                                  static_cast<uint8_t*>(send_->ptr)};
       cuda::dispatch_send(p, ws_, num_sms_, stream);
@@ -257,9 +240,6 @@ class CudaBackend final : public Backend {
         cuda::ipc_dispatch_push(layout_, static_cast<const uint8_t*>(send_->ptr), peers_, ws_, num_sms_, stream);
     }
     if (a.flags & FERRY_RECV) {
-      if (!a.out_expert_num_tokens || !a.out_expert_x || (layout_.num_scales > 0 && !a.out_expert_x_scale))
-        fail(Status::invalid_argument, "dispatch RECV: out_expert_num_tokens, out_expert_x (and out_expert_x_scale "
-                                       "with scale_block > 0) must not be null");
       cuda::DispatchRecvParams p{layout_, static_cast<const uint8_t*>(recv_->ptr),
                                  proxy_ ? &flags_.device()->dispatch_arrived : nullptr,
                                  wait_timeout_ns(), a.out_expert_num_tokens, a.out_expert_x,
@@ -278,10 +258,7 @@ class CudaBackend final : public Backend {
   void combine(const ferry_combine_args_t& a, void* stream_ptr) override {
     DeviceScope scope(device_);
     const auto stream = static_cast<cudaStream_t>(stream_ptr);
-    if (!(a.flags & (FERRY_SEND | FERRY_RECV)))
-      fail(Status::invalid_argument, "combine flags " + std::to_string(a.flags) + " name neither FERRY_SEND nor FERRY_RECV");
     if (a.flags & FERRY_SEND) {
-      if (!a.expert_y) fail(Status::invalid_argument, "combine SEND: expert_y is null");
       cuda::CombineSendParams p{layout_, a.expert_y, static_cast<uint8_t*>(combine_send_->ptr)};
       cuda::combine_send(p, ws_, num_sms_, stream);
       if (paths_.any_ipc)
@@ -289,7 +266,6 @@ class CudaBackend final : public Backend {
                                ws_, num_sms_, stream);
     }
     if (a.flags & FERRY_RECV) {
-      if (!a.out_tokens && a.num_tokens > 0) fail(Status::invalid_argument, "combine RECV: out_tokens is null");
       cuda::CombineRecvParams p{layout_, static_cast<const uint8_t*>(combine_recv_->ptr),
                                 proxy_ ? &flags_.device()->combine_arrived : nullptr,
                                 wait_timeout_ns(), a.out_tokens, a.accumulate != 0};
@@ -324,12 +300,13 @@ class CudaBackend final : public Backend {
   }
 
  private:
-  std::string rank_text() const { return "rank " + std::to_string(layout_.rank) + ": "; }
-  [[noreturn]] void fail(Status status, const std::string& what) const { raise(status, rank_text() + what); }
+  [[noreturn]] void fail(Status status, const std::string& what) const {
+    ep::fail(status, {layout_.rank, -1, "cuda backend"}, what);
+  }
 
   // Construction meets every peer while each one is still creating its CUDA context and loading
   // kernels (seconds under a sanitizer): a short step deadline must not fail it.
-  int setup_timeout_ms() const { return std::max(timeout_ms_, 60000); }
+  int setup_timeout_ms() const { return std::max(timeout_ms_, FERRY_DEFAULT_BOOTSTRAP_TIMEOUT_MS); }
 
   // The receive kernels give up a little after the Protocol's own deadline, so the proxy's error,
   // which names the missing peers, is the one the caller sees.
@@ -392,8 +369,9 @@ class CudaBackend final : public Backend {
       }
       Status proxy_status = Status::ok;
       const std::string proxy = proxy_ ? proxy_->error(&proxy_status) : std::string();
-      fail(status, std::string(operation) + ": " + cuda::device_error_name(err.code) + ": " + where +
-                       (proxy.empty() ? "" : " (transport: " + proxy + ")"));
+      ep::fail(status, {layout_.rank, -1, operation},
+               std::string(cuda::device_error_name(err.code)) + ": " + where +
+                   (proxy.empty() ? "" : " (transport: " + proxy + ")"));
     }
     if (!proxy_) return;
     Status proxy_status = Status::ok;

@@ -2,6 +2,8 @@
 #pragma once
 #include <cstdint>
 
+#include "ferry/ferry.h"
+
 namespace ferry::cuda {
 
 constexpr int kWarpSize = 32;
@@ -25,7 +27,8 @@ constexpr int kCopyUnroll = 4;
 constexpr int kChunk = 32;
 // Shared memory a routing block may use (H100: 227 KiB per block after opting in).
 constexpr int kRouteSmemBytes = 160 * 1024;
-// A receive kernel gives up waiting for its arrival flag after this long and reports a timeout.
-constexpr uint64_t kDefaultWaitTimeoutNs = 30ull * 1000 * 1000 * 1000;
+// A receive kernel run without a config's deadline (single-process kernel checks and benchmarks)
+// gives up waiting for its arrival flag after the library's default.
+constexpr uint64_t kDefaultWaitTimeoutNs = uint64_t(FERRY_DEFAULT_TIMEOUT_MS) * 1000 * 1000;
 
 }  // namespace ferry::cuda

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "csrc/cuda/cuda_check.h"
+#include "csrc/errors.h"
 
 namespace ferry::cuda {
 namespace {
@@ -87,7 +88,7 @@ void Proxy::run() {
     } catch (const Error& e) {
       fail(e.status(), e.what());
     } catch (const std::exception& e) {
-      fail(Status::internal, std::string("rank ") + std::to_string(L.rank) + " cuda proxy, " + what + ": " + e.what());
+      fail(Status::internal, ep::describe({L.rank, -1, std::string("cuda proxy, ") + what}, e.what()));
     }
   };
   guarded("dispatch SEND", [&] { protocol_.begin_dispatch(); });

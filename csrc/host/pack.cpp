@@ -4,7 +4,7 @@
 #include <string>
 
 #include "csrc/dtype.h"
-#include "transfer_engine/error.h"
+#include "csrc/errors.h"
 
 namespace ferry::ep::host {
 
@@ -52,8 +52,8 @@ void unpack_dispatch(const Layout& l, const RecvPlan& plan, const void* recv_buf
       return end - plan.expert_row_base[size_t(s) * epr + e];
     };
     auto bad = [&](int64_t p, const std::string& what) {
-      raise(Status::peer_failed, "rank " + std::to_string(l.rank) + " dispatch: record " + std::to_string(p) +
-                                     " from rank " + std::to_string(s) + ": " + what);
+      fail(Status::peer_failed, {l.rank, -1, "dispatch RECV"},
+           "record " + std::to_string(p) + " from rank " + std::to_string(s) + ": " + what);
     };
     int prev_token = -1;
     for (int64_t p = 0; p < plan.count[s]; ++p) {
@@ -78,9 +78,9 @@ void unpack_dispatch(const Layout& l, const RecvPlan& plan, const void* recv_buf
     }
     for (int e = 0; e < epr; ++e)
       if (tally[e] != limit(e))
-        raise(Status::peer_failed, "rank " + std::to_string(l.rank) + " dispatch: rank " + std::to_string(s) +
-                                       " announced " + std::to_string(limit(e)) + " rows for local expert " +
-                                       std::to_string(e) + " but sent " + std::to_string(tally[e]));
+        fail(Status::peer_failed, {l.rank, -1, "dispatch RECV"},
+             "rank " + std::to_string(s) + " announced " + std::to_string(limit(e)) + " rows for local expert " +
+                 std::to_string(e) + " but sent " + std::to_string(tally[e]));
   }
   for (int e = 0; e < epr; ++e) {
     out_expert_num_tokens[e] = plan.expert_count[e];

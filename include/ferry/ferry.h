@@ -1,6 +1,15 @@
 /* Ferry: MoE expert-parallel dispatch/combine over libfabric (EFA, ConnectX, tcp, shm).
  * Stable C ABI. Every function returns a ferry_status_t; on failure ferry_last_error() gives text
- * naming the rank, the peer and the operation. */
+ * naming the rank, the step, the operation and, where one is to blame, the peer.
+ *
+ * Threads. ferry_last_error() is per thread: read it on the thread whose call failed. The calls on
+ * one ferry_a2a_t must not overlap (one thread at a time; the caller serializes them); different
+ * handles may be used from different threads. Collective calls on one bootstrap (ferry_a2a_create,
+ * ferry_bootstrap_allgather) must be made by every rank, in the same order, one at a time.
+ *
+ * Handles. A destroyed handle, one of the other kind, or any value this library did not return is
+ * refused with FERRY_ERR_INVALID_ARGUMENT naming it (destroying one twice included); NULL is
+ * refused by every call but the destroy functions, for which it is a no-op. */
 #ifndef FERRY_FERRY_H
 #define FERRY_FERRY_H
 
@@ -14,6 +23,18 @@ extern "C" {
 #define FERRY_VERSION_MAJOR 0
 #define FERRY_VERSION_MINOR 1
 
+/* Defaults: every wait of an all-to-all (ferry_a2a_config_t.timeout_ms 0), and a bootstrap's
+ * rendezvous and allgathers (timeout_ms <= 0). */
+#define FERRY_DEFAULT_TIMEOUT_MS 30000
+#define FERRY_DEFAULT_BOOTSTRAP_TIMEOUT_MS 60000
+
+/* Limits the library enforces (ferry_a2a_create and ferry_a2a_buffer_sizes refuse configs beyond them). */
+#define FERRY_MAX_TOP_K 8                  /* experts_per_token */
+#define FERRY_MAX_RANKS 4096               /* world_size (immediates carry the sender in 12 bits) */
+#define FERRY_MAX_EXPERTS_PER_RANK 32767   /* num_experts / world_size (records carry it in 16 bits) */
+#define FERRY_MAX_NETS_PER_RANK 8          /* nets_per_rank */
+#define FERRY_ROW_ALIGN_BYTES 16           /* hidden_dim * element size must be a multiple */
+
 typedef enum ferry_status {
   FERRY_OK = 0,
   FERRY_ERR_INVALID_ARGUMENT = 1,
@@ -25,7 +46,7 @@ typedef enum ferry_status {
   FERRY_ERR_INTERNAL = 7,
 } ferry_status_t;
 
-/* Text of the last error on this thread ("" if none). */
+/* Text of the last error on this thread ("" after a call that succeeded). */
 const char* ferry_last_error(void);
 const char* ferry_status_string(ferry_status_t status);
 
@@ -42,41 +63,76 @@ typedef enum ferry_device {
 } ferry_device_t;
 
 /* Flags for dispatch/combine: SEND posts this rank's data, RECV waits for and unpacks the peers'.
- * Both together is one blocking call; separately, the caller may compute in between. */
+ * Both together is one blocking call; separately, the caller may compute in between. The halves
+ * alternate strictly on a handle: dispatch SEND, dispatch RECV, combine SEND, combine RECV, then the
+ * next step's dispatch SEND (FERRY_SEND_RECV is two of them in one call). Any other flags value, or
+ * a half out of this order, is refused (FERRY_ERR_INVALID_ARGUMENT, nothing done). */
 enum { FERRY_SEND = 1, FERRY_RECV = 2, FERRY_SEND_RECV = 3 };
 
 /* ---- bootstrap ---------------------------------------------------------------------------- */
 typedef struct ferry_bootstrap* ferry_bootstrap_t;
 
-/* torchrun env (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK) or an mpirun/srun launch. */
+/* torchrun env (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK) or an mpirun/srun launch
+ * (then as ferry_bootstrap_mpi). timeout_ms <= 0: FERRY_DEFAULT_BOOTSTRAP_TIMEOUT_MS. */
 ferry_status_t ferry_bootstrap_from_env(int timeout_ms, ferry_bootstrap_t* out);
 ferry_status_t ferry_bootstrap_tcp(const char* master_addr, int master_port, int rank, int world_size,
                                    int timeout_ms, ferry_bootstrap_t* out);
+/* MPI_COMM_WORLD, through a duplicate of it (Ferry's collectives never match the application's).
+ * When MPI is not initialized yet, Ferry calls MPI_Init_thread(MPI_THREAD_SERIALIZED) here and
+ * MPI_Finalize when the bootstrap goes (the last of ferry_bootstrap_destroy and the destroys of the
+ * all-to-alls created from it); when the application initialized MPI, Ferry neither initializes nor
+ * finalizes it. Ferry calls MPI only from the threads that call ferry_bootstrap_* and
+ * ferry_a2a_create/destroy (never from its own threads), so an application initialized with
+ * MPI_THREAD_FUNNELED makes those calls from its main thread. Refused once MPI is finalized. */
 ferry_status_t ferry_bootstrap_mpi(ferry_bootstrap_t* out);
 /* The caller's process group: allgather(context, in, bytes, out) fills out[world_size * bytes],
  * rank-major, and returns 0 on success. */
 typedef int (*ferry_allgather_fn)(void* context, const void* in, size_t bytes, void* out);
 ferry_status_t ferry_bootstrap_callback(int rank, int world_size, ferry_allgather_fn allgather,
                                         void* context, ferry_bootstrap_t* out);
+/* Releases the handle. An all-to-all created from it keeps the bootstrap until it is destroyed too. */
 ferry_status_t ferry_bootstrap_destroy(ferry_bootstrap_t bootstrap);
+/* The bootstrap's own collective, for the caller's setup exchanges: every rank contributes `bytes`
+ * bytes from `in`; `out` receives world_size * bytes, rank-major. Collective: every rank calls it,
+ * in the same order relative to its other collective calls on this bootstrap (ferry_a2a_create).
+ * bytes 0 is a barrier (in and out may then be NULL). timeout_ms <= 0:
+ * FERRY_DEFAULT_BOOTSTRAP_TIMEOUT_MS; a callback bootstrap's deadline is its callback's. */
+ferry_status_t ferry_bootstrap_allgather(ferry_bootstrap_t bootstrap, const void* in, size_t bytes, void* out,
+                                         int timeout_ms);
+ferry_status_t ferry_bootstrap_rank(ferry_bootstrap_t bootstrap, int* rank);
+ferry_status_t ferry_bootstrap_world_size(ferry_bootstrap_t bootstrap, int* world_size);
 
-/* ---- all-to-all ----------------------------------------------------------------------------- */
+/* ---- all-to-all -----------------------------------------------------------------------------
+ * Config: each field is checked at ferry_a2a_create (and by ferry_a2a_buffer_sizes) against the
+ * limits above, with an error naming it. Every rank must pass the same value of each field that
+ * shapes the wire or the buffers: world_size, num_experts, experts_per_token, max_tokens_per_rank,
+ * hidden_dim, in_dtype, scale_block, out_dtype, private_tokens (-1 counting as max_tokens_per_rank),
+ * dp_size, device, nets_per_rank and provider (after FERRY_PROVIDER). ferry_a2a_create compares them
+ * across ranks before building anything and, if any differs, or one rank's config is invalid, or
+ * two builds of different wire versions meet, fails on every rank with FERRY_ERR_INVALID_ARGUMENT
+ * naming the field and the ranks' values (a rank whose own config fails its checks while the
+ * others agree gets that failure's status). rank, cuda_device, expert_alignment and timeout_ms are
+ * each rank's own. */
 typedef struct ferry_a2a_config {
   int rank;                    /* must match the bootstrap's */
-  int world_size;
-  int num_experts;             /* global; a multiple of world_size (expert e on rank e / (num_experts / world_size)) */
-  int experts_per_token;       /* top-k, 1..8 */
-  int max_tokens_per_rank;
-  int hidden_dim;
+  int world_size;              /* must match the bootstrap's; 1..FERRY_MAX_RANKS */
+  int num_experts;             /* global; a multiple of world_size (expert e on rank e / (num_experts /
+                                  world_size)), at most FERRY_MAX_EXPERTS_PER_RANK per rank */
+  int experts_per_token;       /* top-k, 1..FERRY_MAX_TOP_K */
+  int max_tokens_per_rank;     /* world_size * max_tokens_per_rank <= 2^30 */
+  int hidden_dim;              /* hidden_dim * element size of in_dtype a multiple of FERRY_ROW_ALIGN_BYTES
+                                  (hidden 7 of f32 or 100 of bf16 are refused); for FERRY_DEVICE_CUDA
+                                  that of out_dtype too */
   ferry_dtype_t in_dtype;      /* dispatch payload type */
-  int scale_block;             /* >0: one fp32 scale per scale_block elements travels with each token */
+  int scale_block;             /* >0: one fp32 scale per scale_block elements travels with each token;
+                                  it must divide hidden_dim */
   ferry_dtype_t out_dtype;     /* combine output / expert_y type: bf16, f16 or f32 */
-  int expert_alignment;        /* rows per expert padded to a multiple of this (>=1) */
-  ferry_device_t device;
+  int expert_alignment;        /* rows per expert padded to a multiple of this (1..2^30) */
+  ferry_device_t device;       /* the backend; FERRY_DEVICE_CUDA needs dp_size 1 */
   int cuda_device;             /* for FERRY_DEVICE_CUDA; -1: current device */
-  int nets_per_rank;           /* NICs per rank (>=1) */
+  int nets_per_rank;           /* NICs per rank (1..FERRY_MAX_NETS_PER_RANK) */
   const char* provider;        /* NULL: "tcp" unless FERRY_PROVIDER is set */
-  int timeout_ms;              /* every wait's deadline; 0: 30000 */
+  int timeout_ms;              /* every wait's deadline; 0: FERRY_DEFAULT_TIMEOUT_MS */
   int dp_size;                 /* ranks of one attention-TP group holding the same tokens (>=1, divides
                                   world_size): ranks g*dp_size .. g*dp_size+dp_size-1 pass identical
                                   inputs, member m sends tokens t % dp_size == m, and every member
@@ -86,7 +142,8 @@ typedef struct ferry_a2a_config {
                                   the receive region has the same size whatever the split) */
 } ferry_a2a_config_t;
 
-/* Fills a config with defaults (bf16 in/out, alignment 1, host, 1 NIC, dp_size 1, timeout 30 s). */
+/* Fills a config with defaults (bf16 in/out, alignment 1, host, 1 NIC, dp_size 1, timeout
+ * FERRY_DEFAULT_TIMEOUT_MS, private_tokens -1). */
 void ferry_a2a_config_init(ferry_a2a_config_t* config);
 
 typedef struct ferry_a2a* ferry_a2a_t;
@@ -105,24 +162,43 @@ typedef struct ferry_buffer_sizes {
 /* Sizes for a config, without creating anything (any world size: sizing EP64 from a laptop). */
 ferry_status_t ferry_a2a_buffer_sizes(const ferry_a2a_config_t* config, ferry_buffer_sizes_t* out);
 
+/* Collective over the bootstrap: every rank calls it with agreeing configs (see above). */
 ferry_status_t ferry_a2a_create(const ferry_a2a_config_t* config, ferry_bootstrap_t bootstrap,
                                 ferry_a2a_t* out);
+/* Local (not collective). Peers still in a step with this rank see it fail. */
 ferry_status_t ferry_a2a_destroy(ferry_a2a_t a2a);
 ferry_status_t ferry_a2a_buffer_bytes(ferry_a2a_t a2a, ferry_buffer_sizes_t* out);
 
 /* Dispatch (pplx-kernels AllToAll contract).
  *  out_expert_num_tokens [num_local_experts] int32: rows received per local expert.
  *  out_expert_x          expert-major rows: local expert e starts at row e * max_rows_per_expert
- *                        (batched layout; rows beyond the count are padding up to expert_alignment
- *                        and are zero), each row hidden_dim elements of in_dtype.
+ *                        (batched layout), each row hidden_dim elements of in_dtype. Within an
+ *                        expert, rows are ordered by source rank, then by source token index; rows
+ *                        from the count up to the count rounded up to expert_alignment are zero;
+ *                        rows after those are not written.
  *  out_expert_x_scale    [num_local_experts * max_rows_per_expert][hidden_dim / scale_block] f32, or
- *                        NULL when scale_block == 0.
+ *                        NULL when scale_block == 0; rows as out_expert_x.
  *  dp_x [num_tokens][hidden_dim] in_dtype; dp_x_scale [num_tokens][hidden/scale_block] f32 or NULL.
- *  indices [num_tokens][experts_per_token] int32 in [0, num_experts) or -1 (no route).
+ *  indices [num_tokens][experts_per_token] int32 in [0, num_experts) or -1 (no route); a token
+ *          naming one expert twice is an error.
  *  weights [num_tokens][experts_per_token] f32.
- *  bound_m: pointer to the token count (device memory for the CUDA backend, so it can come from a
- *  kernel and be captured in a graph); num_tokens is the host-side upper bound (<= max_tokens).
- * Pointers are host memory for FERRY_DEVICE_HOST, device memory for FERRY_DEVICE_CUDA. */
+ *  bound_m: pointer to the token count m (device memory for the CUDA backend, so it can come from a
+ *  kernel and be captured in a graph), read once by the SEND half; num_tokens is the host-side
+ *  upper bound (<= max_tokens_per_rank) and m must be in [0, num_tokens]. Tokens m..num_tokens-1
+ *  are not sent, and combine leaves their rows of out_tokens untouched.
+ * Pointers are host memory for FERRY_DEVICE_HOST, device memory for FERRY_DEVICE_CUDA.
+ *
+ * Errors and the handle. Checked before anything moves, leaving the handle as it was (the call may
+ * be made again, corrected; the peers keep waiting for this rank within their deadline): a dead or
+ * foreign handle, NULL args, flags or a half out of order, num_tokens outside [0,
+ * max_tokens_per_rank], NULL buffers the call needs (dp_x, indices, weights and dp_x_scale with
+ * scales when num_tokens > 0; the out_ buffers for RECV; expert_y for combine SEND; out_tokens for
+ * combine RECV when num_tokens > 0), and a combine num_tokens other than its dispatch's. Every
+ * other error fails the step: an expert id out of range or repeated, or m outside [0, num_tokens],
+ * found while the step runs (FERRY_ERR_INVALID_ARGUMENT on this rank, the peers fail at once with
+ * FERRY_ERR_PEER_FAILED naming it), a peer's failure or bad data, a deadline, a transport error.
+ * After a failed step the handle is dead: dispatch and combine return FERRY_ERR_INTERNAL; destroy it
+ * and create another (every rank). */
 typedef struct ferry_dispatch_args {
   int32_t* out_expert_num_tokens;
   void* out_expert_x;
@@ -138,7 +214,16 @@ typedef struct ferry_dispatch_args {
 
 /* Combine: out_tokens[num_tokens][hidden_dim] out_dtype (= or += when accumulate) receives
  * sum_k weights[t][k] * expert_y[row of (t, k)]. expert_y has the layout of out_expert_x with
- * out_dtype elements. indices/weights/num_tokens are those of the matching dispatch. */
+ * out_dtype elements. num_tokens must be the matching dispatch's (checked by RECV); combine uses
+ * the routes, weights and token count (m) its dispatch carried: indices, weights and bound_m here
+ * are not read.
+ * Numerics, in this order (fp32 arithmetic, a multiply then an add, never fused):
+ *  1. each destination rank d of token t forms one partial: acc = 0, then for each of t's routes
+ *     to d's experts in top-k order acc += weights[t][k] * expert_y[row], rounded once to out_dtype;
+ *  2. the source: acc = 0 (or out_tokens[t] with accumulate), then acc += partial_d for each
+ *     destination d in ascending rank order, rounded once to out_dtype (round to nearest even).
+ *  A token with no route gets 0 (keeps its value with accumulate). Rows m..num_tokens-1 are not
+ *  written. */
 typedef struct ferry_combine_args {
   void* out_tokens;
   const int32_t* indices;
@@ -153,8 +238,11 @@ typedef struct ferry_combine_args {
 ferry_status_t ferry_a2a_dispatch(ferry_a2a_t a2a, const ferry_dispatch_args_t* args, void* stream);
 ferry_status_t ferry_a2a_combine(ferry_a2a_t a2a, const ferry_combine_args_t* args, void* stream);
 
+/* What this rank sent to other ranks in the last step (over the network, and to same-node peers
+ * through CUDA IPC with the CUDA backend); records and bytes a rank sends to itself are not
+ * counted. overflow_records_sent is the part of dispatch_records_sent sent after the counts. */
 typedef struct ferry_a2a_stats {
-  uint64_t dispatch_bytes_sent;   /* last dispatch, this rank, over the network */
+  uint64_t dispatch_bytes_sent;   /* last dispatch, this rank, to other ranks */
   uint64_t combine_bytes_sent;
   uint64_t dispatch_records_sent;
   uint64_t overflow_records_sent;

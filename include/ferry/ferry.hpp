@@ -1,10 +1,12 @@
 // C++ face of ferry.h: RAII handles, std::span arguments, and exceptions carrying the status.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <span>
 #include <stdexcept>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "ferry/ferry.h"
 
@@ -26,13 +28,13 @@ inline void check(ferry_status_t status) {
 
 class Bootstrap {
  public:
-  static Bootstrap from_env(int timeout_ms = 60000) {
+  static Bootstrap from_env(int timeout_ms = FERRY_DEFAULT_BOOTSTRAP_TIMEOUT_MS) {
     ferry_bootstrap_t b = nullptr;
     check(ferry_bootstrap_from_env(timeout_ms, &b));
     return Bootstrap(b);
   }
   static Bootstrap tcp(const std::string& master_addr, int master_port, int rank, int world_size,
-                       int timeout_ms = 60000) {
+                       int timeout_ms = FERRY_DEFAULT_BOOTSTRAP_TIMEOUT_MS) {
     ferry_bootstrap_t b = nullptr;
     check(ferry_bootstrap_tcp(master_addr.c_str(), master_port, rank, world_size, timeout_ms, &b));
     return Bootstrap(b);
@@ -58,6 +60,22 @@ class Bootstrap {
     if (handle_) ferry_bootstrap_destroy(handle_);
   }
   ferry_bootstrap_t handle() const { return handle_; }
+  int rank() const {
+    int r = -1;
+    check(ferry_bootstrap_rank(handle_, &r));
+    return r;
+  }
+  int world_size() const {
+    int n = 0;
+    check(ferry_bootstrap_world_size(handle_, &n));
+    return n;
+  }
+  // Collective: every rank's `mine` (all the same size), rank-major. timeout_ms <= 0: the default.
+  std::vector<std::byte> allgather(std::span<const std::byte> mine, int timeout_ms = 0) const {
+    std::vector<std::byte> all(mine.size() * size_t(world_size()));
+    check(ferry_bootstrap_allgather(handle_, mine.data(), mine.size(), all.data(), timeout_ms));
+    return all;
+  }
 
  private:
   explicit Bootstrap(ferry_bootstrap_t h) : handle_(h) {}

@@ -7,8 +7,11 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <string>
+#include <tuple>
 
+#include "csrc/agreement.h"
 #include "csrc/backend.h"
 #include "csrc/dtype.h"
 #include "csrc/host/pack.h"
@@ -17,6 +20,7 @@
 #include "tests/common/a2a_case.h"
 #include "tests/common/multiprocess.h"
 #include "tests/common/protocol_host.h"
+#include "tests/ep/api_a2a.h"
 #include "transfer_engine/engine.h"
 #include "transfer_engine/error.h"
 
@@ -29,11 +33,9 @@ using Case = testing::A2aCase;
 
 ferry_a2a_config_t config_of(const Case& c, int rank) { return testing::config_of(c, rank, FERRY_DEVICE_HOST); }
 
-// One rank's whole run: create, then `steps` dispatch/combine rounds, each checked.
-void run_rank(te::Bootstrap& bootstrap, const Case& c) {
-  const ferry_a2a_config_t cfg = config_of(c, bootstrap.rank());
+// `steps` dispatch/combine rounds of the case on a created all-to-all, each checked.
+void run_steps(testing::ApiA2a& a2a, const ferry_a2a_config_t& cfg, const Case& c) {
   const Layout l = make_layout(cfg);
-  auto backend = make_host_backend(cfg, bootstrap);
   const size_t rows = size_t(l.experts_per_rank) * l.max_rows_per_expert;
   std::vector<int32_t> counts(l.experts_per_rank, -1);
   std::vector<uint8_t> expert_x(rows * l.payload_bytes, 0xee);
@@ -57,7 +59,7 @@ void run_rank(te::Bootstrap& bootstrap, const Case& c) {
     d.num_tokens = in.num_tokens;
     caller.call([&](int flags) {
       d.flags = flags;
-      backend->dispatch(d, nullptr);
+      a2a.dispatch(d);
     });
 
     const auto want = reference::dispatch(cfg, inputs, l.rank);
@@ -81,7 +83,7 @@ void run_rank(te::Bootstrap& bootstrap, const Case& c) {
     cb.accumulate = c.accumulate;
     caller.call([&](int flags) {
       cb.flags = flags;
-      backend->combine(cb, nullptr);
+      a2a.combine(cb);
     });
     std::vector<float> expected = reference::combine_standard(cfg, in);
     std::vector<float> magnitude = reference::combine_magnitude_standard(cfg, in);
@@ -92,6 +94,15 @@ void run_rank(te::Bootstrap& bootstrap, const Case& c) {
     const std::string cdiff = reference::compare_combine(cfg, expected, magnitude, out.data(), in.num_tokens);
     ASSERT_TRUE(cdiff.empty()) << "step " << step << "\n" << cdiff;
   }
+}
+
+// One rank's whole run: create (with `own` applied to this rank's config), then the case's steps.
+void run_rank(te::Bootstrap& bootstrap, const Case& c,
+              const std::function<void(int rank, ferry_a2a_config_t&)>& own = {}) {
+  ferry_a2a_config_t cfg = config_of(c, bootstrap.rank());
+  if (own) own(bootstrap.rank(), cfg);
+  testing::ApiA2a a2a(cfg, bootstrap);
+  run_steps(a2a, cfg, c);
 }
 
 void run_case(const Case& c) {
@@ -332,7 +343,7 @@ void expect_bad_input_fails_everywhere(const std::function<void(ferry_dispatch_a
   const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) {
     const ferry_a2a_config_t cfg = config_of(c, b.rank());
     const Layout l = make_layout(cfg);
-    auto backend = make_host_backend(cfg, b);
+    testing::ApiA2a a2a(cfg, b);
     auto inputs = reference::generate_all(cfg, c.spec);
     auto& in = inputs[l.rank];
     DispatchCall call(l, in);
@@ -341,7 +352,7 @@ void expect_bad_input_fails_everywhere(const std::function<void(ferry_dispatch_a
     if (l.rank == 2) bad(d, bad_indices);
     const auto start = std::chrono::steady_clock::now();
     try {
-      backend->dispatch(d, nullptr);
+      a2a.dispatch(d);
       ADD_FAILURE() << "rank " << l.rank << ": dispatch succeeded";
     } catch (const Error& e) {
       const std::string what = e.what();
@@ -357,7 +368,7 @@ void expect_bad_input_fails_everywhere(const std::function<void(ferry_dispatch_a
     }
     // The step is over for everyone: a later call says so instead of hanging.
     try {
-      backend->dispatch(d, nullptr);
+      a2a.dispatch(d);
       ADD_FAILURE() << "dispatch after a failed step succeeded";
     } catch (const Error& e) {
       EXPECT_EQ(e.status(), Status::internal) << e.what();
@@ -375,9 +386,36 @@ TEST(AllToAllErrors, ExpertIdOutOfRangeFailsEveryRankFast) {
       Status::invalid_argument);
 }
 
-TEST(AllToAllErrors, TooManyTokensFailsEveryRankFast) {
-  expect_bad_input_fails_everywhere([](ferry_dispatch_args_t& d, std::vector<int32_t>&) { d.num_tokens = 17; },
+TEST(AllToAllErrors, BoundMAboveNumTokensFailsEveryRankFast) {
+  static const int32_t seventeen = 17;
+  expect_bad_input_fails_everywhere([](ferry_dispatch_args_t& d, std::vector<int32_t>&) { d.bound_m = &seventeen; },
                                     Status::invalid_argument);
+}
+
+// Arguments the front door refuses (here num_tokens above max_tokens_per_rank on rank 2) change
+// nothing: the same handle then runs the step, and every rank gets the reference's bytes.
+TEST(AllToAllErrors, TooManyTokensIsRefusedBeforeAnythingMovesAndTheHandleStaysUsable) {
+  Case c;
+  c.world_size = 4;
+  c.num_experts = 8;
+  testing::expect_all_ok(testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
+    const ferry_a2a_config_t cfg = config_of(c, b.rank());
+    testing::ApiA2a a2a(cfg, b);
+    if (b.rank() == 2) {
+      const auto in = reference::generate_input(cfg, c.spec, 2);
+      DispatchCall call(make_layout(cfg), in);
+      call.args.num_tokens = c.max_tokens + 1;
+      try {
+        a2a.dispatch(call.args);
+        ADD_FAILURE() << "num_tokens " << call.args.num_tokens << " accepted";
+      } catch (const Error& e) {
+        EXPECT_EQ(e.status(), Status::invalid_argument) << e.what();
+        EXPECT_NE(std::string(e.what()).find("num_tokens 17 outside [0, max_tokens_per_rank=16]"), std::string::npos)
+            << e.what();
+      }
+    }
+    run_steps(a2a, cfg, c);
+  }));
 }
 
 TEST(AllToAllErrors, AMissingRankIsNamedAtTheDeadline) {
@@ -392,7 +430,7 @@ TEST(AllToAllErrors, AMissingRankIsNamedAtTheDeadline) {
   const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) {
     const ferry_a2a_config_t cfg = config_of(c, b.rank());
     const Layout l = make_layout(cfg);
-    auto backend = make_host_backend(cfg, b);
+    testing::ApiA2a a2a(cfg, b);
     auto inputs = reference::generate_all(cfg, c.spec);
     auto& in = inputs[l.rank];
     DispatchCall call(l, in);
@@ -402,7 +440,7 @@ TEST(AllToAllErrors, AMissingRankIsNamedAtTheDeadline) {
       return;
     }
     try {
-      backend->dispatch(d, nullptr);
+      a2a.dispatch(d);
       ADD_FAILURE() << "dispatch succeeded without rank 1";
     } catch (const Error& e) {
       EXPECT_EQ(e.status(), Status::timeout) << e.what();
@@ -414,8 +452,9 @@ TEST(AllToAllErrors, AMissingRankIsNamedAtTheDeadline) {
   testing::expect_all_ok(results);
 }
 
-// Rank 1 runs the protocol by hand and corrupts what it sends rank 0; rank 0 (the host backend)
-// must fail with peer_failed naming rank 1, and write nothing past the end of its output.
+// Rank 1 agrees on the config, then runs the protocol by hand and corrupts what it sends rank 0;
+// rank 0 (the C API on the host backend) must fail with peer_failed naming rank 1, and write nothing
+// past the end of its output.
 void expect_lie_detected(const std::function<void(const Layout&, const SendPlan&, uint8_t* send)>& corrupt,
                          const std::string& expected_text) {
   Case c;
@@ -430,6 +469,10 @@ void expect_lie_detected(const std::function<void(const Layout&, const SendPlan&
     const auto inputs = reference::generate_all(cfg, c.spec);
     const auto& in = inputs[l.rank];
     if (l.rank == 1) {
+      // A liar that agrees on the config like any rank, then lies on the wire.
+      const ConfigAgreement honest = describe_config(cfg, 1, c.provider, Status::ok, "");
+      std::vector<uint8_t> everyone(2 * kAgreementBytes);
+      b.allgather(&honest, sizeof honest, everyone.data(), 20000);
       te::EngineConfig ec;
       ec.provider = c.provider;
       te::TransferEngine engine(ec, b);
@@ -444,12 +487,12 @@ void expect_lie_detected(const std::function<void(const Layout&, const SendPlan&
       b.barrier(30000);
       return;
     }
-    auto backend = make_host_backend(cfg, b);
+    testing::ApiA2a a2a(cfg, b);
     constexpr size_t kGuard = 4096;
     DispatchCall call(l, in, kGuard, 0x5a);
     ferry_dispatch_args_t& d = call.args;
     try {
-      backend->dispatch(d, nullptr);
+      a2a.dispatch(d);
       ADD_FAILURE() << "rank 0 accepted corrupted data";
     } catch (const Error& e) {
       EXPECT_EQ(e.status(), Status::peer_failed) << e.what();
@@ -505,13 +548,13 @@ TEST(AllToAllErrors, DpGroupMembersWithDifferentTokensAreRejected) {
   const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) {
     const ferry_a2a_config_t cfg = config_of(c, b.rank());
     const Layout l = make_layout(cfg);
-    auto backend = make_host_backend(cfg, b);
+    testing::ApiA2a a2a(cfg, b);
     const auto in = reference::generate_input(cfg, c.spec, l.rank);
     DispatchCall call(l, in);
     ferry_dispatch_args_t& d = call.args;
     if (l.rank == 1) d.num_tokens = in.num_tokens / 2;  // rank 1 was given fewer tokens
     try {
-      backend->dispatch(d, nullptr);
+      a2a.dispatch(d);
       ADD_FAILURE() << "members with different tokens accepted";
     } catch (const Error& e) {
       EXPECT_EQ(e.status(), Status::invalid_argument) << e.what();
@@ -527,18 +570,183 @@ TEST(AllToAllErrors, StepsOutOfOrderAreRejected) {
   opts.world_size = 2;
   const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) {
     const ferry_a2a_config_t cfg = config_of(c, b.rank());
-    auto backend = make_host_backend(cfg, b);
+    testing::ApiA2a a2a(cfg, b);
     ferry_combine_args_t cb{};
     cb.flags = FERRY_SEND_RECV;
     try {
-      backend->combine(cb, nullptr);
+      a2a.combine(cb);
       ADD_FAILURE() << "combine before any dispatch succeeded";
     } catch (const Error& e) {
       EXPECT_EQ(e.status(), Status::invalid_argument);
       EXPECT_NE(std::string(e.what()).find("must alternate"), std::string::npos) << e.what();
     }
+    // Refused, not failed: the handle runs its first step as if nothing had happened.
+    run_steps(a2a, cfg, c);
   });
   testing::expect_all_ok(results);
+}
+
+// Combine writes exactly the rows its dispatch sent: a num_tokens above it (even above
+// max_tokens_per_rank, which dispatch refuses) or below it is refused on every rank before the
+// wait, the handle stays usable, and the right num_tokens then returns the reference's sums
+// without touching the rows after them.
+TEST(AllToAllErrors, CombineNumTokensOtherThanItsDispatchsIsRefusedOnEveryRank) {
+  Case c;
+  c.world_size = 3;
+  c.num_experts = 6;
+  c.out_dtype = FERRY_F32;
+  testing::expect_all_ok(testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
+    const ferry_a2a_config_t cfg = config_of(c, b.rank());
+    const Layout l = make_layout(cfg);
+    testing::ApiA2a a2a(cfg, b);
+    const auto inputs = reference::generate_all(cfg, c.spec);
+    const reference::RankInput& in = inputs[l.rank];
+    DispatchCall call(l, in);
+    a2a.dispatch(call.args);
+    std::vector<uint8_t> expert_y(size_t(l.experts_per_rank) * l.max_rows_per_expert * l.out_row_bytes());
+    reference::apply_experts(l, call.counts.data(), call.expert_x.data(), nullptr, expert_y.data());
+    const size_t spare_rows = 8;
+    std::vector<uint8_t> out((size_t(l.max_tokens) + spare_rows) * l.out_row_bytes(), 0x77);
+    ferry_combine_args_t cb{};
+    cb.out_tokens = out.data();
+    cb.indices = in.indices.data();
+    cb.weights = in.weights.data();
+    cb.expert_y = expert_y.data();
+    cb.flags = FERRY_SEND_RECV;
+    for (const int bad : {in.num_tokens + 1, l.max_tokens + int(spare_rows), in.num_tokens - 1}) {
+      cb.num_tokens = bad;
+      try {
+        a2a.combine(cb);
+        ADD_FAILURE() << "rank " << l.rank << ": combine of " << bad << " tokens after a dispatch of "
+                      << in.num_tokens << " accepted";
+      } catch (const Error& e) {
+        EXPECT_EQ(e.status(), Status::invalid_argument) << e.what();
+        EXPECT_NE(std::string(e.what()).find("num_tokens " + std::to_string(bad) + " is not the " +
+                                             std::to_string(in.num_tokens) + " of this step's dispatch"),
+                  std::string::npos)
+            << e.what();
+      }
+    }
+    cb.num_tokens = in.num_tokens;
+    a2a.combine(cb);
+    EXPECT_EQ(reference::compare_combine(cfg, reference::combine_standard(cfg, in),
+                                         reference::combine_magnitude_standard(cfg, in), out.data(), in.num_tokens),
+              "");
+    for (size_t i = size_t(in.num_tokens) * l.out_row_bytes(); i < out.size(); ++i)
+      ASSERT_EQ(out[i], 0x77) << "rank " << l.rank << ": byte " << i << " after the dispatch's rows written";
+  }));
+}
+
+// ---- ranks agree on the config ----------------------------------------------------------------
+
+// One way for the last rank's config to differ from the others', and the fields every rank's
+// error must name.
+struct Disagreement {
+  const char* name;
+  std::vector<std::string> fields;
+  std::function<void(ferry_a2a_config_t&)> change;
+};
+
+const Disagreement kDisagreements[] = {
+    {"WorldSize", {"world_size"}, [](ferry_a2a_config_t& c) { c.world_size *= 2; }},
+    {"NumExperts", {"num_experts"}, [](ferry_a2a_config_t& c) { c.num_experts *= 2; }},
+    {"ExpertsPerToken", {"experts_per_token"}, [](ferry_a2a_config_t& c) { c.experts_per_token = 3; }},
+    {"MaxTokens", {"max_tokens_per_rank"}, [](ferry_a2a_config_t& c) { c.max_tokens_per_rank = 64; }},
+    {"HiddenDim", {"hidden_dim"}, [](ferry_a2a_config_t& c) { c.hidden_dim = 64; }},
+    {"InDtype", {"in_dtype"}, [](ferry_a2a_config_t& c) { c.in_dtype = FERRY_F16; }},
+    {"ScaleBlock", {"scale_block"}, [](ferry_a2a_config_t& c) { c.scale_block = 32; }},
+    {"OutDtype", {"out_dtype"}, [](ferry_a2a_config_t& c) { c.out_dtype = FERRY_F32; }},
+    {"PrivateTokens", {"private_tokens"}, [](ferry_a2a_config_t& c) { c.private_tokens = 4; }},
+    {"DpSize", {"dp_size"}, [](ferry_a2a_config_t& c) { c.dp_size = 2; }},
+    {"Device", {"device"}, [](ferry_a2a_config_t& c) { c.device = FERRY_DEVICE_CUDA; }},
+    {"NetsPerRank", {"nets_per_rank"}, [](ferry_a2a_config_t& c) { c.nets_per_rank = 2; }},
+    {"Provider", {"provider"}, [](ferry_a2a_config_t& c) { c.provider = "shm"; }},
+    // Pairs that used to run to the end with every status FERRY_OK and wrong combine output (with
+    // MaxTokens and OutDtype above).
+    {"Bf16AgainstF16InAndOut", {"in_dtype", "out_dtype"},
+     [](ferry_a2a_config_t& c) { c.in_dtype = c.out_dtype = FERRY_F16; }},
+    {"Hidden128Bf16Against64F32", {"hidden_dim", "in_dtype"},
+     [](ferry_a2a_config_t& c) {
+       c.hidden_dim = 64;
+       c.in_dtype = FERRY_F32;
+     }},
+};
+
+void PrintTo(const Disagreement& d, std::ostream* os) { *os << d.name; }
+
+class ConfigAgreementTest : public ::testing::TestWithParam<std::tuple<Disagreement, int>> {};
+
+// Creates the all-to-all expecting it to fail at once, long before any deadline; returns the error.
+Error create_error(const ferry_a2a_config_t& cfg, te::Bootstrap& b) {
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    testing::ApiA2a a2a(cfg, b);
+  } catch (const Error& e) {
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(cfg.timeout_ms / 2))
+        << "rank " << b.rank() << " waited for a deadline";
+    return e;
+  }
+  ADD_FAILURE() << "rank " << b.rank() << ": create succeeded";
+  return Error(Status::ok, "");
+}
+
+TEST_P(ConfigAgreementTest, EveryRankFailsCreateNamingTheFieldAndTheValues) {
+  const Disagreement& d = std::get<0>(GetParam());
+  const int world = std::get<1>(GetParam());
+  Case c;
+  c.world_size = world;
+  c.num_experts = 4 * world;
+  c.max_tokens = 16;
+  testing::expect_all_ok(testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
+    ferry_a2a_config_t cfg = config_of(c, b.rank());
+    const int odd = world - 1;
+    if (b.rank() == odd) d.change(cfg);
+    const Error e = create_error(cfg, b);
+    const std::string what = e.what();
+    EXPECT_EQ(e.status(), Status::invalid_argument) << what;
+    for (const std::string& field : d.fields) EXPECT_NE(what.find(field + ": rank 0 has "), std::string::npos) << what;
+    EXPECT_NE(what.find("rank " + std::to_string(odd) + " has "), std::string::npos) << what;
+    EXPECT_NE(what.find("1 of " + std::to_string(world) + " ranks differ from rank 0"), std::string::npos) << what;
+  }));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Fields, ConfigAgreementTest, ::testing::Combine(::testing::ValuesIn(kDisagreements), ::testing::Values(2, 4)),
+    [](const ::testing::TestParamInfo<ConfigAgreementTest::ParamType>& info) {
+      return std::string(std::get<0>(info.param).name) + "On" + std::to_string(std::get<1>(info.param)) + "Ranks";
+    });
+
+// A config that fails its own rank's checks (in a field no other rank compares) fails create on
+// every rank at once, naming that rank and why: the others do not wait for it until their deadline.
+TEST(ConfigAgreement, AnInvalidConfigOnOneRankFailsEveryRankNamingIt) {
+  Case c;
+  c.world_size = 3;
+  c.num_experts = 6;
+  testing::expect_all_ok(testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
+    ferry_a2a_config_t cfg = config_of(c, b.rank());
+    if (b.rank() == 1) cfg.expert_alignment = 0;
+    const Error e = create_error(cfg, b);
+    const std::string what = e.what();
+    EXPECT_EQ(e.status(), Status::invalid_argument) << what;
+    EXPECT_NE(what.find("expert_alignment 0 outside [1, 2^30]"), std::string::npos) << what;
+    if (b.rank() != 1) {
+      EXPECT_NE(what.find("the config of rank 1 fails its own checks"), std::string::npos) << what;
+    }
+  }));
+}
+
+// What only shapes a rank's own side may differ: its output padding and its deadlines.
+TEST(ConfigAgreement, ExpertAlignmentAndTimeoutAreEachRanksOwn) {
+  Case c;
+  c.world_size = 3;
+  c.num_experts = 6;
+  c.steps = 2;
+  testing::expect_all_ok(testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
+    run_rank(b, c, [](int rank, ferry_a2a_config_t& cfg) {
+      cfg.expert_alignment = 1 + 3 * rank;
+      cfg.timeout_ms = 20000 + 5000 * rank;
+    });
+  }));
 }
 
 }  // namespace

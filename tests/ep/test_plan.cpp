@@ -6,6 +6,7 @@
 #include <cstring>
 #include <numeric>
 
+#include "csrc/agreement.h"
 #include "csrc/backend.h"
 #include "csrc/dtype.h"
 #include "csrc/plan.h"
@@ -54,6 +55,7 @@ TEST(Config, DefaultsDescribeABf16HostAllToAll) {
   EXPECT_EQ(c.nets_per_rank, 1);
   EXPECT_EQ(c.device, FERRY_DEVICE_HOST);
   EXPECT_EQ(c.private_tokens, -1);
+  EXPECT_EQ(c.timeout_ms, FERRY_DEFAULT_TIMEOUT_MS);
 }
 
 TEST(Config, RejectsEachInvalidFieldNamingIt) {
@@ -66,7 +68,7 @@ TEST(Config, RejectsEachInvalidFieldNamingIt) {
   { auto b = c; b.hidden_dim = 60; EXPECT_EQ(status_of(b), Status::unsupported); }  // 120 bytes
   { auto b = c; b.hidden_dim = 64; b.scale_block = 48; EXPECT_EQ(status_of(b), Status::unsupported); }
   { auto b = c; b.out_dtype = FERRY_FP8_E4M3; EXPECT_EQ(status_of(b), Status::unsupported); }
-  { auto b = c; b.in_dtype = ferry_dtype_t(7); EXPECT_EQ(status_of(b), Status::unsupported); }
+  { auto b = c; int seven = 7; std::memcpy(&b.in_dtype, &seven, sizeof seven); EXPECT_EQ(status_of(b), Status::unsupported); }
   { auto b = c; b.dp_size = 3; EXPECT_NE(error_of(b).find("dp_size 3"), std::string::npos); }
   { auto b = c; b.max_tokens_per_rank = 0; EXPECT_EQ(status_of(b), Status::invalid_argument); }
   { auto b = c; b.private_tokens = 9; EXPECT_NE(error_of(b).find("private_tokens 9"), std::string::npos); }
@@ -353,6 +355,102 @@ TEST(Reference, CombineOfTheStandardModelMatchesTheGeneralForm) {
   const auto standard = reference::combine_standard(c, all[0]);
   ASSERT_EQ(general.size(), standard.size());
   for (size_t i = 0; i < general.size(); ++i) EXPECT_FLOAT_EQ(general[i], standard[i]) << i;
+}
+
+// ---- count headers, as a receiver reads them ----------------------------------------------------
+
+TEST(CountHeader, ValidHeadersPassAndEachLieIsNamed) {
+  auto c = config(4, 8, 2, 8, 64);
+  c.rank = 1;
+  const Layout l = make_layout(c);
+  // counts[world_size] then this rank's expert counts[experts_per_rank], as a sender writes them.
+  auto check = [&](std::vector<int32_t> header) {
+    std::vector<int32_t> counts(4), experts(2);
+    header.resize(l.count_header_bytes / 4, 0);
+    return check_count_header(l, header.data(), counts.data(), experts.data());
+  };
+  EXPECT_EQ(check({3, 5, 0, 8, 4, 2}), "");  // 5 records to rank 1, 6 rows over its 2 experts
+  EXPECT_EQ(check({kPoisonCount, 0, 0, 0, 0, 0}), "reports that its dispatch failed (invalid input on that rank)");
+  EXPECT_EQ(check({3, 9, 0, 0, 9, 0}), "claims 9 records for rank 1, outside [0, max_tokens=8]");
+  EXPECT_EQ(check({0, 5, -1, 0, 5, 0}), "claims -1 records for rank 2, outside [0, max_tokens=8]");
+  EXPECT_EQ(check({0, 5, 0, 0, 6, 0}), "claims 6 rows for local expert 0 out of 5 records");
+  EXPECT_EQ(check({0, 5, 0, 0, 2, 2}), "claims 4 expert rows for 5 records");    // fewer rows than records
+  EXPECT_EQ(check({0, 2, 0, 0, 2, 2}), "");                                      // two routes each
+  EXPECT_EQ(check({0, 1, 0, 0, 1, 1}), "");
+}
+
+// ---- the ranks' agreement on the config, from what each rank sent -------------------------------
+
+std::vector<uint8_t> descriptions(const std::vector<ferry_a2a_config_t>& configs) {
+  std::vector<uint8_t> all(configs.size() * kAgreementBytes);
+  for (size_t r = 0; r < configs.size(); ++r) {
+    const ConfigAgreement a = describe_config(configs[r], int(r), "tcp", Status::ok, "");
+    std::memcpy(all.data() + r * kAgreementBytes, &a, sizeof a);
+  }
+  return all;
+}
+
+ConfigAgreement* description(std::vector<uint8_t>& all, int rank) {
+  return reinterpret_cast<ConfigAgreement*>(all.data() + size_t(rank) * kAgreementBytes);
+}
+
+TEST(Agreement, EqualConfigsAgreeWhateverEachRanksOwnFields) {
+  std::vector<ferry_a2a_config_t> cs(3, config(3, 6, 2, 8, 64));
+  cs[1].expert_alignment = 16;
+  cs[2].timeout_ms = 1000;
+  cs[2].cuda_device = 3;
+  cs[2].private_tokens = 8;  // as resolved from -1 on the others
+  const AgreementOutcome out = check_agreement(descriptions(cs), 3, 0);
+  EXPECT_EQ(out.status, Status::ok);
+  EXPECT_EQ(out.message, "");
+}
+
+TEST(Agreement, ABuildOfAnotherWireVersionOrNoFerryConfigAtAllIsNamed) {
+  std::vector<uint8_t> all = descriptions(std::vector<ferry_a2a_config_t>(4, config(4, 8, 2, 8, 64)));
+  description(all, 2)->wire_version = kWireVersion + 1;
+  std::memset(description(all, 3), 0xab, kAgreementBytes);
+  const AgreementOutcome out = check_agreement(all, 4, 0);
+  EXPECT_EQ(out.status, Status::invalid_argument);
+  EXPECT_NE(out.message.find("rank 3 sent no Ferry config description"), std::string::npos) << out.message;
+  EXPECT_NE(out.message.find("rank 2 has wire version " + std::to_string(kWireVersion + 1)), std::string::npos)
+      << out.message;
+  EXPECT_NE(out.message.find("this build speaks wire version " + std::to_string(kWireVersion)), std::string::npos)
+      << out.message;
+}
+
+TEST(Agreement, EveryRankReadsTheSameAccountOfADifference) {
+  std::vector<ferry_a2a_config_t> cs(4, config(4, 8, 2, 8, 64));
+  cs[1].hidden_dim = cs[3].hidden_dim = 128;
+  const std::vector<uint8_t> all = descriptions(cs);
+  const std::string seen_by_0 = check_agreement(all, 4, 0).message;
+  EXPECT_NE(seen_by_0.find("hidden_dim: rank 0 has 64, rank 1 has 128, rank 3 has 128 (2 of 4 ranks differ from rank 0)"),
+            std::string::npos)
+      << seen_by_0;
+  for (int me = 1; me < 4; ++me) EXPECT_EQ(check_agreement(all, 4, me).message, seen_by_0);
+}
+
+// At the largest world size, with every field and every rank different, the text names a few ranks
+// per field and counts the rest.
+TEST(Agreement, TheAccountStaysShortAtAnyWorldSize) {
+  const int world = FERRY_MAX_RANKS;
+  std::vector<uint8_t> all = descriptions(std::vector<ferry_a2a_config_t>(world, config(world, world, 2, 8, 64)));
+  for (int r = 1; r < world; ++r) {
+    ConfigAgreement* a = description(all, r);
+    for (int32_t* field : {&a->num_experts, &a->experts_per_token, &a->max_tokens_per_rank, &a->hidden_dim,
+                           &a->in_dtype, &a->scale_block, &a->out_dtype, &a->private_tokens, &a->dp_size,
+                           &a->device, &a->nets_per_rank})
+      *field += r;
+    std::memset(a->provider, 'x', sizeof a->provider);  // no NUL: read up to the field's end only
+    a->status = int32_t(Status::unsupported);
+    std::memset(a->error, '\x01', sizeof a->error);
+  }
+  const AgreementOutcome out = check_agreement(all, world, 0);
+  EXPECT_EQ(out.status, Status::invalid_argument);
+  EXPECT_LT(out.message.size(), 4096u) << out.message;
+  EXPECT_NE(out.message.find("and 4091 more (4095 of 4096 ranks differ from rank 0)"), std::string::npos);
+  EXPECT_NE(out.message.find("rank 1 has \"" + std::string(32, 'x') + "\""), std::string::npos) << out.message;
+  EXPECT_NE(out.message.find("(" + std::string(160, '?') + ")"), std::string::npos) << out.message;
+  EXPECT_NE(out.message.find("so do those of ranks 2, 3, 4, 5 and 4090 more"), std::string::npos) << out.message;
 }
 
 }  // namespace

@@ -407,7 +407,7 @@ Share run_alltoall(const Options& opt, te::Bootstrap& boot, const std::vector<Ra
   }
   // The C API takes its NICs from FERRY_DOMAINS (the config names only a count).
   ::setenv("FERRY_DOMAINS", domains.c_str(), 1);
-  tools::CBootstrap cboot(boot, opt.collective_timeout_ms());
+  tools::CBootstrap cboot(boot);
 
   const DeviceChoice device = choose_device(opt, boot, all);
   const char* device_name = device.cuda ? "cuda" : "host";

@@ -1,7 +1,6 @@
 #include "tools/common/bootstrap.h"
 
-#include <cstdio>
-
+#include "csrc/api.h"
 #include "tools/common/launch.h"
 #include "transfer_engine/error.h"
 
@@ -41,24 +40,7 @@ void check(ferry_status_t status, const char* what) {
         std::string(what) + " failed (" + ferry_status_string(status) + "): " + ferry_last_error());
 }
 
-int CBootstrap::allgather(void* context, const void* in, size_t bytes, void* out) {
-  auto* c = static_cast<Context*>(context);
-  try {
-    c->bootstrap->allgather(in, bytes, out, c->timeout_ms);
-    return 0;
-  } catch (const std::exception& e) {
-    // The C callback can only return a code; keep the reason visible.
-    std::fprintf(stderr, "[rank %d] bootstrap allgather failed: %s\n", c->bootstrap->rank(), e.what());
-    return 1;
-  }
-}
-
-CBootstrap::CBootstrap(te::Bootstrap& bootstrap, int timeout_ms)
-    : context_(new Context{&bootstrap, timeout_ms}) {
-  check(ferry_bootstrap_callback(bootstrap.rank(), bootstrap.world_size(), &CBootstrap::allgather,
-                                 context_.get(), &handle_),
-        "ferry_bootstrap_callback");
-}
+CBootstrap::CBootstrap(te::Bootstrap& bootstrap) : handle_(api::borrow_bootstrap(bootstrap)) {}
 
 CBootstrap::~CBootstrap() {
   if (handle_) ferry_bootstrap_destroy(handle_);

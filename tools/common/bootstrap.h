@@ -1,5 +1,5 @@
 // One rendezvous per tool run: a te::Bootstrap chosen from the launch environment, and the C API's
-// ferry_bootstrap_t layered on it (so ferry_a2a_create and the tool's own gathers share it).
+// ferry_bootstrap_t over that same bootstrap (so ferry_a2a_create and the tool's own gathers share it).
 #pragma once
 #include <memory>
 
@@ -15,23 +15,18 @@ namespace ferry::tools {
 // Status::invalid_argument naming what is missing.
 std::unique_ptr<te::Bootstrap> make_bootstrap(const RankEnv& env, int timeout_ms);
 
-// A ferry_bootstrap_t whose allgather is `bootstrap`'s (through ferry_bootstrap_callback). Owns the
-// handle; `bootstrap` must outlive it.
+// A ferry_bootstrap_t that is `bootstrap` itself (ferry::api::borrow_bootstrap: no C callback in
+// between, so the C API's collectives keep the bootstrap's deadlines and error text). Owns the
+// handle; `bootstrap` must outlive it and every ferry_a2a_t created from it.
 class CBootstrap {
  public:
-  CBootstrap(te::Bootstrap& bootstrap, int timeout_ms);
+  explicit CBootstrap(te::Bootstrap& bootstrap);
   ~CBootstrap();
   CBootstrap(const CBootstrap&) = delete;
   CBootstrap& operator=(const CBootstrap&) = delete;
   ferry_bootstrap_t get() const { return handle_; }
 
  private:
-  struct Context {
-    te::Bootstrap* bootstrap;
-    int timeout_ms;
-  };
-  static int allgather(void* context, const void* in, size_t bytes, void* out);
-  std::unique_ptr<Context> context_;
   ferry_bootstrap_t handle_ = nullptr;
 };
 
