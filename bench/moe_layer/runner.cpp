@@ -167,7 +167,7 @@ int run_rank(const Options& o, const char* launcher_label) {
     if (rank == 0) std::fprintf(stderr, "ferry-moe-layer: error: %s (world size %d)\n", msg.c_str(), world);
     return 2;
   }
-  tools::CBootstrap cboot(*boot, o.timeout_ms);
+  tools::CBootstrap cboot(*boot);
   const bool device = o.backend == FERRY_DEVICE_CUDA;
   const int cpus_here = int(nccl::allowed_cpus().size());  // before --split-cores narrows this thread
   LayerOptions lo;
@@ -209,11 +209,11 @@ int run_rank(const Options& o, const char* launcher_label) {
   std::optional<nccl::ScopedAffinity> on_gemm_cores;
   if (device) {
     const auto before = nccl::process_threads();
-    all_reduce = make_nccl_all_reduce(*boot, s.tp_size, lo.cuda_device, layer.stream(), o.timeout_ms,
+    all_reduce = make_nccl_all_reduce(cboot.get(), s.tp_size, lo.cuda_device, layer.stream(), o.timeout_ms,
                                       o.split_cores ? split.nccl : std::vector<int>{});
     other_cpus = nccl::cpus_of(nccl::new_threads(before, nccl::process_threads()));
   } else {
-    all_reduce = make_bootstrap_all_reduce(*boot, s.tp_size, o.timeout_ms);
+    all_reduce = make_bootstrap_all_reduce(cboot.get(), s.tp_size, o.timeout_ms);
     // The calling thread runs GEMM tiles (and packs and unpacks): with the split, on the GEMM's side.
     if (o.split_cores) on_gemm_cores.emplace(split.nccl);
     other_cpus = nccl::thread_cpus();

@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "transfer_engine/bootstrap.h"
+#include "ferry/ferry.h"
 
 namespace ferry::moe {
 
@@ -25,10 +25,12 @@ class TpAllReduce {
   virtual std::string describe() const = 0;
 };
 
-std::unique_ptr<TpAllReduce> make_bootstrap_all_reduce(te::Bootstrap& bootstrap, int tp_size, int timeout_ms);
+// Both take the job's C API bootstrap, the one the all-to-all was created from: the host version
+// sums through ferry_bootstrap_allgather, the NCCL one exchanges its ids through it.
+std::unique_ptr<TpAllReduce> make_bootstrap_all_reduce(ferry_bootstrap_t bootstrap, int tp_size, int timeout_ms);
 // Throws Status::unsupported when built without NCCL. `stream`: the cudaStream_t the layer uses;
 // nccl_cpus: the cores NCCL's threads start on (empty: anywhere).
-std::unique_ptr<TpAllReduce> make_nccl_all_reduce(te::Bootstrap& bootstrap, int tp_size, int cuda_device,
+std::unique_ptr<TpAllReduce> make_nccl_all_reduce(ferry_bootstrap_t bootstrap, int tp_size, int cuda_device,
                                                   void* stream, int timeout_ms,
                                                   const std::vector<int>& nccl_cpus = {});
 

@@ -15,9 +15,9 @@ namespace {
 
 class NcclAllReduce final : public TpAllReduce {
  public:
-  NcclAllReduce(te::Bootstrap& boot, int tp, int cuda_device, void* stream, int timeout_ms,
+  NcclAllReduce(ferry_bootstrap_t boot, int tp, int cuda_device, void* stream, int timeout_ms,
                 const std::vector<int>& nccl_cpus)
-      : comms_(boot, nccl::ParallelLayout{boot.world_size(), tp, 1}, cuda_device, timeout_ms, nccl_cpus),
+      : comms_(boot, nccl::ParallelLayout{0, tp, 1}, cuda_device, timeout_ms, nccl_cpus),
         stream_(stream),
         timeout_ms_(timeout_ms) {}
 
@@ -43,7 +43,7 @@ class NcclAllReduce final : public TpAllReduce {
 
 }  // namespace
 
-std::unique_ptr<TpAllReduce> make_nccl_all_reduce(te::Bootstrap& bootstrap, int tp_size, int cuda_device, void* stream,
+std::unique_ptr<TpAllReduce> make_nccl_all_reduce(ferry_bootstrap_t bootstrap, int tp_size, int cuda_device, void* stream,
                                                   int timeout_ms, const std::vector<int>& nccl_cpus) {
   return std::make_unique<NcclAllReduce>(bootstrap, tp_size, cuda_device, stream, timeout_ms, nccl_cpus);
 }

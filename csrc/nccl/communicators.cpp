@@ -82,12 +82,35 @@ void Communicator::wait_until(Clock::time_point deadline, void* stream, const st
   }
 }
 
-Communicators::Communicators(te::Bootstrap& boot, const ParallelLayout& layout_in, int cuda_device, int timeout_ms,
+Communicators::Communicators(te::Bootstrap& boot, const ParallelLayout& layout, int cuda_device, int timeout_ms,
                              const std::vector<int>& nccl_cpus) {
+  create(
+      boot.rank(), boot.world_size(),
+      [&](const void* in, size_t bytes, void* out) { boot.allgather(in, bytes, out, timeout_ms); }, layout,
+      cuda_device, timeout_ms, nccl_cpus);
+}
+
+Communicators::Communicators(ferry_bootstrap_t boot, const ParallelLayout& layout, int cuda_device, int timeout_ms,
+                             const std::vector<int>& nccl_cpus) {
+  auto check = [](ferry_status_t st, const char* what) {
+    if (st != FERRY_OK) raise(static_cast<Status>(st), std::string(what) + ": " + ferry_last_error());
+  };
+  int rank = 0, world = 0;
+  check(ferry_bootstrap_rank(boot, &rank), "ferry_bootstrap_rank");
+  check(ferry_bootstrap_world_size(boot, &world), "ferry_bootstrap_world_size");
+  create(
+      rank, world,
+      [&](const void* in, size_t bytes, void* out) {
+        check(ferry_bootstrap_allgather(boot, in, bytes, out, timeout_ms), "ferry_bootstrap_allgather of the NCCL ids");
+      },
+      layout, cuda_device, timeout_ms, nccl_cpus);
+}
+
+void Communicators::create(int me, int world, const Allgather& allgather, const ParallelLayout& layout_in,
+                           int cuda_device, int timeout_ms, const std::vector<int>& nccl_cpus) {
   ParallelLayout layout = layout_in;
-  layout.world_size = boot.world_size();
+  layout.world_size = world;
   if (const std::string bad = check_layout(layout); !bad.empty()) raise(Status::invalid_argument, "NCCL groups: " + bad);
-  const int me = boot.rank();
   tp_.group_ = tp_group(layout, me);
   pp_.group_ = pp_group(layout, me);
   tp_.name_ = group_name("TP", tp_.group_);
@@ -104,8 +127,8 @@ Communicators::Communicators(te::Bootstrap& boot, const ParallelLayout& layout_i
   };
   draw(tp_.group_, mine.tp, mine.has_tp);
   draw(pp_.group_, mine.pp, mine.has_pp);
-  std::vector<IdEntry> all(size_t(boot.world_size()));
-  boot.allgather(&mine, sizeof mine, all.data(), timeout_ms);
+  std::vector<IdEntry> all(static_cast<size_t>(world));
+  allgather(&mine, sizeof mine, all.data());
 
   if (const cudaError_t ce = cudaSetDevice(cuda_device); ce != cudaSuccess)
     raise(Status::internal, "cudaSetDevice(" + std::to_string(cuda_device) + "): " + cudaGetErrorString(ce));

@@ -17,10 +17,12 @@
 #include <nccl.h>
 
 #include <chrono>
+#include <functional>
 #include <string>
 #include <vector>
 
 #include "csrc/nccl/groups.h"
+#include "ferry/ferry.h"
 #include "transfer_engine/bootstrap.h"
 
 namespace ferry::nccl {
@@ -56,8 +58,13 @@ class Communicator {
 class Communicators {
  public:
   // Collective over `bootstrap`. cuda_device: the GPU this rank drives (cudaSetDevice is called).
-  // Throws Status::invalid_argument for a layout that does not fit the world size.
+  // layout.world_size is taken from the bootstrap. Throws Status::invalid_argument for a layout that
+  // does not fit the world size.
   Communicators(te::Bootstrap& bootstrap, const ParallelLayout& layout, int cuda_device, int timeout_ms,
+                const std::vector<int>& nccl_cpus = {});
+  // The same over the C API's bootstrap (ferry_bootstrap_allgather): what a serving stack that
+  // created its all-to-all from a ferry_bootstrap_t holds.
+  Communicators(ferry_bootstrap_t bootstrap, const ParallelLayout& layout, int cuda_device, int timeout_ms,
                 const std::vector<int>& nccl_cpus = {});
 
   Communicator& tp() { return tp_; }
@@ -66,6 +73,10 @@ class Communicators {
   const Communicator& pp() const { return pp_; }
 
  private:
+  // out[world * bytes] = every rank's `in`, rank-major.
+  using Allgather = std::function<void(const void* in, size_t bytes, void* out)>;
+  void create(int rank, int world_size, const Allgather& allgather, const ParallelLayout& layout, int cuda_device,
+              int timeout_ms, const std::vector<int>& nccl_cpus);
   Communicator tp_, pp_;
 };
 

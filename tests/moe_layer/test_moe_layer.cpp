@@ -45,9 +45,9 @@ LayerShape shape_of(const Case& c, int intermediate = 32) {
 // A rank's layer and the hidden states it runs on (after the TP all-reduce).
 struct RankLayer {
   RankLayer(te::Bootstrap& boot, const Case& c)
-      : shape(shape_of(c)), cboot(boot, c.timeout_ms), layer(options(boot, c), cboot.get()) {
+      : shape(shape_of(c)), cboot(boot), layer(options(boot, c), cboot.get()) {
     x = attention_partial(shape, shape.group_of(boot.rank()), shape.member_of(boot.rank()));
-    make_bootstrap_all_reduce(boot, shape.tp_size, c.timeout_ms)->all_reduce_bf16(x.data(), x.size());
+    make_bootstrap_all_reduce(cboot.get(), shape.tp_size, c.timeout_ms)->all_reduce_bf16(x.data(), x.size());
     layer.set_tokens(x.data());
   }
   LayerOptions options(te::Bootstrap& boot, const Case& c) const {

@@ -34,7 +34,7 @@ void expect_cuda_layer_matches_reference(const Case& c, bool ipc) {
     s.hidden = c.hidden;
     s.intermediate = 64;
     s.tokens = c.max_tokens;
-    tools::CBootstrap cboot(boot, c.timeout_ms);
+    tools::CBootstrap cboot(boot);
     LayerOptions o;
     o.shape = s;
     o.rank = boot.rank();
@@ -47,7 +47,7 @@ void expect_cuda_layer_matches_reference(const Case& c, bool ipc) {
     std::vector<uint16_t> x = attention_partial(s, s.group_of(boot.rank()), s.member_of(boot.rank()));
     Memory x_dev(x.size() * sizeof(uint16_t), true);
     x_dev.upload(x.data(), x_dev.bytes());
-    make_nccl_all_reduce(boot, 1, 0, layer.stream(), c.timeout_ms)->all_reduce_bf16(x_dev.get(), x.size());
+    make_nccl_all_reduce(cboot.get(), 1, 0, layer.stream(), c.timeout_ms)->all_reduce_bf16(x_dev.get(), x.size());
     x_dev.download(x.data(), x_dev.bytes());
     const ReferenceOutput want = reference_layer(s, s.group_of(boot.rank()));
     ASSERT_EQ(x, want.x) << "NCCL's all-reduce of one rank must leave the hidden states as they are";

@@ -180,7 +180,7 @@ TEST(CoreSplit, TheTransferEnginesWorkerStartedUnderFerrysCoresStaysOnThem) {
   launch.world_size = 2;
   auto results = testing::run_ranks(launch, [](te::Bootstrap& boot) {
     const std::vector<int> ferry = {allowed_cpus().front()};
-    tools::CBootstrap cboot(boot, 10000);
+    tools::CBootstrap cboot(boot);
     ferry_a2a_config_t c;
     ferry_a2a_config_init(&c);
     c.rank = boot.rank();
