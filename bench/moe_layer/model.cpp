@@ -91,6 +91,17 @@ std::vector<uint16_t> attention_partial(const LayerShape& s, int group, int memb
   return x;
 }
 
+std::vector<uint16_t> hidden_states(const LayerShape& s, int group) {
+  std::vector<double> sum(size_t(s.tokens) * s.hidden, 0.0);
+  for (int m = 0; m < s.tp_size; ++m) {
+    const auto p = attention_partial(s, group, m);
+    for (size_t i = 0; i < sum.size(); ++i) sum[i] += ep::dtype::bf16_to_f32(p[i]);
+  }
+  std::vector<uint16_t> x(sum.size());
+  for (size_t i = 0; i < sum.size(); ++i) x[i] = ep::dtype::f32_to_bf16(float(sum[i]));
+  return x;
+}
+
 ferry_a2a_config_t a2a_config(const LayerShape& s, int rank, int max_tokens) {
   ferry_a2a_config_t c;
   ferry_a2a_config_init(&c);

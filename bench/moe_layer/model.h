@@ -67,6 +67,10 @@ void expert_weights(const LayerShape& shape, int expert, float* gate_up, float* 
 // bf16 bits, each value k/64 with |k| <= 32.
 std::vector<uint16_t> attention_partial(const LayerShape& shape, int group, int member);
 
+// What the TP all-reduce of a group must give: the sum of its members' partials, summed in fp64 and
+// stored as bf16 (exact: model.h's grid).
+std::vector<uint16_t> hidden_states(const LayerShape& shape, int group);
+
 // The all-to-all config of one micro-batch's handle: bf16 dispatch, out_dtype combine, dp_size =
 // tp_size, max_tokens_per_rank = `max_tokens`.
 ferry_a2a_config_t a2a_config(const LayerShape& shape, int rank, int max_tokens);

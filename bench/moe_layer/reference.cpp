@@ -34,18 +34,6 @@ Rounded round_bf16(double v, double error) {
 
 double gamma(int n) { return n * kU32 / (1.0 - n * kU32); }
 
-// The all-reduced hidden states of a group, summed in fp64 from the members' partials.
-std::vector<uint16_t> group_hidden_states(const LayerShape& s, int group) {
-  std::vector<double> sum(size_t(s.tokens) * s.hidden, 0.0);
-  for (int m = 0; m < s.tp_size; ++m) {
-    const auto p = attention_partial(s, group, m);
-    for (size_t i = 0; i < sum.size(); ++i) sum[i] += ep::dtype::bf16_to_f32(p[i]);
-  }
-  std::vector<uint16_t> x(sum.size());
-  for (size_t i = 0; i < sum.size(); ++i) x[i] = ep::dtype::f32_to_bf16(float(sum[i]));
-  return x;
-}
-
 // Top-k of every token by sorting (expert, logit) pairs: a different algorithm from the layer's.
 void reference_route(const LayerShape& s, const std::vector<uint16_t>& x, std::vector<int32_t>& indices,
                      std::vector<double>& weights) {
@@ -76,7 +64,7 @@ ReferenceOutput reference_layer(const LayerShape& s, int group) {
   const int H = s.hidden, I = s.intermediate, K = s.top_k;
   ReferenceOutput r;
   r.num_tokens = s.tokens;
-  r.x = group_hidden_states(s, group);
+  r.x = hidden_states(s, group);
   std::vector<double> w;
   reference_route(s, r.x, r.indices, w);
   r.out.assign(size_t(s.tokens) * H, 0.0);
@@ -150,7 +138,7 @@ std::vector<int32_t> reference_expert_counts(const LayerShape& s, int rank, int 
   std::vector<int32_t> indices;
   std::vector<double> w;
   for (int g = 0; g < s.num_groups(); ++g) {
-    reference_route(s, group_hidden_states(s, g), indices, w);
+    reference_route(s, hidden_states(s, g), indices, w);
     for (int t = range.begin; t < range.end; ++t) {
       for (int k = 0; k < s.top_k; ++k) {
         const int e = indices[size_t(t) * s.top_k + k];

@@ -17,6 +17,7 @@
 #include "bench/moe_layer/memory.h"
 #include "bench/moe_layer/reference.h"
 #include "bench/moe_layer/tp_all_reduce.h"
+#include "bench/moe_layer/verify.h"
 #include "csrc/nccl/cores.h"
 #include "csrc/plan.h"
 #include "tools/common/bootstrap.h"
@@ -49,28 +50,6 @@ json percentiles_json(const tools::Percentiles& p) {
 }
 
 std::string dtype_text(ferry_dtype_t t) { return t == FERRY_F32 ? "f32" : "bf16"; }
-
-// Every token of this rank's output against the dense reference, and the rows each local expert
-// received against the reference router: empty when all match.
-std::string verify_schedule(MoeLayer& layer, const LayerShape& s, const ReferenceOutput& want, int rank, ScheduleKind kind) {
-  const Schedule schedule = make_schedule(kind);
-  const int n = num_micro_batches(schedule);
-  std::string failure;
-  for (int b = 0; b < n; ++b) {
-    const std::vector<int32_t> counts = reference_expert_counts(s, rank, n, b);
-    if (counts != layer.expert_counts(b)) {
-      failure += "rank " + std::to_string(rank) + " " + schedule_name(kind) + " micro-batch " + std::to_string(b) +
-                 ": local experts received rows";
-      for (int32_t c : layer.expert_counts(b)) failure += " " + std::to_string(c);
-      failure += ", the reference router sends";
-      for (int32_t c : counts) failure += " " + std::to_string(c);
-      failure += "\n";
-    }
-  }
-  std::vector<uint8_t> out(size_t(s.tokens) * s.hidden * ep::elem_bytes_of(s.out_dtype));
-  layer.download_output(out.data());
-  return failure + compare_output(s, want, rank, 0, out.data(), s.tokens);
-}
 
 // Where each library's threads may run, and whether they collide.
 struct CoreReport {
@@ -246,7 +225,6 @@ int run_rank(const Options& o, const char* launcher_label) {
     if (want.x != x) failure += "rank " + std::to_string(rank) + ": the TP all-reduce's hidden states differ from the sum of the partials\n";
     for (ScheduleKind kind : o.schedules) {
       boot->barrier(o.timeout_ms);
-      layer.run(make_schedule(kind));
       failure += verify_schedule(layer, s, want, rank, kind);
     }
   }
