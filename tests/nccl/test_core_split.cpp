@@ -131,6 +131,20 @@ TEST(CoreSplit, ThePoolIsTheGpusSocketWithinTheAllowedCpus) {
   EXPECT_THAT(core_pool(topo, -1, "", {2, 3}), ElementsAre(2, 3));
 }
 
+TEST(CoreSplit, CollisionsAreFerryCoresOfOneRankThatOthersOfItsNodeMayUse) {
+  const std::vector<RankCores> ranks = {
+      {0, "a", {0}, {1, 2}},
+      {1, "a", {2}, {3}},  // Ferry on 2, where rank 0's NCCL may run
+      {2, "b", {1}, {0}},  // another node: its CPU numbers are its own
+  };
+  const std::vector<std::string> lines = core_collisions(ranks, "NCCL");
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_THAT(lines[0], HasSubstr("a: Ferry's threads of rank 1 (CPUs 2) and NCCL's of rank 0 (CPUs 1-2) share CPU 2"));
+  EXPECT_TRUE(core_collisions({{0, "a", {0}, {1}}, {1, "a", {2}, {3}}}, "NCCL").empty());
+  // A rank with itself: everything on every core collides.
+  EXPECT_EQ(core_collisions({{0, "a", {0, 1}, {0, 1}}}, "the GEMM").size(), 1u);
+}
+
 TEST(CoreSplit, RanksOfANodeWithTheSamePoolShareItInRankOrder) {
   testing::LaunchOptions launch;
   launch.world_size = 4;
@@ -141,6 +155,12 @@ TEST(CoreSplit, RanksOfANodeWithTheSamePoolShareItInRankOrder) {
     EXPECT_EQ(s.share_count, 2);
     EXPECT_EQ(s.share_index, boot.rank() / 2);
     EXPECT_EQ(s.slice.size(), 4u);
+    // What every rank gathers of the others' cores: node and CPU sets, in rank order.
+    const auto all = gather_rank_cores(boot, {boot.rank(), node, s.ferry, s.nccl}, 10000);
+    ASSERT_EQ(all.size(), 4u);
+    EXPECT_EQ(all[3].node, "node1");
+    EXPECT_EQ(all[size_t(boot.rank())].ferry, s.ferry);
+    EXPECT_EQ(all[size_t(boot.rank())].other, s.nccl);
   });
   testing::expect_all_ok(results);
 }
