@@ -47,6 +47,7 @@ const Field kFields[] = {
     {"dp_size", &ConfigAgreement::dp_size, nullptr},
     {"device", &ConfigAgreement::device, device_name},
     {"nets_per_rank", &ConfigAgreement::nets_per_rank, nullptr},
+    {"combine_weights", &ConfigAgreement::combine_weights, combine_weights_name},
 };
 
 std::string value_text(const Field& f, int32_t v) {
@@ -95,6 +96,7 @@ ConfigAgreement describe_config(const ferry_a2a_config_t& c, int bootstrap_rank,
   a.nets_per_rank = c.nets_per_rank;
   a.dp_size = c.dp_size;
   a.private_tokens = c.private_tokens == -1 ? c.max_tokens_per_rank : c.private_tokens;
+  a.combine_weights = enum_value(c.combine_weights);
   copy_text(a.provider, sizeof a.provider, provider);
   copy_text(a.error, sizeof a.error, error);
   return a;

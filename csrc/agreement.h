@@ -11,6 +11,8 @@
 //  private_tokens           as resolved (-1 is max_tokens_per_rank): where records land in the
 //                           receive region, and whether an overflow round follows.
 //  dp_size                  which ranks get whose partials, at which combine slots.
+//  combine_weights          what combine returns: one partial per record, or the record's expert
+//                           rows (the combine regions' size and every slot's offset).
 //  device                   the CUDA backend runs collective setup of its own (node and GPU
 //                           discovery, IPC handles) that a host-backend rank never joins: the two
 //                           backends cannot be mixed in one job.
@@ -40,7 +42,7 @@ namespace ferry::ep {
 
 constexpr uint32_t kAgreementMagic = 0x43595246;  // "FRYC" in memory on a little-endian host
 // Bump whenever anything another rank reads changes: record or count header, tags, buffer layout.
-constexpr uint32_t kWireVersion = 1;
+constexpr uint32_t kWireVersion = 2;
 // The same in every version, so that an older or newer build's description is still read far
 // enough to say which version it is.
 constexpr size_t kAgreementBytes = 256;
@@ -62,8 +64,9 @@ struct ConfigAgreement {
   int32_t nets_per_rank;
   int32_t dp_size;
   int32_t private_tokens;  // -1 (automatic) as max_tokens_per_rank
+  int32_t combine_weights;
   char provider[32];       // NUL-padded, truncated
-  char error[160];         // the sender's own config error, NUL-padded, truncated
+  char error[156];         // the sender's own config error, NUL-padded, truncated
 };
 static_assert(sizeof(ConfigAgreement) == kAgreementBytes);
 

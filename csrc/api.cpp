@@ -355,6 +355,7 @@ void ferry_a2a_config_init(ferry_a2a_config_t* c) {
   c->timeout_ms = FERRY_DEFAULT_TIMEOUT_MS;
   c->dp_size = 1;
   c->private_tokens = -1;
+  c->combine_weights = FERRY_WEIGHTS_AT_DISPATCH;
 }
 
 ferry_status_t ferry_a2a_buffer_sizes(const ferry_a2a_config_t* config, ferry_buffer_sizes_t* out) {

@@ -19,14 +19,53 @@ const Site kConfig{-1, -1, "ferry_a2a_config"};
 std::string str(int64_t v) { return std::to_string(v); }
 
 // The buffers a valid layout registers, in 128 bits: a config must not wrap 64-bit sizes.
-unsigned __int128 buffer_bytes(const ferry_a2a_config_t& c, int in_elem, int out_elem, int num_scales) {
+unsigned __int128 buffer_bytes(const ferry_a2a_config_t& c, int in_elem, int out_elem, int num_scales, int combine_rows) {
   using U = unsigned __int128;
   const U record = U(align_up(sizeof(RecordHeader) + uint64_t(c.hidden_dim) * in_elem + uint64_t(num_scales) * 4));
-  const U partial = U(align_up(uint64_t(c.hidden_dim) * out_elem));
+  const U partial = U(align_up(uint64_t(c.hidden_dim) * out_elem)) * U(combine_rows);
   const U header = U(align_up(4 * (uint64_t(c.world_size) + uint64_t(c.num_experts / c.world_size))));
   const U max_recv = U(c.world_size) * U(c.max_tokens_per_rank);
   const U max_send = U(c.max_tokens_per_rank) * U(std::min(c.experts_per_token, c.world_size));
   return U(c.world_size) * header * 2 + (max_send + max_recv) * (record + partial);
+}
+
+const char* scale_layout_name(int scale_layout) {
+  switch (scale_layout) {
+    case FERRY_SCALE_ROW_MAJOR: return "FERRY_SCALE_ROW_MAJOR";
+    case FERRY_SCALE_COLUMN_MAJOR: return "FERRY_SCALE_COLUMN_MAJOR";
+    case FERRY_SCALE_UE8M0_COLUMN_MAJOR: return "FERRY_SCALE_UE8M0_COLUMN_MAJOR";
+    default: return "unknown";
+  }
+}
+
+// The quantize arguments of a dispatch SEND against the all-to-all's wire format.
+void check_quantize(const Layout& l, const ferry_dispatch_args_t& a, const Site& site) {
+  const int quantize = enum_value(a.quantize);
+  if (quantize != FERRY_QUANTIZE_NONE && quantize != FERRY_QUANTIZE_FP8_BLOCK)
+    fail(Status::invalid_argument, site,
+         "quantize " + str(quantize) + " is not a ferry_quantize_t (FERRY_QUANTIZE_NONE 0, FERRY_QUANTIZE_FP8_BLOCK 1)");
+  if (a.round_scale != 0 && a.round_scale != 1)
+    fail(Status::invalid_argument, site, "round_scale " + str(a.round_scale) + " must be 0 or 1");
+  if (quantize == FERRY_QUANTIZE_NONE) {
+    if (a.round_scale)
+      fail(Status::invalid_argument, site,
+           "round_scale 1 with FERRY_QUANTIZE_NONE: it rounds the scales Ferry computes when it quantizes; "
+           "without quantize the scales are dp_x_scale's");
+    return;
+  }
+  if (l.in_dtype != FERRY_FP8_E4M3)
+    fail(Status::invalid_argument, site,
+         std::string("quantize FERRY_QUANTIZE_FP8_BLOCK casts bf16 tokens to fp8_e4m3, but this all-to-all carries ") +
+             dtype_name(l.in_dtype) + " (create it with in_dtype FERRY_FP8_E4M3 and a scale_block)");
+  const int b = l.scale_block;
+  if (b < FERRY_QUANTIZE_MIN_BLOCK || b > FERRY_QUANTIZE_MAX_BLOCK || (b & (b - 1)) != 0)
+    fail(Status::invalid_argument, site,
+         "quantize FERRY_QUANTIZE_FP8_BLOCK needs a scale_block that is a power of two in [" +
+             str(FERRY_QUANTIZE_MIN_BLOCK) + ", " + str(FERRY_QUANTIZE_MAX_BLOCK) + "] (one scale per block); this "
+             "all-to-all has scale_block " + str(b));
+  if (a.dp_x_scale)
+    fail(Status::invalid_argument, site,
+         "dp_x_scale must be NULL with quantize FERRY_QUANTIZE_FP8_BLOCK: Ferry computes the scales from dp_x (bf16)");
 }
 
 }  // namespace
@@ -37,6 +76,14 @@ const char* dtype_name(int dtype) {
     case FERRY_F16: return "f16";
     case FERRY_F32: return "f32";
     case FERRY_FP8_E4M3: return "fp8_e4m3";
+    default: return "unknown";
+  }
+}
+
+const char* combine_weights_name(int combine_weights) {
+  switch (combine_weights) {
+    case FERRY_WEIGHTS_AT_DISPATCH: return "at dispatch";
+    case FERRY_WEIGHTS_AT_COMBINE: return "at combine";
     default: return "unknown";
   }
 }
@@ -94,8 +141,16 @@ void check_config(const ferry_a2a_config_t& c) {
     bad_config("nets_per_rank " + str(c.nets_per_rank) + " outside [1, " + str(FERRY_MAX_NETS_PER_RANK) + "]");
   if (device != FERRY_DEVICE_HOST && device != FERRY_DEVICE_CUDA)
     bad_config("device " + str(device) + " is neither host nor cuda");
+  const int combine_weights = enum_value(c.combine_weights);
+  if (combine_weights != FERRY_WEIGHTS_AT_DISPATCH && combine_weights != FERRY_WEIGHTS_AT_COMBINE)
+    bad_config("combine_weights " + str(combine_weights) +
+               " is not a ferry_combine_weights_t (FERRY_WEIGHTS_AT_DISPATCH 0, FERRY_WEIGHTS_AT_COMBINE 1)");
+  if (combine_weights == FERRY_WEIGHTS_AT_COMBINE && c.dp_size != 1)
+    unsupported_config("combine_weights FERRY_WEIGHTS_AT_COMBINE supports dp_size 1 (got " + str(c.dp_size) + ")");
   const int num_scales = c.scale_block > 0 ? c.hidden_dim / c.scale_block : 0;
-  const unsigned __int128 bytes = buffer_bytes(c, in_elem, out_elem, num_scales);
+  const int combine_rows =
+      combine_weights == FERRY_WEIGHTS_AT_COMBINE ? std::min(c.experts_per_token, c.num_experts / c.world_size) : 1;
+  const unsigned __int128 bytes = buffer_bytes(c, in_elem, out_elem, num_scales, combine_rows);
   if (bytes > kMaxBufferBytes)
     unsupported_config("hidden_dim " + str(c.hidden_dim) + ", max_tokens_per_rank " + str(c.max_tokens_per_rank) +
                        " and world_size " + str(c.world_size) + " need " +
@@ -148,13 +203,29 @@ void check_dispatch_args(const Layout& l, const ferry_dispatch_args_t& a, const 
     if (a.num_tokens < 0 || a.num_tokens > l.max_tokens)
       fail(Status::invalid_argument, site,
            "num_tokens " + str(a.num_tokens) + " outside [0, max_tokens_per_rank=" + str(l.max_tokens) + "]");
-    if (a.num_tokens > 0 && (!a.dp_x || !a.indices || !a.weights || (l.num_scales > 0 && !a.dp_x_scale)))
+    check_quantize(l, a, site);
+    const bool scales_needed = l.num_scales > 0 && enum_value(a.quantize) == FERRY_QUANTIZE_NONE;
+    const bool weights_needed = !l.weights_at_combine;
+    if (a.num_tokens > 0 &&
+        (!a.dp_x || !a.indices || (weights_needed && !a.weights) || (scales_needed && !a.dp_x_scale)))
       fail(Status::invalid_argument, site,
-           std::string("dp_x, indices, weights (and dp_x_scale with scale_block > 0) must not be NULL with ") +
-               str(a.num_tokens) + " tokens (" + (!a.dp_x ? "dp_x" : !a.indices ? "indices" : !a.weights ? "weights" : "dp_x_scale") +
+           std::string("dp_x, indices, weights (unless they come at combine) and dp_x_scale (with scale_block > 0, "
+                       "unless Ferry quantizes) must not be NULL with ") +
+               str(a.num_tokens) + " tokens (" +
+               (!a.dp_x ? "dp_x" : !a.indices ? "indices" : weights_needed && !a.weights ? "weights" : "dp_x_scale") +
                " is)");
   }
   if (a.flags & FERRY_RECV) {
+    const int scale_layout = enum_value(a.out_scale_layout);
+    if (scale_layout < FERRY_SCALE_ROW_MAJOR || scale_layout > FERRY_SCALE_UE8M0_COLUMN_MAJOR)
+      fail(Status::invalid_argument, site,
+           "out_scale_layout " + str(scale_layout) +
+               " is not a ferry_scale_layout_t (FERRY_SCALE_ROW_MAJOR 0, FERRY_SCALE_COLUMN_MAJOR 1, "
+               "FERRY_SCALE_UE8M0_COLUMN_MAJOR 2)");
+    if (scale_layout != FERRY_SCALE_ROW_MAJOR && l.num_scales == 0)
+      fail(Status::invalid_argument, site,
+           std::string("out_scale_layout ") + scale_layout_name(scale_layout) +
+               " lays out scales, and this all-to-all carries none (scale_block 0)");
     if (!a.out_expert_num_tokens || !a.out_expert_x || (l.num_scales > 0 && !a.out_expert_x_scale))
       fail(Status::invalid_argument, site,
            std::string("out_expert_num_tokens, out_expert_x (and out_expert_x_scale with scale_block > 0) must not "
@@ -174,6 +245,10 @@ void check_combine_args(const Layout& l, const ferry_combine_args_t& a, int disp
                str(l.max_tokens) + ")");
     if (!a.out_tokens && a.num_tokens > 0)
       fail(Status::invalid_argument, site, "out_tokens must not be NULL with " + str(a.num_tokens) + " tokens");
+    if (l.weights_at_combine && !a.weights && a.num_tokens > 0)
+      fail(Status::invalid_argument, site,
+           "weights must not be NULL with " + str(a.num_tokens) +
+               " tokens: this all-to-all takes them at combine (FERRY_WEIGHTS_AT_COMBINE)");
   }
 }
 

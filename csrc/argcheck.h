@@ -36,6 +36,7 @@ int enum_value(const Enum& field) {
 
 const char* dtype_name(int dtype);    // "bf16", "f16", "f32", "fp8_e4m3", "unknown"
 const char* device_name(int device);  // "host", "cuda", "unknown"
+const char* combine_weights_name(int combine_weights);  // "at dispatch", "at combine", "unknown"
 
 // Every field of a config on its own and together, including each limit a later step relies on
 // (16-byte rows, int16 local experts, row counts that fit an int, NICs the engine can open, and the

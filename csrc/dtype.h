@@ -1,13 +1,18 @@
 // Element conversions of the wire and output types, written once for the host backend, the
 // reference and the CUDA kernels (__host__ __device__), so every path rounds the same way:
 // round-to-nearest-even everywhere; fp8 e4m3 (the "fn" variant: no infinities, max 448) saturates
-// finite values, like __nv_cvt_float_to_fp8(..., __NV_SATFINITE, __NV_E4M3).
+// finite values and infinities and turns any NaN into the canonical 0x7f, like
+// __nv_cvt_float_to_fp8(..., __NV_SATFINITE, __NV_E4M3).
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
 #include "csrc/plan.h"
+
+#if defined(__CUDACC__)
+#include <cuda_fp8.h>
+#endif
 
 namespace ferry::ep::dtype {
 
@@ -69,18 +74,90 @@ FERRY_HD float fp8e4m3_to_f32(uint8_t b) {
   else v = ldexpf(1.0f + float(mant) / 8.0f, exp - 7);
   return neg ? -v : v;
 }
+// On GPUs with fp8 conversion instructions (sm_89 and later) the device uses them: cvt.rn.satfinite
+// is specified as exactly the software path below (nearest, ties to even, +-448 beyond range, NaN
+// kept), which the host tests check against a brute-force nearest search.
 FERRY_HD uint8_t f32_to_fp8e4m3(float f) {
-  const uint8_t sign = uint8_t((f32_bits(f) >> 24) & 0x80u);
-  float a = fabsf(f);
-  if (a != a) return uint8_t(sign | 0x7f);
-  if (a > 448.0f) a = 448.0f;
-  if (a < 0.015625f) return uint8_t(sign | uint8_t(rintf(a * 512.0f)));  // subnormal, 2^-6 > a
-  int e2;
-  const float m = frexpf(a, &e2);
-  int e = e2 - 1;
-  int mant = int(rintf((m * 2.0f - 1.0f) * 8.0f));
-  if (mant == 8) { mant = 0; ++e; }
-  return uint8_t(sign | uint8_t((e + 7) << 3) | uint8_t(mant));
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  return uint8_t(__nv_cvt_float_to_fp8(f, __NV_SATFINITE, __NV_E4M3));
+#else
+  // On the bits, without libm or branches, so that the host backend's loop over a token vectorizes.
+  const uint32_t u = f32_bits(f);
+  const uint32_t sign = (u >> 24) & 0x80u;
+  const uint32_t a = u & 0x7fffffffu;
+  // Below 2^-6 the value is a multiple of 2^-9: a * 512 is exact, and adding and taking away 2^23
+  // rounds it to an integer, ties to even (clamped first so the conversion stays in range).
+  const float scaled = f32_from_bits(a < 0x3c800000u ? a : 0x3c800000u) * 512.0f;
+  const uint32_t subnormal = uint32_t(int((scaled + 8388608.0f) - 8388608.0f));
+  // Otherwise keep 3 of the 23 mantissa bits, rounding to nearest even; a carry moves into the
+  // exponent (below 448 it never reaches the NaN code 0x7f).
+  const uint32_t r = a + 0x7ffffu + ((a >> 20) & 1u);
+  const uint32_t normal = (((r >> 23) - 120u) << 3) | ((r >> 20) & 7u);
+  const uint32_t code = a >= 0x43e00000u ? 0x7eu : a < 0x3c800000u ? subnormal : normal;  // >= 448: saturate
+  return uint8_t(a > 0x7f800000u ? 0x7fu : sign | code);  // NaN: the canonical 0x7f, as cvt gives it
+#endif
+}
+// Two at once: the low byte is `a`'s (one instruction on the device).
+FERRY_HD uint16_t f32x2_to_fp8e4m3x2(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  return uint16_t(__nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3));
+#else
+  return uint16_t(f32_to_fp8e4m3(a) | (uint16_t(f32_to_fp8e4m3(b)) << 8));
+#endif
+}
+
+// ---- quantize on dispatch (ferry.h, ferry_quantize_t) ----------------------------------------------
+// The block math every path shares: the host backend's pack, the CUDA pack kernel. The reference
+// (csrc/reference.cpp) computes the same numbers its own way.
+constexpr float kFp8E4M3Max = 448.0f;
+constexpr float kFp8E4M3MaxInv = 1.0f / 448.0f;
+constexpr float kQuantizeAmaxFloor = 1e-4f;  // FERRY_QUANTIZE_AMAX_FLOOR
+
+// What one element contributes to its block's amax: |x|, or 0 for NaN and infinities (they do not
+// set the scale; they saturate or stay NaN when cast).
+FERRY_HD float amax_term(float x) {
+  const float a = fabsf(x);
+  return a <= 3.40282347e+38f ? a : 0.0f;
+}
+
+struct BlockScale {
+  float scale;       // travels with the token: q * scale approximates x
+  float multiplier;  // x * multiplier is cast to fp8
+};
+
+// `amax`: the block's largest amax_term (any value; the floor is applied here).
+FERRY_HD BlockScale fp8_block_scale(float amax, bool round_scale) {
+  amax = amax > kQuantizeAmaxFloor ? amax : kQuantizeAmaxFloor;
+  const float s = amax * kFp8E4M3MaxInv;
+  if (!round_scale) return {s, kFp8E4M3Max / amax};
+  // s is a normal float here (amax in [1e-4, bf16 max]): its exponent, plus one unless s is a power
+  // of two, is the least e with 2^e >= s; e stays within [-22, 120].
+  const uint32_t bits = f32_bits(s);
+  const int e = int((bits >> 23) & 0xffu) - 127 + ((bits & 0x7fffffu) != 0 ? 1 : 0);
+  return {f32_from_bits(uint32_t(127 + e) << 23), f32_from_bits(uint32_t(127 - e) << 23)};
+}
+
+// The UE8M0 form of a scale: its biased exponent byte (ferry.h, FERRY_SCALE_UE8M0_COLUMN_MAJOR).
+FERRY_HD uint8_t ue8m0_of(float scale) { return uint8_t((f32_bits(scale) >> 23) & 0xffu); }
+
+// Slot s of a row of out_expert_x_scale, at Layout::out_scale_offset: the fp32 scale, or its UE8M0
+// byte. Padding rows and the bytes that fill a UE8M0 word take scale 0 (stored as 0 either way).
+FERRY_HD void store_out_scale(void* out, int scale_layout, uint64_t offset, float scale) {
+  auto* bytes = static_cast<uint8_t*>(out) + offset;
+  if (scale_layout == kScaleUe8m0ColumnMajor) *bytes = ue8m0_of(scale);
+  else *reinterpret_cast<float*>(bytes) = scale;  // f32 layouts: offsets are multiples of 4
+}
+
+// One block of n bf16 elements: q (n bytes of fp8) and its scale.
+FERRY_HD float quantize_block(const uint16_t* x, int n, bool round_scale, uint8_t* q) {
+  float amax = 0.0f;
+  for (int i = 0; i < n; ++i) {
+    const float a = amax_term(bf16_to_f32(x[i]));
+    amax = a > amax ? a : amax;
+  }
+  const BlockScale bs = fp8_block_scale(amax, round_scale);
+  for (int i = 0; i < n; ++i) q[i] = f32_to_fp8e4m3(bf16_to_f32(x[i]) * bs.multiplier);
+  return bs.scale;
 }
 
 // Element i of a row of `type`.

@@ -40,6 +40,8 @@ Layout make_layout(const ferry_a2a_config_t& c) {
   l.record_bytes = align_up(sizeof(RecordHeader) + l.payload_bytes + l.scale_bytes);
   l.count_header_bytes = align_up(4 * uint64_t(c.world_size + l.experts_per_rank));
   l.partial_bytes = align_up(uint64_t(c.hidden_dim) * l.out_elem_bytes);
+  l.weights_at_combine = enum_value(c.combine_weights) == FERRY_WEIGHTS_AT_COMBINE;
+  l.combine_rows = l.weights_at_combine ? l.max_routes_per_record() : 1;
   return l;
 }
 
@@ -124,6 +126,8 @@ SendPlan make_send_plan(const Layout& l, const int32_t* indices, int num_tokens,
   p.total_records = int(p.dest_offset[R]);
   p.slot_token.assign(p.total_records, -1);
   p.slot_dest.assign(p.total_records, -1);
+  p.slot_routes.assign(p.total_records, 0);
+  p.route_row.assign(size_t(num_tokens) * l.top_k, -1);
   // Tokens in ascending order fill each run, so a run is ordered by source token.
   std::vector<int64_t> next(p.dest_offset.begin(), p.dest_offset.end() - 1);
   for (int t = member; t < num_tokens; t += l.dp_size) {
@@ -133,6 +137,17 @@ SendPlan make_send_plan(const Layout& l, const int32_t* indices, int num_tokens,
       p.token_slot[size_t(t) * md + i] = int32_t(slot);
       p.slot_token[slot] = t;
       p.slot_dest[slot] = d;
+    }
+    // A record lists the token's routes to its rank in top-k order (RecordHeader), and so do its rows.
+    const int32_t* row = indices + int64_t(t) * l.top_k;
+    for (int k = 0; k < l.top_k; ++k) {
+      if (row[k] < 0) continue;
+      const int d = owner_rank(row[k], epr);
+      int i = 0;
+      while (p.token_dest[size_t(t) * md + i] != d) ++i;
+      const int32_t slot = p.token_slot[size_t(t) * md + i];
+      const int32_t position = p.slot_routes[slot]++;
+      if (l.weights_at_combine) p.route_row[size_t(t) * l.top_k + k] = slot * l.combine_rows + position;
     }
   }
   return p;

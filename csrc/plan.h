@@ -45,6 +45,9 @@ struct RecordHeader {
 };
 static_assert(sizeof(RecordHeader) == 64, "record header is 64 bytes on the wire");
 
+// ferry_scale_layout_t values: how a dispatch lays out out_expert_x_scale.
+constexpr int kScaleRowMajor = 0, kScaleColumnMajor = 1, kScaleUe8m0ColumnMajor = 2;
+
 FERRY_HD int elem_bytes_of(int ferry_dtype) {
   // FERRY_BF16=0, FERRY_F16=1, FERRY_F32=2, FERRY_FP8_E4M3=3
   return ferry_dtype == 2 ? 4 : ferry_dtype == 3 ? 1 : 2;
@@ -69,6 +72,10 @@ struct Layout {
   int max_rows_per_expert = 0;  // align_up(world_size * max_tokens, expert_alignment)
   int in_dtype = 0;           // ferry_dtype_t values
   int out_dtype = 0;
+  // FERRY_WEIGHTS_AT_COMBINE: destinations return each expert row of a record unweighted, so a
+  // combine slot (one per record) holds combine_rows = max_routes_per_record() rows; else 1 partial.
+  bool weights_at_combine = false;
+  int combine_rows = 1;
 
   uint64_t payload_bytes = 0;       // hidden * in_elem_bytes
   uint64_t scale_bytes = 0;         // num_scales * 4
@@ -78,6 +85,28 @@ struct Layout {
 
   FERRY_HD uint64_t payload_offset() const { return sizeof(RecordHeader); }
   FERRY_HD uint64_t scale_offset() const { return sizeof(RecordHeader) + payload_bytes; }
+
+  // out_expert_x_scale in each ferry_scale_layout_t (ferry.h). Slots per row: the scales, and with
+  // UE8M0 the zero bytes that fill a row's last word.
+  FERRY_HD int ue8m0_words() const { return (num_scales + 3) / 4; }
+  FERRY_HD int out_scale_slots(int scale_layout) const {
+    return scale_layout == kScaleUe8m0ColumnMajor ? 4 * ue8m0_words() : num_scales;
+  }
+  // Bytes of the whole out_expert_x_scale (every local expert's max_rows_per_expert rows).
+  FERRY_HD uint64_t out_scale_buffer_bytes(int scale_layout) const {
+    const uint64_t rows = uint64_t(experts_per_rank) * uint64_t(max_rows_per_expert);
+    return rows * uint64_t(out_scale_slots(scale_layout)) * (scale_layout == kScaleUe8m0ColumnMajor ? 1u : 4u);
+  }
+  // Byte offset of slot s of batched row `row` (e * max_rows_per_expert + r).
+  FERRY_HD uint64_t out_scale_offset(int scale_layout, int64_t row, int s) const {
+    const uint64_t e = uint64_t(row) / uint64_t(max_rows_per_expert), r = uint64_t(row) % uint64_t(max_rows_per_expert);
+    switch (scale_layout) {
+      case kScaleColumnMajor: return ((e * num_scales + uint64_t(s)) * max_rows_per_expert + r) * 4;
+      case kScaleUe8m0ColumnMajor:
+        return ((e * ue8m0_words() + uint64_t(s / 4)) * max_rows_per_expert + r) * 4 + uint64_t(s % 4);
+      default: return (uint64_t(row) * num_scales + uint64_t(s)) * 4;
+    }
+  }
 
   // A token travels at most once to each destination rank.
   FERRY_HD int max_send_records() const {
@@ -98,8 +127,10 @@ struct Layout {
   }
   // Most records one rank can receive: each sender sends a token at most once.
   FERRY_HD uint64_t max_recv_records() const { return uint64_t(world_size) * max_tokens; }
-  FERRY_HD uint64_t combine_send_bytes() const { return max_recv_records() * partial_bytes; }
-  FERRY_HD uint64_t combine_recv_bytes() const { return uint64_t(max_send_records()) * partial_bytes; }
+  // Combine slot i (a record) starts at i * combine_slot_bytes(): its partial, or its rows.
+  FERRY_HD uint64_t combine_slot_bytes() const { return uint64_t(combine_rows) * partial_bytes; }
+  FERRY_HD uint64_t combine_send_bytes() const { return max_recv_records() * combine_slot_bytes(); }
+  FERRY_HD uint64_t combine_recv_bytes() const { return uint64_t(max_send_records()) * combine_slot_bytes(); }
 
   // Receive-side row capacity of one destination's count header: ranks then local experts.
   FERRY_HD int max_dests_per_token() const { return top_k < world_size ? top_k : world_size; }
@@ -194,6 +225,12 @@ struct SendPlan {
                                            // the send buffer (= combine slot), runs by source token
   std::vector<int32_t> slot_token;         // [total_records] inverse of token_slot
   std::vector<int32_t> slot_dest;          // [total_records]
+  std::vector<int32_t> slot_routes;        // [total_records] routes of the record (its rows in combine
+                                           // with weights at combine)
+  std::vector<int32_t> route_row;          // [num_tokens * top_k] with weights at combine, the combine row
+                                           // of route k: slot * combine_rows + its position among the
+                                           // token's routes to that rank (top-k order); else, and for
+                                           // a -1 route, -1
 };
 // Routing must have been validated.
 SendPlan make_send_plan(const Layout& layout, const int32_t* indices, int num_tokens, int member);

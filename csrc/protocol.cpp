@@ -306,11 +306,15 @@ void Protocol::post_combine() {
   if (any_direct_)
     fail(Status::internal, site("combine SEND"),
          "with direct peers it needs the receive counts (post_combine(recv_count)); nothing was sent");
-  guarded("combine SEND", [&] { post_partials(recv_plan_.count); });
+  if (layout_.weights_at_combine)
+    fail(Status::internal, site("combine SEND"),
+         "with weights at combine it needs each record's routes (post_combine(recv_count, record_routes)); "
+         "nothing was sent");
+  guarded("combine SEND", [&] { post_partials(recv_plan_.count, {}); });
   phase_ = Phase::combine_posted;
 }
 
-void Protocol::post_combine(std::span<const int32_t> recv_count) {
+void Protocol::post_combine(std::span<const int32_t> recv_count, std::span<const int32_t> record_routes) {
   expect_phase(Phase::combine_packing, "combine SEND");
   guarded("combine SEND", [&] {
     const int R = layout_.world_size, me = layout_.rank;
@@ -327,14 +331,24 @@ void Protocol::post_combine(std::span<const int32_t> recv_count) {
         bad("receive count " + std::to_string(recv_count[s]) + " for sender " + std::to_string(s) +
              " outside [0, max_tokens=" + std::to_string(layout_.max_tokens) + "]");
     }
-    post_partials(recv_count);
+    if (layout_.weights_at_combine) {
+      int64_t records = 0;
+      for (int s = 0; s < R; ++s) records += recv_count[s];
+      if (int64_t(record_routes.size()) != records)
+        bad(std::to_string(record_routes.size()) + " record route counts for " + std::to_string(records) + " records");
+      for (size_t g = 0; g < record_routes.size(); ++g)
+        if (record_routes[g] < 1 || record_routes[g] > layout_.combine_rows)
+          bad("record " + std::to_string(g) + " has " + std::to_string(record_routes[g]) + " routes, outside [1, " +
+              std::to_string(layout_.combine_rows) + "]");
+    }
+    post_partials(recv_count, record_routes);
   });
   phase_ = Phase::combine_posted;
 }
 
-void Protocol::post_partials(std::span<const int32_t> recv_count) {
+void Protocol::post_partials(std::span<const int32_t> recv_count, std::span<const int32_t> record_routes) {
   const int R = layout_.world_size, me = layout_.rank, dp = layout_.dp_size;
-  const uint64_t pb = layout_.partial_bytes;
+  const uint64_t pb = layout_.combine_slot_bytes();
   std::vector<int64_t> record_base(R + 1, 0);
   for (int s = 0; s < R; ++s) record_base[s + 1] = record_base[s] + recv_count[s];
   std::vector<te::ScatterDst> dsts;
@@ -350,14 +364,21 @@ void Protocol::post_partials(std::span<const int32_t> recv_count) {
         if (n == 0) continue;
         const uint64_t src = uint64_t(record_base[s]) * pb;
         const uint64_t dst = uint64_t(combine_slot_base(layout_, count_matrix_.data(), s, me)) * pb;
-        const uint64_t bytes = uint64_t(n) * pb;
-        if (m == me) {
-          copy(static_cast<uint8_t*>(buffers_.combine_recv) + dst,
-               static_cast<const uint8_t*>(buffers_.combine_send) + src, bytes);
-          continue;
+        // Partials are one contiguous run per sender; rows only the slots' used part, slot by slot.
+        const int pieces = layout_.weights_at_combine ? n : 1;
+        for (int p = 0; p < pieces; ++p) {
+          const uint64_t at = layout_.weights_at_combine ? uint64_t(p) * pb : 0;
+          const uint64_t bytes = layout_.weights_at_combine
+                                     ? uint64_t(record_routes[size_t(record_base[s] + p)]) * layout_.partial_bytes
+                                     : uint64_t(n) * pb;
+          if (m == me) {
+            copy(static_cast<uint8_t*>(buffers_.combine_recv) + dst + at,
+                 static_cast<const uint8_t*>(buffers_.combine_send) + src + at, bytes);
+            continue;
+          }
+          dsts.push_back({uint32_t(peer_index_[m]), src + at, dst + at, bytes});
+          stats_.combine_bytes_sent += bytes;
         }
-        dsts.push_back({uint32_t(peer_index_[m]), src, dst, bytes});
-        stats_.combine_bytes_sent += bytes;
       }
       if (m != me && dsts.size() == first) dsts.push_back({uint32_t(peer_index_[m]), 0, 0, 0});
     }
@@ -365,18 +386,27 @@ void Protocol::post_partials(std::span<const int32_t> recv_count) {
   if (!dsts.empty()) engine_.scatter(*combine_peers_, *combine_send_mr_, dsts, imm(kCombine, me));
 }
 
-void Protocol::wait_combine() {
+void Protocol::wait_combine(std::span<const int32_t> slot_routes) {
   expect_phase(Phase::combine_posted, "combine RECV");
   guarded("combine RECV", [&] {
     const int R = layout_.world_size, me = layout_.rank, dp = layout_.dp_size;
     const int first_member = me - layout_.dp_member(me);
+    if (layout_.weights_at_combine && int64_t(slot_routes.size()) < dest_offset_[R])
+      fail(Status::internal, site("combine RECV"),
+           std::to_string(slot_routes.size()) + " slot route counts for " + std::to_string(dest_offset_[R]) +
+               " send slots");
     std::vector<te::ImmExpect> expects;
     for (int d = 0; d < R; ++d) {
       if (d == me || is_direct(d)) continue;
       uint32_t pieces = 0;
-      for (int j = first_member; j < first_member + dp; ++j) {
-        const int32_t n = count_matrix_[size_t(j) * R + d];
-        if (n > 0) pieces += engine_.pieces_for(uint64_t(n) * layout_.partial_bytes);
+      if (layout_.weights_at_combine) {  // dp_size 1: this rank's own run to d, slot by slot
+        for (int64_t slot = dest_offset_[d]; slot < dest_offset_[d] + dest_count_[d]; ++slot)
+          pieces += engine_.pieces_for(uint64_t(slot_routes[size_t(slot)]) * layout_.partial_bytes);
+      } else {
+        for (int j = first_member; j < first_member + dp; ++j) {
+          const int32_t n = count_matrix_[size_t(j) * R + d];
+          if (n > 0) pieces += engine_.pieces_for(uint64_t(n) * layout_.partial_bytes);
+        }
       }
       expects.push_back({imm(kCombine, d), pieces == 0 ? 1u : pieces});
     }

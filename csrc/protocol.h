@@ -118,22 +118,27 @@ class Protocol {
 
   // Call before writing partials into the combine-send buffer.
   void begin_combine();
-  // The combine-send buffer holds one partial (partial_bytes) per received record in receive order
-  // (record_base of the RecvPlan). Writes each sender's partials to every member of its dp group,
-  // at the slots the records had in the sender's send runs; every peer gets a write, possibly empty.
-  // With direct peers it throws Status::internal ("needs the receive counts") before doing
-  // anything: the receive order then depends on counts only the caller knows; use the overload.
+  // The combine-send buffer holds one combine slot (combine_slot_bytes) per received record in
+  // receive order (record_base of the RecvPlan): its partial, or with weights at combine its rows,
+  // one per route. Writes each sender's slots to every member of its dp group, at the slots the
+  // records had in the sender's send runs; every peer gets a write, possibly empty. With direct
+  // peers, or with weights at combine, it throws Status::internal before doing anything (the
+  // receive order then depends on counts only the caller knows, or the rows on routes only the
+  // caller read); use the overload.
   void post_combine();
   // recv_count[s] (world_size entries): records received from sender s as the caller laid them
-  // out, sender-major, so sender s's partials start at record sum_{s' < s} recv_count[s']. Each
+  // out, sender-major, so sender s's slots start at record sum_{s' < s} recv_count[s']. Each
   // engine sender's entry must equal what its count header announced for this rank
-  // (Status::internal naming the sender and both values otherwise). Writes partials only to
-  // engine peers (and copies this rank's own unless it is direct).
-  void post_combine(std::span<const int32_t> recv_count);
-  // Waits for every engine peer's partials; then partial of slot i lies at combine_recv + i *
-  // partial_bytes (slots of member j of this rank's dp group follow those of members before it;
-  // slots of records sent to direct peers are the caller's).
-  void wait_combine();
+  // (Status::internal naming the sender and both values otherwise). With weights at combine,
+  // record_routes[g] (one per record, receive order) is the number of rows in slot g, in [1,
+  // combine_rows]; only those travel. Writes only to engine peers (and copies this rank's own
+  // unless it is direct).
+  void post_combine(std::span<const int32_t> recv_count, std::span<const int32_t> record_routes = {});
+  // Waits for every engine peer's partials (or rows); then slot i lies at combine_recv + i *
+  // combine_slot_bytes (slots of member j of this rank's dp group follow those of members before
+  // it; slots of records sent to direct peers are the caller's). With weights at combine,
+  // slot_routes[i] (SendPlan::slot_routes of this rank's dispatch) says how many rows slot i gets.
+  void wait_combine(std::span<const int32_t> slot_routes = {});
 
   // The backend failed between the steps above (e.g. a bad record while unpacking): later calls
   // throw Status::internal with this reason; peers see this rank missing at their deadline.
@@ -165,7 +170,7 @@ class Protocol {
                             std::vector<te::ScatterDst>& dsts);
   void validate_direct();
   void post_private(bool poisoned);
-  void post_partials(std::span<const int32_t> recv_count);
+  void post_partials(std::span<const int32_t> recv_count, std::span<const int32_t> record_routes);
   void wait_or_throw(std::vector<te::ImmExpect>& expects, const char* what);
   void read_count_headers();
   template <class Fn>

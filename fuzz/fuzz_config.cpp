@@ -54,6 +54,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   c.timeout_ms = in.next();
   c.dp_size = in.next();
   c.private_tokens = in.next();
+  const int32_t combine_weights = in.next();
+  std::memcpy(&c.combine_weights, &combine_weights, sizeof(combine_weights));
 
   ferry_buffer_sizes_t s;
   std::memset(&s, 0xab, sizeof(s));
@@ -76,7 +78,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const u128 max_recv = u128(c.world_size) * c.max_tokens_per_rank;
   const u128 header = align16(4 * (u128(c.world_size) + c.num_experts / c.world_size));
   const u128 send = c.world_size * header + max_send * record;
-  const u128 combine_send = max_recv * partial, combine_recv = max_send * partial;
+  // With weights at combine a record's combine slot holds a row per route it can carry.
+  const int experts_per_rank = c.num_experts / c.world_size;
+  const u128 slot = combine_weights == FERRY_WEIGHTS_AT_COMBINE
+                        ? partial * u128(c.experts_per_token < experts_per_rank ? c.experts_per_token : experts_per_rank)
+                        : partial;
+  const u128 combine_send = max_recv * slot, combine_recv = max_send * slot;
   if (s.record_bytes != record) fail("record_bytes differs from the layout");
   if (s.send_bytes != send) fail("send_bytes wrapped or differs from the layout");
   if (s.combine_send_bytes != combine_send) fail("combine_send_bytes wrapped");

@@ -30,9 +30,18 @@ struct TcpBootstrapConfig {
   int local_rank = -1;  // -1: derive from host names
   int timeout_ms = 60000;
   int local_size = -1;  // -1: derive from host names (LOCAL_WORLD_SIZE in bootstrap_from_env)
+  // The job's secret, the same on every rank. Empty: FERRY_JOB_KEY, else a key derived from
+  // master_port and the launcher's job id in the environment (launch_env.h, job_key_source).
+  std::string job_key;
+  // The local address rank 0 listens on. Empty: FERRY_BOOTSTRAP_BIND_ADDR, else every address
+  // master_addr resolves to, each of which must belong to this host ("0.0.0.0" or "::" listen on
+  // every interface: for a master_addr that reaches rank 0 through NAT or a proxy).
+  std::string bind_addr;
 };
 
 // Rank 0 listens on master_addr:master_port; the others connect (retrying until the deadline).
+// Every connection proves the job key before it is trusted (bootstrap_wire.h); one that does not,
+// or that idles past its handshake deadline, is closed without affecting the job.
 std::unique_ptr<Bootstrap> make_tcp_bootstrap(const TcpBootstrapConfig& config);
 
 // MPI_COMM_WORLD (only when built with MPI; throws Status::unsupported otherwise). Calls MPI_Init if
@@ -51,9 +60,10 @@ struct BootstrapCallbacks {
 };
 std::unique_ptr<Bootstrap> make_callback_bootstrap(const BootstrapCallbacks& callbacks);
 
-// torchrun-style env (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK) over TCP; else an MPI
-// launch (OMPI_COMM_WORLD_RANK, PMI_RANK, PMIX_RANK) over MPI; else throws Status::invalid_argument
-// saying which variables are missing.
+// The launcher's environment (launch_env.h: torchrun, mpirun, PMI/PMIx, srun). With a rendezvous
+// (MASTER_ADDR and MASTER_PORT, or srun's first node and job port) over TCP with the launcher's
+// rank and world size; else an MPI launch over MPI; else a world of one; else throws
+// Status::invalid_argument saying which variables are missing.
 std::unique_ptr<Bootstrap> bootstrap_from_env(int timeout_ms = 60000);
 
 }  // namespace ferry::te

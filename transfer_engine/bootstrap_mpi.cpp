@@ -1,6 +1,7 @@
 // MPI bootstrap: the job's MPI_COMM_WORLD, for launches by mpirun or srun.
 #include <chrono>
 #include <climits>
+#include <exception>
 #include <string>
 #include <thread>
 
@@ -63,7 +64,9 @@ class MpiBootstrap final : public Bootstrap {
     if (finalized) return;
     // After a timed-out collective the request is still pending and MPI cannot cancel it; freeing
     // the communicator or finalizing would then block forever, so a broken bootstrap leaks both.
-    if (broken_) return;
+    // The same holds when an error is leaving the rank: a peer that stopped answering would keep
+    // MPI_Finalize waiting, and the error unprinted; mpirun ends a job whose rank left without it.
+    if (broken_ || std::uncaught_exceptions() > 0) return;
     MPI_Comm_free(&comm_);
     if (owns_mpi_) MPI_Finalize();
   }

@@ -6,10 +6,13 @@
 #include <cstring>
 #include <list>
 #include <mutex>
+#include <set>
 #include <sstream>
 
 #include "transfer_engine/fabric/nic.h"
 #include "transfer_engine/imm_counter.h"
+#include "transfer_engine/peer_info.h"
+#include "transfer_engine/random.h"
 #include "transfer_engine/route.h"
 #include "transfer_engine/topology.h"
 #include "transfer_engine/worker.h"
@@ -20,15 +23,6 @@
 
 namespace ferry::te {
 namespace {
-
-// Per NIC in the setup allgather: address length + address bytes (EFA 32, tcp 16, shm < 64).
-constexpr size_t kAddressSlotBytes = 256;
-
-struct SetupHeader {
-  uint32_t num_nics = 0;
-  uint32_t virt_addr = 0;
-  char provider[56] = {};
-};
 
 std::vector<std::string> split_list(const std::string& text) {
   std::vector<std::string> items;
@@ -83,6 +77,7 @@ class RegionImpl final : public MemoryRegion {
   RegionDesc desc_;
   std::vector<fabric::FidPtr<fid_mr>> mrs;
   void* local_desc[kMaxNics] = {};
+  uint64_t key = 0;  // the key requested for it (the provider's own where it chooses)
   const void* owner = nullptr;
 };
 
@@ -112,13 +107,28 @@ struct TransferEngine::Impl {
   std::mutex mutex;  // regions and groups (control path)
   std::list<RegionImpl> regions;
   std::list<GroupImpl> groups;
-  uint64_t next_key = 1;
+  std::set<uint64_t> keys_in_use;  // requested keys of live regions
   std::string wait_what;  // "rank N wait", built once so waits allocate nothing
   std::atomic<uint64_t> ops{0};
 
   Impl(const EngineConfig& c, Bootstrap& b) : config(c), bootstrap(b) {}
 
   int wait_ms(int timeout_ms) const { return timeout_ms < 0 ? config.timeout_ms : timeout_ms; }
+
+  // Where the provider lets Ferry choose keys (no FI_MR_PROV_KEY: tcp, shm), a key is all an
+  // initiator needs besides the address to write into a region, so it is drawn at random (unique
+  // among this engine's regions) rather than counted: knowing one key says nothing of another.
+  // Providers that choose their own keys ignore the requested one.
+  uint64_t new_key() {
+    size_t key_bytes = sizeof(uint64_t);
+    for (const auto& nic : nics) key_bytes = std::min(key_bytes, nic->caps().mr_key_size);
+    const uint64_t mask = key_bytes >= sizeof(uint64_t) ? ~uint64_t{0}
+                                                        : (uint64_t{1} << (8 * key_bytes)) - 1;
+    for (;;) {
+      const uint64_t key = random_u64() & mask;
+      if (keys_in_use.insert(key).second) return key;
+    }
+  }
   std::string who() const { return "rank " + std::to_string(rank); }
 
   // A cast and a pointer comparison, no lookup: the hot path stays constant-time.
@@ -265,50 +275,21 @@ TransferEngine::TransferEngine(const EngineConfig& config, Bootstrap& bootstrap)
   }
   s.provider_name = s.nics[0]->provider_name();
 
-  // Exchange endpoint addresses; every rank must see the same NIC count and addressing mode.
-  const size_t blob_bytes = sizeof(SetupHeader) + kMaxNics * kAddressSlotBytes;
-  std::vector<uint8_t> mine(blob_bytes, 0);
-  SetupHeader header;
-  header.num_nics = static_cast<uint32_t>(s.nics.size());
-  header.virt_addr = s.nics[0]->caps().virt_addr ? 1 : 0;
-  strncpy(header.provider, s.provider_name.c_str(), sizeof(header.provider) - 1);
-  memcpy(mine.data(), &header, sizeof(header));
-  for (size_t n = 0; n < s.nics.size(); ++n) {
-    const auto& address = s.nics[n]->address();
-    if (address.size() + sizeof(uint32_t) > kAddressSlotBytes) {
-      raise(Status::unsupported, s.who() + ": endpoint address of " +
-                                     std::to_string(address.size()) + " bytes is too long");
-    }
-    uint8_t* slot = mine.data() + sizeof(SetupHeader) + n * kAddressSlotBytes;
-    const uint32_t length = static_cast<uint32_t>(address.size());
-    memcpy(slot, &length, sizeof(length));
-    memcpy(slot + sizeof(length), address.data(), address.size());
-  }
-  std::vector<uint8_t> all(blob_bytes * static_cast<size_t>(s.world_size));
-  bootstrap.allgather(mine.data(), blob_bytes, all.data(), c.timeout_ms);
+  // Exchange endpoint addresses; every rank must see the same NIC count and addressing mode, and
+  // every blob is checked before an address is taken from it.
+  peer_info::LocalSetup setup;
+  setup.provider = s.provider_name;
+  setup.virt_addr = s.nics[0]->caps().virt_addr;
+  for (const auto& nic : s.nics) setup.addresses.push_back(nic->address());
+  const std::vector<uint8_t> mine = peer_info::encode_setup(setup, s.rank);
+  std::vector<uint8_t> all(mine.size() * static_cast<size_t>(s.world_size));
+  bootstrap.allgather(mine.data(), mine.size(), all.data(), c.timeout_ms);
+  const auto addresses = peer_info::parse_setups(all, s.world_size, setup, s.rank);
   s.peer_addrs.resize(s.nics.size());
   for (size_t n = 0; n < s.nics.size(); ++n) {
-    std::vector<std::vector<uint8_t>> addresses(static_cast<size_t>(s.world_size));
-    for (int r = 0; r < s.world_size; ++r) {
-      const uint8_t* blob = all.data() + blob_bytes * static_cast<size_t>(r);
-      SetupHeader theirs;
-      memcpy(&theirs, blob, sizeof(theirs));
-      if (theirs.num_nics != header.num_nics || theirs.virt_addr != header.virt_addr ||
-          strncmp(theirs.provider, header.provider, sizeof(header.provider)) != 0) {
-        raise(Status::invalid_argument,
-              s.who() + ": rank " + std::to_string(r) + " opened " +
-                  std::to_string(theirs.num_nics) + " NICs of provider " + theirs.provider +
-                  ", this rank " + std::to_string(header.num_nics) + " of " + header.provider +
-                  "; every rank needs the same provider and nets_per_rank");
-      }
-      const uint8_t* slot = blob + sizeof(SetupHeader) + n * kAddressSlotBytes;
-      uint32_t length = 0;
-      memcpy(&length, slot, sizeof(length));
-      addresses[static_cast<size_t>(r)].assign(slot + sizeof(length), slot + sizeof(length) + length);
-    }
     // Every peer is inserted before the setup barrier: efa-direct drops RMA from initiators the
     // target has not inserted yet.
-    s.peer_addrs[n] = s.nics[n]->insert_addresses(addresses);
+    s.peer_addrs[n] = s.nics[n]->insert_addresses(addresses[n]);
   }
 
   s.worker = std::make_unique<Worker>(s.nics, s.counter, s.rank, c.max_posts_per_step);
@@ -370,17 +351,22 @@ MemoryRegion& TransferEngine::register_memory(void* data, size_t bytes, MemoryKi
   region.desc_.num_nics = static_cast<uint32_t>(s.nics.size());
   region.desc_.owner_rank = static_cast<uint32_t>(s.rank);
   region.desc_.addr = s.nics[0]->caps().virt_addr ? reinterpret_cast<uint64_t>(data) : 0;
-  // Keys must be unique per domain when the provider does not choose them.
-  const uint64_t key = s.next_key++;
-  s.worker->run_on_worker(
-      [&] {
-        for (size_t n = 0; n < s.nics.size(); ++n) {
-          region.mrs.push_back(s.nics[n]->register_memory(data, bytes, kind, cuda_device, key));
-          region.local_desc[n] = fi_mr_desc(region.mrs.back().get());
-          region.desc_.keys[n] = fi_mr_key(region.mrs.back().get());
-        }
-      },
-      s.config.timeout_ms);
+  region.key = s.new_key();
+  try {
+    s.worker->run_on_worker(
+        [&] {
+          for (size_t n = 0; n < s.nics.size(); ++n) {
+            region.mrs.push_back(
+                s.nics[n]->register_memory(data, bytes, kind, cuda_device, region.key));
+            region.local_desc[n] = fi_mr_desc(region.mrs.back().get());
+            region.desc_.keys[n] = fi_mr_key(region.mrs.back().get());
+          }
+        },
+        s.config.timeout_ms);
+  } catch (...) {
+    s.keys_in_use.erase(region.key);
+    throw;
+  }
   s.regions.push_back(std::move(region));
   return s.regions.back();
 }
@@ -400,6 +386,7 @@ void TransferEngine::deregister(MemoryRegion& region) {
     } catch (const Error&) {
       // A worker stuck in a callback: close here rather than leak the registration.
     }
+    s.keys_in_use.erase(it->key);
     s.regions.erase(it);
     return;
   }
@@ -407,9 +394,11 @@ void TransferEngine::deregister(MemoryRegion& region) {
 }
 
 std::vector<RegionDesc> TransferEngine::exchange(const MemoryRegion& region, int timeout_ms) {
-  std::vector<RegionDesc> all(static_cast<size_t>(impl_->world_size));
-  impl_->bootstrap.allgather(&region.desc(), sizeof(RegionDesc), all.data(),
-                             impl_->wait_ms(timeout_ms));
+  Impl& s = *impl_;
+  std::vector<RegionDesc> all(static_cast<size_t>(s.world_size));
+  s.bootstrap.allgather(&region.desc(), sizeof(RegionDesc), all.data(), s.wait_ms(timeout_ms));
+  peer_info::check_region_descs(all, static_cast<uint32_t>(s.nics.size()),
+                                s.nics[0]->caps().virt_addr, s.rank);
   return all;
 }
 
@@ -434,12 +423,8 @@ PeerGroup& TransferEngine::make_group(std::span<const int> peer_ranks,
                                           " outside [0, " + std::to_string(s.world_size) + ")");
     }
     const RegionDesc& remote = by_rank ? remotes[static_cast<size_t>(peer)] : remotes[i];
-    if (remote.num_nics != s.nics.size()) {
-      raise(Status::invalid_argument,
-            s.who() + ": make_group: rank " + std::to_string(peer) + "'s region has " +
-                std::to_string(remote.num_nics) + " NIC keys, this engine has " +
-                std::to_string(s.nics.size()) + " NICs");
-    }
+    peer_info::check_region_desc(remote, peer, static_cast<uint32_t>(s.nics.size()),
+                                 s.nics[0]->caps().virt_addr, s.rank, "make_group");
     group.ranks.push_back(peer);
     group.remotes.push_back(remote);
     for (int n = 0; n < kMaxNics; ++n) {

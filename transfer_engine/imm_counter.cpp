@@ -4,6 +4,8 @@
 #include <bit>
 #include <chrono>
 #include <thread>
+#include <unordered_set>
+#include <vector>
 
 #include <linux/futex.h>
 #include <sys/syscall.h>
@@ -12,6 +14,8 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+
+#include "transfer_engine/ranks.h"
 
 namespace ferry::te {
 namespace {
@@ -103,24 +107,29 @@ bool ImmCounter::try_consume_all(std::span<const ImmExpect> expects) {
 }
 
 std::string describe_missing(const ImmCounter& counter, std::span<const ImmExpect> expects) {
-  std::string text;
-  size_t listed = 0;
+  // The senders first, bounded (a wait at world 2^20 may miss every rank), then the first few
+  // immediates in detail.
+  constexpr size_t kDetailed = 8;
+  std::vector<int> senders;
+  std::unordered_set<int> seen;
+  std::string detail;
   size_t unmet = 0;
   for (const ImmExpect& e : expects) {
     uint32_t have = counter.count(e.imm);
     if (have >= e.count) continue;
     ++unmet;
-    if (listed == 32) continue;  // keep EP64-sized messages readable
-    if (!text.empty()) text += "; ";
+    const int sender = static_cast<int>(imm::sender(e.imm));
+    if (seen.insert(sender).second) senders.push_back(sender);
+    if (unmet > kDetailed) continue;
+    if (!detail.empty()) detail += "; ";
     char hex[16];
     snprintf(hex, sizeof(hex), "0x%x", e.imm);
-    text += "imm " + std::string(hex) + " (tag " + std::to_string(imm::tag(e.imm)) +
-            ", from rank " + std::to_string(imm::sender(e.imm)) + "): " +
-            std::to_string(e.count - have) + " of " + std::to_string(e.count) + " missing";
-    ++listed;
+    detail += "imm " + std::string(hex) + " (tag " + std::to_string(imm::tag(e.imm)) +
+              ", from rank " + std::to_string(sender) + "): " + std::to_string(e.count - have) +
+              " of " + std::to_string(e.count) + " missing";
   }
-  if (unmet > listed) text += "; and " + std::to_string(unmet - listed) + " more";
-  return text;
+  if (unmet > kDetailed) detail += "; and " + std::to_string(unmet - kDetailed) + " more";
+  return describe_ranks(senders) + ": " + detail;
 }
 
 void wait_for_imms(const ImmCounter& counter, std::span<const ImmExpect> expects, int timeout_ms,

@@ -49,7 +49,8 @@ class ImmCounter {
   mutable std::atomic<uint32_t> sleepers_{0};
 };
 
-// "imm 0x12345 (tag 18, from rank 5): 2 of 3 missing; ..." for every unmet expectation.
+// "ranks 5, 9: imm 0x12345 (tag 18, from rank 5): 2 of 3 missing; ...": the senders still short
+// (the first few named, the rest counted), then the first few unmet immediates.
 std::string describe_missing(const ImmCounter& counter, std::span<const ImmExpect> expects);
 
 // Waits (spin, then yield, then short sleeps) until every expectation is met and consumes them.

@@ -5,6 +5,7 @@
 // bytes/s (bytes read + written) against a device-to-device copy measured in the same run.
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -175,6 +176,26 @@ void run_preset(const Options& o, const std::string& preset, double copy_gbs, in
   const CombineRecvParams crp{L0, crecv.get<uint8_t>(), nullptr, kDefaultWaitTimeoutNs, out_tokens.get(), false};
 
   const double send_us = time_us(stream, calls, o.replays, [&] { dispatch_send(me.send_params(T), me.ws, sms, stream); });
+  // The same pack with quantize on dispatch: bf16 tokens in, cast to fp8 and block scales on the way
+  // (the same routing, so the same records); once with the scales rounded to powers of two.
+  DeviceBuffer x_bf16(uint64_t(T) * o.hidden * 2);
+  {
+    std::mt19937_64 rng(5);
+    std::vector<uint16_t> h(uint64_t(T) * o.hidden);
+    for (auto& v : h) v = ep::dtype::f32_to_bf16(std::ldexp(float(rng() % 2000) / 1000.f - 1.f, int(rng() % 16) - 8));
+    check_cuda(cudaMemcpy(x_bf16.get(), h.data(), h.size() * 2, cudaMemcpyHostToDevice), "upload bf16");
+  }
+  auto cast_params = [&](bool round_scale) {
+    DispatchSendParams p = me.send_params(T);
+    p.x = x_bf16.get();
+    p.x_scale = nullptr;
+    p.quantize = true;
+    p.round_scale = round_scale;
+    return p;
+  };
+  const double cast_us = time_us(stream, calls, o.replays, [&] { dispatch_send(cast_params(false), me.ws, sms, stream); });
+  const double cast_round_us =
+      time_us(stream, calls, o.replays, [&] { dispatch_send(cast_params(true), me.ws, sms, stream); });
   const double recv_us = time_us(stream, calls, o.replays, [&] { dispatch_recv(rp, me.ws, sms, stream); });
   const double csend_us = time_us(stream, calls, o.replays, [&] { combine_send(csp, me.ws, sms, stream); });
   const double crecv_us = time_us(stream, calls, o.replays, [&] { combine_recv(crp, me.ws, sms, stream); });
@@ -193,6 +214,7 @@ void run_preset(const Options& o, const std::string& preset, double copy_gbs, in
   for (int v : per_expert) routes += v;
   const double row = double(L0.payload_bytes + L0.scale_bytes);
   const double pack_bytes = T * row + sent * double(L0.record_bytes) + R * double(L0.count_header_bytes);
+  const double cast_pack_bytes = T * 2.0 * o.hidden + sent * double(L0.record_bytes) + R * double(L0.count_header_bytes);
   const double unpack_bytes = received * double(L0.record_bytes) + routes * row;
   const double csend_bytes = routes * double(L0.out_row_bytes()) + received * double(L0.partial_bytes);
   const double crecv_bytes = sent * double(L0.partial_bytes) + T * double(L0.out_row_bytes());
@@ -205,9 +227,13 @@ void run_preset(const Options& o, const std::string& preset, double copy_gbs, in
     std::printf("  %-22s %10.2f %12.1f %9.1f%%\n", name, us, gbs(bytes, us), 100.0 * gbs(bytes, us) / copy_gbs);
   };
   line("dispatch send (pack)", send_us, pack_bytes);
+  line("  + bf16 cast in pack", cast_us, cast_pack_bytes);
+  line("  + cast, pow2 scales", cast_round_us, cast_pack_bytes);
   line("dispatch recv (unpack)", recv_us, unpack_bytes);
   line("combine send", csend_us, csend_bytes);
   line("combine recv", crecv_us, crecv_bytes);
+  std::printf("  the cast costs %.2f us per dispatch send (%.2f with power-of-two scales)\n", cast_us - send_us,
+              cast_round_us - send_us);
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cstring>
+#include <exception>
 #include <string>
 
 #include "csrc/dtype.h"
@@ -46,7 +47,10 @@ MpiSession::MpiSession(bool under_mpi) {
 }
 
 MpiSession::~MpiSession() {
-  if (active_) MPI_Finalize();
+  // MPI_Finalize waits for every rank. Leaving because of an error (a peer stopped answering, say)
+  // it would wait forever for that peer, and this rank's error would never be printed; without it
+  // the process exits, and mpirun, seeing a rank leave without finalizing, ends the whole job.
+  if (active_ && std::uncaught_exceptions() == 0) MPI_Finalize();
 }
 
 bool MpiBaseline::available() {

@@ -63,7 +63,8 @@ class MpiBaseline {
   uint64_t dispatch_bytes_sent_ = 0, combine_bytes_sent_ = 0;
 };
 
-// Initialises MPI for the life of the object when `under_mpi`, and finalises it at the end.
+// Initialises MPI for the life of the object when `under_mpi`, and finalises it at the end, unless
+// an exception is leaving the rank (then finalizing could wait forever for the peer that failed).
 class MpiSession {
  public:
   explicit MpiSession(bool under_mpi);

@@ -6,6 +6,7 @@
 #include <map>
 
 #include "bench/moe_layer/model.h"
+#include "tools/common/cli_checks.h"
 #include "tools/common/launch.h"
 
 namespace ferry::bench {
@@ -91,7 +92,9 @@ ParseResult parse_options(int argc, const char* const* argv) {
   app.add_option("--seed", o.seed, "seed of the input generator");
   app.add_option("--routing", o.routing, "uniform (fresh each iteration), zipf, file")
       ->transform(CLI::CheckedTransformer(routings));
-  app.add_option("--zipf-s", o.zipf_s, "zipf exponent for --routing zipf")->check(CLI::Range(0.0, 10.0));
+  app.add_option("--zipf-s", o.zipf_s, "zipf exponent for --routing zipf (0: uniform; 10: nearly "
+                                       "every token picks the same experts)")
+      ->check(tools::finite_in(0.0, kMaxZipfS));
   app.add_option("--routing-file", o.routing_file, "routing for --routing file (format below)");
   std::string overlap;
   auto* overlap_opt =

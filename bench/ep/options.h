@@ -11,6 +11,9 @@ namespace ferry::bench {
 
 enum class RoutingMode { uniform, zipf, file };
 
+// The steepest zipf law --zipf-s accepts: at 10 the top expert already takes 99.9% of draws.
+constexpr double kMaxZipfS = 10.0;
+
 struct Options {
   std::string preset = "decode";
   int tokens = 128;              // tokens per rank (max_tokens_per_rank)
@@ -32,7 +35,7 @@ struct Options {
   uint64_t seed = 1;
 
   RoutingMode routing = RoutingMode::uniform;
-  double zipf_s = 1.2;
+  double zipf_s = 1.2;                // finite, in [0, kMaxZipfS]
   std::string routing_file;
 
   bool overlap = false;          // --overlap / --overlap gemm: one dense GEMM between SEND and RECV

@@ -63,14 +63,20 @@ RoutingTable read_routing_file(const std::string& path, int world_size, int topk
 RoutingGenerator::RoutingGenerator(const Options& o, int rank, int world_size)
     : o_(o), group_(rank / o.dp_size) {
   if (o.routing == RoutingMode::zipf) {
+    if (!std::isfinite(o.zipf_s) || o.zipf_s < 0) {
+      raise(Status::invalid_argument, "--zipf-s " + std::to_string(o.zipf_s) +
+                                          " is not a finite exponent >= 0");
+    }
     std::mt19937_64 rng(o.seed * 0x9e3779b97f4a7c15ull + 17);
     zipf_expert_.resize(o.experts);
     for (int e = 0; e < o.experts; ++e) zipf_expert_[e] = e;
     std::shuffle(zipf_expert_.begin(), zipf_expert_.end(), rng);
     double total = 0;
+    zipf_weight_.resize(o.experts);
     zipf_cdf_.resize(o.experts);
     for (int i = 0; i < o.experts; ++i) {
-      total += 1.0 / std::pow(1.0 + i, o.zipf_s);
+      zipf_weight_[i] = 1.0 / std::pow(1.0 + i, o.zipf_s);
+      total += zipf_weight_[i];
       zipf_cdf_[i] = total;
     }
     for (auto& c : zipf_cdf_) c /= total;
@@ -87,6 +93,31 @@ int RoutingGenerator::pick_expert(std::mt19937_64& rng) {
   return zipf_expert_[i];
 }
 
+int RoutingGenerator::pick_unused(std::mt19937_64& rng, const int32_t* taken, int num_taken) {
+  auto unused = [&](int e) { return std::find(taken, taken + num_taken, e) == taken + num_taken; };
+  if (o_.routing != RoutingMode::zipf) {
+    // The k-th unused expert, k uniform over what is left.
+    int k = std::uniform_int_distribution<int>(0, o_.experts - num_taken - 1)(rng);
+    for (int e = 0; e < o_.experts; ++e) {
+      if (unused(e) && k-- == 0) return e;
+    }
+    return -1;
+  }
+  // The zipf law restricted to the experts not taken yet.
+  double left = 0;
+  for (int i = 0; i < o_.experts; ++i) {
+    if (unused(zipf_expert_[i])) left += zipf_weight_[i];
+  }
+  double u = std::uniform_real_distribution<double>(0.0, left)(rng);
+  int last = -1;
+  for (int i = 0; i < o_.experts; ++i) {
+    if (!unused(zipf_expert_[i])) continue;
+    last = zipf_expert_[i];
+    if ((u -= zipf_weight_[i]) < 0) return last;
+  }
+  return last;  // rounding left u at or just above 0: the least popular unused expert
+}
+
 void RoutingGenerator::generate(int iter, int num_tokens, int32_t* indices, float* weights) {
   std::mt19937_64 rng((o_.seed + 0x5851f42d4c957f2dull * (uint64_t(iter) + 1)) ^
                       (0xd1b54a32d192ed03ull * (uint64_t(group_) + 1)));
@@ -95,16 +126,15 @@ void RoutingGenerator::generate(int iter, int num_tokens, int32_t* indices, floa
     int32_t* idx = indices + static_cast<size_t>(t) * k;
     float sum = 0;
     for (int j = 0; j < k; ++j) {
-      // Distinct experts: redraw on a repeat; a skewed zipf can make repeats likely, so after a
-      // bounded number of tries take the next unused expert.
+      // Distinct experts: redraw on a repeat. A steep zipf law makes repeats nearly certain (at
+      // s = 10 the top expert takes 99.9% of draws), so after a few tries draw from the experts
+      // not taken yet instead: every token finishes in bounded time for any exponent.
       int e = -1;
-      for (int attempt = 0; attempt < 64 && e < 0; ++attempt) {
+      for (int attempt = 0; attempt < kRedraws && e < 0; ++attempt) {
         const int c = pick_expert(rng);
         if (std::find(idx, idx + j, c) == idx + j) e = c;
       }
-      for (int c = 0; e < 0 && c < o_.experts; ++c) {
-        if (std::find(idx, idx + j, c) == idx + j) e = c;
-      }
+      if (e < 0) e = pick_unused(rng, idx, j);
       idx[j] = e;
       weights[static_cast<size_t>(t) * k + j] = 0.05f + std::uniform_real_distribution<float>(0.0f, 1.0f)(rng);
       sum += weights[static_cast<size_t>(t) * k + j];

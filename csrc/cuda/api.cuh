@@ -56,12 +56,15 @@ struct Workspace {
   int32_t* token_dest;        // [T * K] ascending destination ranks, -1 past the last
   int32_t* token_slot;        // [T * K] rank within its chunk, then the record index in the
                               // send buffer (= combine slot)
+  int32_t* route_dest;        // [T * K] with weights at combine: destination of route k, -1: none
+  int32_t* route_row;         // [T * K] with weights at combine: its combine row (ep::SendPlan::route_row)
   // -- written by dispatch_recv
   int32_t* num_recv;          // [1] records received this step
   int32_t* recv_count;        // [R] records from each sender
   int32_t* recv_chunk_base;   // [ceil(N/32) * L]
   int32_t* expert_rows;       // [L] rows received per local expert
   uint64_t* recv_offset;      // [N] byte offset of received record g in the receive buffer
+  int32_t* recv_sender;       // [N] the rank that sent record g
   int32_t* recv_expert;       // [N * K] local expert of each route, -1 past the last
   int32_t* recv_row;          // [N * K] rank within its chunk, then the row in out_expert_x
   float* recv_weight;         // [N * K]
@@ -75,17 +78,25 @@ struct Workspace {
   volatile uint32_t* partials_ready; // epoch, stored once the combine partials are complete
   int32_t* host_dest_count;          // [R] copy of dest_count for the proxy
   int32_t* host_recv_count;          // [R] copy of recv_count for the proxy
+  // With weights at combine, for the proxy's post_combine and wait_combine: routes of each received
+  // record (receive order) and of each of this rank's send slots.
+  int32_t* host_record_routes;       // [N]
+  int32_t* host_slot_routes;         // [max_send_records]
 };
 
 struct DispatchSendParams {
   ep::Layout layout;
-  const void* x;              // [num_tokens][hidden] in_dtype
-  const float* x_scale;       // [num_tokens][num_scales] or null without scales
+  const void* x;              // [num_tokens][hidden] in_dtype, or bf16 with quantize
+  const float* x_scale;       // [num_tokens][num_scales], or null without scales and with quantize
   const int32_t* indices;     // [num_tokens][top_k]
   const float* weights;       // [num_tokens][top_k]
   const int32_t* bound_m;     // device token count, or null: num_tokens is exact
   int num_tokens;             // host-side upper bound
   uint8_t* send_buf;          // send_buffer_bytes(), device or mapped host memory
+  // Quantize on dispatch (ferry.h): the pack kernel casts each bf16 token to fp8 with its block
+  // scales as it loads it (needs a power-of-two scale_block in [8, 256]).
+  bool quantize = false;
+  bool round_scale = false;
 };
 
 struct DispatchRecvParams {
@@ -106,6 +117,9 @@ struct DispatchRecvParams {
   // senders write into another buffer than the engine's; null: recv_buf for every sender. Only with
   // private_tokens >= max_tokens (no overflow region).
   const uint8_t* const* sender_base = nullptr;
+  int scale_layout = ep::kScaleRowMajor;  // of out_expert_x_scale (ferry_scale_layout_t)
+  int32_t* out_src_token = nullptr;            // [L * max_rows_per_expert] or null (ferry.h)
+  int32_t* out_num_tokens_per_rank = nullptr;  // [L][R] or null
 };
 
 struct CombineSendParams {
@@ -121,6 +135,7 @@ struct CombineRecvParams {
   uint64_t timeout_ns;
   void* out_tokens;                   // [num_tokens][hidden] out_dtype
   bool accumulate;
+  const float* weights = nullptr;     // [num_tokens][top_k] with weights at combine: summed here
   const volatile uint32_t* sender_arrived = nullptr;  // [R] as in DispatchRecvParams
   const int32_t* ipc_senders = nullptr;
   int num_ipc_senders = 0;

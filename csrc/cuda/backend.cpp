@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "csrc/argcheck.h"
 #include "csrc/backend.h"
 #include "csrc/cuda/api.cuh"
 #include "csrc/cuda/configs.cuh"
@@ -235,6 +236,8 @@ class CudaBackend final : public Backend {
     if (a.flags & FERRY_SEND) {
       cuda::DispatchSendParams p{layout_, a.dp_x, a.dp_x_scale, a.indices, a.weights, a.bound_m, a.num_tokens,
                                  static_cast<uint8_t*>(send_->ptr)};
+      p.quantize = enum_value(a.quantize) == FERRY_QUANTIZE_FP8_BLOCK;
+      p.round_scale = a.round_scale != 0;
       cuda::dispatch_send(p, ws_, num_sms_, stream);
       if (paths_.any_ipc)
         cuda::ipc_dispatch_push(layout_, static_cast<const uint8_t*>(send_->ptr), peers_, ws_, num_sms_, stream);
@@ -244,6 +247,9 @@ class CudaBackend final : public Backend {
                                  proxy_ ? &flags_.device()->dispatch_arrived : nullptr,
                                  wait_timeout_ns(), a.out_expert_num_tokens, a.out_expert_x,
                                  layout_.num_scales > 0 ? a.out_expert_x_scale : nullptr};
+      p.scale_layout = enum_value(a.out_scale_layout);
+      p.out_src_token = a.out_expert_src_token;
+      p.out_num_tokens_per_rank = a.out_expert_num_tokens_per_rank;
       if (paths_.any_ipc) {
         p.sender_arrived = ipc_flags_.get<uint32_t>();
         p.ipc_senders = peers_.ranks;
@@ -269,6 +275,7 @@ class CudaBackend final : public Backend {
       cuda::CombineRecvParams p{layout_, static_cast<const uint8_t*>(combine_recv_->ptr),
                                 proxy_ ? &flags_.device()->combine_arrived : nullptr,
                                 wait_timeout_ns(), a.out_tokens, a.accumulate != 0};
+      if (layout_.weights_at_combine) p.weights = a.weights;
       if (paths_.any_ipc) {
         p.sender_arrived = ipc_flags_.get<uint32_t>() + layout_.world_size;
         p.ipc_senders = peers_.ranks;

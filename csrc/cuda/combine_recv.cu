@@ -1,5 +1,6 @@
 // Combine, receive half: wait for every partial, then per token the sum of its partials (one per
-// destination rank it went to) in fp32, written to out_tokens or added to it, rounded once.
+// destination rank it went to) in fp32, written to out_tokens or added to it, rounded once. With
+// weights at combine, the weighted sum of its expert rows in top-k order, with the caller's weights.
 #include "csrc/cuda/api.cuh"
 #include "csrc/cuda/cuda_check.h"
 #include "csrc/cuda/device.cuh"
@@ -13,6 +14,7 @@ __global__ void __launch_bounds__(kCopyThreads)
   using V = Vec16<T>;
   const ep::Layout& L = p.layout;
   __shared__ const uint8_t* src_s[ep::kMaxTopK];
+  __shared__ float weight_s[ep::kMaxTopK];
   const int tid = threadIdx.x;
   if ((p.arrived != nullptr || p.num_ipc_senders > 0) && *ws.arrived == 0) return;
 
@@ -25,15 +27,29 @@ __global__ void __launch_bounds__(kCopyThreads)
   for (int t = blockIdx.x; t < num_tokens; t += gridDim.x) {
     // Where each of the token's partials lies: its destination's buffer (dest_base: IPC peers write
     // elsewhere than the engine) at the slot the token had in that destination's run.
+    // With weights at combine: route k's row (route_row, in its destination's slot) and its weight,
+    // in top-k order; otherwise entry j is the partial of destination j, weight 1.
     if (tid < ep::kMaxTopK) {
-      const int d = ws.token_dest[t * ep::kMaxTopK + tid];
-      const uint8_t* base = p.dest_base != nullptr && d >= 0 ? p.dest_base[d] : p.partial_buf;
-      src_s[tid] = d >= 0 ? base + uint64_t(ws.token_slot[t * ep::kMaxTopK + tid]) * L.partial_bytes : nullptr;
+      if (L.weights_at_combine) {
+        const int d = tid < L.top_k ? ws.route_dest[t * ep::kMaxTopK + tid] : -1;
+        const uint8_t* base = p.dest_base != nullptr && d >= 0 ? p.dest_base[d] : p.partial_buf;
+        src_s[tid] = d >= 0 ? base + uint64_t(ws.route_row[t * ep::kMaxTopK + tid]) * L.partial_bytes : nullptr;
+        weight_s[tid] = d >= 0 ? p.weights[t * L.top_k + tid] : 0.f;
+      } else {
+        const int d = ws.token_dest[t * ep::kMaxTopK + tid];
+        const uint8_t* base = p.dest_base != nullptr && d >= 0 ? p.dest_base[d] : p.partial_buf;
+        src_s[tid] = d >= 0 ? base + uint64_t(ws.token_slot[t * ep::kMaxTopK + tid]) * L.partial_bytes : nullptr;
+        weight_s[tid] = 1.f;
+      }
     }
     __syncthreads();
     const uint8_t* srcs[ep::kMaxTopK];
+    float w[ep::kMaxTopK];
 #pragma unroll
-    for (int j = 0; j < ep::kMaxTopK; ++j) srcs[j] = src_s[j];
+    for (int j = 0; j < ep::kMaxTopK; ++j) {
+      srcs[j] = src_s[j];
+      w[j] = weight_s[j];
+    }
     uint8_t* out = out_tokens + uint64_t(t) * row_bytes;
     for (int i = tid; i < nvec; i += kCopyThreads) {
       V in[ep::kMaxTopK];
@@ -51,11 +67,21 @@ __global__ void __launch_bounds__(kCopyThreads)
 #pragma unroll
         for (int x = 0; x < V::kN; ++x) acc[x] = 0.f;
       }
+      if (L.weights_at_combine) {
 #pragma unroll
-      for (int j = 0; j < ep::kMaxTopK; ++j) {
-        if (srcs[j] == nullptr) continue;
+        for (int j = 0; j < ep::kMaxTopK; ++j) {
+          if (srcs[j] == nullptr) continue;
+          // Separate multiply and add (no FMA contraction), rounding exactly as the host's loop does.
 #pragma unroll
-        for (int x = 0; x < V::kN; ++x) acc[x] += Elem<T>::load(in[j].v[x]);
+          for (int x = 0; x < V::kN; ++x) acc[x] = __fadd_rn(acc[x], __fmul_rn(w[j], Elem<T>::load(in[j].v[x])));
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < ep::kMaxTopK; ++j) {
+          if (srcs[j] == nullptr) continue;
+#pragma unroll
+          for (int x = 0; x < V::kN; ++x) acc[x] += Elem<T>::load(in[j].v[x]);
+        }
       }
       V o;
 #pragma unroll

@@ -1,6 +1,7 @@
 // Combine, send half: per received record, the weighted sum over this rank's local experts of that
 // token's expert outputs, accumulated in fp32 and rounded once to out_dtype. One partial per record
-// travels back (not one per expert); partial g sits at g * partial_bytes, in receive order.
+// travels back (not one per expert); partial g sits at g * partial_bytes, in receive order. With
+// weights at combine, the record's expert rows instead, unweighted, in its slot (combine_slot_bytes).
 #include "csrc/cuda/api.cuh"
 #include "csrc/cuda/cuda_check.h"
 #include "csrc/cuda/device.cuh"
@@ -36,7 +37,19 @@ __global__ void __launch_bounds__(kCopyThreads)
       rows[j] = rows_s[j];
       w[j] = weights_s[j];
     }
-    uint8_t* out = p.partial_buf + uint64_t(g) * L.partial_bytes;
+    uint8_t* out = p.partial_buf + uint64_t(g) * L.combine_slot_bytes();
+    if (L.weights_at_combine) {
+      // The record's rows themselves, route j's at j * partial_bytes of its slot: the source weighs them.
+#pragma unroll
+      for (int j = 0; j < ep::kMaxTopK; ++j) {
+        if (rows[j] < 0) continue;
+        const uint8_t* row = y + uint64_t(rows[j]) * row_bytes;
+        for (int i = tid; i < nvec; i += kCopyThreads)
+          st_v4(out + uint64_t(j) * L.partial_bytes + 16 * uint64_t(i), ld_nc_v4(row + 16 * uint64_t(i)));
+      }
+      __syncthreads();  // rows_s is rewritten for the next record
+      continue;
+    }
     for (int i = tid; i < nvec; i += kCopyThreads) {
       V in[ep::kMaxTopK];
 #pragma unroll

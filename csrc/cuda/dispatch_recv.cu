@@ -7,6 +7,7 @@
 #include "csrc/cuda/api.cuh"
 #include "csrc/cuda/cuda_check.h"
 #include "csrc/cuda/device.cuh"
+#include "csrc/dtype.h"
 
 namespace ferry::cuda {
 namespace {
@@ -81,6 +82,9 @@ __global__ void __launch_bounds__(kCopyThreads)
       if (ws.host_recv_count != nullptr) ws.host_recv_count[s] = cnt[s];
     }
     if (tid == 0) *ws.num_recv = N;
+    // The unpack kernel counts each route into it.
+    if (p.out_num_tokens_per_rank != nullptr)
+      for (int i = tid; i < EPR * R; i += blockDim.x) p.out_num_tokens_per_rank[i] = 0;
   }
 
   const int nchunks = (N + kChunk - 1) / kChunk;
@@ -104,6 +108,7 @@ __global__ void __launch_bounds__(kCopyThreads)
       const int s = lo, i = g - base[s];
       const uint64_t off = L.recv_record_offset(s, i, obase[s]);
       ws.recv_offset[g] = off;
+      ws.recv_sender[g] = s;
       ep::RecordHeader h;
       uint4* hv = reinterpret_cast<uint4*>(&h);
 #pragma unroll
@@ -133,13 +138,16 @@ __global__ void __launch_bounds__(kCopyThreads)
     }
     __syncwarp();
     if (g < N) {
+      int routes = 0;
 #pragma unroll
       for (int k = 0; k < ep::kMaxTopK; ++k) {
         const int e = expert[k];
+        routes += e >= 0 ? 1 : 0;
         ws.recv_expert[g * ep::kMaxTopK + k] = e;
         ws.recv_row[g * ep::kMaxTopK + k] = e >= 0 ? __popc(mask[e] & lanemask_lt()) : -1;
         ws.recv_weight[g * ep::kMaxTopK + k] = weight[k];
       }
+      if (L.weights_at_combine && ws.host_record_routes != nullptr) ws.host_record_routes[g] = routes;
     }
     __syncwarp();
     for (int e = lane; e < EPR; e += kWarpSize) {
@@ -176,8 +184,10 @@ __global__ void __launch_bounds__(kCopyThreads)
 __global__ void __launch_bounds__(kCopyThreads)
     dispatch_unpack_kernel(DispatchRecvParams p, Workspace ws) {
   __shared__ int rows_s[ep::kMaxTopK];
+  __shared__ int src_token_s;
   const ep::Layout& L = p.layout;
   const int EPR = L.experts_per_rank, max_rows = L.max_rows_per_expert, ns = L.num_scales;
+  const int scale_slots = L.out_scale_slots(p.scale_layout);
   const int tid = threadIdx.x, lane = lane_id();
   const int N = *ws.num_recv;
   const int nvec = int(L.payload_bytes / 16);
@@ -199,11 +209,15 @@ __global__ void __launch_bounds__(kCopyThreads)
       if (e >= 0) {
         const int r = ws.recv_chunk_base[(g / kChunk) * EPR + e] + ws.recv_row[g * ep::kMaxTopK + tid];
         if (r < max_rows) row = e * max_rows + r;
+        if (p.out_num_tokens_per_rank != nullptr)
+          atomicAdd(&p.out_num_tokens_per_rank[e * L.world_size + ws.recv_sender[g]], 1);
       }
       ws.recv_row[g * ep::kMaxTopK + tid] = row;
       rows_s[tid] = row;
     }
+    if (tid == 0 && p.out_src_token != nullptr) src_token_s = ld_cv_s32(src);  // RecordHeader::src_token
     __syncthreads();
+    if (tid < ep::kMaxTopK && p.out_src_token != nullptr && rows_s[tid] >= 0) p.out_src_token[rows_s[tid]] = src_token_s;
     int rows[ep::kMaxTopK];
 #pragma unroll
     for (int j = 0; j < ep::kMaxTopK; ++j) rows[j] = rows_s[j];
@@ -228,11 +242,13 @@ __global__ void __launch_bounds__(kCopyThreads)
     }
     if (p.out_expert_x_scale != nullptr) {
       const float* scales = reinterpret_cast<const float*>(src + L.scale_offset());
-      for (int i = tid; i < ns; i += kCopyThreads) {
-        const float s = __int_as_float(ld_cv_s32(scales + i));
+      for (int i = tid; i < scale_slots; i += kCopyThreads) {
+        const float s = i < ns ? __int_as_float(ld_cv_s32(scales + i)) : 0.f;
 #pragma unroll
         for (int j = 0; j < ep::kMaxTopK; ++j)
-          if (rows[j] >= 0) p.out_expert_x_scale[uint64_t(rows[j]) * ns + i] = s;
+          if (rows[j] >= 0)
+            ep::dtype::store_out_scale(p.out_expert_x_scale, p.scale_layout,
+                                       L.out_scale_offset(p.scale_layout, rows[j], i), s);
       }
     }
     __syncthreads();  // rows_s is rewritten for the next record
@@ -252,7 +268,9 @@ __global__ void __launch_bounds__(kCopyThreads)
       uint8_t* dst = out_x + row * L.payload_bytes;
       for (int i = lane; i < nvec; i += kWarpSize) st_v4(dst + 16 * uint64_t(i), make_uint4(0, 0, 0, 0));
       if (p.out_expert_x_scale != nullptr)
-        for (int i = lane; i < ns; i += kWarpSize) p.out_expert_x_scale[row * ns + i] = 0.f;
+        for (int i = lane; i < scale_slots; i += kWarpSize)
+          ep::dtype::store_out_scale(p.out_expert_x_scale, p.scale_layout, L.out_scale_offset(p.scale_layout, row, i),
+                                     0.f);
     }
   }
 }

@@ -4,6 +4,7 @@
 #include "csrc/cuda/api.cuh"
 #include "csrc/cuda/cuda_check.h"
 #include "csrc/cuda/device.cuh"
+#include "csrc/dtype.h"
 
 namespace ferry::cuda {
 namespace {
@@ -167,9 +168,44 @@ __global__ void __launch_bounds__(kRouteThreads, 1)
   if (tid == 0) __threadfence_system();
 }
 
+// Quantize on dispatch, fused into the copy: 16 bytes of bf16 (8 elements) per lane become 8 bytes of
+// fp8 in every destination record. The lanes of one scale block are `group` consecutive lanes of a
+// warp (vector i is held by lane i % 32 and a block is scale_block / 8 consecutive vectors), so the
+// block's amax is a shuffle reduction among them; the first of them stores the scale. Every lane of
+// the warp takes part in the shuffles (lanes past the row hold zeros and form whole blocks of their
+// own). The numbers are dtype.h's: amax_term, fp8_block_scale, the fp8 conversion.
+__device__ __forceinline__ void quantize_vector(const uint4& v, int i, bool valid, int group, bool round_scale,
+                                                uint8_t* const* dst, int nd, const ep::Layout& L) {
+  const auto* h = reinterpret_cast<const uint16_t*>(&v);
+  float f[8];
+  float amax = 0.f;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    f[k] = ep::dtype::bf16_to_f32(h[k]);
+    amax = fmaxf(amax, ep::dtype::amax_term(f[k]));
+  }
+  for (int offset = group >> 1; offset > 0; offset >>= 1)
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+  const ep::dtype::BlockScale bs = ep::dtype::fp8_block_scale(amax, round_scale);
+  uint2 q;
+  auto* q16 = reinterpret_cast<uint16_t*>(&q);
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    q16[k] = ep::dtype::f32x2_to_fp8e4m3x2(__fmul_rn(f[2 * k], bs.multiplier), __fmul_rn(f[2 * k + 1], bs.multiplier));
+  if (!valid) return;
+  const bool first_of_block = (lane_id() & (group - 1)) == 0;
+#pragma unroll
+  for (int j = 0; j < ep::kMaxTopK; ++j) {
+    if (j >= nd) break;
+    *reinterpret_cast<uint2*>(dst[j] + L.payload_offset() + 8 * uint64_t(i)) = q;
+    if (first_of_block) reinterpret_cast<float*>(dst[j] + L.scale_offset())[i / group] = bs.scale;
+  }
+}
+
 // One block per token (grid-stride): the token's payload and scales are read once and stored into
-// the record of each of its destinations. A block rather than a warp per token keeps the whole GPU
-// busy at decode sizes (128 tokens), where a warp each would leave most SMs idle.
+// the record of each of its destinations (with quantize, cast once on the way). A block rather than
+// a warp per token keeps the whole GPU busy at decode sizes (128 tokens), where a warp each would
+// leave most SMs idle.
 __global__ void __launch_bounds__(kCopyThreads)
     dispatch_pack_kernel(DispatchSendParams p, Workspace ws) {
   __shared__ uint8_t* dst_s[ep::kMaxTopK];
@@ -178,27 +214,30 @@ __global__ void __launch_bounds__(kCopyThreads)
   const int R = L.world_size, E = L.num_experts, K = L.top_k, EPR = L.experts_per_rank;
   const int tid = threadIdx.x;
   const int T = *ws.num_tokens;
-  const int nvec = int(L.payload_bytes / 16);
+  // 16-byte vectors of a source row: payload bytes, or with quantize bf16 rows of twice the fp8 size.
+  const uint64_t src_row_bytes = p.quantize ? uint64_t(L.hidden) * 2 : L.payload_bytes;
+  const int nvec = int(src_row_bytes / 16);
+  const int group = L.scale_block / 8;  // lanes per scale block when quantizing
   const int ns = L.num_scales;
   const uint64_t tail_begin = L.scale_offset() + L.scale_bytes;
   const int pad_words = int((L.record_bytes - tail_begin) / 4);
   const uint8_t* x = static_cast<const uint8_t*>(p.x);
 
   for (int t = blockIdx.x; t < T; t += gridDim.x) {
-    const uint8_t* src = x + uint64_t(t) * L.payload_bytes;
+    const uint8_t* src = x + uint64_t(t) * src_row_bytes;
     // The first batch of payload loads is issued before the header work, so its latency overlaps it.
     uint4 v[kCopyUnroll];
 #pragma unroll
     for (int u = 0; u < kCopyUnroll; ++u) {
       const int i = u * kCopyThreads + tid;
-      if (i < nvec) v[u] = ld_nc_v4(src + 16 * uint64_t(i));
+      v[u] = i < nvec ? ld_nc_v4(src + 16 * uint64_t(i)) : make_uint4(0, 0, 0, 0);
     }
     if (tid < kWarpSize) {
       // Warp 0 builds the headers: lane k holds route k (expert, weight), lane j < 8 destination j;
       // routes reach the destination lanes by shuffles, without further loads.
       const int lane = tid;
       const int e_mine = lane < K ? p.indices[t * K + lane] : -1;
-      const float w_mine = lane < K ? p.weights[t * K + lane] : 0.f;
+      const float w_mine = lane < K && p.weights != nullptr ? p.weights[t * K + lane] : 0.f;  // null: at combine
       bool repeated = false;  // a repeated expert was reported by the routing kernel; skip it here
       for (int k = 0; k < K; ++k) {
         const int e = __shfl_sync(0xffffffffu, e_mine, k);
@@ -230,14 +269,34 @@ __global__ void __launch_bounds__(kCopyThreads)
         }
       }
       uint8_t* rec = nullptr;
+      int slot = -1;
       if (d >= 0) {
-        const int slot = ws.dest_offset[d] + ws.send_chunk_base[(t / kChunk) * R + d] +
-                         ws.token_slot[t * ep::kMaxTopK + lane];
+        slot = ws.dest_offset[d] + ws.send_chunk_base[(t / kChunk) * R + d] + ws.token_slot[t * ep::kMaxTopK + lane];
         ws.token_slot[t * ep::kMaxTopK + lane] = slot;
         rec = p.send_buf + L.send_section_offset(d, 0) + L.count_header_bytes + uint64_t(slot) * L.record_bytes;
         const uint4* hv = reinterpret_cast<const uint4*>(&h);
 #pragma unroll
         for (int i = 0; i < 4; ++i) st_v4(rec + 16 * i, hv[i]);
+      }
+      if (L.weights_at_combine) {
+        // Each route's combine row (ep::SendPlan::route_row): its record's slot times the rows per
+        // slot, plus its place among the token's routes to that rank in top-k order (the header's).
+        const int my_dest = usable ? ep::owner_rank(e_mine, EPR) : -1;
+        int position = 0, my_slot = -1;
+        for (int k = 0; k < K; ++k) {
+          const int other = __shfl_sync(0xffffffffu, my_dest, k);
+          position += k < lane && other == my_dest ? 1 : 0;
+        }
+#pragma unroll
+        for (int j = 0; j < ep::kMaxTopK; ++j) {
+          const int dj = __shfl_sync(0xffffffffu, d, j), sj = __shfl_sync(0xffffffffu, slot, j);
+          if (dj >= 0 && dj == my_dest) my_slot = sj;
+        }
+        if (lane < K) {
+          ws.route_dest[t * ep::kMaxTopK + lane] = my_dest;
+          ws.route_row[t * ep::kMaxTopK + lane] = my_dest >= 0 ? my_slot * L.combine_rows + position : -1;
+        }
+        if (d >= 0 && ws.host_slot_routes != nullptr) ws.host_slot_routes[slot] = h.num_routes;
       }
       if (lane < ep::kMaxTopK) dst_s[lane] = rec;
       const int nd = __popc(__ballot_sync(0xffffffffu, d >= 0));
@@ -254,8 +313,16 @@ __global__ void __launch_bounds__(kCopyThreads)
 #pragma unroll
         for (int u = 0; u < kCopyUnroll; ++u) {
           const int i = b + u * kCopyThreads + tid;
-          if (i < nvec) v[u] = ld_nc_v4(src + 16 * uint64_t(i));
+          v[u] = i < nvec ? ld_nc_v4(src + 16 * uint64_t(i)) : make_uint4(0, 0, 0, 0);
         }
+      }
+      if (p.quantize) {
+#pragma unroll
+        for (int u = 0; u < kCopyUnroll; ++u) {
+          const int i = b + u * kCopyThreads + tid;
+          quantize_vector(v[u], i, i < nvec, group, p.round_scale, dst, nd, L);
+        }
+        continue;
       }
 #pragma unroll
       for (int j = 0; j < ep::kMaxTopK; ++j) {
@@ -267,7 +334,7 @@ __global__ void __launch_bounds__(kCopyThreads)
         }
       }
     }
-    for (int i = tid; i < ns; i += kCopyThreads) {
+    for (int i = tid; i < ns && !p.quantize; i += kCopyThreads) {
       const float s = p.x_scale[uint64_t(t) * ns + i];
 #pragma unroll
       for (int j = 0; j < ep::kMaxTopK; ++j)

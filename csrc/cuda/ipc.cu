@@ -94,9 +94,16 @@ __global__ void __launch_bounds__(kCopyThreads)
     }
     __syncthreads();
     const int64_t slot = slot_s;
+    // The slot's partial, or with weights at combine the rows of its routes (the slot's used part).
+    uint64_t bytes = L.partial_bytes;
+    if (L.weights_at_combine) {
+      int routes = 0;
+      for (int r = 0; r < ep::kMaxTopK; ++r) routes += ws.recv_expert[g * ep::kMaxTopK + r] >= 0 ? 1 : 0;
+      bytes = uint64_t(routes) * L.partial_bytes;
+    }
     if (slot >= 0)
-      copy_v4(peers.combine[sender_s] + uint64_t(slot) * L.partial_bytes, partial_buf + uint64_t(g) * L.partial_bytes,
-              L.partial_bytes, threadIdx.x, blockDim.x);
+      copy_v4(peers.combine[sender_s] + uint64_t(slot) * L.combine_slot_bytes(),
+              partial_buf + uint64_t(g) * L.combine_slot_bytes(), bytes, threadIdx.x, blockDim.x);
     __syncthreads();  // slot_s is rewritten for the next record
   }
   signal_all_when_grid_done(&peers.blocks_done[1], peers, L.world_size + me, ws.combine_epoch);

@@ -42,9 +42,11 @@ void loopback_combine(const ep::Layout& l, const int32_t* cm, int s, int d, cons
   const int R = l.world_size;
   const int64_t count = cm[int64_t(s) * R + d];
   if (count == 0) return;
-  check_cuda(cudaMemcpyAsync(sender_combine_recv + row_prefix(cm, R, s, d) * l.partial_bytes,
-                             dest_partials + column_prefix(cm, R, s, d) * l.partial_bytes, count * l.partial_bytes,
-                             cudaMemcpyDefault, stream),
+  // Whole slots: with weights at combine a slot's unused rows come along, where nobody reads them.
+  const uint64_t slot = l.combine_slot_bytes();
+  check_cuda(cudaMemcpyAsync(sender_combine_recv + row_prefix(cm, R, s, d) * slot,
+                             dest_partials + column_prefix(cm, R, s, d) * slot, count * slot, cudaMemcpyDefault,
+                             stream),
              "loopback combine");
 }
 

@@ -15,8 +15,8 @@ namespace ferry::cuda {
 void loopback_dispatch(const ep::Layout& layout, const int32_t* count_matrix, int sender, int dest,
                        const uint8_t* send_buf, uint8_t* recv_buf, cudaStream_t stream);
 
-// The partials d computed for the records s sent it (receive order on d) into s's combine region,
-// at the slots those records had in s's send buffer (dp_size 1).
+// The partials (or rows, with weights at combine) d computed for the records s sent it (receive
+// order on d) into s's combine region, at the slots those records had in s's send buffer (dp_size 1).
 void loopback_combine(const ep::Layout& layout, const int32_t* count_matrix, int sender, int dest,
                       const uint8_t* dest_partials, uint8_t* sender_combine_recv, cudaStream_t stream);
 

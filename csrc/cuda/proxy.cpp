@@ -79,7 +79,7 @@ void Proxy::run() {
   cudaSetDevice(cuda_device_);
   const ep::Layout& L = protocol_.layout();
   const int R = L.world_size;
-  std::vector<int32_t> counts(R), received(R);
+  std::vector<int32_t> counts(R), received(R), record_routes, slot_routes;
   std::vector<int64_t> offsets(R + 1);
   auto guarded = [&](const char* what, auto&& fn) {
     if (failed_.load()) return;
@@ -119,14 +119,28 @@ void Proxy::run() {
 
     if (!wait_signal(ws_.partials_ready, step)) return;
     guarded("combine", [&] {
-      if (protocol_.has_direct_peers()) {
+      if (protocol_.has_direct_peers() || L.weights_at_combine) {
         // Written by the dispatch receive kernels, which ran before the partials were released.
-        for (int s = 0; s < R; ++s) received[s] = __atomic_load_n(&ws_.host_recv_count[s], __ATOMIC_RELAXED);
-        protocol_.post_combine(received);
+        int64_t records = 0;
+        for (int s = 0; s < R; ++s) {
+          received[s] = protocol_.has_direct_peers() ? __atomic_load_n(&ws_.host_recv_count[s], __ATOMIC_RELAXED)
+                                                     : protocol_.recv_plan().count[s];
+          records += received[s] > 0 ? received[s] : 0;
+        }
+        record_routes.clear();
+        if (L.weights_at_combine)
+          for (int64_t g = 0; g < records && g < int64_t(L.max_recv_records()); ++g)
+            record_routes.push_back(__atomic_load_n(&ws_.host_record_routes[g], __ATOMIC_RELAXED));
+        protocol_.post_combine(received, record_routes);
       } else {
         protocol_.post_combine();
       }
-      protocol_.wait_combine();
+      // With weights at combine, the rows each send slot gets back (written by the pack kernel).
+      slot_routes.clear();
+      if (L.weights_at_combine)
+        for (int64_t slot = 0; slot < offsets[R]; ++slot)
+          slot_routes.push_back(__atomic_load_n(&ws_.host_slot_routes[slot], __ATOMIC_RELAXED));
+      protocol_.wait_combine(slot_routes);
       {
         std::lock_guard<std::mutex> lock(mu_);
         stats_ = protocol_.stats();

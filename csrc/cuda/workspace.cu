@@ -33,11 +33,14 @@ Workspace carve(const ep::Layout& L, void* device, void* host, size_t* device_by
   ws.send_chunk_base = d.take<int32_t>(send_chunks * R);
   ws.token_dest = d.take<int32_t>(T * K);
   ws.token_slot = d.take<int32_t>(T * K);
+  ws.route_dest = d.take<int32_t>(T * K);
+  ws.route_row = d.take<int32_t>(T * K);
   ws.num_recv = d.take<int32_t>(1);
   ws.recv_count = d.take<int32_t>(R);
   ws.recv_chunk_base = d.take<int32_t>(recv_chunks * EPR);
   ws.expert_rows = d.take<int32_t>(EPR);
   ws.recv_offset = d.take<uint64_t>(N);
+  ws.recv_sender = d.take<int32_t>(N);
   ws.recv_expert = d.take<int32_t>(N * K);
   ws.recv_row = d.take<int32_t>(N * K);
   ws.recv_weight = d.take<float>(N * K);
@@ -50,6 +53,8 @@ Workspace carve(const ep::Layout& L, void* device, void* host, size_t* device_by
   ws.partials_ready = h.take<uint32_t>(1);
   ws.host_dest_count = h.take<int32_t>(R);
   ws.host_recv_count = h.take<int32_t>(R);
+  ws.host_record_routes = h.take<int32_t>(N);
+  ws.host_slot_routes = h.take<int32_t>(size_t(L.max_send_records()));
   if (device_bytes) *device_bytes = d.used;
   if (host_bytes) *host_bytes = h.used;
   return ws;

@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 
+#include "csrc/argcheck.h"
 #include "csrc/backend.h"
 #include "csrc/errors.h"
 #include "csrc/host/pack.h"
@@ -69,13 +70,19 @@ class HostBackend final : public Backend {
       protocol_->begin_combine();
       failing_step([&] {
         host::pack_combine(layout_, routes_, args.expert_y, combine_send_.get());
-        protocol_->post_combine();
+        if (layout_.weights_at_combine) protocol_->post_combine(protocol_->recv_plan().count, routes_.num_routes);
+        else protocol_->post_combine();
       });
     }
     if (args.flags & FERRY_RECV) {
-      protocol_->wait_combine();
+      const SendPlan& mine = member_plans_[layout_.dp_member(layout_.rank)];
+      protocol_->wait_combine(mine.slot_routes);
       failing_step([&] {
-        host::unpack_combine(layout_, member_plans_, combine_recv_.get(), args.out_tokens, args.accumulate != 0);
+        if (layout_.weights_at_combine)
+          host::unpack_combine_rows(layout_, mine, combine_recv_.get(), args.weights, args.out_tokens,
+                                    args.accumulate != 0);
+        else
+          host::unpack_combine(layout_, member_plans_, combine_recv_.get(), args.out_tokens, args.accumulate != 0);
       });
     }
   }
@@ -115,7 +122,8 @@ class HostBackend final : public Backend {
       member_plans_.clear();
       for (int j = 0; j < layout_.dp_size; ++j) member_plans_.push_back(make_send_plan(layout_, a.indices, n, j));
       const SendPlan& mine = member_plans_[layout_.dp_member(layout_.rank)];
-      host::pack_dispatch(layout_, mine, a.dp_x, a.dp_x_scale, a.indices, a.weights, send_.get());
+      const host::Quantize quantize{enum_value(a.quantize) == FERRY_QUANTIZE_FP8_BLOCK, a.round_scale != 0};
+      host::pack_dispatch(layout_, mine, a.dp_x, a.dp_x_scale, a.indices, a.weights, send_.get(), quantize);
       protocol_->post_dispatch(mine.dest_count, mine.dest_offset);
     } catch (...) {
       protocol_->post_dispatch_failure();
@@ -128,7 +136,8 @@ class HostBackend final : public Backend {
     failing_step([&] {
       check_dp_group_agrees();
       host::unpack_dispatch(layout_, plan, recv_.get(), a.out_expert_num_tokens, a.out_expert_x, a.out_expert_x_scale,
-                            routes_);
+                            routes_, enum_value(a.out_scale_layout), a.out_expert_src_token,
+                            a.out_expert_num_tokens_per_rank);
     });
   }
 

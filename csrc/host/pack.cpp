@@ -8,36 +8,82 @@
 
 namespace ferry::ep::host {
 
-void pack_dispatch(const Layout& l, const SendPlan& plan, const void* x, const float* x_scale, const int32_t* indices,
-                   const float* weights, void* send_buffer) {
-  auto* buf = static_cast<uint8_t*>(send_buffer);
-  const int R = l.world_size, epr = l.experts_per_rank;
-  for (int d = 0; d < R; ++d) write_count_header(l, plan, d, buf + l.send_section_offset(d, plan.dest_offset[d]));
-  for (int slot = 0; slot < plan.total_records; ++slot) {
-    const int t = plan.slot_token[slot], d = plan.slot_dest[slot];
-    const int64_t index_in_run = slot - plan.dest_offset[d];
-    uint8_t* rec = buf + l.send_record_offset(d, plan.dest_offset[d], index_in_run);
-    RecordHeader h{};
-    h.src_token = t;
-    h.src_rank = l.rank;
-    for (int k = 0; k < l.top_k; ++k) {
-      const int32_t e = indices[int64_t(t) * l.top_k + k];
-      if (e < 0 || owner_rank(e, epr) != d) continue;
-      h.local_expert[h.num_routes] = int16_t(local_expert(e, epr));
-      h.weight[h.num_routes] = weights[int64_t(t) * l.top_k + k];
-      ++h.num_routes;
-    }
-    std::memcpy(rec, &h, sizeof h);
-    std::memcpy(rec + l.payload_offset(), static_cast<const uint8_t*>(x) + uint64_t(t) * l.payload_bytes, l.payload_bytes);
-    if (l.num_scales > 0)
-      std::memcpy(rec + l.scale_offset(), x_scale + int64_t(t) * l.num_scales, l.scale_bytes);
-    const uint64_t used = l.scale_offset() + l.scale_bytes;
-    std::memset(rec + used, 0, l.record_bytes - used);
+namespace {
+
+// The fp8 payload and scales of one token, cast from its bf16 row.
+void quantize_token(const Layout& l, const uint16_t* x_row, bool round_scale, uint8_t* rec) {
+  const int block = l.scale_block;
+  for (int b = 0; b < l.num_scales; ++b) {
+    const float scale = dtype::quantize_block(x_row + int64_t(b) * block, block, round_scale,
+                                              rec + l.payload_offset() + int64_t(b) * block);
+    std::memcpy(rec + l.scale_offset() + 4 * uint64_t(b), &scale, 4);
   }
 }
 
+}  // namespace
+
+// Token by token, so that a token's payload is read (and with quantize, cast) once whatever the
+// number of its destinations.
+void pack_dispatch(const Layout& l, const SendPlan& plan, const void* x, const float* x_scale, const int32_t* indices,
+                   const float* weights, void* send_buffer, Quantize quantize) {
+  auto* buf = static_cast<uint8_t*>(send_buffer);
+  const int R = l.world_size, epr = l.experts_per_rank, md = l.max_dests_per_token();
+  const uint64_t used = l.scale_offset() + l.scale_bytes;
+  for (int d = 0; d < R; ++d) write_count_header(l, plan, d, buf + l.send_section_offset(d, plan.dest_offset[d]));
+  for (int t = 0; t < plan.num_tokens; ++t) {
+    const uint8_t* first = nullptr;
+    for (int i = 0; i < plan.token_num_dests[t]; ++i) {
+      const int d = plan.token_dest[size_t(t) * md + i];
+      const int64_t index_in_run = plan.token_slot[size_t(t) * md + i] - plan.dest_offset[d];
+      uint8_t* rec = buf + l.send_record_offset(d, plan.dest_offset[d], index_in_run);
+      RecordHeader h{};
+      h.src_token = t;
+      h.src_rank = l.rank;
+      for (int k = 0; k < l.top_k; ++k) {
+        const int32_t e = indices[int64_t(t) * l.top_k + k];
+        if (e < 0 || owner_rank(e, epr) != d) continue;
+        h.local_expert[h.num_routes] = int16_t(local_expert(e, epr));
+        h.weight[h.num_routes] = weights ? weights[int64_t(t) * l.top_k + k] : 0.0f;  // null: weights at combine
+        ++h.num_routes;
+      }
+      std::memcpy(rec, &h, sizeof h);
+      if (first) {
+        std::memcpy(rec + l.payload_offset(), first + l.payload_offset(), used - l.payload_offset());
+      } else if (quantize.enabled) {
+        quantize_token(l, static_cast<const uint16_t*>(x) + int64_t(t) * l.hidden, quantize.round_scale, rec);
+      } else {
+        std::memcpy(rec + l.payload_offset(), static_cast<const uint8_t*>(x) + uint64_t(t) * l.payload_bytes,
+                    l.payload_bytes);
+        if (l.num_scales > 0) std::memcpy(rec + l.scale_offset(), x_scale + int64_t(t) * l.num_scales, l.scale_bytes);
+      }
+      std::memset(rec + used, 0, l.record_bytes - used);
+      first = rec;
+    }
+  }
+}
+
+namespace {
+
+// One row's scales (num_scales fp32 at `scales`, any alignment; null: a padding row of zeros) into
+// out_expert_x_scale in `scale_layout`.
+void store_scales(const Layout& l, int scale_layout, const uint8_t* scales, int64_t row, float* out) {
+  if (scale_layout == kScaleRowMajor) {
+    if (scales) std::memcpy(out + row * l.num_scales, scales, l.scale_bytes);
+    else std::memset(out + row * l.num_scales, 0, l.scale_bytes);
+    return;
+  }
+  for (int s = 0; s < l.out_scale_slots(scale_layout); ++s) {
+    float v = 0.0f;
+    if (scales && s < l.num_scales) std::memcpy(&v, scales + 4 * s, 4);
+    dtype::store_out_scale(out, scale_layout, l.out_scale_offset(scale_layout, row, s), v);
+  }
+}
+
+}  // namespace
+
 void unpack_dispatch(const Layout& l, const RecvPlan& plan, const void* recv_buffer, int32_t* out_expert_num_tokens,
-                     void* out_expert_x, float* out_expert_x_scale, ReceivedRoutes& routes) {
+                     void* out_expert_x, float* out_expert_x_scale, ReceivedRoutes& routes, int scale_layout,
+                     int32_t* out_src_token, int32_t* out_num_tokens_per_rank) {
   const auto* buf = static_cast<const uint8_t*>(recv_buffer);
   auto* out_x = static_cast<uint8_t*>(out_expert_x);
   const int R = l.world_size, epr = l.experts_per_rank, K = l.top_k;
@@ -73,21 +119,25 @@ void unpack_dispatch(const Layout& l, const RecvPlan& plan, const void* recv_buf
         routes.row[i * K + r] = row;
         routes.weight[i * K + r] = h.weight[r];
         std::memcpy(out_x + row * l.payload_bytes, rec + l.payload_offset(), l.payload_bytes);
-        if (l.num_scales > 0) std::memcpy(out_expert_x_scale + row * l.num_scales, rec + l.scale_offset(), l.scale_bytes);
+        if (l.num_scales > 0) store_scales(l, scale_layout, rec + l.scale_offset(), row, out_expert_x_scale);
+        if (out_src_token) out_src_token[row] = h.src_token;
       }
     }
-    for (int e = 0; e < epr; ++e)
+    for (int e = 0; e < epr; ++e) {
       if (tally[e] != limit(e))
         fail(Status::peer_failed, {l.rank, -1, "dispatch RECV"},
              "rank " + std::to_string(s) + " announced " + std::to_string(limit(e)) + " rows for local expert " +
                  std::to_string(e) + " but sent " + std::to_string(tally[e]));
+      if (out_num_tokens_per_rank) out_num_tokens_per_rank[size_t(e) * R + s] = tally[e];
+    }
   }
   for (int e = 0; e < epr; ++e) {
     out_expert_num_tokens[e] = plan.expert_count[e];
     const int64_t first = int64_t(e) * l.max_rows_per_expert + plan.expert_count[e];
     const int64_t pad = plan.expert_padded[e] - plan.expert_count[e];
     std::memset(out_x + first * l.payload_bytes, 0, pad * l.payload_bytes);
-    if (l.num_scales > 0) std::memset(out_expert_x_scale + first * l.num_scales, 0, pad * l.scale_bytes);
+    for (int64_t row = first; row < first + pad && l.num_scales > 0; ++row)
+      store_scales(l, scale_layout, nullptr, row, out_expert_x_scale);
   }
 }
 
@@ -162,11 +212,38 @@ void pack_combine(const Layout& l, const ReceivedRoutes& routes, const void* exp
   const auto* y = static_cast<const uint8_t*>(expert_y);
   const int K = l.top_k;
   const uint64_t row_bytes = l.out_row_bytes();
+  if (l.weights_at_combine) {  // the rows themselves, in route order, the slot's rest untouched
+    for (size_t i = 0; i < routes.num_routes.size(); ++i)
+      for (int r = 0; r < routes.num_routes[i]; ++r)
+        std::memcpy(buf + i * l.combine_slot_bytes() + uint64_t(r) * l.partial_bytes,
+                    y + uint64_t(routes.row[i * K + r]) * row_bytes, row_bytes);
+    return;
+  }
   const void* rows[kMaxTopK];
   for (size_t i = 0; i < routes.num_routes.size(); ++i) {
     const int n = routes.num_routes[i];
     for (int r = 0; r < n; ++r) rows[r] = y + uint64_t(routes.row[i * K + r]) * row_bytes;
     weighted_sum_of(l.out_dtype, buf + i * l.partial_bytes, rows, &routes.weight[i * K], n, l.hidden, false);
+  }
+}
+
+FERRY_VECTOR_CLONES
+void unpack_combine_rows(const Layout& l, const SendPlan& plan, const void* combine_recv_buffer, const float* weights,
+                         void* out_tokens, bool accumulate) {
+  const auto* buf = static_cast<const uint8_t*>(combine_recv_buffer);
+  const int K = l.top_k;
+  const void* rows[kMaxTopK];
+  float w[kMaxTopK];
+  for (int t = 0; t < plan.num_tokens; ++t) {
+    int n = 0;
+    for (int k = 0; k < K; ++k) {
+      const int32_t row = plan.route_row[size_t(t) * K + k];
+      if (row < 0) continue;
+      rows[n] = buf + uint64_t(row) * l.partial_bytes;
+      w[n++] = weights[size_t(t) * K + k];
+    }
+    weighted_sum_of(l.out_dtype, static_cast<uint8_t*>(out_tokens) + uint64_t(t) * l.out_row_bytes(), rows, w, n,
+                    l.hidden, accumulate);
   }
 }
 

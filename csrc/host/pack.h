@@ -10,12 +10,19 @@
 
 namespace ferry::ep::host {
 
+// Quantize on dispatch (ferry.h, ferry_quantize_t): x holds bf16 and pack casts each token once,
+// into its first record, with dtype::quantize_block; its other records copy those bytes.
+struct Quantize {
+  bool enabled = false;
+  bool round_scale = false;
+};
+
 // Dispatch-send. Writes, for every destination d, the count header and the run of records (in
 // source token order) at layout.send_section_offset(d, plan.dest_offset[d]) of send_buffer.
-// x: [num_tokens][hidden] in_dtype; x_scale: [num_tokens][num_scales] or null without scales;
-// indices/weights: [num_tokens][top_k], routing validated.
+// x: [num_tokens][hidden] in_dtype (bf16 with quantize); x_scale: [num_tokens][num_scales], or null
+// without scales and with quantize; indices/weights: [num_tokens][top_k], routing validated.
 void pack_dispatch(const Layout& layout, const SendPlan& plan, const void* x, const float* x_scale,
-                   const int32_t* indices, const float* weights, void* send_buffer);
+                   const int32_t* indices, const float* weights, void* send_buffer, Quantize quantize = {});
 
 // What combine needs of every received record, in receive order (sender-major).
 struct ReceivedRoutes {
@@ -29,13 +36,19 @@ struct ReceivedRoutes {
 // sender announced (Status::peer_failed naming the sender, before anything is written out of
 // place), and writes the expert-major output: local expert e's rows at e * max_rows_per_expert,
 // rows ordered by source rank then source token, rows from the count up to the aligned count
-// zeroed (payload and scales). out_expert_x_scale may be null without scales.
+// zeroed (payload and scales). out_expert_x_scale may be null without scales; scale_layout is a
+// ferry_scale_layout_t (Layout::out_scale_offset).
+// out_src_token [rows] and out_num_tokens_per_rank [experts_per_rank][world_size] are optional
+// (ferry_dispatch_args_t's out_expert_src_token and out_expert_num_tokens_per_rank).
 void unpack_dispatch(const Layout& layout, const RecvPlan& plan, const void* recv_buffer,
                      int32_t* out_expert_num_tokens, void* out_expert_x, float* out_expert_x_scale,
-                     ReceivedRoutes& routes);
+                     ReceivedRoutes& routes, int scale_layout = kScaleRowMajor, int32_t* out_src_token = nullptr,
+                     int32_t* out_num_tokens_per_rank = nullptr);
 
 // Combine-send. Partial of received record i = sum over its routes of weight * expert_y[row],
 // accumulated in fp32 and rounded once to out_dtype, at combine_send_buffer + i * partial_bytes.
+// With weights at combine, record i's slot (combine_slot_bytes) holds its rows instead, route r's
+// copied unweighted to r * partial_bytes.
 void pack_combine(const Layout& layout, const ReceivedRoutes& routes, const void* expert_y, void* combine_send_buffer);
 
 // Combine-recv. member_plans[j] is the send plan of member j of this rank's dp group (one plan
@@ -44,5 +57,11 @@ void pack_combine(const Layout& layout, const ReceivedRoutes& routes, const void
 // out_tokens[t]; a token with no route gets 0 (or keeps its value).
 void unpack_combine(const Layout& layout, std::span<const SendPlan> member_plans, const void* combine_recv_buffer,
                     void* out_tokens, bool accumulate);
+
+// Combine-recv with weights at combine (dp_size 1): for every token, acc = 0 (or out_tokens[t] with
+// accumulate), then acc += weights[t][k] * row of route k (plan.route_row) for k in top-k order,
+// in fp32, rounded once into out_tokens[t]. weights: [num_tokens][top_k].
+void unpack_combine_rows(const Layout& layout, const SendPlan& plan, const void* combine_recv_buffer,
+                         const float* weights, void* out_tokens, bool accumulate);
 
 }  // namespace ferry::ep::host

@@ -62,6 +62,60 @@ typedef enum ferry_device {
   FERRY_DEVICE_CUDA = 1,
 } ferry_device_t;
 
+/* Quantize on dispatch (ferry_dispatch_args_t.quantize): the caller passes bf16 tokens and Ferry
+ * casts them to the all-to-all's fp8 wire format while packing (no separate pass over the tokens).
+ * FERRY_QUANTIZE_FP8_BLOCK needs in_dtype FERRY_FP8_E4M3 and a scale_block that is a power of two
+ * in [FERRY_QUANTIZE_MIN_BLOCK, FERRY_QUANTIZE_MAX_BLOCK] (DeepEP's low-latency dispatch: 128).
+ *
+ * Numerics, per token and per block of scale_block consecutive elements x_i (bf16, exact in fp32),
+ * in fp32 arithmetic, each operation rounded to nearest even:
+ *  amax  = max(FERRY_QUANTIZE_AMAX_FLOOR, max_i |x_i| over the finite x_i)
+ *  without round_scale: scale = amax * (1.0f / 448.0f)   (the fp32 constant nearest 1/448)
+ *                       mult  = 448.0f / amax
+ *  with round_scale:    scale = 2^e, e = the least integer with 2^e >= amax * (1.0f / 448.0f)
+ *                       mult  = 2^-e
+ *  q_i   = fp8 e4m3 (the "fn" variant) nearest to x_i * mult, ties to even mantissa, saturating:
+ *          beyond +-448 gives +-448 (infinities too), a NaN gives 0x7f (the canonical NaN, as
+ *          the GPUs' conversion gives it), the sign of zero is kept.
+ * scale travels with the token and lands in out_expert_x_scale; q * scale approximates x. A block
+ * of zeros gets scale 1e-4 / 448 (2^-22 with round_scale) and zero bytes. For finite inputs these
+ * are the bytes of DeepEP's low-latency cast (fp8 values and fp32 scales). */
+typedef enum ferry_quantize {
+  FERRY_QUANTIZE_NONE = 0,        /* dp_x holds in_dtype elements; scales come from dp_x_scale */
+  FERRY_QUANTIZE_FP8_BLOCK = 1,   /* dp_x holds bf16 elements; Ferry computes q and the scales */
+} ferry_quantize_t;
+#define FERRY_QUANTIZE_MIN_BLOCK 8
+#define FERRY_QUANTIZE_MAX_BLOCK 256
+#define FERRY_QUANTIZE_AMAX_FLOOR 1e-4f
+
+/* Where combine's weights come from (ferry_a2a_config_t.combine_weights). */
+typedef enum ferry_combine_weights {
+  /* dispatch carries each token's weights; every destination rank returns one partial per token,
+   * the weighted sum over its own experts (the fewest bytes; see ferry_combine_args_t's numerics). */
+  FERRY_WEIGHTS_AT_DISPATCH = 0,
+  /* combine RECV takes the weights (ferry_combine_args_t.weights): every destination returns each
+   * of the token's expert rows unweighted, and the source sums them. DeepEP's low-latency combine,
+   * whose dispatch knows no weights. Dispatch's weights are not read (may be NULL). */
+  FERRY_WEIGHTS_AT_COMBINE = 1,
+} ferry_combine_weights_t;
+
+/* Layout of the scales a dispatch writes into out_expert_x_scale (ferry_dispatch_args_t.
+ * out_scale_layout), with L = num_local_experts, M = max_rows_per_expert, S = hidden_dim /
+ * scale_block; row r of local expert e is the row of out_expert_x at e * M + r. */
+typedef enum ferry_scale_layout {
+  /* f32 [L][M][S]: scale s of row r of expert e at (e * M + r) * S + s. */
+  FERRY_SCALE_ROW_MAJOR = 0,
+  /* f32 [L][S][M]: at (e * S + s) * M + r. Per expert, the rows are the fastest index: DeepEP's
+   * low-latency recv_x_scales (shape [L, M, S], strides (M * S, 1, M)), DeepGEMM's MN-major scales. */
+  FERRY_SCALE_COLUMN_MAJOR = 1,
+  /* UE8M0: the exponent byte of each fp32 scale (bits 30..23; the scale itself when it is a power
+   * of two, as every scale is with round_scale; otherwise the scale rounded down to one), four
+   * scales to a 32-bit word, byte j of word g holding scale 4g + j (bytes past S are 0), words
+   * laid out as int32 [L][G][M] with G = ceil(S / 4): at (e * G + g) * M + r. DeepEP's
+   * use_ue8m0 recv_x_scales (shape [L, M, G], strides (M * G, 1, M)). */
+  FERRY_SCALE_UE8M0_COLUMN_MAJOR = 2,
+} ferry_scale_layout_t;
+
 /* Flags for dispatch/combine: SEND posts this rank's data, RECV waits for and unpacks the peers'.
  * Both together is one blocking call; separately, the caller may compute in between. The halves
  * alternate strictly on a handle: dispatch SEND, dispatch RECV, combine SEND, combine RECV, then the
@@ -107,8 +161,9 @@ ferry_status_t ferry_bootstrap_world_size(ferry_bootstrap_t bootstrap, int* worl
  * limits above, with an error naming it. Every rank must pass the same value of each field that
  * shapes the wire or the buffers: world_size, num_experts, experts_per_token, max_tokens_per_rank,
  * hidden_dim, in_dtype, scale_block, out_dtype, private_tokens (-1 counting as max_tokens_per_rank),
- * dp_size, device, nets_per_rank and provider (after FERRY_PROVIDER). ferry_a2a_create compares them
- * across ranks before building anything and, if any differs, or one rank's config is invalid, or
+ * dp_size, device, nets_per_rank, provider (after FERRY_PROVIDER) and combine_weights.
+ * ferry_a2a_create compares them across ranks before building anything and, if any differs, or one
+ * rank's config is invalid, or
  * two builds of different wire versions meet, fails on every rank with FERRY_ERR_INVALID_ARGUMENT
  * naming the field and the ranks' values (a rank whose own config fails its checks while the
  * others agree gets that failure's status). rank, cuda_device, expert_alignment and timeout_ms are
@@ -140,10 +195,13 @@ typedef struct ferry_a2a_config {
   int private_tokens;          /* records per sender written speculatively with the counts, 0..max_tokens;
                                   the rest follows once counts are known. -1: automatic (max_tokens:
                                   the receive region has the same size whatever the split) */
+  ferry_combine_weights_t combine_weights;  /* FERRY_WEIGHTS_AT_COMBINE needs dp_size 1; its combine
+                                  buffers hold min(experts_per_token, experts per rank) rows per
+                                  record instead of one partial */
 } ferry_a2a_config_t;
 
 /* Fills a config with defaults (bf16 in/out, alignment 1, host, 1 NIC, dp_size 1, timeout
- * FERRY_DEFAULT_TIMEOUT_MS, private_tokens -1). */
+ * FERRY_DEFAULT_TIMEOUT_MS, private_tokens -1, weights at dispatch). */
 void ferry_a2a_config_init(ferry_a2a_config_t* config);
 
 typedef struct ferry_a2a* ferry_a2a_t;
@@ -177,11 +235,13 @@ ferry_status_t ferry_a2a_buffer_bytes(ferry_a2a_t a2a, ferry_buffer_sizes_t* out
  *                        from the count up to the count rounded up to expert_alignment are zero;
  *                        rows after those are not written.
  *  out_expert_x_scale    [num_local_experts * max_rows_per_expert][hidden_dim / scale_block] f32, or
- *                        NULL when scale_block == 0; rows as out_expert_x.
- *  dp_x [num_tokens][hidden_dim] in_dtype; dp_x_scale [num_tokens][hidden/scale_block] f32 or NULL.
+ *                        NULL when scale_block == 0; rows as out_expert_x (FERRY_SCALE_ROW_MAJOR;
+ *                        out_scale_layout picks another layout of the same scales).
+ *  dp_x [num_tokens][hidden_dim] in_dtype (bf16 with quantize); dp_x_scale [num_tokens][hidden /
+ *  scale_block] f32, or NULL without scales and with quantize.
  *  indices [num_tokens][experts_per_token] int32 in [0, num_experts) or -1 (no route); a token
  *          naming one expert twice is an error.
- *  weights [num_tokens][experts_per_token] f32.
+ *  weights [num_tokens][experts_per_token] f32 (not read with FERRY_WEIGHTS_AT_COMBINE).
  *  bound_m: pointer to the token count m (device memory for the CUDA backend, so it can come from a
  *  kernel and be captured in a graph), read once by the SEND half; num_tokens is the host-side
  *  upper bound (<= max_tokens_per_rank) and m must be in [0, num_tokens]. Tokens m..num_tokens-1
@@ -191,9 +251,12 @@ ferry_status_t ferry_a2a_buffer_bytes(ferry_a2a_t a2a, ferry_buffer_sizes_t* out
  * Errors and the handle. Checked before anything moves, leaving the handle as it was (the call may
  * be made again, corrected; the peers keep waiting for this rank within their deadline): a dead or
  * foreign handle, NULL args, flags or a half out of order, num_tokens outside [0,
- * max_tokens_per_rank], NULL buffers the call needs (dp_x, indices, weights and dp_x_scale with
- * scales when num_tokens > 0; the out_ buffers for RECV; expert_y for combine SEND; out_tokens for
- * combine RECV when num_tokens > 0), and a combine num_tokens other than its dispatch's. Every
+ * max_tokens_per_rank], NULL buffers the call needs (dp_x, indices, weights unless they come at
+ * combine, and dp_x_scale with scales unless Ferry quantizes, when num_tokens > 0; the out_ buffers for RECV; expert_y for combine SEND; out_tokens, and
+ * weights with FERRY_WEIGHTS_AT_COMBINE, for combine RECV when num_tokens > 0), quantize, round_scale or out_scale_layout values the
+ * all-to-all cannot honour (quantize without an fp8 in_dtype or with a scale_block it does not
+ * support, a dp_x_scale given with quantize, round_scale without quantize, a scale layout
+ * without scales), and a combine num_tokens other than its dispatch's. Every
  * other error fails the step: an expert id out of range or repeated, or m outside [0, num_tokens],
  * found while the step runs (FERRY_ERR_INVALID_ARGUMENT on this rank, the peers fail at once with
  * FERRY_ERR_PEER_FAILED naming it), a peer's failure or bad data, a deadline, a transport error.
@@ -202,7 +265,7 @@ ferry_status_t ferry_a2a_buffer_bytes(ferry_a2a_t a2a, ferry_buffer_sizes_t* out
 typedef struct ferry_dispatch_args {
   int32_t* out_expert_num_tokens;
   void* out_expert_x;
-  float* out_expert_x_scale;
+  float* out_expert_x_scale;    /* f32, or int32 words with FERRY_SCALE_UE8M0_COLUMN_MAJOR */
   const void* dp_x;
   const float* dp_x_scale;
   const int32_t* indices;
@@ -210,18 +273,37 @@ typedef struct ferry_dispatch_args {
   const int32_t* bound_m;       /* NULL: num_tokens is exact */
   int num_tokens;
   int flags;                    /* FERRY_SEND | FERRY_RECV */
+  /* Read by SEND. FERRY_QUANTIZE_FP8_BLOCK: dp_x is [num_tokens][hidden_dim] bf16, Ferry computes
+   * the fp8 payload and the scales (see ferry_quantize_t) and dp_x_scale must be NULL. */
+  ferry_quantize_t quantize;
+  int round_scale;              /* SEND, with quantize only: 1 rounds each scale up to a power of two */
+  /* Read by RECV: how out_expert_x_scale is laid out (scale_block > 0 only; 0 is the row-major
+   * layout above). The receiver decides it alone: a peer's scales arrive as fp32 either way. */
+  ferry_scale_layout_t out_scale_layout;
+  /* Written by RECV when not NULL: where each row came from. out_expert_src_token [num_local_experts
+   * * max_rows_per_expert] int32: the row's token index on its source rank (rows from the count on
+   * not written). out_expert_num_tokens_per_rank [num_local_experts][world_size] int32: the rows
+   * each local expert got from each rank; rows are source-rank major, so expert e's rows from rank
+   * s start at the sum of its counts from ranks before s (DeepEP's recv_src_info, layout_range). */
+  int32_t* out_expert_src_token;
+  int32_t* out_expert_num_tokens_per_rank;
 } ferry_dispatch_args_t;
 
 /* Combine: out_tokens[num_tokens][hidden_dim] out_dtype (= or += when accumulate) receives
  * sum_k weights[t][k] * expert_y[row of (t, k)]. expert_y has the layout of out_expert_x with
  * out_dtype elements. num_tokens must be the matching dispatch's (checked by RECV); combine uses
- * the routes, weights and token count (m) its dispatch carried: indices, weights and bound_m here
- * are not read.
- * Numerics, in this order (fp32 arithmetic, a multiply then an add, never fused):
+ * the routes and token count (m) its dispatch carried: indices and bound_m here are not read, and
+ * weights are the dispatch's (not read here) unless the config takes them at combine.
+ * Numerics with FERRY_WEIGHTS_AT_DISPATCH, in this order (fp32 arithmetic, a multiply then an add,
+ * never fused):
  *  1. each destination rank d of token t forms one partial: acc = 0, then for each of t's routes
  *     to d's experts in top-k order acc += weights[t][k] * expert_y[row], rounded once to out_dtype;
  *  2. the source: acc = 0 (or out_tokens[t] with accumulate), then acc += partial_d for each
  *     destination d in ascending rank order, rounded once to out_dtype (round to nearest even).
+ * With FERRY_WEIGHTS_AT_COMBINE, weights [num_tokens][experts_per_token] f32 is read by RECV (NULL
+ * only with num_tokens 0), and the source computes acc = 0 (or out_tokens[t]), then for k in top-k
+ * order over t's routes acc += weights[t][k] * expert_y[row of (t, k)], rounded once to out_dtype
+ * (DeepEP's low-latency combine).
  *  A token with no route gets 0 (keeps its value with accumulate). Rows m..num_tokens-1 are not
  *  written. */
 typedef struct ferry_combine_args {

@@ -82,6 +82,15 @@ class Bootstrap {
   ferry_bootstrap_t handle_ = nullptr;
 };
 
+// The per-call options of a dispatch (ferry_dispatch_args_t's quantize, round_scale, out_scale_layout).
+struct DispatchOptions {
+  ferry_quantize_t quantize = FERRY_QUANTIZE_NONE;  // FERRY_QUANTIZE_FP8_BLOCK: dp_x is bf16
+  bool round_scale = false;
+  ferry_scale_layout_t out_scale_layout = FERRY_SCALE_ROW_MAJOR;
+  int32_t* out_expert_src_token = nullptr;            // [expert_rows()] or null
+  int32_t* out_expert_num_tokens_per_rank = nullptr;  // [num_local_experts][world_size] or null
+};
+
 // Byte-typed views of the dtype-dependent buffers; sizes are checked against the config.
 class AllToAll {
  public:
@@ -110,22 +119,27 @@ class AllToAll {
   size_t expert_rows() const { return size_t(sizes_.num_local_experts) * sizes_.max_rows_per_expert; }
   size_t num_scales() const { return config_.scale_block > 0 ? size_t(config_.hidden_dim / config_.scale_block) : 0; }
 
+  // out_expert_x_scale: f32 elements, or int32 words viewed as f32 with FERRY_SCALE_UE8M0_COLUMN_MAJOR
+  // (expert_rows() * ceil(num_scales() / 4) of them).
   void dispatch(std::span<int32_t> out_expert_num_tokens, std::span<std::byte> out_expert_x,
                 std::span<float> out_expert_x_scale, std::span<const std::byte> dp_x,
                 std::span<const float> dp_x_scale, std::span<const int32_t> indices,
                 std::span<const float> weights, int num_tokens, int flags = FERRY_SEND_RECV,
-                const int32_t* bound_m = nullptr, void* stream = nullptr) {
+                const int32_t* bound_m = nullptr, void* stream = nullptr, const DispatchOptions& options = {}) {
     const size_t k = size_t(config_.experts_per_token), n = size_t(num_tokens);
+    const bool quantize = options.quantize == FERRY_QUANTIZE_FP8_BLOCK;
     if (flags & FERRY_SEND) {
-      need(dp_x.size(), n * row_bytes(config_.in_dtype), "dp_x");
-      need(dp_x_scale.size(), n * num_scales(), "dp_x_scale");
+      need(dp_x.size(), n * row_bytes(quantize ? FERRY_BF16 : config_.in_dtype), "dp_x");
+      need(dp_x_scale.size(), quantize ? 0 : n * num_scales(), "dp_x_scale");
       need(indices.size(), n * k, "indices");
       need(weights.size(), n * k, "weights");
     }
     if (flags & FERRY_RECV) {
+      const size_t scale_columns = options.out_scale_layout == FERRY_SCALE_UE8M0_COLUMN_MAJOR ? (num_scales() + 3) / 4
+                                                                                            : num_scales();
       need(out_expert_num_tokens.size(), size_t(sizes_.num_local_experts), "out_expert_num_tokens");
       need(out_expert_x.size(), expert_rows() * row_bytes(config_.in_dtype), "out_expert_x");
-      need(out_expert_x_scale.size(), expert_rows() * num_scales(), "out_expert_x_scale");
+      need(out_expert_x_scale.size(), expert_rows() * scale_columns, "out_expert_x_scale");
     }
     ferry_dispatch_args_t a{};
     a.out_expert_num_tokens = out_expert_num_tokens.data();
@@ -138,6 +152,11 @@ class AllToAll {
     a.bound_m = bound_m;
     a.num_tokens = num_tokens;
     a.flags = flags;
+    a.quantize = options.quantize;
+    a.round_scale = options.round_scale ? 1 : 0;
+    a.out_scale_layout = options.out_scale_layout;
+    a.out_expert_src_token = options.out_expert_src_token;
+    a.out_expert_num_tokens_per_rank = options.out_expert_num_tokens_per_rank;
     check(ferry_a2a_dispatch(handle_, &a, stream));
   }
 

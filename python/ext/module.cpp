@@ -196,10 +196,20 @@ T* ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
+// ferry_dispatch_args_t's per-call options past the pplx-kernels arguments (quantize on dispatch,
+// the scales' layout, the rows' sources).
+struct DispatchOptions {
+  int quantize = FERRY_QUANTIZE_NONE;
+  bool round_scale = false;
+  int out_scale_layout = FERRY_SCALE_ROW_MAJOR;
+  uintptr_t out_expert_src_token = 0;
+  uintptr_t out_expert_num_tokens_per_rank = 0;
+};
+
 ferry_dispatch_args_t dispatch_args(uintptr_t out_expert_num_tokens, uintptr_t out_expert_x,
                                     uintptr_t out_expert_x_scale, uintptr_t dp_x, uintptr_t dp_x_scale,
                                     uintptr_t indices, uintptr_t weights, uintptr_t bound_m, int num_tokens,
-                                    int flags) {
+                                    int flags, const DispatchOptions& o = {}) {
   ferry_dispatch_args_t a{};
   a.out_expert_num_tokens = ptr<int32_t>(out_expert_num_tokens);
   a.out_expert_x = ptr<void>(out_expert_x);
@@ -211,6 +221,11 @@ ferry_dispatch_args_t dispatch_args(uintptr_t out_expert_num_tokens, uintptr_t o
   a.bound_m = ptr<const int32_t>(bound_m);
   a.num_tokens = num_tokens;
   a.flags = flags;
+  a.quantize = ferry_quantize_t(o.quantize);
+  a.round_scale = o.round_scale ? 1 : 0;
+  a.out_scale_layout = ferry_scale_layout_t(o.out_scale_layout);
+  a.out_expert_src_token = ptr<int32_t>(o.out_expert_src_token);
+  a.out_expert_num_tokens_per_rank = ptr<int32_t>(o.out_expert_num_tokens_per_rank);
   return a;
 }
 
@@ -261,9 +276,12 @@ class AllToAll {
 
   void dispatch(uintptr_t out_expert_num_tokens, uintptr_t out_expert_x, uintptr_t out_expert_x_scale, uintptr_t dp_x,
                 uintptr_t dp_x_scale, uintptr_t indices, uintptr_t weights, uintptr_t bound_m, int num_tokens,
-                int flags, uintptr_t stream) {
+                int flags, uintptr_t stream, int quantize, bool round_scale, int out_scale_layout,
+                uintptr_t out_expert_src_token, uintptr_t out_expert_num_tokens_per_rank) {
+    const DispatchOptions o{quantize, round_scale, out_scale_layout, out_expert_src_token,
+                            out_expert_num_tokens_per_rank};
     call(ferry_a2a_dispatch, dispatch_args(out_expert_num_tokens, out_expert_x, out_expert_x_scale, dp_x, dp_x_scale,
-                                           indices, weights, bound_m, num_tokens, flags),
+                                           indices, weights, bound_m, num_tokens, flags, o),
          stream);
   }
 
@@ -376,6 +394,13 @@ NB_MODULE(_ferry, m) {
   m.attr("FP8_E4M3") = int(FERRY_FP8_E4M3);
   m.attr("DEVICE_HOST") = int(FERRY_DEVICE_HOST);
   m.attr("DEVICE_CUDA") = int(FERRY_DEVICE_CUDA);
+  m.attr("QUANTIZE_NONE") = int(FERRY_QUANTIZE_NONE);
+  m.attr("QUANTIZE_FP8_BLOCK") = int(FERRY_QUANTIZE_FP8_BLOCK);
+  m.attr("SCALE_ROW_MAJOR") = int(FERRY_SCALE_ROW_MAJOR);
+  m.attr("SCALE_COLUMN_MAJOR") = int(FERRY_SCALE_COLUMN_MAJOR);
+  m.attr("SCALE_UE8M0_COLUMN_MAJOR") = int(FERRY_SCALE_UE8M0_COLUMN_MAJOR);
+  m.attr("WEIGHTS_AT_DISPATCH") = int(FERRY_WEIGHTS_AT_DISPATCH);
+  m.attr("WEIGHTS_AT_COMBINE") = int(FERRY_WEIGHTS_AT_COMBINE);
 
   m.def("set_error_types", [](nb::dict types) {
     for (auto [key, value] : types) {
@@ -417,7 +442,9 @@ NB_MODULE(_ferry, m) {
       .def_prop_rw("timeout_ms", [](Config& c) { return c.c.timeout_ms; }, [](Config& c, int v) { c.c.timeout_ms = v; })
       .def_prop_rw("dp_size", [](Config& c) { return c.c.dp_size; }, [](Config& c, int v) { c.c.dp_size = v; })
       .def_prop_rw("private_tokens", [](Config& c) { return c.c.private_tokens; },
-                   [](Config& c, int v) { c.c.private_tokens = v; });
+                   [](Config& c, int v) { c.c.private_tokens = v; })
+      .def_prop_rw("combine_weights", [](Config& c) { return int(c.c.combine_weights); },
+                   [](Config& c, int v) { c.c.combine_weights = ferry_combine_weights_t(v); });
 
   m.def("buffer_sizes", [](Config& config) {
     ferry_buffer_sizes_t s{};
@@ -438,7 +465,10 @@ NB_MODULE(_ferry, m) {
       .def(nb::init<Config&, nb::object>(), nb::arg("config"), nb::arg("bootstrap"))
       .def("dispatch", &AllToAll::dispatch, nb::arg("out_expert_num_tokens"), nb::arg("out_expert_x"),
            nb::arg("out_expert_x_scale"), nb::arg("dp_x"), nb::arg("dp_x_scale"), nb::arg("indices"),
-           nb::arg("weights"), nb::arg("bound_m"), nb::arg("num_tokens"), nb::arg("flags"), nb::arg("stream"))
+           nb::arg("weights"), nb::arg("bound_m"), nb::arg("num_tokens"), nb::arg("flags"), nb::arg("stream"),
+           nb::arg("quantize") = int(FERRY_QUANTIZE_NONE), nb::arg("round_scale") = false,
+           nb::arg("out_scale_layout") = int(FERRY_SCALE_ROW_MAJOR), nb::arg("out_expert_src_token") = 0,
+           nb::arg("out_expert_num_tokens_per_rank") = 0)
       .def("combine", &AllToAll::combine, nb::arg("out_tokens"), nb::arg("indices"), nb::arg("weights"),
            nb::arg("expert_y"), nb::arg("bound_m"), nb::arg("num_tokens"), nb::arg("accumulate"), nb::arg("flags"),
            nb::arg("stream"))

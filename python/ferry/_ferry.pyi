@@ -14,6 +14,13 @@ F32: int
 FP8_E4M3: int
 DEVICE_HOST: int
 DEVICE_CUDA: int
+QUANTIZE_NONE: int
+QUANTIZE_FP8_BLOCK: int
+SCALE_ROW_MAJOR: int
+SCALE_COLUMN_MAJOR: int
+SCALE_UE8M0_COLUMN_MAJOR: int
+WEIGHTS_AT_DISPATCH: int
+WEIGHTS_AT_COMBINE: int
 
 def set_error_types(types: dict[int, type]) -> None: ...
 def status_string(status: int) -> str: ...
@@ -36,6 +43,7 @@ class Config:
     timeout_ms: int
     dp_size: int
     private_tokens: int
+    combine_weights: int
     def __init__(self) -> None: ...
 
 def buffer_sizes(config: Config) -> dict[str, int]: ...
@@ -57,7 +65,8 @@ class AllToAll:
     def __init__(self, config: Config, bootstrap: Bootstrap) -> None: ...
     def dispatch(self, out_expert_num_tokens: int, out_expert_x: int, out_expert_x_scale: int, dp_x: int,
                  dp_x_scale: int, indices: int, weights: int, bound_m: int, num_tokens: int, flags: int,
-                 stream: int) -> None: ...
+                 stream: int, quantize: int = ..., round_scale: bool = ..., out_scale_layout: int = ...,
+                 out_expert_src_token: int = ..., out_expert_num_tokens_per_rank: int = ...) -> None: ...
     def combine(self, out_tokens: int, indices: int, weights: int, expert_y: int, bound_m: int, num_tokens: int,
                 accumulate: bool, flags: int, stream: int) -> None: ...
     def time_steps(self, out_expert_num_tokens: int, out_expert_x: int, out_expert_x_scale: int, dp_x: int,

@@ -62,6 +62,12 @@ def _device_of(device: Any) -> Device:
     raise ValueError(f"device: {text!r}, expected 'cpu', 'cuda' or 'cuda:N'")
 
 
+_COMBINE_WEIGHTS = {"dispatch": _ferry.WEIGHTS_AT_DISPATCH, "combine": _ferry.WEIGHTS_AT_COMBINE}
+_SCALE_LAYOUTS = {"row": _ferry.SCALE_ROW_MAJOR, "column": _ferry.SCALE_COLUMN_MAJOR,
+                  "ue8m0": _ferry.SCALE_UE8M0_COLUMN_MAJOR}
+BF16 = _checks.dtypes_of(_ferry.BF16)
+
+
 def _torch_dtype(code: int) -> Any:
     return getattr(torch, _checks.DTYPE_NAMES[code]) if torch is not None else _checks.DTYPE_NAMES[code]
 
@@ -86,8 +92,13 @@ class _Settings:
         device: Any,
         provider: Optional[str],
         timeout_ms: int,
+        combine_weights: str = "dispatch",
     ) -> None:
         self.max_num_tokens = _int("max_num_tokens", max_num_tokens, 1)
+        if combine_weights not in _COMBINE_WEIGHTS:
+            raise ValueError(f"combine_weights: {combine_weights!r}, expected 'dispatch' (the weights travel with "
+                             "the tokens) or 'combine' (combine's receive half takes them)")
+        self.combine_weights = combine_weights
         self.num_experts = _int("num_experts", num_experts, 1)
         self.expert_padding = _int("expert_padding", expert_padding, 1)
         self.hidden_dim = _int("hidden_dim", hidden_dim, 1)
@@ -137,6 +148,7 @@ class _Settings:
         c.timeout_ms = self.timeout_ms
         c.dp_size = dp_size
         c.private_tokens = self.private_tokens
+        c.combine_weights = _COMBINE_WEIGHTS[self.combine_weights]
         return c
 
 
@@ -154,12 +166,14 @@ def buffer_sizes(
     scale_dtype: Any = None,
     max_private_tokens: Optional[int] = None,
     dp_size: int = 1,
+    combine_weights: str = "dispatch",
 ) -> dict[str, int]:
     """Buffer sizes of an all-to-all of `world_size` ranks, without creating one (size EP64 anywhere)."""
     s = _Settings(max_num_tokens=max_num_tokens, num_experts=num_experts, expert_padding=expert_padding,
                   hidden_dim=hidden_dim, hidden_dim_scale=hidden_dim_scale, in_dtype=in_dtype, out_dtype=out_dtype,
                   scale_dtype=scale_dtype, num_experts_per_token=num_experts_per_token, nets_per_gpu=1,
-                  max_private_tokens=max_private_tokens, device="cpu", provider=None, timeout_ms=0)
+                  max_private_tokens=max_private_tokens, device="cpu", provider=None, timeout_ms=0,
+                  combine_weights=combine_weights)
     return _ferry.buffer_sizes(s.config(0, _int("world_size", world_size, 1), _int("dp_size", dp_size, 1)))
 
 
@@ -195,11 +209,11 @@ class DispatchHandle:
     """The send half of a dispatch in flight; :meth:`recv` waits for the peers and unpacks."""
 
     __slots__ = ("kernel", "out_expert_num_tokens", "out_expert_x", "out_expert_x_scale", "dp_x", "dp_x_scale",
-                 "indices", "weights", "bound_m", "recv_done")
+                 "indices", "weights", "bound_m", "options", "recv_done")
 
     def __init__(self, kernel: "AllToAll", out_expert_num_tokens: Tensor, out_expert_x: Tensor,
                  out_expert_x_scale: Optional[Tensor], dp_x: Tensor, dp_x_scale: Optional[Tensor], indices: Tensor,
-                 weights: Tensor, bound_m: Optional[Tensor]) -> None:
+                 weights: Tensor, bound_m: Optional[Tensor], options: Optional[dict] = None) -> None:
         self.kernel = kernel
         self.out_expert_num_tokens = out_expert_num_tokens
         self.out_expert_x = out_expert_x
@@ -209,6 +223,7 @@ class DispatchHandle:
         self.indices = indices
         self.weights = weights
         self.bound_m = bound_m
+        self.options = options or {}  # the dispatch's keyword options (quantize, scale_layout, sources)
         self.recv_done = False
 
     def recv(self) -> None:
@@ -219,7 +234,8 @@ class DispatchHandle:
         k = self.kernel
         k._wait_sent(k._dispatch_sent)
         k.dispatch(self.out_expert_num_tokens, self.out_expert_x, self.out_expert_x_scale, self.dp_x,
-                   self.dp_x_scale, self.indices, self.weights, self.bound_m, do_send=False, do_recv=True)
+                   self.dp_x_scale, self.indices, self.weights, self.bound_m, do_send=False, do_recv=True,
+                   **self.options)
         self.recv_done = True
 
 
@@ -266,6 +282,9 @@ class AllToAll:
       bootstrap: an explicit :class:`ferry.Bootstrap` (torchrun env, TCP, MPI) instead of a group.
       provider: libfabric provider ("efa", "tcp", "shm", "verbs"); None: $FERRY_PROVIDER or tcp.
       timeout_ms: deadline of every wait.
+      combine_weights: "dispatch" (default: weights travel with the tokens, each rank returns one
+        weighted partial per token) or "combine" (dispatch takes no weights; every rank returns the
+        expert rows and combine's receive half weighs them with its `weights`: DeepEP's semantics).
     """
 
     def __init__(
@@ -290,13 +309,14 @@ class AllToAll:
         dp_size: Optional[int] = None,
         provider: Optional[str] = None,
         timeout_ms: int = 30000,
+        combine_weights: str = "dispatch",
     ) -> None:
         self._impl: Any = None
         s = _Settings(max_num_tokens=max_num_tokens, num_experts=num_experts, expert_padding=expert_padding,
                       hidden_dim=hidden_dim, hidden_dim_scale=hidden_dim_scale, in_dtype=in_dtype,
                       out_dtype=out_dtype, scale_dtype=scale_dtype, num_experts_per_token=num_experts_per_token,
                       nets_per_gpu=nets_per_gpu, max_private_tokens=max_private_tokens, device=device,
-                      provider=provider, timeout_ms=timeout_ms)
+                      provider=provider, timeout_ms=timeout_ms, combine_weights=combine_weights)
         if isinstance(global_group, Bootstrap):
             if bootstrap is not None:
                 raise ValueError("bootstrap: given twice (as bootstrap and as global_group)")
@@ -338,7 +358,9 @@ class AllToAll:
         self.hidden_dim_scale = s.hidden_dim_scale or None
         self.num_experts_per_token = s.num_experts_per_token
         self.expert_padding = s.expert_padding
+        self.combine_weights = s.combine_weights
         self.in_dtype = _torch_dtype(s.in_code)
+        self.in_dtype_code = s.in_code
         self.out_dtype = _torch_dtype(s.out_code)
         self.scale_dtype = _torch_dtype(_ferry.F32) if s.scale_block else None
         self._device = s.device
@@ -349,6 +371,10 @@ class AllToAll:
         self._counts_shape = ((L,),)
         self._expert_shape = ((L, M, H), (L * M, H))
         self._expert_scale_shape = ((L, M, S), (L * M, S))
+        # Column-major scales are passed as their storage: per expert, the rows are the fastest index.
+        self._column_scale_shape = ((L, S, M),)
+        self._ue8m0_scale_shape = ((L, (S + 3) // 4, M),)
+        self._src_token_shape = ((L, M), (L * M,))
         self._expert_layout = (" ([num_local_experts, max_tokens_per_expert, hidden_dim] or its rows flattened)")
         self._scale_layout = (" ([num_local_experts, max_tokens_per_expert, hidden_dim_scale] or its rows flattened)")
         self._has_scales = bool(S)
@@ -377,6 +403,12 @@ class AllToAll:
         bound_m: Optional[Tensor] = None,
         do_send: bool = True,
         do_recv: bool = True,
+        *,
+        quantize: bool = False,
+        round_scale: bool = False,
+        scale_layout: str = "row",
+        out_expert_src_token: Optional[Tensor] = None,
+        out_expert_num_tokens_per_rank: Optional[Tensor] = None,
     ) -> Optional[DispatchHandle]:
         """Sends each token of dp_x once to every rank holding one of its experts; receives into
         the batched expert-major outputs.
@@ -384,49 +416,86 @@ class AllToAll:
         dp_x [num_tokens, hidden_dim] in_dtype (num_tokens <= max_num_tokens); dp_x_scale
         [num_tokens, hidden_dim_scale] float32 or None; indices [num_tokens, num_experts_per_token]
         int32/uint32 (-1: no route); weights [num_tokens, num_experts_per_token] float32 (they travel
-        with the tokens: combine applies them). Outputs: out_expert_num_tokens [num_local_experts]
-        int32, out_expert_x [num_local_experts, max_tokens_per_expert, hidden_dim] in_dtype (or
-        flattened rows), out_expert_x_scale likewise with hidden_dim_scale, or None. bound_m: a
-        one-element int32 tensor on the device with the token count (<= num_tokens), or None.
-        The send half checks the inputs, the receive half the outputs. With do_recv=False the
-        returned handle's recv() finishes the dispatch.
+        with the tokens: combine applies them; None with combine_weights="combine"). Outputs:
+        out_expert_num_tokens [num_local_experts] int32, out_expert_x [num_local_experts,
+        max_tokens_per_expert, hidden_dim] in_dtype (or flattened rows), out_expert_x_scale likewise
+        with hidden_dim_scale, or None. bound_m: a one-element int32 tensor on the device with the
+        token count (<= num_tokens), or None. The send half checks the inputs, the receive half the
+        outputs. With do_recv=False the returned handle's recv() finishes the dispatch.
+
+        Keyword options (ferry.h): quantize=True takes dp_x in bfloat16 and casts it to the fp8
+        in_dtype with one float32 scale per block while packing (dp_x_scale None; round_scale rounds
+        the scales up to powers of two). scale_layout lays out out_expert_x_scale: "row" (above),
+        "column" (float32 [num_local_experts, hidden_dim_scale, max_tokens_per_expert]: per expert,
+        rows fastest) or "ue8m0" (int32 [num_local_experts, ceil(hidden_dim_scale / 4),
+        max_tokens_per_expert], each word four scales' exponent bytes). out_expert_src_token
+        ([num_local_experts, max_tokens_per_expert] int32) receives each row's token index on its
+        source rank, out_expert_num_tokens_per_rank ([num_local_experts, world_size] int32) the rows
+        each local expert got from each rank.
         """
         impl = self._live()
         dev = self._device
+        address = self._address
         if do_send:
             n = rows("dp_x", dp_x)
             if n > self.max_num_tokens:
                 raise ValueError(f"dp_x: {n} tokens, expected at most max_num_tokens={self.max_num_tokens}")
             H, K = self.hidden_dim, self.num_experts_per_token
-            address = self._address
-            x = address("dp_x", dp_x, ((n, H),), self._in_dtypes, dev)
-            xs = optional_address("dp_x_scale", dp_x_scale, self._has_scales, ((n, self.hidden_dim_scale),),
-                                  FLOAT32, dev, "this all-to-all has no hidden_dim_scale")
+            if quantize and not (self._has_scales and self.in_dtype_code == _ferry.FP8_E4M3):
+                raise ValueError("quantize: True, but this all-to-all does not carry fp8 with scales (create it "
+                                 "with in_dtype=torch.float8_e4m3fn and hidden_dim_scale)")
+            if round_scale and not quantize:
+                raise ValueError("round_scale: True without quantize (it rounds the scales Ferry computes)")
+            x = address("dp_x", dp_x, ((n, H),), BF16 if quantize else self._in_dtypes, dev)
+            xs = optional_address("dp_x_scale", dp_x_scale, self._has_scales and not quantize,
+                                  ((n, self.hidden_dim_scale),), FLOAT32, dev,
+                                  "Ferry computes the scales (quantize)" if quantize
+                                  else "this all-to-all has no hidden_dim_scale")
             idx = address("indices", indices, ((n, K),), ROUTES, dev)
-            w = address("weights", weights, ((n, K),), FLOAT32, dev)
+            w = optional_address("weights", weights, self.combine_weights == "dispatch", ((n, K),), FLOAT32, dev,
+                                 "this all-to-all takes the weights at combine")
             bm = self._bound_m(bound_m)
         elif not do_recv:
             raise ValueError("do_send, do_recv: both False, expected at least one half")
         else:
             n = x = xs = idx = w = bm = 0
+        layout = _SCALE_LAYOUTS.get(scale_layout)
+        if layout is None:
+            raise ValueError(f"scale_layout: {scale_layout!r}, expected 'row', 'column' or 'ue8m0'")
         if do_recv:
-            address = self._address
             cnt = address("out_expert_num_tokens", out_expert_num_tokens, self._counts_shape, INT32, dev, True,
                           " ([num_local_experts])")
             ox = address("out_expert_x", out_expert_x, self._expert_shape, self._in_dtypes, dev, True,
                          self._expert_layout)
-            oxs = optional_address("out_expert_x_scale", out_expert_x_scale, self._has_scales,
-                                   self._expert_scale_shape, FLOAT32, dev, "this all-to-all has no hidden_dim_scale",
-                                   writable=True, layout=self._scale_layout)
+            if layout == _ferry.SCALE_ROW_MAJOR:
+                shapes, dtypes, text = self._expert_scale_shape, FLOAT32, self._scale_layout
+            elif layout == _ferry.SCALE_COLUMN_MAJOR:
+                shapes, dtypes = self._column_scale_shape, FLOAT32
+                text = " ([num_local_experts, hidden_dim_scale, max_tokens_per_expert])"
+            else:
+                shapes, dtypes = self._ue8m0_scale_shape, INT32
+                text = " ([num_local_experts, ceil(hidden_dim_scale / 4), max_tokens_per_expert])"
+            oxs = optional_address("out_expert_x_scale", out_expert_x_scale, self._has_scales, shapes, dtypes, dev,
+                                   "this all-to-all has no hidden_dim_scale", writable=True, layout=text)
+            src = 0 if out_expert_src_token is None else address(
+                "out_expert_src_token", out_expert_src_token, self._src_token_shape, INT32, dev, True,
+                " ([num_local_experts, max_tokens_per_expert])")
+            per_rank = 0 if out_expert_num_tokens_per_rank is None else address(
+                "out_expert_num_tokens_per_rank", out_expert_num_tokens_per_rank,
+                ((self.num_local_experts, self.world_size),), INT32, dev, True, " ([num_local_experts, world_size])")
         else:
-            cnt = ox = oxs = 0
+            cnt = ox = oxs = src = per_rank = 0
         flags = (_ferry.SEND if do_send else 0) | (_ferry.RECV if do_recv else 0)
-        impl.dispatch(cnt, ox, oxs, x, xs, idx, w, bm, n, flags, self._stream())
+        impl.dispatch(cnt, ox, oxs, x, xs, idx, w, bm, n, flags, self._stream(),
+                      _ferry.QUANTIZE_FP8_BLOCK if quantize else _ferry.QUANTIZE_NONE, bool(round_scale), layout,
+                      src, per_rank)
         if do_recv:
             return None
         self._mark_sent(self._dispatch_sent)
+        options = dict(scale_layout=scale_layout, out_expert_src_token=out_expert_src_token,
+                       out_expert_num_tokens_per_rank=out_expert_num_tokens_per_rank)
         return DispatchHandle(self, out_expert_num_tokens, out_expert_x, out_expert_x_scale, dp_x, dp_x_scale,
-                              indices, weights, bound_m)
+                              indices, weights, bound_m, options)
 
     def combine(
         self,

@@ -9,6 +9,9 @@ Per rank: avg/min/max and p50/p99 of dispatch and of combine (each call blocks u
 in place), the split halves (send + recv), bandwidth from the bytes this rank sent; then, pooled
 over all ranks, the same calls looped in C++ (one binding call for the whole loop) and the Python
 layer's cost per call: the wall time of each Python call minus the time it spent inside libferry.
+
+--api deep_ep times ferry.deep_ep's low_latency_dispatch (bf16 tokens, cast to fp8 inside with
+--dtype fp8) and low_latency_combine instead, the halves through return_recv_hook.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ def parse_args(argv: Any = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--timeout-ms", type=int, default=60000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--api", default="all_to_all", choices=["all_to_all", "deep_ep"],
+                   help="ferry.AllToAll (pplx shape) or ferry.deep_ep (DeepEP's low-latency Buffer)")
     return p.parse_args(argv)
 
 
@@ -135,6 +140,72 @@ def run_rank(rank: int, world_size: int, args: argparse.Namespace) -> dict[str, 
                 c_combine=[v / 1e3 for v in c_ns[1::2]], stats=stats)
 
 
+def run_rank_deep_ep(rank: int, world_size: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The same loops through ferry.deep_ep's Buffer (DeepEP's test_low_latency.py calls)."""
+    import torch
+    import torch.distributed as dist
+
+    from ferry import deep_ep
+
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    use_fp8 = args.dtype == "fp8"
+    buffer = deep_ep.Buffer(dist.group.WORLD, low_latency_mode=True, provider=args.provider,
+                            timeout_ms=args.timeout_ms)
+    gen = torch.Generator().manual_seed(args.seed + rank)
+    T, H, K, E = args.tokens, args.hidden, args.topk, args.experts
+    x = torch.randn((T, H), generator=gen).to(torch.bfloat16).to(device)
+    topk_idx = torch.rand((T, E), generator=gen).topk(K, dim=1).indices.to(device)
+    weights = torch.rand((T, K), generator=gen).to(device)
+    y = torch.randn((E // world_size, world_size * T, H), generator=gen).to(torch.bfloat16).to(device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def step(hook: bool = False) -> tuple:
+        return buffer.low_latency_dispatch(x, topk_idx, T, E, use_fp8=use_fp8, return_recv_hook=hook)
+
+    for _ in range(args.warmup):
+        handle = step()[2]
+        buffer.low_latency_combine(y, topk_idx, weights, handle)
+    dist.barrier()
+    ns = time.perf_counter_ns
+    disp, comb = [], []
+    for _ in range(args.iters):
+        t0 = ns()
+        handle = step()[2]
+        sync()
+        t1 = ns()
+        buffer.low_latency_combine(y, topk_idx, weights, handle)
+        sync()
+        disp.append((t1 - t0) / 1e3)
+        comb.append((ns() - t1) / 1e3)
+    lane = handle.lane
+    stats = lane.a2a.stats()
+    dist.barrier()
+    halves: dict[str, list[float]] = {"dispatch_send": [], "dispatch_recv": [], "combine_send": [], "combine_recv": []}
+    for _ in range(args.iters):
+        t0 = ns()
+        _, _, handle, _, hook = step(hook=True)
+        sync()
+        t1 = ns()
+        hook()
+        sync()
+        t2 = ns()
+        _, _, hook = buffer.low_latency_combine(y, topk_idx, weights, handle, return_recv_hook=True)
+        sync()
+        t3 = ns()
+        hook()
+        sync()
+        t4 = ns()
+        for key, a, b in (("dispatch_send", t0, t1), ("dispatch_recv", t1, t2), ("combine_send", t2, t3),
+                          ("combine_recv", t3, t4)):
+            halves[key].append((b - a) / 1e3)
+    dist.barrier()
+    buffer.destroy()
+    return dict(rank=rank, dispatch=disp, combine=comb, halves=halves, stats=stats)
+
+
 def report(results: list[dict[str, Any]], args: argparse.Namespace, world_size: int) -> None:
     for r in results:
         rank, d, c = r["rank"], summary(r["dispatch"]), summary(r["combine"])
@@ -158,20 +229,25 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, world_size: 
           f"device {args.device}, {args.tokens} tokens x {args.hidden} {args.dtype}{scale} -> {args.out_dtype}, "
           f"top-{args.topk} of {args.experts} experts, {args.iters} iterations (bandwidth: bytes this rank sent)")
     print(f"{'all ranks, us':34s}{'p50':>10s}{'p99':>10s}{'avg':>10s}{'min':>10s}{'max':>10s}")
-    rows = [("dispatch, Python call", pooled("dispatch")), ("combine, Python call", pooled("combine")),
-            ("dispatch, C++ loop", pooled("c_dispatch")), ("combine, C++ loop", pooled("c_combine"))]
-    overhead_d = [a - b for r in results for a, b in zip(r["dispatch"], r["dispatch_lib"])]
-    overhead_c = [a - b for r in results for a, b in zip(r["combine"], r["combine_lib"])]
-    rows += [("dispatch, Python layer per call", overhead_d), ("combine, Python layer per call", overhead_c)]
+    rows = [("dispatch, Python call", pooled("dispatch")), ("combine, Python call", pooled("combine"))]
+    if args.api == "all_to_all":
+        rows += [("dispatch, C++ loop", pooled("c_dispatch")), ("combine, C++ loop", pooled("c_combine"))]
+        overhead_d = [a - b for r in results for a, b in zip(r["dispatch"], r["dispatch_lib"])]
+        overhead_c = [a - b for r in results for a, b in zip(r["combine"], r["combine_lib"])]
+        rows += [("dispatch, Python layer per call", overhead_d), ("combine, Python layer per call", overhead_c)]
     for name, values in rows:
         s = summary(values)
         print(f"{name:34s}{s['p50']:10.2f}{s['p99']:10.2f}{s['avg']:10.2f}{s['min']:10.2f}{s['max']:10.2f}")
-    print("Python layer per call = wall time of the Python call minus the time the same call spent in libferry "
-          "(argument checks, binding, GIL release).")
+    if args.api == "all_to_all":
+        print("Python layer per call = wall time of the Python call minus the time the same call spent in libferry "
+              "(argument checks, binding, GIL release).")
+    else:
+        print("ferry.deep_ep: bf16 tokens in" + (", cast to fp8 with one scale per 128 inside the dispatch"
+                                                 if args.dtype == "fp8" else "") + "; combine weighs at combine.")
 
 
 def _spawned(rank: int, world_size: int, args: argparse.Namespace) -> dict[str, Any]:
-    return run_rank(rank, world_size, args)
+    return (run_rank_deep_ep if args.api == "deep_ep" else run_rank)(rank, world_size, args)
 
 
 def main(argv: Any = None) -> None:
@@ -181,7 +257,7 @@ def main(argv: Any = None) -> None:
 
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        result = run_rank(rank, world, args)
+        result = _spawned(rank, world, args)
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, result)
         if rank == 0:

@@ -5,6 +5,8 @@ import os
 import sys
 
 SKIP_NO_TORCH = "python tests skipped: torch is not installed (scripts/install_deps.sh installs it)"
+SKIP_NO_CUDA = ("python tests skipped: no CUDA device here (torch.cuda.is_available() is False); "
+                "the CUDA tests run on the GPU machine")
 
 # Spawned ranks import the case modules from here.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -4,14 +4,11 @@ dispatch + combine captured in a CUDA graph and replayed 100 times equal the eag
 
 import pytest
 
-from conftest import SKIP_NO_TORCH
+from conftest import SKIP_NO_CUDA, SKIP_NO_TORCH
 
 torch = pytest.importorskip("torch", reason=SKIP_NO_TORCH)
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="python tests skipped: no CUDA device here (torch.cuda.is_available() is False); "
-           "the CUDA tests run on the GPU machine")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason=SKIP_NO_CUDA)
 
 from a2a_cases import Case, graph_replays, run_cases  # noqa: E402
 from ferry import launch  # noqa: E402

@@ -2,16 +2,21 @@
 // of both presets with --verify whose JSON is checked field by field, CSV, routing files, and the
 // plot script on that JSON.
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <string>
+#include <thread>
+#include <vector>
 
+#include "tests/common/process.h"
 #include "tests/common/shell.h"
 
 namespace fs = std::filesystem;
@@ -115,6 +120,11 @@ TEST(BenchArguments, BadValuesExitWithCode2AndNameTheArgument) {
       {"--local-ranks 4 --experts 16 --local-nodes 8", "--local-nodes 8 does not divide --local-ranks 4"},
       {"--local-ranks 4 --experts 16 --local-nodes 0", "--local-nodes"},
       {"--local-ranks 4 --experts 16 --local-nodes two", "--local-nodes"},
+      // A zipf exponent that is not a finite number in [0, 10] has no law to draw from.
+      {"--routing zipf --zipf-s nan", "--zipf-s"},
+      {"--routing zipf --zipf-s inf", "--zipf-s"},
+      {"--routing zipf --zipf-s -1", "--zipf-s"},
+      {"--routing zipf --zipf-s 10.5", "--zipf-s"},
       // --overlap gemm | tbo; tbo runs the MoE layer, whose expert outputs are bf16 or f32.
       {"--overlap dbo", "--overlap"},
       {"--overlap tbo --out-dtype f16", "--out-dtype bf16 or f32"},
@@ -247,6 +257,39 @@ TEST(BenchRun, VerifyFailureExitsWithCode1NamingTheRank) {
   EXPECT_NE(r.out.find("verify FAILED on rank 2: dispatch"), std::string::npos) << r.out;
   EXPECT_TRUE(std::regex_search(r.out, std::regex(R"(verify FAILED on rank\(s\) ([0-9]+,)*2(,|\n))"))) << r.out;
   EXPECT_EQ(r.out.find("dispatch: rank 1 "), std::string::npos) << "only rank 2's dispatch output was touched";
+}
+
+// A rank that stops (SIGSTOP: alive, silent) under the default mpirun launcher: the others reach
+// their deadline, say which rank is missing, and leave without waiting for it in MPI_Finalize;
+// mpirun then ends the job. The launcher's own deadline is far away, so only that path can end it
+// in time.
+TEST(BenchRun, AStoppedRankUnderMpirunEndsTheJobWithinItsDeadlineNamingIt) {
+  if (run_shell("command -v mpirun").exit_code != 0) GTEST_SKIP() << "mpirun is not installed";
+  const std::string marker = "stopped-rank-" + std::to_string(getpid());
+  constexpr int kTimeoutMs = 3000;
+  ferry::testing::Process job(
+      {FERRY_BENCH, "--local-ranks", "3", "--launcher", "mpi", "--provider", "tcp", "--tokens", "8",
+       "--hidden", "256", "--experts", "12", "--warmup", "1", "--iters", "1000000", "--no-progress",
+       "--timeout-ms", std::to_string(kTimeoutMs), "--launch-timeout-ms", "600000"},
+      {{"FERRY_TEST_MARKER", marker}});
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<pid_t> rank2;
+  while (rank2.empty() && std::chrono::steady_clock::now() - start < std::chrono::seconds(30)) {
+    rank2 = ferry::testing::processes_with_env({{"FERRY_TEST_MARKER", marker}, {"OMPI_COMM_WORLD_RANK", "2"}});
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_EQ(rank2.size(), 1u) << "rank 2 of the mpirun job never showed up";
+  // Well into the timed iterations (setup, verify inputs and warmup take about a second).
+  std::this_thread::sleep_for(std::chrono::seconds(4));
+  ASSERT_EQ(::kill(rank2[0], SIGSTOP), 0);
+  const auto stopped = std::chrono::steady_clock::now();
+  const auto r = job.wait(stopped + std::chrono::milliseconds(kTimeoutMs + 30000));
+  ::kill(rank2[0], SIGKILL);  // whatever happened, no stopped process outlives the test
+  EXPECT_FALSE(r.timed_out) << "the job outlived its ranks' deadline by 30 s:\n" << r.output;
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  // Whichever wait the stop caught (a bootstrap barrier, an engine wait), its error names rank 2.
+  EXPECT_TRUE(std::regex_search(r.output, std::regex(R"(error \(timeout\)[^\n]*ranks? ([0-9]+, )*2\b)")))
+      << r.output;
 }
 
 TEST(BenchRun, OptionsThatDoNotFitTheWorldSizeExitWithCode2) {

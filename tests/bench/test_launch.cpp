@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "tests/common/shell.h"
 #include "tools/common/env.h"
@@ -111,6 +112,43 @@ TEST(RankEnv, MalformedOrInconsistentValuesNameTheVariable) {
     EXPECT_NE(std::string(e.what()).find("outside [0, 4)"), std::string::npos) << e.what();
   }
   EXPECT_THROW(discover_rank_env({{"RANK", "0"}}), ferry::Error);
+}
+
+// The tools read the launcher through transfer_engine's reader, the one ferry_bootstrap_from_env
+// uses: both see the same rank, world, locality, rendezvous and job id for every launcher.
+TEST(RankEnv, TheToolsAndTheLibraryReadTheLauncherAlike) {
+  const std::vector<std::map<std::string, std::string>> launches = {
+      {{"OMPI_COMM_WORLD_RANK", "5"}, {"OMPI_COMM_WORLD_SIZE", "16"}, {"OMPI_COMM_WORLD_LOCAL_RANK", "1"},
+       {"OMPI_COMM_WORLD_LOCAL_SIZE", "8"}, {"OMPI_MCA_ess_base_jobid", "12345"}},
+      {{"PMIX_RANK", "2"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "2"}, {"PMIX_NAMESPACE", "job.7"}},
+      {{"SLURM_PROCID", "3"}, {"SLURM_NTASKS", "16"}, {"SLURM_LOCALID", "3"}, {"SLURM_JOB_ID", "4242"},
+       {"SLURM_STEP_ID", "1"}, {"SLURM_STEP_NODELIST", "gpu[07-08]"}, {"SLURM_TASKS_PER_NODE", "8(x2)"}},
+      {{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"LOCAL_RANK", "1"}, {"MASTER_ADDR", "10.0.0.1"},
+       {"MASTER_PORT", "29500"}, {"TORCHELASTIC_RUN_ID", "run-9"}},
+  };
+  for (const auto& vars : launches) {
+    const RankEnv tools = discover_rank_env(vars);
+    const ferry::te::LaunchEnv library = ferry::te::read_launch_env(vars);
+    EXPECT_EQ(tools.launcher, library.launcher);
+    EXPECT_EQ(tools.rank, library.rank);
+    EXPECT_EQ(tools.world_size, library.world_size);
+    EXPECT_EQ(tools.local_rank, library.local_rank);
+    EXPECT_EQ(tools.local_size, library.local_size);
+    EXPECT_EQ(tools.master_addr, library.master_addr);
+    EXPECT_EQ(tools.master_port, library.master_port);
+    EXPECT_FALSE(tools.job_id.empty()) << "every launcher above names its job";
+    EXPECT_EQ(tools.job_id, library.job_id);
+  }
+}
+
+// What the library refuses the tools refuse too: a local rank beyond the local size given, a world
+// beyond 2^24 ranks (the tools' own reader took it), and an empty RANK (unset, as launchers mean it).
+TEST(RankEnv, ValuesTheLibraryRefusesAreRefused) {
+  EXPECT_THROW(discover_rank_env({{"RANK", "1"}, {"WORLD_SIZE", "4"}, {"LOCAL_RANK", "3"},
+                                  {"LOCAL_WORLD_SIZE", "2"}}),
+               ferry::Error);
+  EXPECT_THROW(discover_rank_env({{"RANK", "0"}, {"WORLD_SIZE", "33554432"}}), ferry::Error);
+  EXPECT_THROW(discover_rank_env({{"RANK", ""}, {"WORLD_SIZE", "2"}}), ferry::Error);
 }
 
 TEST(LocalRanks, EveryRankGetsItsIdentityAndOneRendezvous) {

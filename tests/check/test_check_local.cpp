@@ -1,9 +1,13 @@
 // ferry-check over 4 ranks on this machine (tcp over loopback, and shm): a healthy job passes, and
 // the JSON report says so field by field.
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <unistd.h>
 
 #include <fstream>
 #include <set>
+#include <thread>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -166,6 +170,40 @@ TEST(CheckLocal, KilledRankIsReportedAndTheJobFails) {
   }
   EXPECT_TRUE(liveness) << j["checks"].dump(1);
   EXPECT_TRUE(skipped_after) << j["checks"].dump(1);
+}
+
+// A rank that stops (SIGSTOP: alive, silent) under the mpirun launcher: the others time out on it,
+// say so naming it, and leave without waiting for it in MPI_Finalize, so the job ends long before
+// the launcher's own deadline.
+TEST(CheckLocal, AStoppedRankUnderMpirunEndsTheJobWithinItsDeadlineNamingIt) {
+  if (run_process({"sh", "-c", "command -v mpirun"}, 10000).exit_code != 0) {
+    GTEST_SKIP() << "mpirun is not installed";
+  }
+  const std::string dir = make_temp_dir("stopped");
+  const std::string marker = "stopped-rank-" + std::to_string(::getpid());
+  constexpr int kTimeoutMs = 3000;
+  Process job({ferry_check_binary(), "--local-ranks", "3", "--launcher", "mpi", "--provider", "tcp",
+               "--nics", "lo", "--timeout-ms", std::to_string(kTimeoutMs), "--latency-iters", "50000",
+               "--bw-bytes", "131072", "--a2a-tokens", "16", "--a2a-decode-hidden", "256",
+               "--a2a-wide-hidden", "1024", "--outlier-ratio", "0", "--no-nccl", "--json",
+               dir + "/report.json"},
+              {{"FERRY_TEST_MARKER", marker}});
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<pid_t> rank2;
+  while (rank2.empty() && std::chrono::steady_clock::now() - start < std::chrono::seconds(30)) {
+    rank2 = processes_with_env({{"FERRY_TEST_MARKER", marker}, {"OMPI_COMM_WORLD_RANK", "2"}});
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_EQ(rank2.size(), 1u) << "rank 2 of the mpirun job never showed up";
+  std::this_thread::sleep_for(std::chrono::seconds(3));  // into the link checks
+  ASSERT_EQ(::kill(rank2[0], SIGSTOP), 0);
+  const ProcessResult r =
+      job.wait(std::chrono::steady_clock::now() + std::chrono::milliseconds(20 * kTimeoutMs));
+  ::kill(rank2[0], SIGKILL);
+  EXPECT_FALSE(r.timed_out) << r.output;
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("rank 2"), std::string::npos) << r.output;
+  EXPECT_EQ(json::parse(read_text(dir + "/report.json"))["summary"]["result"], "FAIL");
 }
 
 }  // namespace

@@ -20,6 +20,7 @@ ferry_a2a_config_t config_of(const A2aCase& c, int rank, ferry_device_t device) 
   cfg.expert_alignment = c.expert_alignment;
   cfg.dp_size = c.dp_size;
   cfg.private_tokens = c.private_tokens;
+  cfg.combine_weights = c.combine_weights;
   cfg.provider = c.provider.c_str();
   cfg.nets_per_rank = c.nets_per_rank;
   cfg.timeout_ms = c.timeout_ms;

@@ -28,6 +28,10 @@ struct A2aCase {
   int expert_alignment = 1;
   int dp_size = 1;
   int private_tokens = -1;  // -1: automatic
+  // How dispatch lays out out_expert_x_scale (with scales). Quantize on dispatch is spec.quantize.
+  ferry_scale_layout_t out_scale_layout = FERRY_SCALE_ROW_MAJOR;
+  // FERRY_WEIGHTS_AT_COMBINE: dispatch gets no weights (NULL), combine RECV gets the inputs' weights.
+  ferry_combine_weights_t combine_weights = FERRY_WEIGHTS_AT_DISPATCH;
 
   // Transport.
   int nets_per_rank = 1;

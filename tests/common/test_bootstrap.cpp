@@ -15,6 +15,7 @@
 
 #include "tests/common/multiprocess.h"
 #include "transfer_engine/bootstrap.h"
+#include "tests/common/error_of.h"
 #include "transfer_engine/error.h"
 
 namespace ferry::testing {
@@ -48,17 +49,6 @@ void expect_rank_major(const std::vector<uint8_t>& all, int world, size_t bytes)
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
       .count();
-}
-
-// Runs `op` expecting a ferry::Error; returns it so the caller can check status and text.
-template <typename Op>
-std::optional<Error> error_of(Op&& op) {
-  try {
-    op();
-  } catch (const Error& e) {
-    return e;
-  }
-  return std::nullopt;
 }
 
 class AllgatherAmong : public ::testing::TestWithParam<int> {};
@@ -444,15 +434,24 @@ class ScopedEnv {
   std::vector<std::pair<std::string, std::optional<std::string>>> saved_;
 };
 
-TEST(BootstrapFromEnv, MissingVariablesAreListed) {
-  ScopedEnv env{{"MASTER_ADDR", nullptr}, {"MASTER_PORT", nullptr},          {"RANK", "0"},
-                {"WORLD_SIZE", nullptr},  {"OMPI_COMM_WORLD_RANK", nullptr}, {"PMI_RANK", nullptr},
-                {"PMIX_RANK", nullptr}};
+TEST(BootstrapFromEnv, WithoutALauncherTheLaunchersItKnowsAreListed) {
+  ScopedEnv env{{"MASTER_ADDR", nullptr},          {"MASTER_PORT", nullptr}, {"RANK", nullptr},
+                {"WORLD_SIZE", nullptr},           {"OMPI_COMM_WORLD_RANK", nullptr},
+                {"PMI_RANK", nullptr},             {"PMIX_RANK", nullptr},
+                {"SLURM_PROCID", nullptr},         {"SLURM_NTASKS", nullptr}};
   auto error = error_of([] { te::bootstrap_from_env(1000); });
   ASSERT_TRUE(error.has_value());
   EXPECT_EQ(error->status(), Status::invalid_argument);
-  EXPECT_THAT(error->what(), AllOf(HasSubstr("missing MASTER_ADDR, MASTER_PORT, WORLD_SIZE"),
-                                   HasSubstr("OMPI_COMM_WORLD_RANK")));
+  EXPECT_THAT(error->what(), AllOf(HasSubstr("no launcher found"), HasSubstr("MASTER_ADDR"),
+                                   HasSubstr("OMPI_COMM_WORLD_RANK"), HasSubstr("SLURM_PROCID")));
+  ScopedEnv rank_only{{"RANK", "0"}};
+  error = error_of([] { te::bootstrap_from_env(1000); });
+  ASSERT_TRUE(error.has_value());
+  EXPECT_THAT(error->what(), HasSubstr("RANK is set but WORLD_SIZE is not"));
+  ScopedEnv no_rendezvous{{"WORLD_SIZE", "2"}};
+  error = error_of([] { te::bootstrap_from_env(1000); });
+  ASSERT_TRUE(error.has_value());
+  EXPECT_THAT(error->what(), AllOf(HasSubstr("no rendezvous"), HasSubstr("MASTER_ADDR, MASTER_PORT")));
 }
 
 TEST(BootstrapFromEnv, MalformedNumbersAreNamed) {
@@ -466,6 +465,33 @@ TEST(BootstrapFromEnv, MalformedNumbersAreNamed) {
   error = error_of([] { te::bootstrap_from_env(1000); });
   ASSERT_TRUE(error.has_value());
   EXPECT_THAT(error->what(), HasSubstr("RANK='2'"));
+}
+
+// srun without MPI: ranks from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, the rendezvous on the
+// step's first node at the port every rank derives from the job id.
+TEST(BootstrapFromEnv, SlurmLaunchesMeetWithoutTorchrunVariables) {
+  int port = 0;
+  do port = pick_free_port(); while (port < 20000 || port >= 40000);
+  int job = 1;
+  while (20000 + (job * 31) % 20000 != port) ++job;
+  LaunchOptions options;
+  options.world_size = 3;
+  options.rank_env = [job](int rank) {
+    return std::map<std::string, std::string>{
+        {"RANK", ""}, {"WORLD_SIZE", ""}, {"LOCAL_RANK", ""}, {"LOCAL_WORLD_SIZE", ""},
+        {"MASTER_ADDR", ""}, {"MASTER_PORT", ""}, {"SLURM_PROCID", std::to_string(rank)},
+        {"SLURM_NTASKS", "3"}, {"SLURM_LOCALID", std::to_string(rank)},
+        {"SLURM_TASKS_PER_NODE", "3"}, {"SLURM_JOB_ID", std::to_string(job)},
+        {"SLURM_STEP_ID", "0"}, {"SLURM_STEP_NODELIST", "localhost"}};
+  };
+  expect_all_ok(run_ranks(options, [](te::Bootstrap& b) {
+    EXPECT_EQ(b.world_size(), 3);
+    EXPECT_EQ(b.local_size(), 3);
+    EXPECT_EQ(b.local_rank(), b.rank());
+    int mine = 100 + b.rank(), all[3];
+    b.allgather(&mine, sizeof(mine), all, 10000);
+    EXPECT_THAT(all, ::testing::ElementsAre(100, 101, 102));
+  }));
 }
 
 TEST(BootstrapFromEnv, SingleRankTorchrunEnvironmentWorks) {

@@ -9,6 +9,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -51,22 +52,29 @@ ferry_a2a_config_t config_of(const Case& c, int rank) { return testing::config_o
 struct RankBuffers {
   Layout l;
   size_t rows;
-  DeviceBuffer x, x_scale, indices, weights, bound_m, counts, expert_x, expert_scale, expert_y, out;
-  explicit RankBuffers(const Layout& layout)
+  int scale_layout;  // of expert_scale (ferry_scale_layout_t)
+  DeviceBuffer x, x_scale, indices, weights, bound_m, counts, expert_x, expert_scale, expert_y, out, src_token, per_rank;
+  bool quantize = false, round_scale = false;  // this step's input: bf16 that dispatch casts
+  RankBuffers(const Layout& layout, int out_scale_layout)
       : l(layout),
         rows(size_t(l.experts_per_rank) * l.max_rows_per_expert),
-        x(size_t(l.max_tokens) * l.payload_bytes),
+        scale_layout(out_scale_layout),
+        x(size_t(l.max_tokens) * std::max<uint64_t>(l.payload_bytes, uint64_t(l.hidden) * 2)),
         x_scale(size_t(l.max_tokens) * l.num_scales * 4 + 4),
         indices(size_t(l.max_tokens) * l.top_k * 4),
         weights(size_t(l.max_tokens) * l.top_k * 4),
         bound_m(4),
         counts(size_t(l.experts_per_rank) * 4),
         expert_x(rows * l.payload_bytes),
-        expert_scale(rows * l.num_scales * 4 + 4),
+        expert_scale(l.out_scale_buffer_bytes(scale_layout) + 4),
         expert_y(rows * l.out_row_bytes()),
-        out(size_t(l.max_tokens) * l.out_row_bytes()) {}
+        out(size_t(l.max_tokens) * l.out_row_bytes()),
+        src_token(rows * 4),
+        per_rank(size_t(l.experts_per_rank) * l.world_size * 4) {}
 
   void set_input(const reference::RankInput& in) {
+    quantize = in.quantize;
+    round_scale = in.round_scale;
     upload(x.get(), in.x.data(), in.x.size());
     upload(x_scale.get(), in.x_scale.data(), in.x_scale.size() * 4);
     upload(indices.get(), in.indices.data(), in.indices.size() * 4);
@@ -85,13 +93,27 @@ struct RankBuffers {
     d.out_expert_x = expert_x.get();
     d.out_expert_x_scale = l.num_scales ? expert_scale.get<float>() : nullptr;
     d.dp_x = x.get();
-    d.dp_x_scale = l.num_scales ? x_scale.get<float>() : nullptr;
+    d.dp_x_scale = l.num_scales && !quantize ? x_scale.get<float>() : nullptr;
     d.indices = indices.get<int32_t>();
-    d.weights = weights.get<float>();
+    d.weights = l.weights_at_combine ? nullptr : weights.get<float>();  // at combine: not read
     d.bound_m = bound_m.get<int32_t>();
     d.num_tokens = num_tokens;
     d.flags = flags;
+    d.quantize = quantize ? FERRY_QUANTIZE_FP8_BLOCK : FERRY_QUANTIZE_NONE;
+    d.round_scale = round_scale ? 1 : 0;
+    d.out_scale_layout = ferry_scale_layout_t(scale_layout);
+    d.out_expert_src_token = src_token.get<int32_t>();
+    d.out_expert_num_tokens_per_rank = per_rank.get<int32_t>();
     return d;
+  }
+  // The received scales (downloaded) and as the row-major fp32 the expert model reads.
+  std::vector<uint8_t> scale_bytes() const { return download<uint8_t>(expert_scale.get(), l.out_scale_buffer_bytes(scale_layout)); }
+  std::vector<float> scale_rows(const ferry_a2a_config_t& config, const std::vector<uint8_t>& bytes) const {
+    if (l.num_scales == 0) return {};
+    if (scale_layout != kScaleRowMajor) return reference::scales_as_rows(config, scale_layout, bytes.data());
+    std::vector<float> rows_f32(bytes.size() / 4);
+    std::memcpy(rows_f32.data(), bytes.data(), rows_f32.size() * 4);
+    return rows_f32;
   }
   ferry_combine_args_t combine_args(int num_tokens, int flags, const void* y) const {
     ferry_combine_args_t cb{};
@@ -111,7 +133,7 @@ void run_rank(te::Bootstrap& bootstrap, const Case& c) {
   const ferry_a2a_config_t cfg = config_of(c, bootstrap.rank());
   const Layout l = make_layout(cfg);
   auto backend = make_cuda_backend(cfg, bootstrap);
-  RankBuffers b(l);
+  RankBuffers b(l, c.out_scale_layout);
   cuda::Stream stream(/*blocking=*/true);
   testing::HalfStepCaller caller(c, l.rank);
 
@@ -123,13 +145,19 @@ void run_rank(te::Bootstrap& bootstrap, const Case& c) {
     caller.call([&](int flags) { backend->dispatch(b.dispatch_args(in.num_tokens, flags), stream.get()); });
     const auto counts = download<int32_t>(b.counts.get(), l.experts_per_rank);
     const auto x = download<uint8_t>(b.expert_x.get(), b.expert_x.bytes());
-    const auto xs = download<float>(b.expert_scale.get(), b.rows * l.num_scales);
+    const auto xs = b.scale_bytes();
     const auto want = reference::dispatch(cfg, inputs, l.rank);
-    const std::string diff = reference::compare_dispatch(cfg, want, counts.data(), x.data(), xs.data());
+    const std::string diff = reference::compare_dispatch(cfg, want, counts.data(), x.data(),
+                                                         reinterpret_cast<const float*>(xs.data()), c.out_scale_layout);
     ASSERT_TRUE(diff.empty()) << "rank " << l.rank << " step " << step << "\n" << diff;
+    const std::string sources =
+        reference::compare_sources(cfg, want, download<int32_t>(b.src_token.get(), b.rows).data(),
+                                   download<int32_t>(b.per_rank.get(), size_t(l.experts_per_rank) * l.world_size).data());
+    ASSERT_TRUE(sources.empty()) << "rank " << l.rank << " step " << step << "\n" << sources;
 
     std::vector<uint8_t> y(b.rows * l.out_row_bytes(), 0);
-    reference::apply_experts(l, counts.data(), x.data(), xs.data(), y.data());
+    const auto scale_rows = b.scale_rows(cfg, xs);
+    reference::apply_experts(l, counts.data(), x.data(), l.num_scales ? scale_rows.data() : nullptr, y.data());
     upload(b.expert_y.get(), y.data(), y.size());
     caller.call(
         [&](int flags) { backend->combine(b.combine_args(in.num_tokens, flags, b.expert_y.get()), stream.get()); });
@@ -232,6 +260,66 @@ TEST_F(CudaBackend, Bf16InF16OutHidden4096OverTcp) {
   run_case(c);
 }
 
+// Quantize on dispatch: bf16 tokens cast to fp8 and block scales by the pack kernel, on the engine
+// path (host-staged shm), through CUDA IPC, and on two emulated nodes (both at once).
+Case quantize_case() {
+  Case c = cuda_case();
+  c.world_size = 4;
+  c.num_experts = 16;
+  c.top_k = 8;
+  c.max_tokens = 32;
+  c.hidden = 7168;
+  c.expert_alignment = 1;
+  c.private_tokens = -1;
+  c.out_scale_layout = FERRY_SCALE_UE8M0_COLUMN_MAJOR;
+  c.spec.quantize = true;
+  c.spec.round_scale = reference::RoundScale::all;
+  c.spec.drop_fraction = 0.1;
+  return c;
+}
+
+TEST_F(CudaBackend, QuantizeOnDispatchFourRanksOverShmWithUe8m0Scales) {
+  Case c = quantize_case();
+  c.provider = "shm";
+  run_case(c);
+}
+
+TEST_F(CudaBackend, QuantizeOnDispatchThroughCudaIpcWithSplitHalvesAndColumnMajorScales) {
+  Case c = quantize_case();
+  c.split = true;
+  c.max_skew_ms = 10;
+  c.out_scale_layout = FERRY_SCALE_COLUMN_MAJOR;
+  c.spec.round_scale = reference::RoundScale::odd_groups;
+  c.spec.zero_tokens_every = 3;
+  run_case(ipc_case(c));
+}
+
+TEST_F(CudaBackend, QuantizeOnDispatchOnTwoNodesMixingCudaIpcAndTcp) { run_case(mixed_case(quantize_case(), 2)); }
+
+// Weights at combine: every destination returns the expert rows, the source weighs them with the
+// weights combine RECV gets (DeepEP's low-latency combine); through the engine, CUDA IPC and both.
+Case weights_at_combine_case() {
+  Case c = quantize_case();
+  c.combine_weights = FERRY_WEIGHTS_AT_COMBINE;
+  c.out_scale_layout = FERRY_SCALE_COLUMN_MAJOR;
+  return c;
+}
+
+TEST_F(CudaBackend, WeightsAtCombineFourRanksOverShmWithSplitHalves) {
+  Case c = weights_at_combine_case();
+  c.provider = "shm";
+  c.split = true;
+  c.max_skew_ms = 10;
+  c.private_tokens = 8;
+  run_case(c);
+}
+
+TEST_F(CudaBackend, WeightsAtCombineThroughCudaIpc) { run_case(ipc_case(weights_at_combine_case())); }
+
+TEST_F(CudaBackend, WeightsAtCombineOnTwoNodesMixingCudaIpcAndTcp) {
+  run_case(mixed_case(weights_at_combine_case(), 2));
+}
+
 // An id outside [0, num_experts) fails the bad rank's receive call naming the token, and its peers'
 // receive calls naming that rank; nothing waits for a deadline.
 void run_invalid_expert_case(const Case& c) {
@@ -241,7 +329,7 @@ void run_invalid_expert_case(const Case& c) {
     const ferry_a2a_config_t cfg = config_of(c, bs.rank());
     const Layout l = make_layout(cfg);
     auto backend = make_cuda_backend(cfg, bs);
-    RankBuffers b(l);
+    RankBuffers b(l, kScaleRowMajor);
     cuda::Stream stream(/*blocking=*/true);
     auto inputs = reference::generate_all(cfg, c.spec);
     reference::RankInput in = inputs[l.rank];
@@ -298,7 +386,7 @@ void run_graph_case(const Case& c) {
     const ferry_a2a_config_t cfg = config_of(c, bs.rank());
     const Layout l = make_layout(cfg);
     auto backend = make_cuda_backend(cfg, bs);
-    RankBuffers b(l);
+    RankBuffers b(l, kScaleRowMajor);
     cuda::Stream stream(/*blocking=*/true);
     cudaGraph_t graph;
     check_cuda(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal), "begin capture");
@@ -492,7 +580,7 @@ TEST_F(CudaBackend, MissingIpcPeerFailsTheReceiveCallNamingIt) {
     const Layout l = make_layout(cfg);
     auto backend = make_cuda_backend(cfg, bs);
     if (l.rank == 0) {
-      RankBuffers b(l);
+      RankBuffers b(l, kScaleRowMajor);
       cuda::Stream stream(/*blocking=*/true);
       const auto inputs = reference::generate_all(cfg, c.spec);
       b.set_input(inputs[0]);

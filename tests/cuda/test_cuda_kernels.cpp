@@ -4,6 +4,7 @@
 // poisoned before every run, and combine must also match the fp32 reference within tolerance.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <random>
 #include <string>
@@ -58,17 +59,19 @@ int64_t first_difference(const std::vector<uint8_t>& a, const std::vector<uint8_
 // One simulated rank: its inputs and every buffer the kernels touch, in device memory.
 struct SimRank {
   ep::Layout L;
+  int scale_layout;  // of out_x_scale (ferry_scale_layout_t)
   RankInput in;
   int bound = 0;  // this step's token count (<= L.max_tokens)
   DeviceBuffer x, x_scale, indices, weights, bound_m;
   DeviceBuffer send, recv, partials, combine_recv;
-  DeviceBuffer ws_dev, out_num, out_x, out_x_scale, expert_y, out_tokens;
+  DeviceBuffer ws_dev, out_num, out_x, out_x_scale, expert_y, out_tokens, out_src_token, out_per_rank;
   MappedHostBuffer ws_host;
   Workspace ws{};
 
-  explicit SimRank(const ep::Layout& layout)
+  SimRank(const ep::Layout& layout, int out_scale_layout)
       : L(layout),
-        x(uint64_t(L.max_tokens) * L.payload_bytes),
+        scale_layout(out_scale_layout),
+        x(uint64_t(L.max_tokens) * x_row_bytes(true)),
         x_scale(uint64_t(L.max_tokens) * L.num_scales * 4),
         indices(uint64_t(L.max_tokens) * L.top_k * 4),
         weights(uint64_t(L.max_tokens) * L.top_k * 4),
@@ -80,9 +83,11 @@ struct SimRank {
         ws_dev(workspace_device_bytes(L)),
         out_num(uint64_t(L.experts_per_rank) * 4),
         out_x(rows() * L.payload_bytes),
-        out_x_scale(rows() * L.num_scales * 4),
+        out_x_scale(L.out_scale_buffer_bytes(scale_layout)),
         expert_y(rows() * L.out_row_bytes()),
         out_tokens(uint64_t(L.max_tokens) * L.out_row_bytes()),
+        out_src_token(rows() * 4),
+        out_per_rank(uint64_t(L.experts_per_rank) * L.world_size * 4),
         ws_host(workspace_host_bytes(L)) {
     check_cuda(cudaMemset(ws_dev.get(), 0, ws_dev.bytes()), "memset workspace");
     std::memset(ws_host.host(), 0, ws_host.bytes());
@@ -90,6 +95,8 @@ struct SimRank {
     prepare_kernels(L);
   }
   uint64_t rows() const { return uint64_t(L.experts_per_rank) * L.max_rows_per_expert; }
+  // Bytes of one input token: bf16 when the rank quantizes on dispatch.
+  uint64_t x_row_bytes(bool quantize) const { return quantize ? std::max<uint64_t>(L.payload_bytes, uint64_t(L.hidden) * 2) : L.payload_bytes; }
   DeviceError error() const { return *ws_host.host<DeviceError>(); }
   void clear_error() { std::memset(ws_host.host<DeviceError>(), 0, sizeof(DeviceError)); }
 
@@ -105,16 +112,33 @@ struct SimRank {
   }
 
   DispatchSendParams send_params() const {
-    return {L, x.get(), L.num_scales ? x_scale.get<float>() : nullptr, indices.get<int32_t>(), weights.get<float>(),
-            bound_m.get<int32_t>(), in.num_tokens, send.get<uint8_t>()};
+    // With weights at combine dispatch gets none: the kernels must not read them.
+    DispatchSendParams p{L, x.get(), L.num_scales && !in.quantize ? x_scale.get<float>() : nullptr,
+                         indices.get<int32_t>(), L.weights_at_combine ? nullptr : weights.get<float>(),
+                         bound_m.get<int32_t>(), in.num_tokens, send.get<uint8_t>()};
+    p.quantize = in.quantize;
+    p.round_scale = in.round_scale;
+    return p;
   }
   DispatchRecvParams recv_params() const {
-    return {L, recv.get<uint8_t>(), nullptr, kDefaultWaitTimeoutNs, out_num.get<int32_t>(), out_x.get(),
-            L.num_scales ? out_x_scale.get<float>() : nullptr};
+    DispatchRecvParams p{L, recv.get<uint8_t>(), nullptr, kDefaultWaitTimeoutNs, out_num.get<int32_t>(), out_x.get(),
+                         L.num_scales ? out_x_scale.get<float>() : nullptr};
+    p.scale_layout = scale_layout;
+    p.out_src_token = out_src_token.get<int32_t>();
+    p.out_num_tokens_per_rank = out_per_rank.get<int32_t>();
+    return p;
+  }
+  // The received scales as the row-major fp32 the expert model reads.
+  std::vector<float> scale_rows(const ferry_a2a_config_t& config) const {
+    if (L.num_scales == 0) return {};
+    if (scale_layout == ep::kScaleRowMajor) return download<float>(out_x_scale.get(), rows() * L.num_scales);
+    return ep::reference::scales_as_rows(config, scale_layout, download<uint8_t>(out_x_scale.get(), out_x_scale.bytes()).data());
   }
   CombineSendParams combine_send_params() const { return {L, expert_y.get(), partials.get<uint8_t>()}; }
   CombineRecvParams combine_recv_params(bool accumulate) const {
-    return {L, combine_recv.get<uint8_t>(), nullptr, kDefaultWaitTimeoutNs, out_tokens.get(), accumulate};
+    CombineRecvParams p{L, combine_recv.get<uint8_t>(), nullptr, kDefaultWaitTimeoutNs, out_tokens.get(), accumulate};
+    if (L.weights_at_combine) p.weights = weights.get<float>();
+    return p;
   }
 };
 
@@ -160,8 +184,8 @@ void run_and_compare(std::vector<std::unique_ptr<SimRank>>& ranks, const ferry_a
     // The device gets the full max_tokens rows plus garbage; bound_m says how many are real.
     RankInput padded = inputs[r];
     padded.num_tokens = k.L.max_tokens;
-    padded.x.resize(uint64_t(k.L.max_tokens) * k.L.payload_bytes, 0x5A);
-    padded.x_scale.resize(uint64_t(k.L.max_tokens) * k.L.num_scales, 7.f);
+    padded.x.resize(uint64_t(k.L.max_tokens) * (padded.quantize ? uint64_t(k.L.hidden) * 2 : k.L.payload_bytes), 0x5A);
+    if (!padded.quantize) padded.x_scale.resize(uint64_t(k.L.max_tokens) * k.L.num_scales, 7.f);
     padded.indices.resize(uint64_t(k.L.max_tokens) * k.L.top_k, 1 << 30);  // invalid if ever read
     padded.weights.resize(uint64_t(k.L.max_tokens) * k.L.top_k, 1.f);
     k.set_input(padded, n);
@@ -177,8 +201,11 @@ void run_and_compare(std::vector<std::unique_ptr<SimRank>>& ranks, const ferry_a
     ep::validate_routing(k.L, bounded[r].indices.data(), bounded[r].num_tokens);
     h.plans.push_back(ep::make_send_plan(k.L, bounded[r].indices.data(), bounded[r].num_tokens, 0));
     std::vector<uint8_t> hs(k.send.bytes(), kPoison);
-    ep::host::pack_dispatch(k.L, h.plans[r], bounded[r].x.data(), k.L.num_scales ? bounded[r].x_scale.data() : nullptr,
-                            bounded[r].indices.data(), bounded[r].weights.data(), hs.data());
+    ep::host::pack_dispatch(k.L, h.plans[r], bounded[r].x.data(),
+                            k.L.num_scales && !bounded[r].quantize ? bounded[r].x_scale.data() : nullptr,
+                            bounded[r].indices.data(), k.L.weights_at_combine ? nullptr : bounded[r].weights.data(),
+                            hs.data(),
+                            {bounded[r].quantize, bounded[r].round_scale});
     for (int d = 0; d < R; ++d) h.count_matrix[size_t(r) * R + d] = h.plans[r].dest_count[d];
     h.send.push_back(std::move(hs));
   }
@@ -205,6 +232,8 @@ void run_and_compare(std::vector<std::unique_ptr<SimRank>>& ranks, const ferry_a
     poison(k.out_num.get(), k.out_num.bytes());
     poison(k.out_x.get(), k.out_x.bytes());
     poison(k.out_x_scale.get(), k.out_x_scale.bytes());
+    poison(k.out_src_token.get(), k.out_src_token.bytes());
+    poison(k.out_per_rank.get(), k.out_per_rank.bytes());
     dispatch_recv(k.recv_params(), k.ws, sms, nullptr);
   }
   check_cuda(cudaDeviceSynchronize(), "dispatch_recv");
@@ -220,8 +249,15 @@ void run_and_compare(std::vector<std::unique_ptr<SimRank>>& ranks, const ferry_a
     const auto recv_bytes = download<uint8_t>(k.recv.get(), k.recv.bytes());
     std::vector<int32_t> hn(epr);
     std::vector<uint8_t> hx(k.out_x.bytes(), kPoison), hxs(k.out_x_scale.bytes(), kPoison);
+    std::vector<uint8_t> hsrc(k.out_src_token.bytes(), kPoison), hper(k.out_per_rank.bytes(), kPoison);
     ep::host::unpack_dispatch(k.L, recv_plans[d], recv_bytes.data(), hn.data(), hx.data(),
-                              k.L.num_scales ? reinterpret_cast<float*>(hxs.data()) : nullptr, routes[d]);
+                              k.L.num_scales ? reinterpret_cast<float*>(hxs.data()) : nullptr, routes[d],
+                              k.scale_layout, reinterpret_cast<int32_t*>(hsrc.data()),
+                              reinterpret_cast<int32_t*>(hper.data()));
+    ASSERT_EQ(first_difference(download<uint8_t>(k.out_src_token.get(), k.out_src_token.bytes()), hsrc), -1)
+        << "rank " << d << " source tokens differ from the host's unpack";
+    ASSERT_EQ(first_difference(download<uint8_t>(k.out_per_rank.get(), k.out_per_rank.bytes()), hper), -1)
+        << "rank " << d << " rows per source rank differ from the host's unpack";
     EXPECT_EQ(download<int32_t>(k.out_num.get(), epr), hn) << "rank " << d << " expert counts";
     ASSERT_EQ(first_difference(download<uint8_t>(k.out_x.get(), k.out_x.bytes()), hx), -1)
         << "rank " << d << " expert rows differ from the host's unpack";
@@ -232,7 +268,8 @@ void run_and_compare(std::vector<std::unique_ptr<SimRank>>& ranks, const ferry_a
     cd.rank = d;
     const auto want_d = ep::reference::dispatch(cd, bounded, d);
     EXPECT_EQ(ep::reference::compare_dispatch(cd, want_d, hn.data(), hx.data(),
-                                              k.L.num_scales ? reinterpret_cast<float*>(hxs.data()) : nullptr),
+                                              k.L.num_scales ? reinterpret_cast<float*>(hxs.data()) : nullptr,
+                                              k.scale_layout),
               "");
   }
 
@@ -242,11 +279,12 @@ void run_and_compare(std::vector<std::unique_ptr<SimRank>>& ranks, const ferry_a
     SimRank& k = *ranks[d];
     // The standard expert model (y = dequant(x) * gain(e)) on the rows this rank received.
     ys[d].assign(k.rows() * k.L.out_row_bytes(), 0);
+    ferry_a2a_config_t cd = base;
+    cd.rank = d;
+    const std::vector<float> scales = k.scale_rows(cd);
     ep::reference::apply_experts(k.L, download<int32_t>(k.out_num.get(), k.L.experts_per_rank).data(),
                                  download<uint8_t>(k.out_x.get(), k.out_x.bytes()).data(),
-                                 k.L.num_scales ? download<float>(k.out_x_scale.get(), k.rows() * k.L.num_scales).data()
-                                                : nullptr,
-                                 ys[d].data());
+                                 k.L.num_scales ? scales.data() : nullptr, ys[d].data());
     upload(k.expert_y.get(), ys[d].data(), ys[d].size());
     poison(k.partials.get(), k.partials.bytes());
     combine_send(k.combine_send_params(), k.ws, sms, nullptr);
@@ -287,8 +325,12 @@ void run_and_compare(std::vector<std::unique_ptr<SimRank>>& ranks, const ferry_a
       ASSERT_EQ(k.error().code, kErrNone) << "rank " << s << ": " << device_error_name(k.error().code);
       const auto crecv = download<uint8_t>(k.combine_recv.get(), k.combine_recv.bytes());
       std::vector<uint8_t> hout = before[s];
-      ep::host::unpack_combine(k.L, std::span<const ep::SendPlan>(&h.plans[s], 1), crecv.data(), hout.data(),
-                               accumulate);
+      if (k.L.weights_at_combine)
+        ep::host::unpack_combine_rows(k.L, h.plans[s], crecv.data(), bounded[s].weights.data(), hout.data(),
+                                      accumulate);
+      else
+        ep::host::unpack_combine(k.L, std::span<const ep::SendPlan>(&h.plans[s], 1), crecv.data(), hout.data(),
+                                 accumulate);
       const auto dout = download<uint8_t>(k.out_tokens.get(), k.out_tokens.bytes());
       ASSERT_EQ(first_difference(dout, hout), -1)
           << "rank " << s << (accumulate ? " accumulated" : "") << " out_tokens differ from the host's combine";
@@ -305,12 +347,13 @@ void run_and_compare(std::vector<std::unique_ptr<SimRank>>& ranks, const ferry_a
   }
 }
 
-std::vector<std::unique_ptr<SimRank>> make_ranks(const ferry_a2a_config_t& base) {
+std::vector<std::unique_ptr<SimRank>> make_ranks(const ferry_a2a_config_t& base,
+                                                 int scale_layout = ep::kScaleRowMajor) {
   std::vector<std::unique_ptr<SimRank>> ranks;
   for (int r = 0; r < base.world_size; ++r) {
     ferry_a2a_config_t c = base;
     c.rank = r;
-    ranks.push_back(std::make_unique<SimRank>(ep::make_layout(c)));
+    ranks.push_back(std::make_unique<SimRank>(ep::make_layout(c), scale_layout));
   }
   return ranks;
 }
@@ -318,7 +361,7 @@ std::vector<std::unique_ptr<SimRank>> make_ranks(const ferry_a2a_config_t& base)
 TEST_P(KernelsVsHost, DispatchAndCombineMatchTheHostBackendByteForByte) {
   const Shape& shape = GetParam();
   const ferry_a2a_config_t base = config_of(shape, 0);
-  auto ranks = make_ranks(base);
+  auto ranks = make_ranks(base, shape.c.out_scale_layout);
   for (uint64_t seed : {11u, 12u}) {
     InputSpec spec = shape.c.spec;
     spec.seed = seed;
@@ -345,7 +388,37 @@ INSTANTIATE_TEST_SUITE_P(
                .spec = {.routing = Routing::one_expert}}},
         Shape{"f32_h2048_top8_of_12_varying",
               {.world_size = 3, .num_experts = 12, .top_k = 8, .max_tokens = 50, .hidden = 2048, .in_dtype = FERRY_F32,
-               .out_dtype = FERRY_BF16, .private_tokens = 10, .spec = {.drop_fraction = 0.3, .vary_tokens = true}}}),
+               .out_dtype = FERRY_BF16, .private_tokens = 10, .spec = {.drop_fraction = 0.3, .vary_tokens = true}}},
+        // Quantize on dispatch: the pack kernel's fused cast against the host's pack, byte for byte.
+        Shape{"bf16_cast_fp8_h7168_top8_rounded_ue8m0",
+              {.world_size = 4, .num_experts = 32, .top_k = 8, .max_tokens = 64, .hidden = 7168,
+               .in_dtype = FERRY_FP8_E4M3, .out_dtype = FERRY_BF16, .scale_block = 128, .private_tokens = 16,
+               .out_scale_layout = FERRY_SCALE_UE8M0_COLUMN_MAJOR,
+               .spec = {.quantize = true, .round_scale = ep::reference::RoundScale::all}}},
+        Shape{"bf16_cast_fp8_block32_column_major_drops_varying",
+              {.world_size = 3, .num_experts = 12, .top_k = 4, .max_tokens = 40, .hidden = 2560,
+               .in_dtype = FERRY_FP8_E4M3, .out_dtype = FERRY_BF16, .scale_block = 32, .expert_alignment = 4,
+               .private_tokens = 8, .out_scale_layout = FERRY_SCALE_COLUMN_MAJOR,
+               .spec = {.drop_fraction = 0.3, .zero_tokens_every = 3, .vary_tokens = true, .quantize = true,
+                        .round_scale = ep::reference::RoundScale::odd_groups}}},
+        Shape{"bf16_cast_fp8_block256_f32_out",
+              {.world_size = 2, .num_experts = 4, .top_k = 2, .max_tokens = 33, .hidden = 1536,
+               .in_dtype = FERRY_FP8_E4M3, .out_dtype = FERRY_F32, .scale_block = 256,
+               .spec = {.quantize = true}}},
+        // Weights at combine: rows travel back unweighted, the source weighs them (DeepEP's combine).
+        Shape{"weights_at_combine_bf16_top8_of_32",
+              {.world_size = 4, .num_experts = 32, .top_k = 8, .max_tokens = 48, .hidden = 4096,
+               .in_dtype = FERRY_BF16, .out_dtype = FERRY_BF16, .private_tokens = 12,
+               .combine_weights = FERRY_WEIGHTS_AT_COMBINE, .spec = {.drop_fraction = 0.2, .vary_tokens = true}}},
+        Shape{"weights_at_combine_bf16_cast_fp8_ue8m0_f32_out",
+              {.world_size = 3, .num_experts = 12, .top_k = 6, .max_tokens = 40, .hidden = 2048,
+               .in_dtype = FERRY_FP8_E4M3, .out_dtype = FERRY_F32, .scale_block = 128, .expert_alignment = 2,
+               .out_scale_layout = FERRY_SCALE_UE8M0_COLUMN_MAJOR, .combine_weights = FERRY_WEIGHTS_AT_COMBINE,
+               .spec = {.zero_tokens_every = 3, .quantize = true, .round_scale = ep::reference::RoundScale::all}}},
+        Shape{"bf16_cast_fp8_block8_rounded",
+              {.world_size = 2, .num_experts = 4, .top_k = 2, .max_tokens = 33, .hidden = 512,
+               .in_dtype = FERRY_FP8_E4M3, .out_dtype = FERRY_BF16, .scale_block = 8,
+               .spec = {.quantize = true, .round_scale = ep::reference::RoundScale::all}}}),
     [](const ::testing::TestParamInfo<Shape>& info) { return std::string(info.param.name); });
 
 }  // namespace

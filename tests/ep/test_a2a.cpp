@@ -37,11 +37,13 @@ ferry_a2a_config_t config_of(const Case& c, int rank) { return testing::config_o
 void run_steps(testing::ApiA2a& a2a, const ferry_a2a_config_t& cfg, const Case& c) {
   const Layout l = make_layout(cfg);
   const size_t rows = size_t(l.experts_per_rank) * l.max_rows_per_expert;
+  const int scale_layout = c.out_scale_layout;
   std::vector<int32_t> counts(l.experts_per_rank, -1);
   std::vector<uint8_t> expert_x(rows * l.payload_bytes, 0xee);
-  std::vector<float> expert_scale(rows * l.num_scales, -1.0f);
+  std::vector<float> expert_scale(l.out_scale_buffer_bytes(scale_layout) / 4, -1.0f);
   std::vector<uint8_t> expert_y(rows * l.out_row_bytes(), 0);
   std::vector<uint8_t> out(size_t(l.max_tokens) * l.out_row_bytes());
+  std::vector<int32_t> src_token(rows, -7), per_rank(size_t(l.experts_per_rank) * l.world_size, -7);
   testing::HalfStepCaller caller(c, l.rank);
 
   for (int step = 0; step < c.steps; ++step) {
@@ -53,20 +55,31 @@ void run_steps(testing::ApiA2a& a2a, const ferry_a2a_config_t& cfg, const Case& 
     d.out_expert_x = expert_x.data();
     d.out_expert_x_scale = l.num_scales ? expert_scale.data() : nullptr;
     d.dp_x = in.x.data();
-    d.dp_x_scale = l.num_scales ? in.x_scale.data() : nullptr;
+    d.dp_x_scale = l.num_scales && !in.quantize ? in.x_scale.data() : nullptr;
     d.indices = in.indices.data();
-    d.weights = in.weights.data();
+    d.weights = l.weights_at_combine ? nullptr : in.weights.data();
     d.num_tokens = in.num_tokens;
+    d.quantize = in.quantize ? FERRY_QUANTIZE_FP8_BLOCK : FERRY_QUANTIZE_NONE;
+    d.round_scale = in.round_scale ? 1 : 0;
+    d.out_scale_layout = c.out_scale_layout;
+    d.out_expert_src_token = src_token.data();
+    d.out_expert_num_tokens_per_rank = per_rank.data();
     caller.call([&](int flags) {
       d.flags = flags;
       a2a.dispatch(d);
     });
 
     const auto want = reference::dispatch(cfg, inputs, l.rank);
-    const std::string diff = reference::compare_dispatch(cfg, want, counts.data(), expert_x.data(), expert_scale.data());
+    const std::string diff =
+        reference::compare_dispatch(cfg, want, counts.data(), expert_x.data(), expert_scale.data(), scale_layout);
     ASSERT_TRUE(diff.empty()) << "step " << step << "\n" << diff;
+    const std::string sources = reference::compare_sources(cfg, want, src_token.data(), per_rank.data());
+    ASSERT_TRUE(sources.empty()) << "step " << step << "\n" << sources;
 
-    reference::apply_experts(l, counts.data(), expert_x.data(), expert_scale.data(), expert_y.data());
+    const std::vector<float> scale_rows = scale_layout == FERRY_SCALE_ROW_MAJOR || l.num_scales == 0
+                                              ? expert_scale
+                                              : reference::scales_as_rows(cfg, scale_layout, expert_scale.data());
+    reference::apply_experts(l, counts.data(), expert_x.data(), scale_rows.data(), expert_y.data());
     std::vector<float> initial(size_t(in.num_tokens) * l.hidden, 0.0f);
     if (c.accumulate) {
       for (size_t i = 0; i < initial.size(); ++i) {
@@ -230,6 +243,184 @@ TEST(AllToAll, CombineAccumulatesIntoOutTokens) {
   Case c;
   c.out_dtype = FERRY_F32;
   c.accumulate = true;
+  run_case(c);
+}
+
+// ---- quantize on dispatch ------------------------------------------------------------------------
+// bf16 tokens in; what travels and lands in out_expert_x is fp8 e4m3 with one fp32 scale per block,
+// computed by Ferry while it packs. Every byte (values, scales, padding) against the reference's
+// own cast; combine runs the experts on the cast values. The inputs have blocks of magnitudes
+// 2^-20 .. 2^20, zero blocks, -0 and infinities (reference.h, InputSpec::quantize).
+
+Case quantize_case() {
+  Case c;
+  c.in_dtype = FERRY_FP8_E4M3;
+  c.scale_block = 128;
+  c.hidden = 1024;
+  c.spec.quantize = true;
+  return c;
+}
+
+TEST(QuantizeOnDispatch, Ep2OverTcpIsTheReferenceCastByteForByte) { run_case(quantize_case()); }
+
+TEST(QuantizeOnDispatch, Ep4OverShmWithScalesRoundedToPowersOfTwo) {
+  Case c = quantize_case();
+  c.world_size = 4;
+  c.num_experts = 8;
+  c.top_k = 3;
+  c.provider = "shm";
+  c.spec.round_scale = reference::RoundScale::all;
+  run_case(c);
+}
+
+TEST(QuantizeOnDispatch, RanksRoundTheirScalesOrNotEachForItself) {
+  Case c = quantize_case();
+  c.world_size = 4;
+  c.num_experts = 8;
+  c.spec.round_scale = reference::RoundScale::odd_groups;
+  c.steps = 2;
+  run_case(c);
+}
+
+TEST(QuantizeOnDispatch, ColumnMajorScalesWithPaddedExperts) {
+  Case c = quantize_case();
+  c.world_size = 4;
+  c.num_experts = 8;
+  c.expert_alignment = 3;
+  c.out_scale_layout = FERRY_SCALE_COLUMN_MAJOR;
+  run_case(c);
+}
+
+TEST(QuantizeOnDispatch, Ue8m0ScalesOfRoundedScalesWithAPartlyFilledLastWordOverShm) {
+  Case c = quantize_case();
+  c.world_size = 4;
+  c.num_experts = 8;
+  c.hidden = 640;  // 5 scales: two words, the second with three zero bytes
+  c.provider = "shm";
+  c.expert_alignment = 2;
+  c.out_scale_layout = FERRY_SCALE_UE8M0_COLUMN_MAJOR;
+  c.spec.round_scale = reference::RoundScale::all;
+  run_case(c);
+}
+
+TEST(QuantizeOnDispatch, RanksWithZeroTokensAndDroppedRoutes) {
+  Case c = quantize_case();
+  c.world_size = 4;
+  c.num_experts = 8;
+  c.top_k = 3;
+  c.spec.zero_tokens_every = 2;
+  c.spec.drop_fraction = 0.3;
+  c.steps = 2;
+  run_case(c);
+}
+
+TEST(QuantizeOnDispatch, SendAndRecvSplitWithSkewedRanksOverShm) {
+  Case c = quantize_case();
+  c.world_size = 4;
+  c.num_experts = 8;
+  c.provider = "shm";
+  c.split = true;
+  c.max_skew_ms = 10;
+  c.steps = 3;
+  c.spec.vary_tokens = true;
+  c.spec.round_scale = reference::RoundScale::odd_groups;
+  run_case(c);
+}
+
+TEST(QuantizeOnDispatch, DeepEpDecodeShapeTop8Hidden7168WithUe8m0Scales) {
+  Case c = quantize_case();
+  c.world_size = 4;
+  c.num_experts = 16;
+  c.top_k = 8;
+  c.max_tokens = 8;
+  c.hidden = 7168;
+  c.out_scale_layout = FERRY_SCALE_UE8M0_COLUMN_MAJOR;
+  c.spec.round_scale = reference::RoundScale::all;
+  run_case(c);
+}
+
+TEST(QuantizeOnDispatch, SmallestAndLargestScaleBlocks) {
+  for (int block : {FERRY_QUANTIZE_MIN_BLOCK, FERRY_QUANTIZE_MAX_BLOCK}) {
+    Case c = quantize_case();
+    c.hidden = 768;
+    c.scale_block = block;
+    c.spec.round_scale = reference::RoundScale::odd_groups;
+    SCOPED_TRACE("scale_block " + std::to_string(block));
+    run_case(c);
+  }
+}
+
+// ---- weights at combine -----------------------------------------------------------------------
+// Dispatch carries no weights (NULL); every destination returns the token's expert rows and combine
+// RECV sums them with the weights it is given (DeepEP's low-latency combine). Several experts per
+// rank, so records carry several routes and slots several rows.
+
+Case weights_at_combine_case() {
+  Case c;
+  c.world_size = 2;
+  c.num_experts = 8;
+  c.top_k = 4;
+  c.combine_weights = FERRY_WEIGHTS_AT_COMBINE;
+  return c;
+}
+
+TEST(WeightsAtCombine, Ep2OverTcpSumsEveryExpertRowWithTheCombinesWeights) { run_case(weights_at_combine_case()); }
+
+TEST(WeightsAtCombine, Ep4Top8Of16ExpertsOverShm) {
+  Case c = weights_at_combine_case();
+  c.world_size = 4;
+  c.num_experts = 16;
+  c.top_k = 8;
+  c.provider = "shm";
+  run_case(c);
+}
+
+TEST(WeightsAtCombine, RanksWithZeroTokensDroppedRoutesAndAccumulatingF32) {
+  Case c = weights_at_combine_case();
+  c.world_size = 4;
+  c.num_experts = 12;
+  c.out_dtype = FERRY_F32;
+  c.accumulate = true;
+  c.spec.zero_tokens_every = 2;
+  c.spec.drop_fraction = 0.3;
+  c.steps = 2;
+  run_case(c);
+}
+
+TEST(WeightsAtCombine, SplitHalvesBackToBackWithSkewedRanksAndASmallPrivateRegionOverShm) {
+  Case c = weights_at_combine_case();
+  c.world_size = 3;
+  c.num_experts = 9;
+  c.top_k = 5;
+  c.provider = "shm";
+  c.split = true;
+  c.max_skew_ms = 10;
+  c.private_tokens = 3;
+  c.steps = 6;
+  c.spec.vary_tokens = true;
+  run_case(c);
+}
+
+TEST(WeightsAtCombine, WithQuantizeOnDispatchAndColumnMajorScalesAsDeepEpLowLatency) {
+  Case c = quantize_case();
+  c.world_size = 4;
+  c.num_experts = 16;
+  c.top_k = 6;
+  c.combine_weights = FERRY_WEIGHTS_AT_COMBINE;
+  c.out_scale_layout = FERRY_SCALE_COLUMN_MAJOR;
+  c.spec.round_scale = reference::RoundScale::odd_groups;
+  c.spec.drop_fraction = 0.1;
+  run_case(c);
+}
+
+TEST(WeightsAtCombine, SlotsOfMoreThanAMegabyteTravelInPiecesOverTwoNics) {
+  Case c = weights_at_combine_case();
+  c.num_experts = 16;
+  c.top_k = 8;
+  c.max_tokens = 4;
+  c.hidden = 65536;
+  c.out_dtype = FERRY_F32;  // 256 KiB rows, four or more per record
+  c.nets_per_rank = 2;
   run_case(c);
 }
 
@@ -637,6 +828,34 @@ TEST(AllToAllErrors, CombineNumTokensOtherThanItsDispatchsIsRefusedOnEveryRank) 
   }));
 }
 
+// A quantize call the all-to-all cannot honour (here scales given although Ferry computes them) is
+// refused before anything moves; the same handle then runs the steps and every rank gets the
+// reference's bytes.
+TEST(AllToAllErrors, ARefusedQuantizeCallChangesNothingAndTheStepsThenRun) {
+  Case c = quantize_case();
+  c.world_size = 3;
+  c.num_experts = 6;
+  testing::expect_all_ok(testing::run_ranks(testing::launch_options(c), [&](te::Bootstrap& b) {
+    const ferry_a2a_config_t cfg = config_of(c, b.rank());
+    testing::ApiA2a a2a(cfg, b);
+    if (b.rank() == 1) {
+      const auto in = reference::generate_input(cfg, c.spec, 1);
+      DispatchCall call(make_layout(cfg), in);
+      const std::vector<float> scales(size_t(in.num_tokens) * 8, 1.0f);
+      call.args.quantize = FERRY_QUANTIZE_FP8_BLOCK;
+      call.args.dp_x_scale = scales.data();
+      try {
+        a2a.dispatch(call.args);
+        ADD_FAILURE() << "dp_x_scale with quantize accepted";
+      } catch (const Error& e) {
+        EXPECT_EQ(e.status(), Status::invalid_argument) << e.what();
+        EXPECT_NE(std::string(e.what()).find("dp_x_scale must be NULL with quantize"), std::string::npos) << e.what();
+      }
+    }
+    run_steps(a2a, cfg, c);
+  }));
+}
+
 // ---- ranks agree on the config ----------------------------------------------------------------
 
 // One way for the last rank's config to differ from the others', and the fields every rank's
@@ -661,6 +880,7 @@ const Disagreement kDisagreements[] = {
     {"Device", {"device"}, [](ferry_a2a_config_t& c) { c.device = FERRY_DEVICE_CUDA; }},
     {"NetsPerRank", {"nets_per_rank"}, [](ferry_a2a_config_t& c) { c.nets_per_rank = 2; }},
     {"Provider", {"provider"}, [](ferry_a2a_config_t& c) { c.provider = "shm"; }},
+    {"CombineWeights", {"combine_weights"}, [](ferry_a2a_config_t& c) { c.combine_weights = FERRY_WEIGHTS_AT_COMBINE; }},
     // Pairs that used to run to the end with every status FERRY_OK and wrong combine output (with
     // MaxTokens and OutDtype above).
     {"Bf16AgainstF16InAndOut", {"in_dtype", "out_dtype"},

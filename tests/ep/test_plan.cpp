@@ -2,11 +2,13 @@
 // wire sizes, dtype rounding, and the reference's generator.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <numeric>
 
 #include "csrc/agreement.h"
+#include "csrc/argcheck.h"
 #include "csrc/backend.h"
 #include "csrc/dtype.h"
 #include "csrc/plan.h"
@@ -56,6 +58,7 @@ TEST(Config, DefaultsDescribeABf16HostAllToAll) {
   EXPECT_EQ(c.device, FERRY_DEVICE_HOST);
   EXPECT_EQ(c.private_tokens, -1);
   EXPECT_EQ(c.timeout_ms, FERRY_DEFAULT_TIMEOUT_MS);
+  EXPECT_EQ(c.combine_weights, FERRY_WEIGHTS_AT_DISPATCH);
 }
 
 TEST(Config, RejectsEachInvalidFieldNamingIt) {
@@ -285,6 +288,232 @@ TEST(Dtype, RowHelpersMatchElementwiseConversion) {
   }
 }
 
+// ---- quantize on dispatch: the shared cast (dtype.h) against the reference's own (reference.cpp) ----
+
+// The fp8 conversion is the nearest e4m3 value, ties to even, saturating: on every bf16 value, on
+// every tie between neighbouring fp8 values and the floats just around it, and on random floats.
+TEST(Quantize, Fp8ConversionIsTheNearestValueTiesToEvenSaturating) {
+  std::vector<float> values;
+  for (uint32_t h = 0; h < 65536; ++h) values.push_back(dtype::bf16_to_f32(uint16_t(h)));
+  for (int code = 0; code < 126; ++code) {
+    const float mid = 0.5f * (dtype::fp8e4m3_to_f32(uint8_t(code)) + dtype::fp8e4m3_to_f32(uint8_t(code + 1)));
+    for (float v : {mid, std::nextafter(mid, 0.0f), std::nextafter(mid, 1e9f)}) {
+      values.push_back(v);
+      values.push_back(-v);
+    }
+  }
+  uint64_t state = 7;
+  for (int i = 0; i < 200000; ++i) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    values.push_back(dtype::f32_from_bits(uint32_t(state >> 32)));
+  }
+  for (float v : values) ASSERT_EQ(dtype::f32_to_fp8e4m3(v), reference::nearest_fp8(v)) << std::hexfloat << v;
+  EXPECT_EQ(dtype::f32_to_fp8e4m3(INFINITY), 0x7e);
+  EXPECT_EQ(dtype::f32_to_fp8e4m3(-INFINITY), 0xfe);
+  EXPECT_EQ(dtype::f32_to_fp8e4m3(-0.0f), 0x80);
+  EXPECT_EQ(dtype::f32_to_fp8e4m3(-NAN), 0x7f);  // the canonical NaN, sign dropped (cvt.rn.satfinite)
+  EXPECT_EQ(dtype::f32x2_to_fp8e4m3x2(1.0f, -448.0f), 0xfe38);
+}
+
+// Blocks of every bf16 bit pattern (NaN, infinities, subnormals, both zeros included), cast with
+// and without round_scale: the bytes and the scale of the shared block cast are the reference's.
+TEST(Quantize, BlockCastOfEveryBf16ValueIsTheReferences) {
+  for (int block : {8, 128, 256}) {
+    for (bool round : {false, true}) {
+      std::vector<uint16_t> x(65536);
+      for (uint32_t h = 0; h < 65536; ++h) x[h] = uint16_t(h * 40503u);  // every pattern, blocks of mixed magnitude
+      const auto want = reference::quantize_token(x.data(), 65536, block, round);
+      std::vector<uint8_t> q(static_cast<size_t>(block));
+      for (int b = 0; b < 65536 / block; ++b) {
+        const float scale = dtype::quantize_block(x.data() + b * block, block, round, q.data());
+        ASSERT_EQ(dtype::f32_bits(scale), dtype::f32_bits(want.scale[size_t(b)])) << "block " << b;
+        ASSERT_EQ(0, std::memcmp(q.data(), want.q.data() + size_t(b) * block, size_t(block))) << "block " << b;
+      }
+    }
+  }
+}
+
+TEST(Quantize, AZeroBlockGetsTheFloorScaleAndZeroBytesKeepingSigns) {
+  std::vector<uint16_t> x(128, 0);
+  x[5] = 0x8000;  // -0
+  std::vector<uint8_t> q(128, 0xff);
+  EXPECT_EQ(dtype::quantize_block(x.data(), 128, false, q.data()), FERRY_QUANTIZE_AMAX_FLOOR * (1.0f / 448.0f));
+  EXPECT_EQ(q[0], 0x00);
+  EXPECT_EQ(q[5], 0x80);
+  EXPECT_EQ(dtype::quantize_block(x.data(), 128, true, q.data()), std::ldexp(1.0f, -22));
+}
+
+TEST(Quantize, RoundedScalesAreThePowerOfTwoAtOrAboveAmaxOver448) {
+  for (float amax : {1.0f, 448.0f, 449.0f, 896.0f, 0.001f, 3.0e38f, 1.5f}) {
+    const auto rounded = dtype::fp8_block_scale(amax, true);
+    const float exact = amax * (1.0f / 448.0f);
+    int e = 0;
+    EXPECT_EQ(std::frexp(rounded.scale, &e), 0.5f) << amax;  // a power of two
+    EXPECT_GE(rounded.scale, exact) << amax;
+    EXPECT_LT(rounded.scale, 2 * exact) << amax;
+    EXPECT_EQ(rounded.scale * rounded.multiplier, 1.0f) << amax;
+  }
+  EXPECT_EQ(dtype::fp8_block_scale(448.0f, true).scale, 1.0f);
+  EXPECT_EQ(dtype::ue8m0_of(1.0f), 127);
+  EXPECT_EQ(dtype::ue8m0_of(std::ldexp(1.0f, -22)), 105);
+}
+
+// Every scale slot of every row has its own place inside the buffer, in each layout, where ferry.h
+// says (and where DeepEP's strides put it).
+TEST(Quantize, EveryScaleLayoutPlacesEachSlotOnceInsideTheBuffer) {
+  auto c = config(2, 6, 2, 5, 640);  // 3 local experts, 10 rows each, 5 scales of 128
+  c.in_dtype = FERRY_FP8_E4M3;
+  c.scale_block = 128;
+  c.expert_alignment = 1;
+  const Layout l = make_layout(c);
+  for (int layout : {kScaleRowMajor, kScaleColumnMajor, kScaleUe8m0ColumnMajor}) {
+    const uint64_t bytes = l.out_scale_buffer_bytes(layout);
+    const uint64_t width = layout == kScaleUe8m0ColumnMajor ? 1 : 4;
+    std::vector<int> hits(bytes, 0);
+    for (int64_t row = 0; row < int64_t(l.experts_per_rank) * l.max_rows_per_expert; ++row)
+      for (int s = 0; s < l.out_scale_slots(layout); ++s) {
+        const uint64_t at = l.out_scale_offset(layout, row, s);
+        ASSERT_LE(at + width, bytes);
+        for (uint64_t b = at; b < at + width; ++b) ++hits[b];
+      }
+    EXPECT_EQ(std::count(hits.begin(), hits.end(), 1), int64_t(bytes)) << "layout " << layout;
+  }
+  // Expert 2, row 7, scale 3: DeepEP strides (M * S, 1, M) in floats; UE8M0 word 0 byte 3.
+  const int M = l.max_rows_per_expert;
+  EXPECT_EQ(l.out_scale_offset(kScaleColumnMajor, 2 * M + 7, 3), uint64_t(2 * M * 5 + 3 * M + 7) * 4);
+  EXPECT_EQ(l.out_scale_offset(kScaleUe8m0ColumnMajor, 2 * M + 7, 3), uint64_t(2 * M * 2 + 0 * M + 7) * 4 + 3);
+  EXPECT_EQ(l.out_scale_offset(kScaleUe8m0ColumnMajor, 2 * M + 7, 4), uint64_t(2 * M * 2 + 1 * M + 7) * 4 + 0);
+}
+
+// The front door refuses what a dispatch asks and the all-to-all cannot honour, naming it.
+std::string dispatch_error(const Layout& l, const ferry_dispatch_args_t& a) {
+  try {
+    check_dispatch_args(l, a, Site{l.rank, 0, "dispatch"});
+    return "";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), Status::invalid_argument) << e.what();
+    return e.what();
+  }
+}
+
+TEST(Quantize, ArgumentsTheAllToAllCannotHonourAreRefusedNamingThem) {
+  auto c = config(2, 4, 2, 8, 1024);
+  c.in_dtype = FERRY_FP8_E4M3;
+  c.scale_block = 128;
+  const Layout fp8 = make_layout(c);
+  const uint16_t x[1] = {};
+  const int32_t idx[2] = {0, 1};
+  const float w[2] = {1, 1}, scale[8] = {};
+  ferry_dispatch_args_t a{};
+  a.dp_x = x;
+  a.indices = idx;
+  a.weights = w;
+  a.num_tokens = 1;
+  a.flags = FERRY_SEND;
+  a.quantize = FERRY_QUANTIZE_FP8_BLOCK;
+  EXPECT_EQ(dispatch_error(fp8, a), "");
+  a.round_scale = 1;
+  EXPECT_EQ(dispatch_error(fp8, a), "");
+  a.dp_x_scale = scale;
+  EXPECT_NE(dispatch_error(fp8, a).find("dp_x_scale must be NULL with quantize"), std::string::npos);
+  a.dp_x_scale = nullptr;
+  a.round_scale = 2;
+  EXPECT_NE(dispatch_error(fp8, a).find("round_scale 2 must be 0 or 1"), std::string::npos);
+  a.round_scale = 1;
+  a.quantize = FERRY_QUANTIZE_NONE;
+  a.dp_x_scale = scale;
+  EXPECT_NE(dispatch_error(fp8, a).find("round_scale 1 with FERRY_QUANTIZE_NONE"), std::string::npos);
+  a.round_scale = 0;
+  int seven = 7;
+  std::memcpy(&a.quantize, &seven, sizeof seven);
+  EXPECT_NE(dispatch_error(fp8, a).find("quantize 7 is not a ferry_quantize_t"), std::string::npos);
+  a.quantize = FERRY_QUANTIZE_FP8_BLOCK;
+  a.dp_x_scale = nullptr;
+
+  auto bf16 = config(2, 4, 2, 8, 1024);
+  EXPECT_NE(dispatch_error(make_layout(bf16), a).find("this all-to-all carries bf16"), std::string::npos);
+  auto odd = c;
+  odd.hidden_dim = 960;
+  odd.scale_block = 48;
+  EXPECT_NE(dispatch_error(make_layout(odd), a).find("power of two in [8, 256]"), std::string::npos);
+  odd.scale_block = 4;
+  EXPECT_NE(dispatch_error(make_layout(odd), a).find("has scale_block 4"), std::string::npos);
+
+  ferry_dispatch_args_t r{};
+  r.flags = FERRY_RECV;
+  uint8_t out[64];
+  int32_t counts[2];
+  r.out_expert_num_tokens = counts;
+  r.out_expert_x = out;
+  r.out_expert_x_scale = reinterpret_cast<float*>(out);
+  r.out_scale_layout = FERRY_SCALE_UE8M0_COLUMN_MAJOR;
+  EXPECT_EQ(dispatch_error(fp8, r), "");
+  std::memcpy(&r.out_scale_layout, &seven, sizeof seven);
+  EXPECT_NE(dispatch_error(fp8, r).find("out_scale_layout 7 is not a ferry_scale_layout_t"), std::string::npos);
+  r.out_scale_layout = FERRY_SCALE_COLUMN_MAJOR;
+  r.out_expert_x_scale = nullptr;
+  EXPECT_NE(dispatch_error(make_layout(bf16), r).find("FERRY_SCALE_COLUMN_MAJOR lays out scales, and this all-to-all "
+                                                      "carries none"),
+            std::string::npos);
+}
+
+// ---- weights at combine ------------------------------------------------------------------------
+
+// A slot holds one row per route of its record; route k of a token names its row: the slot of the
+// token's record to that rank times the rows per slot, plus its place among the token's routes
+// there (top-k order, as the record header lists them).
+TEST(WeightsAtCombine, EveryRouteHasItsRowInItsRecordsSlot) {
+  auto c = config(2, 8, 3, 4, 64);  // 4 experts per rank: up to 3 rows per slot
+  c.combine_weights = FERRY_WEIGHTS_AT_COMBINE;
+  const Layout l = make_layout(c);
+  EXPECT_EQ(l.combine_rows, 3);
+  EXPECT_EQ(l.combine_slot_bytes(), 3 * l.partial_bytes);
+  EXPECT_EQ(l.combine_recv_bytes(), uint64_t(l.max_send_records()) * 3 * l.partial_bytes);
+  // Token 0 -> experts 5 (rank 1), 1 (rank 0), 4 (rank 1); token 1 -> -1, 6 (rank 1), -1; token 2 -> 0, 2, 3.
+  const int32_t idx[] = {5, 1, 4, -1, 6, -1, 0, 2, 3};
+  const SendPlan p = make_send_plan(l, idx, 3, 0);
+  // Runs: rank 0 gets tokens 0, 2 (slots 0, 1); rank 1 tokens 0, 1 (slots 2, 3).
+  EXPECT_EQ(p.slot_routes, (std::vector<int32_t>{1, 3, 2, 1}));
+  EXPECT_EQ(p.route_row, (std::vector<int32_t>{2 * 3 + 0, 0 * 3 + 0, 2 * 3 + 1, -1, 3 * 3 + 0, -1, 3, 4, 5}));
+  const SendPlan partial = make_send_plan(make_layout(config(2, 8, 3, 4, 64)), idx, 3, 0);
+  EXPECT_EQ(partial.route_row, std::vector<int32_t>(9, -1));
+}
+
+TEST(WeightsAtCombine, TheConfigAndTheCallsSayWhereTheWeightsAre) {
+  auto c = config(4, 8, 2, 8, 64);
+  c.combine_weights = FERRY_WEIGHTS_AT_COMBINE;
+  c.dp_size = 2;
+  EXPECT_EQ(status_of(c), Status::unsupported);
+  EXPECT_NE(error_of(c).find("FERRY_WEIGHTS_AT_COMBINE supports dp_size 1"), std::string::npos);
+  c.dp_size = 1;
+  int five = 5;
+  std::memcpy(&c.combine_weights, &five, sizeof five);
+  EXPECT_NE(error_of(c).find("combine_weights 5 is not a ferry_combine_weights_t"), std::string::npos);
+  c.combine_weights = FERRY_WEIGHTS_AT_COMBINE;
+  const Layout l = make_layout(c);
+  const int32_t idx[2] = {0, 1};
+  const uint8_t x[128] = {};
+  ferry_dispatch_args_t d{};
+  d.dp_x = x;
+  d.indices = idx;
+  d.num_tokens = 1;
+  d.flags = FERRY_SEND;
+  EXPECT_EQ(dispatch_error(l, d), "");  // no weights at dispatch
+  ferry_combine_args_t cb{};
+  uint8_t out[128];
+  cb.out_tokens = out;
+  cb.num_tokens = 1;
+  cb.flags = FERRY_RECV;
+  try {
+    check_combine_args(l, cb, 1, Site{0, 0, "combine RECV"});
+    ADD_FAILURE() << "combine RECV without weights accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("weights must not be NULL with 1 tokens: this all-to-all takes them at combine"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
 TEST(Reference, InputsDependOnlyOnSeedAndGroup) {
   auto c = config(4, 8, 2, 6, 64);
   c.dp_size = 2;
@@ -438,18 +667,19 @@ TEST(Agreement, TheAccountStaysShortAtAnyWorldSize) {
     ConfigAgreement* a = description(all, r);
     for (int32_t* field : {&a->num_experts, &a->experts_per_token, &a->max_tokens_per_rank, &a->hidden_dim,
                            &a->in_dtype, &a->scale_block, &a->out_dtype, &a->private_tokens, &a->dp_size,
-                           &a->device, &a->nets_per_rank})
+                           &a->device, &a->nets_per_rank, &a->combine_weights})
       *field += r;
     std::memset(a->provider, 'x', sizeof a->provider);  // no NUL: read up to the field's end only
     a->status = int32_t(Status::unsupported);
     std::memset(a->error, '\x01', sizeof a->error);
   }
   const AgreementOutcome out = check_agreement(all, world, 0);
+  const ConfigAgreement a0{};
   EXPECT_EQ(out.status, Status::invalid_argument);
   EXPECT_LT(out.message.size(), 4096u) << out.message;
   EXPECT_NE(out.message.find("and 4091 more (4095 of 4096 ranks differ from rank 0)"), std::string::npos);
   EXPECT_NE(out.message.find("rank 1 has \"" + std::string(32, 'x') + "\""), std::string::npos) << out.message;
-  EXPECT_NE(out.message.find("(" + std::string(160, '?') + ")"), std::string::npos) << out.message;
+  EXPECT_NE(out.message.find("(" + std::string(sizeof a0.error, '?') + ")"), std::string::npos) << out.message;
   EXPECT_NE(out.message.find("so do those of ranks 2, 3, 4, 5 and 4090 more"), std::string::npos) << out.message;
 }
 

@@ -2,14 +2,18 @@
 // variables, or --local-ranks N); every rank runs every stage under deadlines, rank 0 gathers the
 // results between stages and writes the summary, --json and --html. Exit code 0 only when every
 // check passed.
+#include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <cerrno>
 #include <chrono>
 #include <cstdarg>
 #include <cstdio>
+#include <cstring>
 #include <ctime>
+#include <filesystem>
 #include <fstream>
 #include <optional>
 #include <regex>
@@ -19,8 +23,10 @@
 #include "tools/check/check.h"
 #include "tools/common/bootstrap.h"
 #include "tools/common/env.h"
+#include "tools/common/cli_checks.h"
 #include "tools/common/launch.h"
 #include "tools/common/report.h"
+#include "transfer_engine/engine.h"
 #include "transfer_engine/error.h"
 
 namespace ferry::check {
@@ -38,6 +44,37 @@ std::string utc_now() {
   gmtime_r(&t, &tm);
   std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
   return buf;
+}
+
+// Exit codes besides 0 (every check passed) and 1 (a check failed or a rank was lost).
+constexpr int kExitUsage = 2;              // a bad option, or a report path that cannot be written
+constexpr int kExitReportNotWritten = 3;   // the checks ran, but a report asked for was not written
+constexpr int kMaxJobTimeoutS = 7 * 24 * 3600;
+constexpr int kMaxWaitMs = 3600 * 1000;
+
+// Why `path` cannot take a report (checked before a run that may last an hour), or "".
+std::string unwritable(const std::string& path) {
+  const std::filesystem::path p(path);
+  std::error_code ec;
+  if (std::filesystem::is_directory(p, ec)) return "it is a directory";
+  const std::filesystem::path dir = p.has_parent_path() ? p.parent_path() : ".";
+  if (!std::filesystem::is_directory(dir, ec)) return "directory " + dir.string() + " does not exist";
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  if (fd < 0) return std::strerror(errno);
+  ::close(fd);
+  return {};
+}
+
+// Writes a whole report; on failure says which option and why.
+bool write_report(const char* option, const std::string& path, const std::string& content) {
+  errno = 0;
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  if (f) f.write(content.data(), static_cast<std::streamsize>(content.size()));
+  if (f) f.close();
+  if (f) return true;
+  std::fprintf(stderr, "[ferry-check] error: cannot write the %s report to %s: %s\n", option,
+               path.c_str(), errno ? std::strerror(errno) : "write failed");
+  return false;
 }
 
 // Raised when a collective step (a gather, an engine setup) fails: the job cannot go on together.
@@ -101,7 +138,7 @@ class Driver {
     }
     if (me_ != 0) return code;
     report_.duration_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    finish();
+    if (!finish()) return kExitReportNotWritten;
     return report_.passed() ? code : 1;
   }
 
@@ -243,19 +280,18 @@ class Driver {
     }
   }
 
-  void finish() {
+  // False when a report the user asked for could not be written (the message is printed).
+  bool finish() {
     std::printf("\n%s", summary_table(report_).c_str());
     std::fflush(stdout);
+    bool written = true;
     if (!opt_.json_path.empty()) {
-      std::ofstream f(opt_.json_path);
-      f << report_to_json(report_).dump(2) << '\n';
-      if (!f) std::fprintf(stderr, "[ferry-check] cannot write %s\n", opt_.json_path.c_str());
+      written = write_report("--json", opt_.json_path, report_to_json(report_).dump(2) + "\n") && written;
     }
     if (!opt_.html_path.empty()) {
-      std::ofstream f(opt_.html_path);
-      f << render_html(report_);
-      if (!f) std::fprintf(stderr, "[ferry-check] cannot write %s\n", opt_.html_path.c_str());
+      written = write_report("--html", opt_.html_path, render_html(report_)) && written;
     }
+    return written;
   }
 
   const Options& opt_;
@@ -290,33 +326,40 @@ int main(int argc, char** argv) {
   int job_timeout_s = 1800;
   CLI::App app{"ferry-check: cluster acceptance test (inventory, NIC loopback, all-pairs links, "
                "all-to-all correctness and timing, NCCL). Exit code 0 only when every check passes."};
-  app.add_option("--local-ranks", local_ranks, "start N ranks on this machine");
+  app.add_option("--local-ranks", local_ranks, "start N ranks on this machine")->check(CLI::Range(1, 4096));
   int local_nodes = 0;
   app.add_option("--local-nodes", local_nodes,
                  "with --local-ranks R: the ranks play N nodes of R/N contiguous ranks (rank r gets "
                  "FERRY_NODE_ID=local-node-<r*N/R> unless FERRY_NODE_ID is set); the report names each rank's node");
   app.add_option("--launcher", launcher, "how --local-ranks starts them: fork or mpi")->check(CLI::IsMember({"fork", "mpi"}));
-  app.add_option("--job-timeout-s", job_timeout_s, "--local-ranks: stop the whole job after this long");
+  app.add_option("--job-timeout-s", job_timeout_s, "--local-ranks: stop the whole job after this long (at most a week)")
+      ->check(CLI::Range(1, check::kMaxJobTimeoutS));
   app.add_option("--provider", opt.provider, "libfabric provider: efa, efa-direct, tcp, shm, verbs")->envname("FERRY_PROVIDER");
   app.add_option("--nics", nics, "comma list of the NICs (domains) of every host, in slot order; default: all the provider lists");
-  app.add_option("--nics-per-rank", opt.nics_per_rank, "NICs each rank uses (default: host NICs / ranks per host)");
-  app.add_option("--expect-nics-per-node", opt.expect_nics_per_node, "fail a host with fewer NICs");
-  app.add_option("--timeout-ms", opt.timeout_ms, "deadline of every wait; a peer silent this long is reported")->check(CLI::PositiveNumber);
+  app.add_option("--nics-per-rank", opt.nics_per_rank, "NICs each rank uses (default: host NICs / ranks per host)")
+      ->check(CLI::Range(0, te::kMaxNics));
+  app.add_option("--expect-nics-per-node", opt.expect_nics_per_node, "fail a host with fewer NICs")
+      ->check(CLI::Range(0, 1 << 16));
+  app.add_option("--timeout-ms", opt.timeout_ms, "deadline of every wait; a peer silent this long is reported")
+      ->check(CLI::Range(1, check::kMaxWaitMs));
   app.add_option("--latency-iters", opt.latency_iters, "ping-pongs per pair and NIC")->check(CLI::PositiveNumber);
   app.add_option("--latency-bytes", opt.latency_bytes, "bytes per ping (at most 64)")->check(CLI::Range(0, 64));
   app.add_option("--bw-bytes", opt.bw_bytes, "bytes per bandwidth write")->check(CLI::PositiveNumber);
   app.add_option("--bw-iters", opt.bw_iters, "bandwidth writes per direction")->check(CLI::PositiveNumber);
   app.add_option("--bw-reps", opt.bw_reps, "bandwidth bursts per direction; the fastest counts")->check(CLI::PositiveNumber);
   app.add_option("--loopback-bytes", opt.loopback_bytes, "bytes of the per-NIC loopback check")->check(CLI::PositiveNumber);
-  app.add_option("--min-gbps", opt.min_gbps, "a link below this is slow (0: no floor)");
-  app.add_option("--outlier-ratio", opt.outlier_ratio, "a link below this fraction of the median of its kind is slow (0: off)");
+  app.add_option("--min-gbps", opt.min_gbps, "a link below this is slow (0: no floor)")->check(tools::finite_in(0, 1e6));
+  app.add_option("--outlier-ratio", opt.outlier_ratio, "a link below this fraction of the median of its kind is slow (0: off)")
+      ->check(tools::finite_in(0, 1));
   app.add_option("--a2a-tokens", opt.a2a_tokens, "tokens per rank of the decode shape (the wide shape uses a quarter)")->check(CLI::PositiveNumber);
   app.add_option("--a2a-decode-hidden", opt.a2a_decode_hidden, "hidden size of the decode shape")->check(CLI::PositiveNumber);
   app.add_option("--a2a-wide-hidden", opt.a2a_wide_hidden, "hidden size of the wide shape")->check(CLI::PositiveNumber);
   app.add_option("--a2a-iters", opt.a2a_iters, "timed iterations per all-to-all case")->check(CLI::PositiveNumber);
-  app.add_option("--a2a-warmup", opt.a2a_warmup, "untimed (but verified) iterations per case");
-  app.add_option("--max-dispatch-us", opt.max_dispatch_us, "fail when dispatch p99 exceeds this (0: no limit)");
-  app.add_option("--max-combine-us", opt.max_combine_us, "fail when combine p99 exceeds this (0: no limit)");
+  app.add_option("--a2a-warmup", opt.a2a_warmup, "untimed (but verified) iterations per case")->check(CLI::Range(0, 1000000));
+  app.add_option("--max-dispatch-us", opt.max_dispatch_us, "fail when dispatch p99 exceeds this (0: no limit)")
+      ->check(tools::finite_in(0, 1e12));
+  app.add_option("--max-combine-us", opt.max_combine_us, "fail when combine p99 exceeds this (0: no limit)")
+      ->check(tools::finite_in(0, 1e12));
   app.add_option("--a2a-device", opt.a2a_device,
                  "backend of the all-to-all stage: host, cuda (every rank's GPU: kernels, proxy, CUDA IPC "
                  "between same-node ranks; FAIL where a rank has none) or auto (cuda when every rank has a "
@@ -336,8 +379,15 @@ int main(int argc, char** argv) {
   app.add_option("--from-json", from_json, "render an earlier --json report (summary, --html) without running checks");
   app.add_option("--debug-die-at", opt.debug_die_at, "")->group("");  // testing the checker itself
   app.add_option("--debug-hang-at", opt.debug_hang_at, "")->group("");
-  app.add_option("--debug-die-rank", opt.debug_die_rank, "")->group("");
-  CLI11_PARSE(app, argc, argv);
+  app.add_option("--debug-die-rank", opt.debug_die_rank, "")->group("")->check(CLI::Range(0, 1 << 24));
+  // CLI11's own exit codes (104, 105, 109, ...) would read as check results: every usage error is 2.
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help
+    std::fprintf(stderr, "[ferry-check] error: %s\nRun with --help for the options.\n", e.what());
+    return check::kExitUsage;
+  }
   opt.nics = check::split_list(nics);
   opt.run_links = !no_links;
   opt.run_alltoall = !no_alltoall;
@@ -353,17 +403,34 @@ int main(int argc, char** argv) {
     }
     if (!bad.empty()) {
       std::fprintf(stderr, "[ferry-check] error: %s\n", bad.c_str());
-      return 2;
+      return check::kExitUsage;
     }
   }
 
   try {
+    // A report that cannot be written fails now, not after the checks ran; checked where it is
+    // written: a run of one, the process that launches --local-ranks, or rank 0 of a launched job
+    // (the other ranks may run on hosts without that directory).
+    const bool writes_reports = (local_ranks > 0 && !tools::is_local_launch_child()) ||
+                                !from_json.empty() || tools::discover_rank_env().rank == 0;
+    for (auto [option, path] : {std::pair<const char*, const std::string*>{"--json", &opt.json_path},
+                                {"--html", &opt.html_path}}) {
+      if (path->empty() || !writes_reports) continue;
+      if (const std::string why = check::unwritable(*path); !why.empty()) {
+        std::fprintf(stderr, "[ferry-check] error: cannot write the %s report to %s: %s\n", option,
+                     path->c_str(), why.c_str());
+        return check::kExitUsage;
+      }
+    }
     if (!from_json.empty()) {
       std::ifstream in(from_json);
       if (!in) raise(Status::invalid_argument, "cannot read " + from_json);
       const check::Report report = check::report_from_json(nlohmann::json::parse(in));
       std::printf("%s", check::summary_table(report).c_str());
-      if (!opt.html_path.empty()) std::ofstream(opt.html_path) << check::render_html(report);
+      if (!opt.html_path.empty() &&
+          !check::write_report("--html", opt.html_path, check::render_html(report))) {
+        return check::kExitReportNotWritten;
+      }
       return report.passed() ? 0 : 1;
     }
     if (local_ranks > 0 && !tools::is_local_launch_child()) {
@@ -372,11 +439,12 @@ int main(int argc, char** argv) {
       launch.launcher = launcher == "mpi" ? tools::LocalLauncher::mpi : tools::LocalLauncher::fork;
       launch.local_nodes = local_nodes;
       launch.args = tools::args_without_launch_options(argc, argv);
-      launch.timeout_ms = job_timeout_s * 1000;
+      launch.timeout_ms = job_timeout_s * 1000;  // both bounded above: fits an int
       // The surviving ranks report a dead one themselves; give them the time their deadlines need
       // (waits on partners that waited on the dead rank, then the gather) before the launcher
-      // stops them.
-      launch.kill_grace_ms = (2 * local_ranks + 8) * opt.timeout_ms + 5000;
+      // stops them, within the job's own deadline.
+      const int64_t grace_ms = (2 * int64_t{local_ranks} + 8) * opt.timeout_ms + 5000;
+      launch.kill_grace_ms = static_cast<int>(std::min<int64_t>(grace_ms, launch.timeout_ms));
       return tools::run_local_ranks(launch);
     }
     if (tools::is_local_launch_child()) {

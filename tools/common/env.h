@@ -7,45 +7,21 @@
 #include <string>
 #include <vector>
 
+#include "transfer_engine/launch_env.h"
+
 namespace ferry::tools {
 
-enum class Launcher {
-  none,      // a plain process: rank 0 of 1
-  mpi,       // mpirun (Open MPI) or an MPICH/PMI launch
-  slurm,     // srun without MPI variables
-  torchrun,  // RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT
-};
-const char* launcher_name(Launcher l);
+// The launcher reader is transfer_engine's (launch_env.h), shared with ferry_bootstrap_from_env so
+// the tools and the library always agree on who is which rank.
+using Launcher = te::Launcher;
+using RankEnv = te::LaunchEnv;
+using te::first_slurm_host;
+using te::launcher_name;
 
-struct RankEnv {
-  int rank = 0;
-  int world_size = 1;
-  int local_rank = 0;
-  int local_size = -1;  // -1: unknown (the bootstrap derives it from host names)
-  Launcher launcher = Launcher::none;
-  std::string master_addr;  // torchrun-style rendezvous, empty when absent
-  int master_port = 0;
-  // The environment variables the values came from, e.g. "OMPI_COMM_WORLD_RANK", for messages.
-  std::string source;
-
-  // True when an MPI runtime started this process, so MPI_Init can work and an MPI baseline is
-  // meaningful.
-  bool under_mpi() const { return launcher == Launcher::mpi; }
-  bool has_master() const { return !master_addr.empty() && master_port > 0; }
-};
-
-// Reads the environment. Precedence: Open MPI (OMPI_COMM_WORLD_*), PMIx (PMIX_RANK), PMI (PMI_RANK /
-// PMI_SIZE), Slurm (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID), torchrun (RANK / WORLD_SIZE /
-// LOCAL_RANK); MASTER_ADDR / MASTER_PORT are read whatever the launcher (under srun without them, the
-// first node of the step and a port derived from the job id). Throws
-// ferry::Error(Status::invalid_argument) naming the variable when a value is malformed or
-// inconsistent (rank outside [0, world_size)).
+// te::read_launch_env of the process environment, or of an explicit variable map (testable without
+// touching the process environment).
 RankEnv discover_rank_env();
-// Same, from an explicit variable map (testable without touching the process environment).
 RankEnv discover_rank_env(const std::map<std::string, std::string>& vars);
-
-// The first host of a Slurm node list ("node[03-05],gpu1" -> "node03").
-std::string first_slurm_host(const std::string& nodelist);
 
 // A snapshot of every variable in the process environment.
 std::map<std::string, std::string> environment_map();

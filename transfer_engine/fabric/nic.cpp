@@ -128,6 +128,7 @@ Nic::Nic(const NicOptions& options) : options_(options) {
   const uint64_t mr_mode = info_->domain_attr->mr_mode;
   caps_.virt_addr = (mr_mode & FI_MR_VIRT_ADDR) != 0;
   caps_.prov_key = (mr_mode & FI_MR_PROV_KEY) != 0;
+  if (info_->domain_attr->mr_key_size > 0) caps_.mr_key_size = info_->domain_attr->mr_key_size;
   caps_.local_mr = (mr_mode & FI_MR_LOCAL) != 0;
   caps_.hmem = (info_->caps & FI_HMEM) != 0;
   caps_.cq_data_size = info_->domain_attr->cq_data_size;

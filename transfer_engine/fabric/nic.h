@@ -55,6 +55,7 @@ struct NicOptions {
 struct NicCaps {
   bool virt_addr = false;   // remote addresses are virtual addresses (else offsets)
   bool prov_key = false;    // the provider chooses keys (else we request unique ones)
+  size_t mr_key_size = 8;   // bytes of a key the provider accepts
   bool local_mr = false;    // descriptors are required for local buffers
   bool hmem = false;        // device memory can be registered
   size_t cq_data_size = 0;
