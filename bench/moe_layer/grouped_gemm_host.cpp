@@ -212,7 +212,7 @@ void sgemm_strided(int m, int n, int k, const float* a, int lda, const float* b,
         float* crow = c + size_t(i) * ldc + n0;
         for (int kk = k0; kk < k1; ++kk) {
           const float aik = a[size_t(i) * lda + kk];
-          if (aik != 0.0f) axpy(crow, aik, b + size_t(kk) * ldb + n0, nb);
+          axpy(crow, aik, b + size_t(kk) * ldb + n0, nb);
         }
       }
     }
