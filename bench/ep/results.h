@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "bench/ep/options.h"
+#include "bench/ep/tbo.h"
 #include "ferry/ferry.h"
 #include "tools/common/env.h"
 #include "tools/common/report.h"
@@ -55,6 +56,7 @@ struct BenchResult {
   std::string baseline_note;         // why there is none
   std::vector<OpResult> baseline;    // dispatch, combine
   std::optional<OverlapResult> overlap;
+  std::optional<TboResult> overlap_tbo;  // --overlap tbo
   bool verify_requested = false;
   bool verify_passed = false;
   std::vector<int> verify_failed_ranks;
