@@ -170,7 +170,7 @@ do_stage() {
   {
     printf 'FERRY_GPU_ORIGINAL_BUILD=%q\n' "$(realpath "$build")"
     printf 'FERRY_GPU_COMMIT=%q\n' "$(cd "$root" && git rev-parse --short HEAD 2> /dev/null) $(cd "$root" &&
-      git status --porcelain --untracked-files=no 2> /dev/null | grep -q . && echo '(with uncommitted changes)')"
+      [ -n "$(git status --porcelain --untracked-files=no 2> /dev/null)" ] && echo '(with uncommitted changes)')"
     printf 'FERRY_GPU_STAGED=%q\n' "$(date -u +%FT%TZ)"
   } > "$stage/manifest.sh"
   local carried tree
@@ -194,9 +194,10 @@ do_dry_run() {
     command -v "$c" > /dev/null || { echo "stage needs $c, not found" >&2; bad=1; }
   done
   py=$(python_here)
+  # Optional here as in install_deps.sh (the C/C++ suite runs without them); stage stops without them.
   "$py" -c 'import scikit_build_core, nanobind' 2> /dev/null ||
-    { echo "stage's pip wheel needs scikit-build-core and nanobind importable by $py" >&2; bad=1; }
-  local tmp raw=0 kind what debs_bytes=0 size
+    echo "note: stage's pip wheel will need scikit-build-core and nanobind importable by $py" >&2
+  local tmp kind what debs_bytes=0 size
   tmp=$(mktemp -d) && trap 'rm -rf "$tmp"' RETURN
   mapfile -t progs < <(pass_programs "$build")
   for p in "${progs[@]}"; do
@@ -337,15 +338,20 @@ dry_check() {
 }
 
 # The python package for the machine's python3: the wheel's libferry and modules, and its extension,
-# rebuilt here against the wheel's libferry when the wheel was built for another python.
+# rebuilt here against the wheel's libferry when the wheel's does not import (built for another
+# python) or FERRY_GPU_REBUILD_EXT=1.
 python_package() {
   local pkg=$work/py tag
   rm -rf "$pkg" && mkdir -p "$pkg"
   python3 -m zipfile -e "$(ls "$stage"/wheel/*.whl | head -1)" "$pkg" || return 1
   tag=$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
   python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
-  if [ -f "$pkg/ferry/_ferry$tag" ]; then echo "the wheel's extension fits this python ($tag)"; return 0; fi
+  if [ "${FERRY_GPU_REBUILD_EXT:-0}" != 1 ] && PYTHONPATH=$pkg python3 -c 'import ferry._ferry'; then
+    echo "the wheel's extension imports in this python ($tag)"
+    return 0
+  fi
   echo "the wheel's extension is $(cd "$pkg/ferry" && ls _ferry*.so); building _ferry$tag against its libferry"
+  rm -f "$pkg"/ferry/_ferry*.so
   local c
   for c in cmake c++; do command -v $c > /dev/null || { echo "building the extension needs $c, not found" >&2; return 1; }; done
   # nanobind travels in the stage for a python that lacks it.
@@ -380,7 +386,7 @@ find_gpu_libs() {
   # torch's wheels (nvidia-cublas, nvidia-nccl) live under python's site-packages.
   roots=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2> /dev/null)
   for lib in libcublas.so.13 libcublasLt.so.13 libnccl.so.2 libcudart.so.13; do
-    ldconfig -p 2> /dev/null | grep -q "[[:space:]]$lib " && continue
+    grep -q "[[:space:]]$lib " <<< "$(ldconfig -p 2> /dev/null)" && continue
     # shellcheck disable=SC2086
     dir=$(find /usr/local/cuda*/ /usr/local/nvidia /opt /usr/lib $roots -name "$lib" -print -quit 2> /dev/null)
     [ -n "$dir" ] && dirname "$dir"
@@ -399,7 +405,7 @@ do_run() {
     [ -f "$stage/manifest.sh" ] || die "no $stage: run 'scripts/gpu_run.sh stage' on the build machine and carry .gpu"
     # shellcheck source=/dev/null
     source "$stage/manifest.sh"
-    rm -rf "$work/build" "$work/lib" "$work/root"
+    rm -rf "${work:?}/build" "${work:?}/lib" "${work:?}/root"
     python3 -c 'import sys, tarfile
 tarfile.open(sys.argv[1]).extractall(sys.argv[2], **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))' \
       "$stage/bundle.tar.xz" "$work" ||
@@ -424,12 +430,12 @@ tarfile.open(sys.argv[1]).extractall(sys.argv[2], **({"filter": "data"} if hasat
       nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
       echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
       local f
-      for f in $(find "$B" -type f -perm -u+x); do
+      find "$B" -type f -perm -u+x -print0 | while IFS= read -r -d '' f; do
         ldd "$f" | grep -a 'not found' | sed "s|^|$(basename "$f"): |"
       done
     } > "$logs/machine.log" 2>&1
   fi
-  local bin=$B cs="compute-sanitizer --error-exitcode 9 --print-limit 20"
+  local bin=$B cs=(compute-sanitizer --error-exitcode 9 --print-limit 20)
   local kernels=$bin/tests/cuda/test_cuda_kernels backend=$bin/tests/cuda/test_cuda_backend
 
   # 1. alone on the GPU: kernel times (decode and prefill; the pack with and without the cast).
@@ -440,13 +446,13 @@ tarfile.open(sys.argv[1]).extractall(sys.argv[2], **({"filter": "data"} if hasat
     step kernels 150 "$kernels"
     step locality 60 "$bin/tests/cuda/test_cuda_locality"
     step gdrcopy 90 "$bin/tests/cuda/test_gdrcopy"
-    step memcheck_kernels 180 $cs --tool memcheck "$kernels" \
+    step memcheck_kernels 180 "${cs[@]}" --tool memcheck "$kernels" \
       --gtest_filter='KernelErrors.*:Shapes/KernelsVsHost.*fp8*:*Quantize*'
-    step racecheck_kernels 150 $cs --tool racecheck "$kernels" --gtest_filter='Shapes/KernelsVsHost.*f32*:*Quantize*'
+    step racecheck_kernels 150 "${cs[@]}" --tool racecheck "$kernels" --gtest_filter='Shapes/KernelsVsHost.*f32*:*Quantize*'
   }
   lane_backend() {
     step backend 330 "$backend"
-    step memcheck_backend 150 $cs --tool memcheck --target-processes all "$backend" \
+    step memcheck_backend 150 "${cs[@]}" --tool memcheck --target-processes all "$backend" \
       --gtest_filter='*TwoRanksOverTcp*:*TwoRanksThroughCudaIpc*:*FourRanksOnTwoNodesMixCudaIpcAndTcp*'
   }
   lane_python() {
@@ -459,7 +465,7 @@ tarfile.open(sys.argv[1]).extractall(sys.argv[2], **({"filter": "data"} if hasat
     [ -x "$bin/tests/check/test_check_cuda" ] && step check_cuda 150 "$bin/tests/check/test_check_cuda"
     [ -x "$bin/tests/moe_layer/test_moe_layer_cuda" ] && step moe_layer_cuda 200 "$bin/tests/moe_layer/test_moe_layer_cuda"
     [ -x "$bin/tests/nccl/test_nccl_cuda" ] && step nccl_cuda 120 "$bin/tests/nccl/test_nccl_cuda"
-    step racecheck_backend 150 $cs --tool racecheck --target-processes all "$backend" \
+    step racecheck_backend 150 "${cs[@]}" --tool racecheck --target-processes all "$backend" \
       --gtest_filter='*TwoRanksOverTcp*:*GraphOfDispatchAndCombine*'
   }
   if ((dry)) || [ "${FERRY_GPU_LANES:-4}" = 1 ]; then
@@ -477,7 +483,8 @@ tarfile.open(sys.argv[1]).extractall(sys.argv[2], **({"filter": "data"} if hasat
       --provider shm --preset qwen3-30b-a3b --warmup 3 --iters 20 --verify
   fi
   local fb=$bin/bench/ep/ferry-bench
-  if [ -x "$fb" ] && "$fb" --help 2>&1 | grep -q 'tbo'; then
+  # Not `--help | grep -q`: grep's early exit fails the pipe under pipefail.
+  if [ -x "$fb" ] && grep -q 'tbo' <<< "$("$fb" --help 2>&1)"; then
     step overlap_tbo 90 "$fb" --backend cuda --local-ranks 4 --launcher fork --provider shm --preset decode \
       --experts 64 --overlap tbo --warmup 3 --iters 20 --verify --no-progress
   fi
