@@ -414,21 +414,32 @@ tarfile.open(sys.argv[1]).extractall(sys.argv[2], **({"filter": "data"} if hasat
     # Unpacked into a prefix, never installed: the GPU machine's own packages stay as they are.
     for d in "$stage"/debs/*.deb; do dpkg -x "$d" "$work/root" || die "dpkg -x $d failed"; done
     B=$work/build
-    # Paths compiled into the programs (ferry-check's, for its test) name the build they came from.
-    local orig=$FERRY_GPU_ORIGINAL_BUILD
+    # Paths compiled into the programs (ferry-check's, for its test) name the build they came from:
+    # a link there to the unpacked one, unless something real has that name (left alone).
+    local orig=$FERRY_GPU_ORIGINAL_BUILD orig_note=""
     if [ "$orig" != "$B" ]; then
-      [ -e "$orig" ] && [ ! -L "$orig" ] && mv "$orig" "$orig.before-gpu-run.$$"
-      mkdir -p "$(dirname "$orig")" && ln -sfn "$B" "$orig"
+      if [ ! -e "$orig" ] || [ -L "$orig" ]; then
+        mkdir -p "$(dirname "$orig")" && ln -sfn "$B" "$orig" || orig_note="could not link $orig to $B"
+      else
+        orig_note="$orig exists and is not a link: programs that name it run what is there"
+      fi
     fi
     local gpu_libs
     gpu_libs=$(find_gpu_libs)
     export LD_LIBRARY_PATH=$work/lib:$work/root/usr/lib/x86_64-linux-gnu:$work/root/lib/x86_64-linux-gnu${gpu_libs:+:$gpu_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     [ -d "$work/root/usr/lib/x86_64-linux-gnu/libfabric" ] && export FI_PROVIDER_PATH=$work/root/usr/lib/x86_64-linux-gnu/libfabric
     export PYTHONUNBUFFERED=1
+    # compute-sanitizer and cuobjdump come with the machine's CUDA toolkit, on PATH or not.
+    if ! command -v compute-sanitizer > /dev/null; then
+      for d in /usr/local/cuda/bin /usr/local/cuda-*/bin; do
+        [ -x "$d/compute-sanitizer" ] && export PATH=$PATH:$d && break
+      done
+    fi
     {
       echo "commit ${FERRY_GPU_COMMIT:-?}, staged ${FERRY_GPU_STAGED:-?}"
       nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
       echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+      [ -n "$orig_note" ] && echo "note: $orig_note"
       local f
       find "$B" -type f -perm -u+x -print0 | while IFS= read -r -d '' f; do
         ldd "$f" | grep -a 'not found' | sed "s|^|$(basename "$f"): |"
@@ -438,8 +449,16 @@ tarfile.open(sys.argv[1]).extractall(sys.argv[2], **({"filter": "data"} if hasat
   local bin=$B cs=(compute-sanitizer --error-exitcode 9 --print-limit 20)
   local kernels=$bin/tests/cuda/test_cuda_kernels backend=$bin/tests/cuda/test_cuda_backend
 
+  if ((!dry)); then
+    # Registers, stack and spills per kernel, from the machine code itself.
+    cuobjdump --dump-resource-usage "$bin/bench/cuda/ferry-cuda-bench" > "$logs/registers.log" 2>&1
+  fi
+
   # 1. alone on the GPU: kernel times (decode and prefill; the pack with and without the cast).
   step bench 150 "$bin/bench/cuda/ferry-cuda-bench" --preset decode --preset prefill
+
+  # The summary so far after each phase: if the command is stopped from outside, $OUT still has it.
+  ((dry)) || summarize > /dev/null
 
   # 2. four lanes. A lane runs its steps one after the other.
   lane_kernels() {
@@ -474,6 +493,7 @@ tarfile.open(sys.argv[1]).extractall(sys.argv[2], **({"filter": "data"} if hasat
     lane_kernels & lane_backend & lane_python & lane_tools &
     wait
   fi
+  ((dry)) || summarize > /dev/null
 
   # 3. alone again: the MoE layer on CUDA where this build has it, then EP8 decode through CUDA IPC,
   # host-staged shm and a mixed job of two emulated nodes (the table of bench/cuda/NOTES.md), last
@@ -502,8 +522,6 @@ tarfile.open(sys.argv[1]).extractall(sys.argv[2], **({"filter": "data"} if hasat
     [ -f "$results/dry-errors" ] && return 1
     return 0
   fi
-  # Registers, stack and spills per kernel, from the machine code itself.
-  cuobjdump --dump-resource-usage "$bin/bench/cuda/ferry-cuda-bench" > "$logs/registers.log" 2>&1
   summarize
 }
 
