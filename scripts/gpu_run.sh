@@ -82,20 +82,69 @@ check_cuda_coverage() {
 }
 
 # Shared libraries the programs need that the GPU machine lacks: "deb <package>=<version>" for those
-# of a Debian package, "file <path>" for the others (the CUDA runtime of this toolkit).
+# of a Debian package, "file <path>" for the others (the CUDA runtime of this toolkit), the path
+# named by the soname the loader looks for.
 needed_libs() {
-  local f lib pkg
+  local f lib pkg cand
   for f in "$@"; do ldd "$f" 2> /dev/null | awk '$3 ~ /^\// {print $3}'; done | sort -u | grep -Ev "$gpu_has" |
     while read -r lib; do
-      lib=$(realpath "$lib")
       # Ferry's own (libferry, from the build or the wheel) travels with the programs.
-      case "$lib" in "$root"/* | "${TMPDIR:-/tmp}"/*) continue ;; esac
-      if pkg=$(dpkg -S "$lib" 2> /dev/null | head -1 | cut -d: -f1) && [ -n "$pkg" ]; then
+      case "$(realpath "$lib")" in "$root"/* | "${TMPDIR:-/tmp}"/*) continue ;; esac
+      # dpkg knows a file by the path its package installed (/lib or /usr/lib after usrmerge).
+      pkg=""
+      for cand in "$lib" "$(realpath "$lib")" "${lib#/usr}" "/usr$lib"; do
+        pkg=$(dpkg -S "$cand" 2> /dev/null | head -1 | cut -d: -f1)
+        [ -n "$pkg" ] && break
+      done
+      if [ -n "$pkg" ]; then
         echo "deb $(dpkg-query -W -f='${Package}=${Version}' "$pkg")"
       else
         echo "file $lib"
       fi
     done | sort -u
+}
+
+# build_extension PYTHON LIBFERRY OUTDIR: ferry._ferry for PYTHON, linked against the wheel's
+# LIBFERRY, into OUTDIR. nanobind comes from PYTHON, else from the stage's copy. Used by stage (for
+# the pythons a GPU machine may have) and by the pass (for one it did not foresee).
+build_extension() {
+  local python=$1 libferry=$2 outdir=$3 ext c nb
+  for c in cmake c++; do command -v $c > /dev/null || { echo "building the extension needs $c, not found" >&2; return 1; }; done
+  nb=$("$python" -c 'import nanobind; print(nanobind.cmake_dir())' 2> /dev/null ||
+    PYTHONPATH=$stage "$python" -c 'import nanobind; print(nanobind.cmake_dir())') ||
+    { echo "no nanobind for $python, nor in $stage/nanobind" >&2; return 1; }
+  ext=$(mktemp -d)
+  cat > "$ext/CMakeLists.txt" << 'EOF'
+cmake_minimum_required(VERSION 3.18)
+project(ferry_python_extension CXX)
+set(CMAKE_CXX_STANDARD 20)
+find_package(Python COMPONENTS Interpreter Development.Module REQUIRED)
+find_package(nanobind CONFIG REQUIRED)
+nanobind_add_module(_ferry NB_STATIC ${FERRY_SOURCE}/python/ext/module.cpp)
+target_include_directories(_ferry PRIVATE ${FERRY_SOURCE}/include)
+target_link_libraries(_ferry PRIVATE ${FERRY_LIBRARY})
+set_target_properties(_ferry PROPERTIES BUILD_RPATH "$ORIGIN" INSTALL_RPATH "$ORIGIN")
+EOF
+  local gen=() rc=0
+  command -v ninja > /dev/null && gen=(-G Ninja)
+  { cmake -S "$ext" -B "$ext/build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$python" \
+      -Dnanobind_DIR="$nb" -DFERRY_SOURCE="$root" -DFERRY_LIBRARY="$libferry" &&
+      cmake --build "$ext/build" -j "$(nproc)" && mkdir -p "$outdir" && cp "$ext"/build/_ferry*.so "$outdir/"; } || rc=1
+  rm -rf "$ext"
+  return $rc
+}
+
+# Pythons other than the wheel's that a GPU machine may run (FERRY_GPU_PYTHONS: interpreters to use
+# instead): those on PATH, and pyenv's.
+other_pythons() {
+  if [ -n "${FERRY_GPU_PYTHONS:-}" ]; then tr ' ' '\n' <<< "$FERRY_GPU_PYTHONS"; return; fi
+  local v p
+  # nanobind supports 3.10 and later.
+  for v in 3.10 3.11 3.12 3.13 3.14; do
+    for p in "python$v" "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$v".*/bin/"python$v"; do
+      "$p" -c '' 2> /dev/null && { command -v "$p"; break; }
+    done
+  done
 }
 
 # Bytes of what travels besides the carry: tracked and untracked-not-ignored files, and shared/.
@@ -167,6 +216,19 @@ do_stage() {
   # nanobind's sources, for the extension the GPU machine builds when its python is not the wheel's.
   cp -r "$("$py" -c 'import nanobind, os; print(os.path.dirname(nanobind.__file__))')" "$stage/nanobind" &&
     rm -rf "$stage/nanobind/__pycache__" || die "could not copy nanobind from $py"
+  # The extension for the other pythons here, so that a GPU machine's python likely finds its own.
+  local other tag wheel_tag built=()
+  wheel_tag=$("$py" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+  while read -r other; do
+    tag=$("$other" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))') || continue
+    [ "$tag" = "$wheel_tag" ] && continue
+    if build_extension "$other" "$lib_ferry/ferry/libferry.so.0" "$stage/ext" >> "$log" 2>&1; then
+      built+=("$tag")
+    else
+      echo "note: no extension for $other (see $log)" >&2
+    fi
+  done < <(other_pythons)
+  echo "extension for the wheel's ${wheel_tag} and ${built[*]:-no other python}"
   {
     printf 'FERRY_GPU_ORIGINAL_BUILD=%q\n' "$(realpath "$build")"
     printf 'FERRY_GPU_COMMIT=%q\n' "$(cd "$root" && git rev-parse --short HEAD 2> /dev/null) $(cd "$root" &&
@@ -217,11 +279,11 @@ do_dry_run() {
       file) echo "  file $what"; cp -L "$what" "$tmp/lib/" ;;
     esac
   done < <(needed_libs "${progs[@]/#/$build/}" ${build:+"$build/libferry.so"})
-  # gzip -1 is larger than the xz the stage packs with: an upper bound, quickly; nanobind is counted
-  # with the wheel.
+  # gzip -1 is larger than the xz the stage packs with: an upper bound, quickly; nanobind's sources
+  # and the extensions for other pythons are counted with the wheel.
   local bundle wheel tree total
   bundle=$(tar -C "$tmp" -cf - build lib | gzip -1 | wc -c)
-  wheel=$(( $(gzip -1 -c "$tmp/libferry.so" 2> /dev/null | wc -c) + (4 << 20) ))
+  wheel=$(( $(gzip -1 -c "$tmp/libferry.so" 2> /dev/null | wc -c) + (8 << 20) ))
   tree=$(tree_bytes)
   total=$((bundle + debs_bytes + wheel + tree))
   echo "programs: ${progs[*]}"
@@ -290,9 +352,16 @@ step() {
   echo "[$(date +%T)] $name (up to ${t}s): $*" > "$logs/$name.log"
   timeout -k 10 "$t" "$@" >> "$logs/$name.log" 2>&1
   rc=$?
-  local status=pass
+  local status=pass detail
+  detail=$(log_detail "$logs/$name.log")
   if ((rc == 124 || rc == 137)); then status="TIMEOUT ${t}s"; elif ((rc != 0)); then status="FAIL rc=$rc"; fi
-  result "$name" "$status" $(($(date +%s) - t0)) "$(log_detail "$logs/$name.log")"
+  # On the GPU machine a test that skips did not run: the GPU was not seen.
+  if ((rc == 0)) && [[ $detail =~ (^|[^0-9])0\ passed|skipped ]] && ! [[ $detail =~ [1-9][0-9]*\ passed ]]; then
+    status="ALL SKIPPED"
+  fi
+  # Without a count, the log's last line says what went wrong.
+  [ "$status" != pass ] && [ -z "$detail" ] && detail=$(grep -av '^\s*$' "$logs/$name.log" | tail -1 | cut -c1-200)
+  result "$name" "$status" $(($(date +%s) - t0)) "$detail"
 }
 
 # What a dry run checks of one step: programs and files exist, gtest filters select tests, the
@@ -337,45 +406,29 @@ dry_check() {
   ((bad == 0)) || echo bad >> "$results/dry-errors"
 }
 
-# The python package for the machine's python3: the wheel's libferry and modules, and its extension,
-# rebuilt here against the wheel's libferry when the wheel's does not import (built for another
-# python) or FERRY_GPU_REBUILD_EXT=1.
+# The python package for the machine's python3: the wheel's libferry and modules, with the extension
+# of the wheel, else the one stage built for this python, else one built here against the wheel's
+# libferry (FERRY_GPU_REBUILD_EXT=1: always built here).
 python_package() {
   local pkg=$work/py tag
   rm -rf "$pkg" && mkdir -p "$pkg"
   python3 -m zipfile -e "$(ls "$stage"/wheel/*.whl | head -1)" "$pkg" || return 1
   tag=$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
   python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
-  if [ "${FERRY_GPU_REBUILD_EXT:-0}" != 1 ] && PYTHONPATH=$pkg python3 -c 'import ferry._ferry'; then
-    echo "the wheel's extension imports in this python ($tag)"
-    return 0
+  if [ "${FERRY_GPU_REBUILD_EXT:-0}" != 1 ]; then
+    if PYTHONPATH=$pkg python3 -c 'import ferry._ferry'; then
+      echo "the wheel's extension imports in this python ($tag)"
+      return 0
+    fi
+    if [ -f "$stage/ext/_ferry$tag" ]; then
+      rm -f "$pkg"/ferry/_ferry*.so && cp "$stage/ext/_ferry$tag" "$pkg/ferry/"
+      PYTHONPATH=$pkg python3 -c 'import ferry._ferry' && { echo "the staged _ferry$tag imports"; return 0; }
+    fi
   fi
-  echo "the wheel's extension is $(cd "$pkg/ferry" && ls _ferry*.so); building _ferry$tag against its libferry"
+  echo "building _ferry$tag against the wheel's libferry"
   rm -f "$pkg"/ferry/_ferry*.so
-  local c
-  for c in cmake c++; do command -v $c > /dev/null || { echo "building the extension needs $c, not found" >&2; return 1; }; done
-  # nanobind travels in the stage for a python that lacks it.
-  python3 -c 'import nanobind' 2> /dev/null || export PYTHONPATH=$stage${PYTHONPATH:+:$PYTHONPATH}
-  local ext=$work/ext
-  rm -rf "$ext" && mkdir -p "$ext"
-  cat > "$ext/CMakeLists.txt" << 'EOF'
-cmake_minimum_required(VERSION 3.18)
-project(ferry_python_extension CXX)
-set(CMAKE_CXX_STANDARD 20)
-find_package(Python COMPONENTS Interpreter Development.Module REQUIRED)
-find_package(nanobind CONFIG REQUIRED)
-nanobind_add_module(_ferry NB_STATIC ${FERRY_SOURCE}/python/ext/module.cpp)
-target_include_directories(_ferry PRIVATE ${FERRY_SOURCE}/include)
-target_link_libraries(_ferry PRIVATE ${FERRY_LIBRARY})
-set_target_properties(_ferry PROPERTIES BUILD_RPATH "$ORIGIN" INSTALL_RPATH "$ORIGIN")
-EOF
-  local gen=()
-  command -v ninja > /dev/null && gen=(-G Ninja)
-  cmake -S "$ext" -B "$ext/build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v python3)" \
-    -Dnanobind_DIR="$(python3 -c 'import nanobind; print(nanobind.cmake_dir())')" \
-    -DFERRY_SOURCE="$root" -DFERRY_LIBRARY="$pkg/ferry/libferry.so.0" &&
-    cmake --build "$ext/build" -j "$(nproc)" || return 1
-  cp "$ext"/build/_ferry*.so "$pkg/ferry/" && PYTHONPATH=$pkg python3 -c 'import ferry; print("import ferry: ok")'
+  build_extension "$(command -v python3)" "$pkg/ferry/libferry.so.0" "$pkg/ferry" &&
+    PYTHONPATH=$pkg python3 -c 'import ferry._ferry; print("import ferry._ferry: ok")'
 }
 
 # Directories of the CUDA libraries the GPU machine has (its toolkit, torch's wheels) that the
