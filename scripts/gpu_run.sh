@@ -23,8 +23,8 @@
 #      python_deep_ep_cuda);
 #   3. alone again: ferry-moe-layer and ferry-bench --overlap tbo on CUDA when built, then EP8 decode
 #      latency through CUDA IPC, host-staged shm and a mixed job of two emulated nodes.
-# The GPU machine's packages are never touched: the .deb files are unpacked (dpkg -x) under
-# FERRY_GPU_WORK (default /tmp/ferry-gpu) and found through LD_LIBRARY_PATH.
+# The GPU machine's packages are never touched: the .deb files are unpacked (dpkg -x, or python where
+# it has no dpkg) under FERRY_GPU_WORK (default /tmp/ferry-gpu) and found through LD_LIBRARY_PATH.
 # FERRY_GPU_ONLY=<regex of step names> runs those steps alone (a second call after a failure);
 # FERRY_GPU_LANES=1 runs the lanes one after the other; FERRY_GPU_NCU=1 adds Nsight Compute's
 # per-kernel decode times.
@@ -431,6 +431,28 @@ python_package() {
     PYTHONPATH=$pkg python3 -c 'import ferry._ferry; print("import ferry._ferry: ok")'
 }
 
+# deb_extract DEB DIR: the files of a .deb under DIR, as `dpkg -x` does; where the machine has no
+# dpkg, python reads the ar archive and its data.tar itself.
+deb_extract() {
+  if command -v dpkg > /dev/null && [ "${FERRY_GPU_NO_DPKG:-0}" != 1 ]; then dpkg -x "$1" "$2"; return; fi
+  python3 - "$1" "$2" << 'EOF'
+import io, sys, tarfile
+data = open(sys.argv[1], "rb").read()
+if data[:8] != b"!<arch>\n":
+    sys.exit(f"{sys.argv[1]}: not a .deb (no ar header)")
+pos = 8
+while pos + 60 <= len(data):
+    name, size = data[pos:pos + 16].decode().strip().rstrip("/"), int(data[pos + 48:pos + 58])
+    pos += 60
+    if name.startswith("data.tar"):
+        with tarfile.open(fileobj=io.BytesIO(data[pos:pos + size])) as t:
+            t.extractall(sys.argv[2], **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        sys.exit(0)
+    pos += size + (size & 1)
+sys.exit(f"{sys.argv[1]}: no data.tar member")
+EOF
+}
+
 # Directories of the CUDA libraries the GPU machine has (its toolkit, torch's wheels) that the
 # programs need, for LD_LIBRARY_PATH.
 find_gpu_libs() {
@@ -465,7 +487,7 @@ tarfile.open(sys.argv[1]).extractall(sys.argv[2], **({"filter": "data"} if hasat
       die "could not unpack $stage/bundle.tar.xz"
     local d
     # Unpacked into a prefix, never installed: the GPU machine's own packages stay as they are.
-    for d in "$stage"/debs/*.deb; do dpkg -x "$d" "$work/root" || die "dpkg -x $d failed"; done
+    for d in "$stage"/debs/*.deb; do deb_extract "$d" "$work/root" || die "could not unpack $d"; done
     B=$work/build
     # Paths compiled into the programs (ferry-check's, for its test) name the build they came from:
     # a link there to the unpacked one, unless something real has that name (left alone).
