@@ -50,6 +50,8 @@ struct A2aCase {
   bool split = false;       // SEND and RECV as separate calls, with work in between
   int max_skew_ms = 0;      // each rank sleeps up to this long, at random, before each half-step
   bool accumulate = false;  // combine adds into out_tokens instead of overwriting them
+  bool bound_m = false;     // dispatch sends the first testing::bound_of(num_tokens) tokens only,
+                            // counted by bound_m (device memory for CUDA); combine the same rows
 
   // Deadlines.
   int timeout_ms = 30000;          // every wait inside the library (config)

@@ -1,28 +1,28 @@
 // The CUDA backend between real processes sharing one GPU, over libfabric tcp and shm with
 // host-staged (pinned, mapped) buffers, and through CUDA IPC (device memory of the peers written
-// directly, no engine): every rank regenerates every rank's inputs from the seed,
-// checks every count and byte of its dispatch output against the reference, runs the reference's
-// expert model, and checks combine within the output dtype's tolerance. Outputs are poisoned before
-// every step. Also: bad input fails the receive call (naming the token on the bad rank, the rank on
+// directly, no engine), through the C API: every step checked as the host backend's are
+// (tests/common/a2a_run.h: every count and byte of dispatch against the reference, combine within
+// the output dtype's tolerance, accumulate, bound_m, nothing written past what the API allows, the
+// stats), on device buffers poisoned before every step. Also: bad input fails the receive call (naming the token on the bad rank, the rank on
 // its peers), and a step captured once in a CUDA graph replays 100 times with fresh inputs.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstring>
 #include <map>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "csrc/backend.h"
 #include "csrc/cuda/cuda_check.h"
-#include "csrc/cuda/memory.h"
 #include "csrc/dtype.h"
 #include "csrc/reference.h"
 #include "tests/common/a2a_case.h"
-#include "tests/common/cuda_copy.h"
+#include "tests/common/a2a_run.h"
+#include "tests/common/api_a2a.h"
 #include "tests/common/multiprocess.h"
 #include "tests/cuda/gpu.h"
 #include "transfer_engine/error.h"
@@ -31,9 +31,6 @@ namespace ferry::ep {
 namespace {
 
 using cuda::check_cuda;
-using cuda::DeviceBuffer;
-using testing::download;
-using testing::upload;
 
 using Case = testing::A2aCase;
 
@@ -46,132 +43,6 @@ Case cuda_case() {
 }
 
 ferry_a2a_config_t config_of(const Case& c, int rank) { return testing::config_of(c, rank, FERRY_DEVICE_CUDA); }
-
-
-// One rank's device buffers for a config: inputs sized for max_tokens, the batched outputs.
-struct RankBuffers {
-  Layout l;
-  size_t rows;
-  int scale_layout;  // of expert_scale (ferry_scale_layout_t)
-  DeviceBuffer x, x_scale, indices, weights, bound_m, counts, expert_x, expert_scale, expert_y, out, src_token, per_rank;
-  bool quantize = false, round_scale = false;  // this step's input: bf16 that dispatch casts
-  RankBuffers(const Layout& layout, int out_scale_layout)
-      : l(layout),
-        rows(size_t(l.experts_per_rank) * l.max_rows_per_expert),
-        scale_layout(out_scale_layout),
-        x(size_t(l.max_tokens) * std::max<uint64_t>(l.payload_bytes, uint64_t(l.hidden) * 2)),
-        x_scale(size_t(l.max_tokens) * l.num_scales * 4 + 4),
-        indices(size_t(l.max_tokens) * l.top_k * 4),
-        weights(size_t(l.max_tokens) * l.top_k * 4),
-        bound_m(4),
-        counts(size_t(l.experts_per_rank) * 4),
-        expert_x(rows * l.payload_bytes),
-        expert_scale(l.out_scale_buffer_bytes(scale_layout) + 4),
-        expert_y(rows * l.out_row_bytes()),
-        out(size_t(l.max_tokens) * l.out_row_bytes()),
-        src_token(rows * 4),
-        per_rank(size_t(l.experts_per_rank) * l.world_size * 4) {}
-
-  void set_input(const reference::RankInput& in) {
-    quantize = in.quantize;
-    round_scale = in.round_scale;
-    upload(x.get(), in.x.data(), in.x.size());
-    upload(x_scale.get(), in.x_scale.data(), in.x_scale.size() * 4);
-    upload(indices.get(), in.indices.data(), in.indices.size() * 4);
-    upload(weights.get(), in.weights.data(), in.weights.size() * 4);
-    upload(bound_m.get(), &in.num_tokens, 4);
-  }
-  void poison_outputs() {
-    check_cuda(cudaMemset(counts.get(), 0xee, counts.bytes()), "poison");
-    check_cuda(cudaMemset(expert_x.get(), 0xee, expert_x.bytes()), "poison");
-    check_cuda(cudaMemset(expert_scale.get(), 0xee, expert_scale.bytes()), "poison");
-    check_cuda(cudaMemset(out.get(), 0xee, out.bytes()), "poison");
-  }
-  ferry_dispatch_args_t dispatch_args(int num_tokens, int flags) const {
-    ferry_dispatch_args_t d{};
-    d.out_expert_num_tokens = counts.get<int32_t>();
-    d.out_expert_x = expert_x.get();
-    d.out_expert_x_scale = l.num_scales ? expert_scale.get<float>() : nullptr;
-    d.dp_x = x.get();
-    d.dp_x_scale = l.num_scales && !quantize ? x_scale.get<float>() : nullptr;
-    d.indices = indices.get<int32_t>();
-    d.weights = l.weights_at_combine ? nullptr : weights.get<float>();  // at combine: not read
-    d.bound_m = bound_m.get<int32_t>();
-    d.num_tokens = num_tokens;
-    d.flags = flags;
-    d.quantize = quantize ? FERRY_QUANTIZE_FP8_BLOCK : FERRY_QUANTIZE_NONE;
-    d.round_scale = round_scale ? 1 : 0;
-    d.out_scale_layout = ferry_scale_layout_t(scale_layout);
-    d.out_expert_src_token = src_token.get<int32_t>();
-    d.out_expert_num_tokens_per_rank = per_rank.get<int32_t>();
-    return d;
-  }
-  // The received scales (downloaded) and as the row-major fp32 the expert model reads.
-  std::vector<uint8_t> scale_bytes() const { return download<uint8_t>(expert_scale.get(), l.out_scale_buffer_bytes(scale_layout)); }
-  std::vector<float> scale_rows(const ferry_a2a_config_t& config, const std::vector<uint8_t>& bytes) const {
-    if (l.num_scales == 0) return {};
-    if (scale_layout != kScaleRowMajor) return reference::scales_as_rows(config, scale_layout, bytes.data());
-    std::vector<float> rows_f32(bytes.size() / 4);
-    std::memcpy(rows_f32.data(), bytes.data(), rows_f32.size() * 4);
-    return rows_f32;
-  }
-  ferry_combine_args_t combine_args(int num_tokens, int flags, const void* y) const {
-    ferry_combine_args_t cb{};
-    cb.out_tokens = out.get();
-    cb.indices = indices.get<int32_t>();
-    cb.weights = weights.get<float>();
-    cb.expert_y = y;
-    cb.bound_m = bound_m.get<int32_t>();
-    cb.num_tokens = num_tokens;
-    cb.flags = flags;
-    return cb;
-  }
-};
-
-void run_rank(te::Bootstrap& bootstrap, const Case& c) {
-  check_cuda(cudaSetDevice(0), "cudaSetDevice");
-  const ferry_a2a_config_t cfg = config_of(c, bootstrap.rank());
-  const Layout l = make_layout(cfg);
-  auto backend = make_cuda_backend(cfg, bootstrap);
-  RankBuffers b(l, c.out_scale_layout);
-  cuda::Stream stream(/*blocking=*/true);
-  testing::HalfStepCaller caller(c, l.rank);
-
-  for (int step = 0; step < c.steps; ++step) {
-    const auto inputs = reference::generate_all(cfg, testing::step_spec(c, step));
-    const reference::RankInput& in = inputs[l.rank];
-    b.set_input(in);
-    b.poison_outputs();
-    caller.call([&](int flags) { backend->dispatch(b.dispatch_args(in.num_tokens, flags), stream.get()); });
-    const auto counts = download<int32_t>(b.counts.get(), l.experts_per_rank);
-    const auto x = download<uint8_t>(b.expert_x.get(), b.expert_x.bytes());
-    const auto xs = b.scale_bytes();
-    const auto want = reference::dispatch(cfg, inputs, l.rank);
-    const std::string diff = reference::compare_dispatch(cfg, want, counts.data(), x.data(),
-                                                         reinterpret_cast<const float*>(xs.data()), c.out_scale_layout);
-    ASSERT_TRUE(diff.empty()) << "rank " << l.rank << " step " << step << "\n" << diff;
-    const std::string sources =
-        reference::compare_sources(cfg, want, download<int32_t>(b.src_token.get(), b.rows).data(),
-                                   download<int32_t>(b.per_rank.get(), size_t(l.experts_per_rank) * l.world_size).data());
-    ASSERT_TRUE(sources.empty()) << "rank " << l.rank << " step " << step << "\n" << sources;
-
-    std::vector<uint8_t> y(b.rows * l.out_row_bytes(), 0);
-    const auto scale_rows = b.scale_rows(cfg, xs);
-    reference::apply_experts(l, counts.data(), x.data(), l.num_scales ? scale_rows.data() : nullptr, y.data());
-    upload(b.expert_y.get(), y.data(), y.size());
-    caller.call(
-        [&](int flags) { backend->combine(b.combine_args(in.num_tokens, flags, b.expert_y.get()), stream.get()); });
-    const auto out = download<uint8_t>(b.out.get(), size_t(in.num_tokens) * l.out_row_bytes());
-    const std::string cdiff =
-        reference::compare_combine(cfg, reference::combine_standard(cfg, in),
-                                   reference::combine_magnitude_standard(cfg, in), out.data(), in.num_tokens);
-    ASSERT_TRUE(cdiff.empty()) << "rank " << l.rank << " step " << step << "\n" << cdiff;
-  }
-  // The last step's traffic: with every token routed to several ranks, some records crossed the network.
-  const ferry_a2a_stats_t stats = backend->stats();
-  EXPECT_GT(stats.dispatch_records_sent, 0u) << "rank " << l.rank;
-  EXPECT_GT(stats.combine_bytes_sent, 0u) << "rank " << l.rank;
-}
 
 // The backend takes its paths from the environment: CUDA IPC or not, and which node each rank is on.
 testing::LaunchOptions cuda_launch_options(const Case& c) {
@@ -205,9 +76,11 @@ void expect_mixed_paths(const std::vector<testing::RankResult>& results) {
       << "rank 0 did not report a mixed CUDA IPC / engine job:\n" << results[0].output;
 }
 
+// Every step checked as the host backend's are (tests/common/a2a_run.h), through the C API.
 void run_case(const Case& c) {
   const testing::LaunchOptions opts = cuda_launch_options(c);
-  const auto results = testing::run_ranks(opts, [&](te::Bootstrap& b) { run_rank(b, c); });
+  const auto results =
+      testing::run_ranks(opts, [&](te::Bootstrap& b) { testing::run_rank(b, c, FERRY_DEVICE_CUDA); });
   testing::expect_all_ok(results);
   if (c.ipc && c.nodes > 1) expect_mixed_paths(results);
 }
@@ -320,24 +193,122 @@ TEST_F(CudaBackend, WeightsAtCombineOnTwoNodesMixingCudaIpcAndTcp) {
   run_case(mixed_case(weights_at_combine_case(), 2));
 }
 
+// ---- the combine and dispatch arguments the host backend's tests cover (tests/ep/test_a2a.cpp) ----
+
+// accumulate adds into out_tokens; bound_m below num_tokens sends only the first *bound_m tokens
+// (a third fewer, none of a single token) and leaves the other rows' bytes as they were.
+TEST_F(CudaBackend, AccumulateIntoF32WithBoundMBelowNumTokensOverTcp) {
+  Case c = cuda_case();
+  c.world_size = 3;
+  c.num_experts = 6;
+  c.out_dtype = FERRY_F32;
+  c.accumulate = true;
+  c.bound_m = true;
+  c.spec.vary_tokens = true;
+  run_case(c);
+}
+
+TEST_F(CudaBackend, AccumulateIntoBf16WithBoundMThroughCudaIpcWithSplitHalvesAndSkewedRanks) {
+  Case c = cuda_case();
+  c.world_size = 4;
+  c.num_experts = 16;
+  c.accumulate = true;
+  c.bound_m = true;
+  c.split = true;
+  c.max_skew_ms = 10;
+  c.spec.zero_tokens_every = 2;
+  c.spec.drop_fraction = 0.3;
+  run_case(ipc_case(c));
+}
+
+TEST_F(CudaBackend, RanksWithZeroTokensAndDroppedRoutesOverShm) {
+  Case c = cuda_case();
+  c.world_size = 4;
+  c.top_k = 3;
+  c.provider = "shm";
+  c.spec.zero_tokens_every = 2;
+  c.spec.drop_fraction = 0.3;
+  run_case(c);
+}
+
+// Every record of the run travels after the counts (no private region), all to one expert's rank.
+TEST_F(CudaBackend, AllTokensToOneExpertWithNoPrivateRegionOverShm) {
+  Case c = cuda_case();
+  c.world_size = 4;
+  c.private_tokens = 0;
+  c.provider = "shm";
+  c.spec.routing = reference::Routing::one_expert;
+  run_case(c);
+}
+
+TEST_F(CudaBackend, WeightsAtCombineAccumulatingF32WithBoundMOnTwoNodes) {
+  Case c = weights_at_combine_case();
+  c.out_dtype = FERRY_F32;
+  c.accumulate = true;
+  c.bound_m = true;
+  c.spec.zero_tokens_every = 3;
+  run_case(mixed_case(c, 2));
+}
+
+// Scales given with the tokens (no quantize) land in each layout the receiver asks for.
+TEST_F(CudaBackend, GivenScalesInColumnMajorAndUe8m0LayoutsOverTcp) {
+  for (const ferry_scale_layout_t layout : {FERRY_SCALE_COLUMN_MAJOR, FERRY_SCALE_UE8M0_COLUMN_MAJOR}) {
+    Case c = cuda_case();
+    c.out_scale_layout = layout;
+    c.steps = 2;
+    SCOPED_TRACE("out_scale_layout " + std::to_string(int(layout)));
+    run_case(c);
+  }
+}
+
+TEST_F(CudaBackend, QuantizeOnDispatchSmallestAndLargestScaleBlocksWithRowMajorScales) {
+  for (const int block : {FERRY_QUANTIZE_MIN_BLOCK, FERRY_QUANTIZE_MAX_BLOCK}) {
+    Case c = quantize_case();
+    c.world_size = 2;
+    c.num_experts = 8;
+    c.top_k = 4;
+    c.hidden = 768;
+    c.scale_block = block;
+    c.out_scale_layout = FERRY_SCALE_ROW_MAJOR;
+    c.spec.round_scale = reference::RoundScale::odd_groups;
+    SCOPED_TRACE("scale_block " + std::to_string(block));
+    run_case(c);
+  }
+}
+
+TEST_F(CudaBackend, EveryInputAndOutputDtypeOverTcp) {
+  for (const ferry_dtype_t in : {FERRY_BF16, FERRY_F16, FERRY_F32, FERRY_FP8_E4M3}) {
+    for (const ferry_dtype_t out : {FERRY_BF16, FERRY_F16, FERRY_F32}) {
+      Case c = cuda_case();
+      c.in_dtype = in;
+      c.out_dtype = out;
+      c.scale_block = in == FERRY_FP8_E4M3 ? 32 : 0;
+      c.max_tokens = 8;
+      c.hidden = 256;
+      c.steps = 1;
+      SCOPED_TRACE("in " + std::to_string(in) + " out " + std::to_string(out));
+      run_case(c);
+    }
+  }
+}
+
 // An id outside [0, num_experts) fails the bad rank's receive call naming the token, and its peers'
 // receive calls naming that rank; nothing waits for a deadline.
 void run_invalid_expert_case(const Case& c) {
   const testing::LaunchOptions opts = cuda_launch_options(c);
   testing::expect_all_ok(testing::run_ranks(opts, [&](te::Bootstrap& bs) {
-    check_cuda(cudaSetDevice(0), "cudaSetDevice");
     const ferry_a2a_config_t cfg = config_of(c, bs.rank());
     const Layout l = make_layout(cfg);
-    auto backend = make_cuda_backend(cfg, bs);
-    RankBuffers b(l, kScaleRowMajor);
-    cuda::Stream stream(/*blocking=*/true);
+    testing::ApiA2a a2a(cfg, bs);
+    const auto memory = testing::make_rank_memory(FERRY_DEVICE_CUDA);
+    testing::StepBuffers b(*memory, cfg, c);
     auto inputs = reference::generate_all(cfg, c.spec);
     reference::RankInput in = inputs[l.rank];
     if (l.rank == 1) in.indices[5 * l.top_k + 1] = 1000;
     b.set_input(in);
     const auto t0 = std::chrono::steady_clock::now();
     try {
-      backend->dispatch(b.dispatch_args(in.num_tokens, FERRY_SEND_RECV), stream.get());
+      a2a.dispatch(b.dispatch_args(FERRY_SEND_RECV), memory->stream());
       ADD_FAILURE() << "rank " << l.rank << ": dispatch with an invalid expert id on rank 1 succeeded";
     } catch (const Error& e) {
       const std::string what = e.what();
@@ -379,20 +350,41 @@ Case graph_case() {
   return c;
 }
 
+// Combine of the identity expert: x[t] * sum_k w[t][k] over t's routes, and its magnitude.
+std::pair<std::vector<float>, std::vector<float>> identity_combine(const Layout& l, const reference::RankInput& in) {
+  std::vector<float> want(size_t(in.num_tokens) * l.hidden), magnitude(want.size());
+  for (int t = 0; t < in.num_tokens; ++t) {
+    float w = 0, wabs = 0;
+    for (int k = 0; k < l.top_k; ++k)
+      if (in.indices[size_t(t) * l.top_k + k] >= 0) {
+        w += in.weights[size_t(t) * l.top_k + k];
+        wabs += std::fabs(in.weights[size_t(t) * l.top_k + k]);
+      }
+    for (int h = 0; h < l.hidden; ++h) {
+      const float xv = dtype::load(in.x.data(), l.in_dtype, int64_t(t) * l.hidden + h);
+      want[size_t(t) * l.hidden + h] = xv * w;
+      magnitude[size_t(t) * l.hidden + h] = std::fabs(xv) * wabs;
+    }
+  }
+  return {want, magnitude};
+}
+
 void run_graph_case(const Case& c) {
   const testing::LaunchOptions opts = cuda_launch_options(c);
   testing::expect_all_ok(testing::run_ranks(opts, [&](te::Bootstrap& bs) {
-    check_cuda(cudaSetDevice(0), "cudaSetDevice");
     const ferry_a2a_config_t cfg = config_of(c, bs.rank());
     const Layout l = make_layout(cfg);
-    auto backend = make_cuda_backend(cfg, bs);
-    RankBuffers b(l, kScaleRowMajor);
-    cuda::Stream stream(/*blocking=*/true);
+    testing::ApiA2a a2a(cfg, bs);
+    const auto memory = testing::make_rank_memory(FERRY_DEVICE_CUDA);
+    testing::StepBuffers b(*memory, cfg, c);
+    const auto stream = static_cast<cudaStream_t>(memory->stream());
+    // Captured for max_tokens; each replay's count comes from bound_m on the device.
+    b.set_input(reference::generate_input(cfg, reference::InputSpec{}, l.rank), l.max_tokens);
     cudaGraph_t graph;
-    check_cuda(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal), "begin capture");
-    backend->dispatch(b.dispatch_args(l.max_tokens, FERRY_SEND_RECV), stream.get());
-    backend->combine(b.combine_args(l.max_tokens, FERRY_SEND_RECV, b.expert_x.get()), stream.get());
-    check_cuda(cudaStreamEndCapture(stream.get(), &graph), "end capture");
+    check_cuda(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "begin capture");
+    a2a.dispatch(b.dispatch_args(FERRY_SEND_RECV), stream);
+    a2a.combine(b.combine_args(FERRY_SEND_RECV, b.expert_x()), stream);
+    check_cuda(cudaStreamEndCapture(stream, &graph), "end capture");
     cudaGraphExec_t exec;
     check_cuda(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
     for (int replay = 0; replay < 100; ++replay) {
@@ -402,42 +394,25 @@ void run_graph_case(const Case& c) {
       spec.drop_fraction = replay % 4 == 0 ? 0.3 : 0.0;
       const auto inputs = reference::generate_all(cfg, spec);
       const reference::RankInput& in = inputs[l.rank];
-      b.set_input(in);
+      b.set_input(in, l.max_tokens);
       b.poison_outputs();
-      check_cuda(cudaGraphLaunch(exec, stream.get()), "graph launch");
-      check_cuda(cudaStreamSynchronize(stream.get()), "replay");
-      const auto counts = download<int32_t>(b.counts.get(), l.experts_per_rank);
-      const auto x = download<uint8_t>(b.expert_x.get(), b.expert_x.bytes());
-      const std::string diff =
-          reference::compare_dispatch(cfg, reference::dispatch(cfg, inputs, l.rank), counts.data(), x.data(), nullptr);
+      check_cuda(cudaGraphLaunch(exec, stream), "graph launch");
+      check_cuda(cudaStreamSynchronize(stream), "replay");
+      const std::string diff = b.check_dispatch(inputs);
       ASSERT_TRUE(diff.empty()) << "rank " << l.rank << " replay " << replay << "\n" << diff;
-      std::vector<float> want(size_t(in.num_tokens) * l.hidden), magnitude(want.size());
-      for (int t = 0; t < in.num_tokens; ++t) {
-        float w = 0, wabs = 0;
-        for (int k = 0; k < l.top_k; ++k)
-          if (in.indices[size_t(t) * l.top_k + k] >= 0) {
-            w += in.weights[size_t(t) * l.top_k + k];
-            wabs += std::fabs(in.weights[size_t(t) * l.top_k + k]);
-          }
-        for (int h = 0; h < l.hidden; ++h) {
-          const float xv = dtype::load(in.x.data(), l.in_dtype, int64_t(t) * l.hidden + h);
-          want[size_t(t) * l.hidden + h] = xv * w;
-          magnitude[size_t(t) * l.hidden + h] = std::fabs(xv) * wabs;
-        }
-      }
-      const auto out = download<uint8_t>(b.out.get(), size_t(in.num_tokens) * l.out_row_bytes());
-      const std::string cdiff = reference::compare_combine(cfg, want, magnitude, out.data(), in.num_tokens);
+      const auto [want, magnitude] = identity_combine(l, in);
+      const std::string cdiff = b.check_combine(want, magnitude, {});
       ASSERT_TRUE(cdiff.empty()) << "rank " << l.rank << " replay " << replay << "\n" << cdiff;
     }
     // An eager step after the replays still works: the proxy followed the device's step counter.
     const auto inputs = reference::generate_all(cfg, reference::InputSpec{});
     b.set_input(inputs[l.rank]);
-    backend->dispatch(b.dispatch_args(inputs[l.rank].num_tokens, FERRY_SEND_RECV), stream.get());
-    const auto counts = download<int32_t>(b.counts.get(), l.experts_per_rank);
-    const auto x = download<uint8_t>(b.expert_x.get(), b.expert_x.bytes());
-    EXPECT_EQ(reference::compare_dispatch(cfg, reference::dispatch(cfg, inputs, l.rank), counts.data(), x.data(), nullptr),
-              "");
-    backend->combine(b.combine_args(inputs[l.rank].num_tokens, FERRY_SEND_RECV, b.expert_x.get()), stream.get());
+    b.poison_outputs();
+    a2a.dispatch(b.dispatch_args(FERRY_SEND_RECV), stream);
+    EXPECT_EQ(b.check_dispatch(inputs), "") << "rank " << l.rank << ": the eager step after the replays";
+    a2a.combine(b.combine_args(FERRY_SEND_RECV, b.expert_x()), stream);
+    const auto [want, magnitude] = identity_combine(l, inputs[l.rank]);
+    EXPECT_EQ(b.check_combine(want, magnitude, {}), "") << "rank " << l.rank << ": the eager step after the replays";
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(graph);
   }));
@@ -575,17 +550,14 @@ TEST_F(CudaBackend, MissingIpcPeerFailsTheReceiveCallNamingIt) {
   c.timeout_ms = 1000;
   const testing::LaunchOptions opts = cuda_launch_options(c);
   testing::expect_all_ok(testing::run_ranks(opts, [&](te::Bootstrap& bs) {
-    check_cuda(cudaSetDevice(0), "cudaSetDevice");
     const ferry_a2a_config_t cfg = config_of(c, bs.rank());
-    const Layout l = make_layout(cfg);
-    auto backend = make_cuda_backend(cfg, bs);
-    if (l.rank == 0) {
-      RankBuffers b(l, kScaleRowMajor);
-      cuda::Stream stream(/*blocking=*/true);
-      const auto inputs = reference::generate_all(cfg, c.spec);
-      b.set_input(inputs[0]);
+    testing::ApiA2a a2a(cfg, bs);
+    if (bs.rank() == 0) {
+      const auto memory = testing::make_rank_memory(FERRY_DEVICE_CUDA);
+      testing::StepBuffers b(*memory, cfg, c);
+      b.set_input(reference::generate_input(cfg, c.spec, 0));
       try {
-        backend->dispatch(b.dispatch_args(inputs[0].num_tokens, FERRY_SEND_RECV), stream.get());
+        a2a.dispatch(b.dispatch_args(FERRY_SEND_RECV), memory->stream());
         ADD_FAILURE() << "dispatch completed without rank 1";
       } catch (const Error& e) {
         EXPECT_EQ(e.status(), Status::timeout) << e.what();

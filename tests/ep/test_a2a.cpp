@@ -5,22 +5,20 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
-#include <cmath>
-#include <cstring>
 #include <functional>
 #include <string>
 #include <tuple>
 
 #include "csrc/agreement.h"
 #include "csrc/backend.h"
-#include "csrc/dtype.h"
 #include "csrc/host/pack.h"
 #include "csrc/protocol.h"
 #include "csrc/reference.h"
 #include "tests/common/a2a_case.h"
+#include "tests/common/a2a_run.h"
+#include "tests/common/api_a2a.h"
 #include "tests/common/multiprocess.h"
 #include "tests/common/protocol_host.h"
-#include "tests/ep/api_a2a.h"
 #include "transfer_engine/engine.h"
 #include "transfer_engine/error.h"
 
@@ -33,89 +31,12 @@ using Case = testing::A2aCase;
 
 ferry_a2a_config_t config_of(const Case& c, int rank) { return testing::config_of(c, rank, FERRY_DEVICE_HOST); }
 
-// `steps` dispatch/combine rounds of the case on a created all-to-all, each checked.
-void run_steps(testing::ApiA2a& a2a, const ferry_a2a_config_t& cfg, const Case& c) {
-  const Layout l = make_layout(cfg);
-  const size_t rows = size_t(l.experts_per_rank) * l.max_rows_per_expert;
-  const int scale_layout = c.out_scale_layout;
-  std::vector<int32_t> counts(l.experts_per_rank, -1);
-  std::vector<uint8_t> expert_x(rows * l.payload_bytes, 0xee);
-  std::vector<float> expert_scale(l.out_scale_buffer_bytes(scale_layout) / 4, -1.0f);
-  std::vector<uint8_t> expert_y(rows * l.out_row_bytes(), 0);
-  std::vector<uint8_t> out(size_t(l.max_tokens) * l.out_row_bytes());
-  std::vector<int32_t> src_token(rows, -7), per_rank(size_t(l.experts_per_rank) * l.world_size, -7);
-  testing::HalfStepCaller caller(c, l.rank);
+using testing::run_steps;
 
-  for (int step = 0; step < c.steps; ++step) {
-    const auto inputs = reference::generate_all(cfg, testing::step_spec(c, step));
-    const reference::RankInput& in = inputs[l.rank];
-
-    ferry_dispatch_args_t d{};
-    d.out_expert_num_tokens = counts.data();
-    d.out_expert_x = expert_x.data();
-    d.out_expert_x_scale = l.num_scales ? expert_scale.data() : nullptr;
-    d.dp_x = in.x.data();
-    d.dp_x_scale = l.num_scales && !in.quantize ? in.x_scale.data() : nullptr;
-    d.indices = in.indices.data();
-    d.weights = l.weights_at_combine ? nullptr : in.weights.data();
-    d.num_tokens = in.num_tokens;
-    d.quantize = in.quantize ? FERRY_QUANTIZE_FP8_BLOCK : FERRY_QUANTIZE_NONE;
-    d.round_scale = in.round_scale ? 1 : 0;
-    d.out_scale_layout = c.out_scale_layout;
-    d.out_expert_src_token = src_token.data();
-    d.out_expert_num_tokens_per_rank = per_rank.data();
-    caller.call([&](int flags) {
-      d.flags = flags;
-      a2a.dispatch(d);
-    });
-
-    const auto want = reference::dispatch(cfg, inputs, l.rank);
-    const std::string diff =
-        reference::compare_dispatch(cfg, want, counts.data(), expert_x.data(), expert_scale.data(), scale_layout);
-    ASSERT_TRUE(diff.empty()) << "step " << step << "\n" << diff;
-    const std::string sources = reference::compare_sources(cfg, want, src_token.data(), per_rank.data());
-    ASSERT_TRUE(sources.empty()) << "step " << step << "\n" << sources;
-
-    const std::vector<float> scale_rows = scale_layout == FERRY_SCALE_ROW_MAJOR || l.num_scales == 0
-                                              ? expert_scale
-                                              : reference::scales_as_rows(cfg, scale_layout, expert_scale.data());
-    reference::apply_experts(l, counts.data(), expert_x.data(), scale_rows.data(), expert_y.data());
-    std::vector<float> initial(size_t(in.num_tokens) * l.hidden, 0.0f);
-    if (c.accumulate) {
-      for (size_t i = 0; i < initial.size(); ++i) {
-        initial[i] = float(i % 5) * 0.25f - 0.5f;
-        dtype::store(out.data(), l.out_dtype, int64_t(i), initial[i]);
-      }
-    }
-    ferry_combine_args_t cb{};
-    cb.out_tokens = out.data();
-    cb.indices = in.indices.data();
-    cb.weights = in.weights.data();
-    cb.expert_y = expert_y.data();
-    cb.num_tokens = in.num_tokens;
-    cb.accumulate = c.accumulate;
-    caller.call([&](int flags) {
-      cb.flags = flags;
-      a2a.combine(cb);
-    });
-    std::vector<float> expected = reference::combine_standard(cfg, in);
-    std::vector<float> magnitude = reference::combine_magnitude_standard(cfg, in);
-    for (size_t i = 0; i < expected.size(); ++i) {
-      expected[i] += initial[i];
-      magnitude[i] += std::fabs(initial[i]);
-    }
-    const std::string cdiff = reference::compare_combine(cfg, expected, magnitude, out.data(), in.num_tokens);
-    ASSERT_TRUE(cdiff.empty()) << "step " << step << "\n" << cdiff;
-  }
-}
-
-// One rank's whole run: create (with `own` applied to this rank's config), then the case's steps.
+// One rank's whole run on the host backend (tests/common/a2a_run.h): every byte against the reference.
 void run_rank(te::Bootstrap& bootstrap, const Case& c,
               const std::function<void(int rank, ferry_a2a_config_t&)>& own = {}) {
-  ferry_a2a_config_t cfg = config_of(c, bootstrap.rank());
-  if (own) own(bootstrap.rank(), cfg);
-  testing::ApiA2a a2a(cfg, bootstrap);
-  run_steps(a2a, cfg, c);
+  testing::run_rank(bootstrap, c, FERRY_DEVICE_HOST, own);
 }
 
 void run_case(const Case& c) {
@@ -243,6 +164,20 @@ TEST(AllToAll, CombineAccumulatesIntoOutTokens) {
   Case c;
   c.out_dtype = FERRY_F32;
   c.accumulate = true;
+  run_case(c);
+}
+
+// bound_m below num_tokens: only the first *bound_m tokens travel, and combine adds into their rows
+// and leaves the others' bytes as they were.
+TEST(AllToAll, BoundMBelowNumTokensSendsThoseTokensAndCombineLeavesTheRest) {
+  Case c;
+  c.world_size = 3;
+  c.num_experts = 6;
+  c.expert_alignment = 4;
+  c.accumulate = true;
+  c.bound_m = true;
+  c.steps = 3;
+  c.spec.vary_tokens = true;
   run_case(c);
 }
 

@@ -11,7 +11,7 @@
 #include "ferry/ferry.h"
 #include "ferry/ferry.hpp"
 #include "tests/common/multiprocess.h"
-#include "tests/ep/api_a2a.h"
+#include "tests/common/api_a2a.h"
 
 namespace {
 
