@@ -7,6 +7,7 @@
 #include "csrc/argcheck.h"
 #include "csrc/errors.h"
 #include "csrc/plan.h"
+#include "transfer_engine/ranks.h"
 
 namespace ferry::ep {
 namespace {
@@ -123,7 +124,7 @@ AgreementOutcome check_agreement(std::span<const uint8_t> all, int world_size, i
     else readable.push_back(r);
   }
   if (!foreign.empty())
-    append(out.message, "rank" + std::string(foreign.size() > 1 ? "s " : " ") + describe_ranks(foreign, kRanksNamed) +
+    append(out.message, te::describe_ranks(foreign, kRanksNamed) +
                             " sent no Ferry config description (another program on the bootstrap, or a build of "
                             "another byte order)");
   if (!other_version.empty())
@@ -164,8 +165,8 @@ AgreementOutcome check_agreement(std::span<const uint8_t> all, int world_size, i
     if (!invalid.empty())
       append(out.message, "the config of rank " + std::to_string(invalid[0]) + " fails its own checks (" +
                               read_text(d[size_t(invalid[0])].error, sizeof ref.error) + ")" +
-                              (invalid.size() > 1 ? "; so do those of ranks " +
-                                                        describe_ranks(std::span(invalid).subspan(1), kRanksNamed)
+                              (invalid.size() > 1 ? "; so do those of " +
+                                                        te::describe_ranks(std::span(invalid).subspan(1), kRanksNamed)
                                                   : ""));
   }
   if (!out.message.empty()) {

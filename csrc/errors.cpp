@@ -17,15 +17,4 @@ std::string describe(const Site& site, std::string_view what) {
 
 void fail(Status status, const Site& site, std::string_view what) { raise(status, describe(site, what)); }
 
-std::string describe_ranks(std::span<const int> ranks, size_t shown) {
-  std::string text;
-  const size_t named = ranks.size() < shown ? ranks.size() : shown;
-  for (size_t i = 0; i < named; ++i) {
-    if (i > 0) text += i + 1 == ranks.size() ? " and " : ", ";
-    text += std::to_string(ranks[i]);
-  }
-  if (ranks.size() > named) text += " and " + std::to_string(ranks.size() - named) + " more";
-  return text;
-}
-
 }  // namespace ferry::ep

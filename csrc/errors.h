@@ -21,8 +21,6 @@ struct Site {
 std::string describe(const Site& site, std::string_view what);
 [[noreturn]] void fail(Status status, const Site& site, std::string_view what);
 
-// A bounded list of ranks for messages: "1, 4, 9, 12 and 3 more" (at most `shown` named), so that
-// error text stays short at any world size.
-std::string describe_ranks(std::span<const int> ranks, size_t shown = 4);
+// Bounded rank lists in messages: te::describe_ranks (transfer_engine/ranks.h).
 
 }  // namespace ferry::ep

@@ -117,6 +117,7 @@ QuantizedToken quantize_token(const uint16_t* x, int hidden, int scale_block, bo
 }
 
 RankInput generate_input(const ferry_a2a_config_t& c, const InputSpec& spec, int rank) {
+  constexpr int kMaxRedraws = 64;
   const Layout l = make_layout([&] { auto cc = c; cc.rank = rank; return cc; }());
   const int group = l.dp_group(rank);
   Rng rng(mix(spec.seed, uint64_t(group) + 1));
@@ -154,8 +155,11 @@ RankInput generate_input(const ferry_a2a_config_t& c, const InputSpec& spec, int
   for (int t = 0; t < T; ++t) {
     int32_t* row = &in.indices[size_t(t) * K];
     for (int k = 0; k < K; ++k) {
-      int e;
-      do {
+      auto taken = [&](int x) { return std::find(row, row + k, x) != row + k; };
+      int e = -1;
+      // Redraws end: a steep zipf law (s = 10 puts nearly all mass on one expert) would otherwise
+      // redraw forever for the second route; then the law restricted to the untaken experts decides.
+      for (int attempt = 0; attempt < kMaxRedraws && (e < 0 || taken(e)); ++attempt) {
         if (k == 0 && spec.routing == Routing::one_expert) {
           e = hot;
         } else if (spec.routing == Routing::zipf) {
@@ -164,7 +168,20 @@ RankInput generate_input(const ferry_a2a_config_t& c, const InputSpec& spec, int
         } else {
           e = rng.below(E);
         }
-      } while (std::find(row, row + k, e) != row + k);
+      }
+      if (taken(e)) {
+        auto weight = [&](int i) { return spec.routing == Routing::zipf ? 1.0 / std::pow(1.0 + i, spec.zipf_s) : 1.0; };
+        double left = 0;
+        for (int i = 0; i < E; ++i)
+          if (!taken(order.empty() ? i : order[i])) left += weight(i);
+        double u = rng.uniform() * left;
+        for (int i = 0; i < E; ++i) {
+          const int candidate = order.empty() ? i : order[i];
+          if (taken(candidate)) continue;
+          e = candidate;
+          if ((u -= weight(i)) < 0) break;
+        }
+      }
       row[k] = e;
       in.weights[size_t(t) * K + k] = float(rng.uniform());
     }

@@ -190,6 +190,22 @@ LaunchEnv read_launch_env(const EnvVars& vars) {
     }
     out.master_port = *port;
   }
+  if (auto port = env.get_int("FERRY_BOOTSTRAP_PORT")) {
+    if (*port <= 0 || *port > 65535) {
+      raise(Status::invalid_argument, env.quoted("FERRY_BOOTSTRAP_PORT") + " is not a TCP port (1..65535)");
+    }
+    out.master_port = *port;
+    out.source += " (rendezvous port: FERRY_BOOTSTRAP_PORT)";
+  } else if (out.launcher == Launcher::torchrun && env.has("TORCHELASTIC_RUN_ID") && out.master_port > 0) {
+    // torchrun's store already listens on MASTER_PORT (the agent's, or the one init_process_group
+    // makes on rank 0): the bootstrap takes the next port, the same on every rank.
+    if (out.master_port == 65535) {
+      raise(Status::invalid_argument, "MASTER_PORT=65535 leaves no next port for Ferry's rendezvous under torchrun; "
+                                      "set FERRY_BOOTSTRAP_PORT");
+    }
+    ++out.master_port;
+    out.source += " (rendezvous port: MASTER_PORT + 1, torchrun's store holds MASTER_PORT)";
+  }
   out.job_id = launcher_job_id(env, out.launcher);
   if (out.launcher == Launcher::none) return out;
   // srun without MPI and without a rendezvous: rank 0 runs on the first node of the step, and every

@@ -42,7 +42,9 @@ using EnvVars = std::map<std::string, std::string>;
 EnvVars process_environment();
 
 // Precedence: Open MPI, PMIx, PMI, Slurm (when RANK is not set: torchrun under srun sets its own),
-// torchrun. MASTER_ADDR / MASTER_PORT are read whatever the launcher; under srun without them the
+// torchrun. MASTER_ADDR / MASTER_PORT are read whatever the launcher. The port of the TCP rendezvous
+// is FERRY_BOOTSTRAP_PORT when set, else MASTER_PORT, except under torchrun (TORCHELASTIC_RUN_ID set),
+// whose store holds MASTER_PORT: there it is MASTER_PORT + 1. Under srun without them the
 // rendezvous is the first node of the step and a port derived from the job and step ids. Empty
 // values count as unset. Throws ferry::Error(Status::invalid_argument) naming the variable and its
 // value when a value is malformed or inconsistent (rank outside [0, world size), a port outside

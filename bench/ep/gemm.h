@@ -1,5 +1,6 @@
 // The work --overlap runs between SEND and RECV: a GEMM standing in for the shared expert or the
-// grouped expert GEMM of a real step. Host backend: a blocked single-precision GEMM on this thread;
+// grouped expert GEMM of a real step. Host backend: the MoE layer's blocked single-precision GEMM
+// (moe::sgemm_strided) on this thread;
 // CUDA backend: cuBLAS on the dispatch stream.
 #pragma once
 #include <memory>
@@ -18,8 +19,5 @@ class Gemm {
 std::unique_ptr<Gemm> make_host_gemm(int m, int n, int k);
 // stream: the cudaStream_t the a2a uses. Throws Status::unsupported when built without cuBLAS.
 std::unique_ptr<Gemm> make_cuda_gemm(int m, int n, int k, void* stream);
-
-// C = A * B, row-major, blocked so that a block of B stays in cache while A's rows stream by.
-void sgemm_blocked(int m, int n, int k, const float* a, const float* b, float* c);
 
 }  // namespace ferry::bench

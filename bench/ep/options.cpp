@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <map>
 
+#include "bench/moe_layer/model.h"
 #include "tools/common/cli_checks.h"
 #include "tools/common/launch.h"
 
@@ -96,8 +97,18 @@ ParseResult parse_options(int argc, const char* const* argv) {
                                        "every token picks the same experts)")
       ->check(tools::finite_in(0.0, kMaxZipfS));
   app.add_option("--routing-file", o.routing_file, "routing for --routing file (format below)");
-  app.add_flag("--overlap", o.overlap, "run a GEMM between SEND and RECV and report how much of the "
-                                       "transfer it hid");
+  std::string overlap;
+  auto* overlap_opt =
+      app.add_option("--overlap", overlap,
+                     "gemm (also bare --overlap): run a GEMM between SEND and RECV and report how much of the "
+                     "transfer it hid; tbo: run the MoE layer (router, dispatch, grouped expert GEMM, combine) "
+                     "in the plain and the two-micro-batch schedule and report per step transfer, GEMM and "
+                     "step time and the hidden fraction 1 - (step - GEMM) / transfer")
+          ->expected(0, 1)
+          ->check(CLI::IsMember({"gemm", "tbo"}));
+  app.add_option("--expert-intermediate", o.expert_intermediate,
+                 "--overlap tbo: FFN width of one expert (gate, up and down are hidden x this)")
+      ->check(CLI::Range(1, 65536));
   app.add_option("--gemm-m", o.gemm_m, "overlap GEMM rows")->check(CLI::Range(1, 65536));
   app.add_option("--gemm-n", o.gemm_n, "overlap GEMM columns")->check(CLI::Range(1, 65536));
   app.add_option("--gemm-k", o.gemm_k, "overlap GEMM depth")->check(CLI::Range(1, 65536));
@@ -143,6 +154,8 @@ ParseResult parse_options(int argc, const char* const* argv) {
   }
   o.preset = preset;
   o.progress = !no_progress;
+  o.overlap_tbo = overlap == "tbo";
+  o.overlap = overlap_opt->count() > 0 && !o.overlap_tbo;
   if (preset == "prefill" && tokens->count() == 0) o.tokens = 4096;
 
   auto bad = [](const std::string& msg) {
@@ -176,6 +189,13 @@ ParseResult parse_options(int argc, const char* const* argv) {
     if (auto msg = check_world_size(o, o.local_ranks); !msg.empty()) return bad(msg + " (--local-ranks)");
   }
   if (o.inject_verify_fault_rank >= 0 && !o.verify) return bad("--inject-verify-fault needs --verify");
+  if (o.overlap_tbo && o.out_dtype == FERRY_F16)
+    return bad("--overlap tbo runs the MoE layer, whose expert outputs are bf16 or f32: --out-dtype bf16 or f32");
+  if (o.overlap_tbo && o.backend == FERRY_DEVICE_CUDA && o.out_dtype != FERRY_BF16)
+    return bad("--overlap tbo with --backend cuda: the grouped GEMM writes bf16 expert outputs (--out-dtype bf16)");
+  if (o.overlap_tbo && o.dp_size > moe::kMaxTpSize)
+    return bad("--overlap tbo: --dp-size is the layer's attention-TP size, at most " + std::to_string(moe::kMaxTpSize) +
+               " (got " + std::to_string(o.dp_size) + ")");
   return {o, 0};
 }
 

@@ -38,8 +38,12 @@ struct Options {
   double zipf_s = 1.2;                // finite, in [0, kMaxZipfS]
   std::string routing_file;
 
-  bool overlap = false;
+  bool overlap = false;          // --overlap / --overlap gemm: one dense GEMM between SEND and RECV
   int gemm_m = 256, gemm_n = 256, gemm_k = 256;
+  // --overlap tbo: the MoE layer (bench/moe_layer) in the plain and the two-micro-batch schedule,
+  // its grouped expert GEMM `expert_intermediate` wide.
+  bool overlap_tbo = false;
+  int expert_intermediate = 256;
 
   bool verify = false;
   std::string json_path;

@@ -73,7 +73,8 @@ json config_json(const BenchResult& r) {
               {"routing", routing_name(o.routing)},
               {"zipf_s", o.zipf_s},
               {"routing_file", o.routing_file},
-              {"overlap", o.overlap},
+              {"overlap", o.overlap_tbo ? "tbo" : o.overlap ? "gemm" : "none"},
+              {"expert_intermediate", o.expert_intermediate},
               {"gemm_m", o.gemm_m},
               {"gemm_n", o.gemm_n},
               {"gemm_k", o.gemm_k},
@@ -129,6 +130,29 @@ std::string nodes_note(const BenchResult& r) {
   }
   return note;
 }
+
+namespace {
+
+void print_tbo(const TboResult& tbo, std::FILE* out) {
+  std::fprintf(out, "\n  MoE layer (--overlap tbo): bf16 dispatch, SwiGLU experts %d wide, grouped GEMM: %s; handles:",
+               tbo.intermediate, tbo.gemm.c_str());
+  for (size_t b = 0; b < tbo.handle_bytes.size(); ++b)
+    std::fprintf(out, "%s %s", b ? "," : "", tools::format_bytes(double(tbo.handle_bytes[b])).c_str());
+  std::fprintf(out, " registered%s\n", tbo.verified ? "; verify: every token of both schedules PASSED" : "");
+  tools::Table t;
+  t.add_column("schedule", tools::Table::Align::left);
+  t.add_column("ops", tools::Table::Align::left);
+  for (const char* c : {"transfer us", "GEMM us", "step us", "step p90 us", "hidden"}) t.add_column(c);
+  for (const TboSchedule& s : tbo.schedules) {
+    t.add_row({s.name, s.ops, format("%.1f", s.transfer_us.p50), format("%.1f", s.gemm_us.p50),
+               format("%.1f", s.step_us.p50), format("%.1f", s.step_us.p90), format("%.2f", s.hidden_fraction)});
+  }
+  t.print(out);
+  std::fprintf(out, "  per step: the slowest rank's time, p50 over iterations; transfer: the schedule without its GEMMs, "
+               "GEMM: its GEMMs alone; hidden = 1 - (step - GEMM) / transfer (plain hides nothing: the control)\n");
+}
+
+}  // namespace
 
 void print_table(const BenchResult& r, std::FILE* out) {
   const Options& o = r.options;
@@ -228,6 +252,7 @@ void print_table(const BenchResult& r, std::FILE* out) {
                  ov.gemm_alone_us > 0 ? ov.gemm_flops / ov.gemm_alone_us / 1e3 : 0.0,
                  100 * ov.dispatch_hidden_fraction, 100 * ov.combine_hidden_fraction);
   }
+  if (r.overlap_tbo) print_tbo(*r.overlap_tbo, out);
   if (o.compare) {
     if (published.empty()) {
       std::fprintf(out, "  published figures: none for EP%d with this shape (published: decode = 128 "
@@ -285,6 +310,23 @@ void write_json(const BenchResult& r, const std::string& path) {
                         {"combine_hidden_fraction", ov.combine_hidden_fraction}};
   } else {
     j["overlap"] = nullptr;
+  }
+  if (r.overlap_tbo) {
+    const TboResult& tbo = *r.overlap_tbo;
+    json schedules = json::array();
+    auto pct = [](const tools::Percentiles& p) {
+      return json{{"min_us", p.min}, {"p50_us", p.p50}, {"p90_us", p.p90}, {"max_us", p.max}};
+    };
+    for (const TboSchedule& sch : tbo.schedules) {
+      schedules.push_back(json{{"name", sch.name}, {"ops", sch.ops}, {"transfer", pct(sch.transfer_us)},
+                               {"gemm", pct(sch.gemm_us)}, {"step", pct(sch.step_us)},
+                               {"hidden_fraction", sch.hidden_fraction}});
+    }
+    j["overlap_tbo"] = json{{"expert_intermediate", tbo.intermediate}, {"grouped_gemm", tbo.gemm},
+                            {"handle_registered_bytes", tbo.handle_bytes}, {"schedules", schedules},
+                            {"verified", tbo.verified}};
+  } else {
+    j["overlap_tbo"] = nullptr;
   }
   j["verify"] = json{{"requested", r.verify_requested}, {"passed", r.verify_passed},
                      {"failed_ranks", r.verify_failed_ranks}};

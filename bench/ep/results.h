@@ -6,6 +6,7 @@
 
 #include "bench/ep/mpi_baseline.h"
 #include "bench/ep/options.h"
+#include "bench/ep/tbo.h"
 #include "ferry/ferry.h"
 #include "tools/common/env.h"
 #include "tools/common/report.h"
@@ -58,6 +59,7 @@ struct BenchResult {
   MpiTransport mpi_transport;        // what the baseline ran on, read back from MPI (rank 0's)
   std::string mpi_transport_chooser; // who chose it (mpi_transport_chooser())
   std::optional<OverlapResult> overlap;
+  std::optional<TboResult> overlap_tbo;  // --overlap tbo
   bool verify_requested = false;
   bool verify_passed = false;
   std::vector<int> verify_failed_ranks;

@@ -15,6 +15,8 @@
 #include "bench/ep/mpi_baseline.h"
 #include "bench/ep/results.h"
 #include "bench/ep/routing.h"
+#include "bench/ep/tbo.h"
+#include "bench/moe_layer/memory.h"
 #include "csrc/backend.h"
 #include "csrc/reference.h"
 #include "tools/common/bootstrap.h"
@@ -41,93 +43,10 @@ void check_cuda(cudaError_t e, const char* what) {
 }
 #endif
 
-// A buffer the a2a reads or writes: host memory for the host backend, device memory for CUDA.
-class Buffer {
- public:
-  Buffer() = default;
-  Buffer(size_t bytes, bool device) : bytes_(bytes), device_(device) {
-    if (bytes == 0) return;
-    if (device) {
-#if defined(FERRY_HAVE_CUDA)
-      check_cuda(cudaMalloc(&ptr_, bytes), "cudaMalloc of a benchmark buffer");
-      check_cuda(cudaMemset(ptr_, 0, bytes), "cudaMemset of a benchmark buffer");
-#else
-      raise(Status::unsupported, "--backend cuda: this build has no CUDA");
-#endif
-    } else {
-      ptr_ = std::calloc(1, bytes);
-      if (!ptr_) raise(Status::out_of_memory, "allocating " + tools::format_bytes(double(bytes)) + " for the benchmark");
-    }
-  }
-  ~Buffer() { reset(); }
-  Buffer(Buffer&& o) noexcept { *this = std::move(o); }
-  Buffer& operator=(Buffer&& o) noexcept {
-    if (this != &o) {
-      reset();
-      std::swap(ptr_, o.ptr_);
-      bytes_ = o.bytes_;
-      device_ = o.device_;
-    }
-    return *this;
-  }
-  void* get() const { return ptr_; }
-  size_t bytes() const { return bytes_; }
-  void upload(const void* src, size_t bytes) {
-    if (bytes == 0) return;
-    if (bytes > bytes_) raise(Status::internal, "benchmark buffer upload past its end");
-#if defined(FERRY_HAVE_CUDA)
-    if (device_) return check_cuda(cudaMemcpy(ptr_, src, bytes, cudaMemcpyHostToDevice), "cudaMemcpy to device");
-#endif
-    std::memcpy(ptr_, src, bytes);
-  }
-  void download(void* dst, size_t bytes) const {
-    if (bytes == 0) return;
-#if defined(FERRY_HAVE_CUDA)
-    if (device_) return check_cuda(cudaMemcpy(dst, ptr_, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy to host");
-#endif
-    std::memcpy(dst, ptr_, bytes);
-  }
-
- private:
-  void reset() {
-    if (!ptr_) return;
-#if defined(FERRY_HAVE_CUDA)
-    if (device_) cudaFree(ptr_);
-#endif
-    if (!device_) std::free(ptr_);
-    ptr_ = nullptr;
-  }
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-  bool device_ = false;
-};
-
-class Stream {
- public:
-  explicit Stream(bool device) {
-#if defined(FERRY_HAVE_CUDA)
-    if (device) check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
-#endif
-  }
-  ~Stream() {
-#if defined(FERRY_HAVE_CUDA)
-    if (stream_) cudaStreamDestroy(stream_);
-#endif
-  }
-  void* get() const { return stream_; }
-  void sync() const {
-#if defined(FERRY_HAVE_CUDA)
-    if (stream_) check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize after an a2a call");
-#endif
-  }
-
- private:
-#if defined(FERRY_HAVE_CUDA)
-  cudaStream_t stream_ = nullptr;
-#else
-  void* stream_ = nullptr;
-#endif
-};
+// Buffers the a2a reads or writes (host memory for the host backend, device memory for CUDA) and
+// the CUDA stream: the MoE layer's (bench/moe_layer/memory.h).
+using Buffer = moe::Memory;
+using moe::Stream;
 
 struct A2a {
   ferry_a2a_t handle = nullptr;
@@ -534,6 +453,18 @@ int run_rank(const Options& o, const char* launcher_label, const tools::NodeEmul
 #else
     result.baseline_note = "this ferry-bench was built without MPI";
 #endif
+  }
+
+  // ---- --overlap tbo: the MoE layer, plain and with two micro-batches ------------------------------
+  if (o.overlap_tbo) {
+    progress.phase("MoE layer (--overlap tbo)", 2 * (o.warmup + o.iters));
+    result.overlap_tbo = run_tbo(o, *boot, cboot.get(), config.cuda_device);
+    if (o.verify && !result.overlap_tbo->verified) {
+      if (rank == 0)
+        std::fprintf(stderr, "ferry-bench: --overlap tbo verify FAILED on rank(s) %s\n",
+                     join(result.overlap_tbo->verify_failed_ranks).c_str());
+      return 1;
+    }
   }
 
   // ---- gather to rank 0 and report ------------------------------------------------------------------

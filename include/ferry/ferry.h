@@ -126,8 +126,17 @@ enum { FERRY_SEND = 1, FERRY_RECV = 2, FERRY_SEND_RECV = 3 };
 /* ---- bootstrap ---------------------------------------------------------------------------- */
 typedef struct ferry_bootstrap* ferry_bootstrap_t;
 
-/* torchrun env (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK) or an mpirun/srun launch
- * (then as ferry_bootstrap_mpi). timeout_ms <= 0: FERRY_DEFAULT_BOOTSTRAP_TIMEOUT_MS. */
+/* From the launcher's environment: torchrun (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+ * MASTER_ADDR, MASTER_PORT), Slurm's srun without MPI (SLURM_PROCID, SLURM_NTASKS, ...: rank 0 on the
+ * step's first node, at a port derived from the job id), or an MPI launch without MASTER_ADDR (then as
+ * ferry_bootstrap_mpi). The TCP rendezvous listens on FERRY_BOOTSTRAP_PORT when set, else on
+ * MASTER_PORT, except under torchrun (TORCHELASTIC_RUN_ID set) whose store holds MASTER_PORT: there on
+ * MASTER_PORT + 1. timeout_ms <= 0: FERRY_DEFAULT_BOOTSTRAP_TIMEOUT_MS.
+ * TCP bootstraps (this one and ferry_bootstrap_tcp) admit only ranks that prove the job key:
+ * FERRY_JOB_KEY when set (the same secret on every rank), else a key derived from the rendezvous port
+ * and the launcher's job id, which keeps out other jobs and stray connections but not someone who can
+ * read the job's environment. Rank 0 listens only on the address MASTER_ADDR names (loopback for
+ * 127.0.0.1); FERRY_BOOTSTRAP_BIND_ADDR overrides it (e.g. 0.0.0.0 behind NAT). */
 ferry_status_t ferry_bootstrap_from_env(int timeout_ms, ferry_bootstrap_t* out);
 ferry_status_t ferry_bootstrap_tcp(const char* master_addr, int master_port, int rank, int world_size,
                                    int timeout_ms, ferry_bootstrap_t* out);

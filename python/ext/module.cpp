@@ -149,6 +149,18 @@ class Bootstrap {
   }
   bool closed() const { return handle_ == nullptr; }
 
+  // What the library's bootstrap says, whichever launcher it read.
+  int rank() const {
+    int v = -1;
+    raise_on_error(ferry_bootstrap_rank(handle(), &v));
+    return v;
+  }
+  int world_size() const {
+    int v = 0;
+    raise_on_error(ferry_bootstrap_world_size(handle(), &v));
+    return v;
+  }
+
   ferry_bootstrap_t handle() const {
     if (!handle_) throw StatusError{FERRY_ERR_INVALID_ARGUMENT, "bootstrap is closed"};
     return handle_;
@@ -458,6 +470,8 @@ NB_MODULE(_ferry, m) {
                   nb::arg("world_size"), nb::arg("timeout_ms"))
       .def_static("mpi", &Bootstrap::mpi)
       .def_static("callback", &Bootstrap::callback, nb::arg("rank"), nb::arg("world_size"), nb::arg("allgather"))
+      .def_prop_ro("rank", &Bootstrap::rank)
+      .def_prop_ro("world_size", &Bootstrap::world_size)
       .def("close", &Bootstrap::close)
       .def_prop_ro("closed", &Bootstrap::closed);
 

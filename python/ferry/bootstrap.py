@@ -6,7 +6,8 @@ Three ways, from what a Python job already has:
   allgather runs over a CPU (gloo) group; when the group's backend cannot move CPU tensors (NCCL),
   a gloo group over the same ranks is created, which is collective over the default group.
 - :meth:`Bootstrap.from_env`: torchrun's environment (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE,
-  LOCAL_RANK), or an mpirun/srun launch; Ferry's own TCP rendezvous on MASTER_PORT.
+  LOCAL_RANK), srun, or an mpirun launch; Ferry's own TCP rendezvous (under torchrun on
+  MASTER_PORT + 1, beside torchrun's store).
 - :meth:`Bootstrap.tcp`: explicit address, port, rank and world size.
 """
 
@@ -41,21 +42,21 @@ class Bootstrap:
 
     @classmethod
     def from_env(cls, timeout_ms: int = 60000, master_port: Optional[int] = None) -> "Bootstrap":
-        """torchrun's environment, else an MPI launch (OMPI_COMM_WORLD_RANK, PMI_RANK, PMIX_RANK).
+        """The launcher's environment, read by libferry: torchrun, srun, or an MPI launch.
 
-        Rank 0 listens on MASTER_PORT. Under torchrun that port is held by torchrun's own store:
-        pass `master_port` (the same free port on every rank) to rendezvous at MASTER_ADDR on it,
-        or use :meth:`from_process_group`, which needs no port.
+        Rank 0 listens on FERRY_BOOTSTRAP_PORT when set, else on MASTER_PORT, except under torchrun,
+        whose store holds MASTER_PORT: there on MASTER_PORT + 1. `master_port` overrides all of
+        these (the same free port on every rank); :meth:`from_process_group` needs no port at all.
         """
-        rank, world_size = _rank_from_env()
         if master_port is not None:
+            rank, world_size = _rank_from_env()
             addr = os.environ.get("MASTER_ADDR")
             if not addr:
                 raise ValueError("master_port: given, but MASTER_ADDR is not set")
             handle = _ferry.Bootstrap.tcp(addr, int(master_port), rank, world_size, timeout_ms)
             return cls(handle, rank, world_size, description=f"environment, port {master_port}")
         handle = _ferry.Bootstrap.from_env(timeout_ms)
-        return cls(handle, rank, world_size, description="environment")
+        return cls(handle, handle.rank, handle.world_size, description="environment")
 
     @classmethod
     def tcp(cls, master_addr: str, master_port: int, rank: int, world_size: int, timeout_ms: int = 60000) -> "Bootstrap":
@@ -66,8 +67,8 @@ class Bootstrap:
     @classmethod
     def mpi(cls) -> "Bootstrap":
         """MPI_COMM_WORLD (libferry built with MPI)."""
-        rank, world_size = _rank_from_env(mpi_only=True)
-        return cls(_ferry.Bootstrap.mpi(), rank, world_size, description="mpi")
+        handle = _ferry.Bootstrap.mpi()
+        return cls(handle, handle.rank, handle.world_size, description="mpi")
 
     @classmethod
     def from_process_group(cls, group: Any = None, *, timeout: Optional[timedelta] = None) -> "Bootstrap":
@@ -157,10 +158,10 @@ def group_rank(group: Any) -> tuple[Any, int, int]:
     return group, rank, dist.get_world_size(group)
 
 
-def _rank_from_env(mpi_only: bool = False) -> tuple[int, int]:
+def _rank_from_env() -> tuple[int, int]:
     """Rank and world size the way libferry's bootstrap_from_env reads them (torchrun first)."""
     env = os.environ
-    if not mpi_only and all(env.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")):
+    if all(env.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")):
         return int(env["RANK"]), int(env["WORLD_SIZE"])
     for rank_var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
         if not env.get(rank_var):

@@ -31,6 +31,15 @@ def test_the_example_moe_layer_under_torchrun_matches_the_dense_moe():
     assert len(lines) == 4 and all(line.endswith("PASS") for line in lines), p.stdout + p.stderr
 
 
+def test_bootstrap_from_env_under_torchrun_meets_beside_torchruns_store():
+    # The script's process group takes MASTER_PORT first; Bootstrap.from_env must not need it.
+    script = pathlib.Path(__file__).parent / "torchrun_env_bootstrap.py"
+    p = run(["-m", "torch.distributed.run", "--nproc-per-node", "3", "--master-port", str(launch.free_port()),
+             str(script)], timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert sorted(line for line in p.stdout.split() if line == "PASS") == ["PASS"] * 3, p.stdout + p.stderr
+
+
 def test_bench_prints_deepep_style_lines_and_the_python_layer_cost():
     p = run(["-m", "ferry.bench", "--world-size", "2", "--provider", "tcp", "--tokens", "16", "--hidden", "512",
              "--experts", "16", "--iters", "10", "--warmup", "2"], timeout=240)

@@ -125,6 +125,10 @@ TEST(BenchArguments, BadValuesExitWithCode2AndNameTheArgument) {
       {"--routing zipf --zipf-s inf", "--zipf-s"},
       {"--routing zipf --zipf-s -1", "--zipf-s"},
       {"--routing zipf --zipf-s 10.5", "--zipf-s"},
+      // --overlap gemm | tbo; tbo runs the MoE layer, whose expert outputs are bf16 or f32.
+      {"--overlap dbo", "--overlap"},
+      {"--overlap tbo --out-dtype f16", "--out-dtype bf16 or f32"},
+      {"--overlap tbo --expert-intermediate 0", "--expert-intermediate"},
   };
   for (const auto& [args, name] : cases) {
     const auto r = bench(args);
@@ -218,6 +222,37 @@ TEST(BenchRun, DecodePresetScaledDownVerifiesAndWritesJson) {
   fs::remove_all(dir);
 }
 
+TEST(BenchRun, OverlapTboTimesBothSchedulesOfTheMoeLayerVerified) {
+  const fs::path dir = temp_dir("tbo");
+  const auto r = bench(std::string(kScaledDown) + " --overlap tbo --expert-intermediate 32 --verify --launcher fork "
+                       "--json " + (dir / "tbo.json").string());
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("MoE layer (--overlap tbo)"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("DS0 DR0 DS1 G0 DR1 CS0 G1 CR0 CS1 CR1"), std::string::npos) << r.out;
+  const json j = read_json(dir / "tbo.json");
+  EXPECT_EQ(j["config"]["overlap"], "tbo");
+  EXPECT_TRUE(j["overlap"].is_null());
+  const json& tbo = j["overlap_tbo"];
+  EXPECT_EQ(tbo["expert_intermediate"], 32);
+  EXPECT_EQ(tbo["verified"], true);
+  ASSERT_EQ(tbo["handle_registered_bytes"].size(), 2u);
+  ASSERT_EQ(tbo["schedules"].size(), 2u);
+  EXPECT_EQ(tbo["schedules"][0]["name"], "plain");
+  EXPECT_EQ(tbo["schedules"][1]["name"], "tbo");
+  for (const json& s : tbo["schedules"]) {
+    SCOPED_TRACE(s["name"].get<std::string>());
+    for (const char* what : {"transfer", "gemm", "step"}) {
+      EXPECT_GT(s[what]["p50_us"].get<double>(), 0.0) << what;
+      EXPECT_LE(s[what]["min_us"].get<double>(), s[what]["p50_us"].get<double>()) << what;
+      EXPECT_LE(s[what]["p50_us"].get<double>(), s[what]["max_us"].get<double>()) << what;
+    }
+    EXPECT_DOUBLE_EQ(s["hidden_fraction"].get<double>(),
+                     1 - (s["step"]["p50_us"].get<double>() - s["gemm"]["p50_us"].get<double>()) /
+                             s["transfer"]["p50_us"].get<double>());
+  }
+  fs::remove_all(dir);
+}
+
 TEST(BenchRun, PrefillPresetScaledDownWithOverlapAndCsv) {
   const fs::path dir = temp_dir("prefill");
   const auto r = bench(std::string(kScaledDown) + " --preset prefill --verify --overlap --gemm-m 64 --gemm-n 64 "
@@ -226,7 +261,8 @@ TEST(BenchRun, PrefillPresetScaledDownWithOverlapAndCsv) {
   ASSERT_EQ(r.exit_code, 0) << r.out;
   const json j = read_json(dir / "prefill.json");
   expect_scaled_down_run(j, "prefill", 8);
-  EXPECT_EQ(j["config"]["overlap"], true);
+  EXPECT_EQ(j["config"]["overlap"], "gemm");
+  EXPECT_TRUE(j["overlap_tbo"].is_null());
   EXPECT_GT(j["overlap"]["gemm_alone_p50_us"].get<double>(), 0.0);
   expect_ordered_stats(j["overlap"]["dispatch_overlapped"], "dispatch overlapped");
   expect_ordered_stats(j["overlap"]["combine_overlapped"], "combine overlapped");
@@ -254,6 +290,14 @@ TEST(BenchRun, VerifyFailureExitsWithCode1NamingTheRank) {
   EXPECT_NE(r.out.find("verify FAILED on rank 2: dispatch"), std::string::npos) << r.out;
   EXPECT_TRUE(std::regex_search(r.out, std::regex(R"(verify FAILED on rank\(s\) ([0-9]+,)*2(,|\n))"))) << r.out;
   EXPECT_EQ(r.out.find("dispatch: rank 1 "), std::string::npos) << "only rank 2's dispatch output was touched";
+}
+
+// The steepest zipf law the bench accepts puts nearly every draw on one expert; top-8 of 16 must
+// still route every token to 8 distinct experts, in bounded time, and verify.
+TEST(BenchRun, SteepestZipfLawWithTopKOfHalfTheExpertsVerifies) {
+  const auto r = bench(std::string(kScaledDown) + " --launcher fork --verify --routing zipf --zipf-s 10 --topk 8");
+  EXPECT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("verify"), std::string::npos) << r.out;
 }
 
 // A rank that stops (SIGSTOP: alive, silent) under the default mpirun launcher: the others reach

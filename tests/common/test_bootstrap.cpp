@@ -494,6 +494,28 @@ TEST(BootstrapFromEnv, SlurmLaunchesMeetWithoutTorchrunVariables) {
   }));
 }
 
+// Under torchrun the store (the agent's, or init_process_group's on rank 0) already listens on
+// MASTER_PORT; the ranks still meet, on the next port.
+TEST(BootstrapFromEnv, UnderTorchrunTheStoreKeepsMasterPortAndTheRanksMeetBesideIt) {
+  const int port = pick_free_port();
+  const int store = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_ANY);
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  ASSERT_EQ(::bind(store, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0) << std::strerror(errno);
+  ASSERT_EQ(::listen(store, 16), 0);
+  LaunchOptions options;
+  options.world_size = 3;
+  options.env = {{"MASTER_PORT", std::to_string(port)}, {"TORCHELASTIC_RUN_ID", "run-1"}};
+  expect_all_ok(run_ranks(options, [](te::Bootstrap& b) {
+    int mine = 100 + b.rank(), all[3];
+    b.allgather(&mine, sizeof(mine), all, 10000);
+    EXPECT_THAT(all, ::testing::ElementsAre(100, 101, 102));
+  }));
+  ::close(store);
+}
+
 TEST(BootstrapFromEnv, SingleRankTorchrunEnvironmentWorks) {
   std::string port = std::to_string(pick_free_port());
   ScopedEnv env{

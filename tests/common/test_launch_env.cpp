@@ -72,6 +72,24 @@ TEST(LaunchEnv, ValuesThatDoNotFitNameTheVariableAndItsValue) {
   EXPECT_THAT(error->what(), HasSubstr("local rank 2"));
 }
 
+TEST(LaunchEnv, TheRendezvousPortAvoidsTorchrunsStoreAndFerryBootstrapPortWins) {
+  EnvVars vars{{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "n1"}, {"MASTER_PORT", "29500"}};
+  EXPECT_EQ(read_launch_env(vars).master_port, 29500) << "plain RANK/WORLD_SIZE: nobody else holds MASTER_PORT";
+  vars["TORCHELASTIC_RUN_ID"] = "run-1";
+  EXPECT_EQ(read_launch_env(vars).master_port, 29501);
+  vars["FERRY_BOOTSTRAP_PORT"] = "31000";
+  EXPECT_EQ(read_launch_env(vars).master_port, 31000);
+  vars["FERRY_BOOTSTRAP_PORT"] = "0";
+  auto error = error_of([&] { read_launch_env(vars); });
+  ASSERT_TRUE(error);
+  EXPECT_THAT(error->what(), HasSubstr("FERRY_BOOTSTRAP_PORT='0'"));
+  vars.erase("FERRY_BOOTSTRAP_PORT");
+  vars["MASTER_PORT"] = "65535";
+  error = error_of([&] { read_launch_env(vars); });
+  ASSERT_TRUE(error);
+  EXPECT_THAT(error->what(), HasSubstr("FERRY_BOOTSTRAP_PORT"));
+}
+
 TEST(JobKeySource, AnExplicitKeyWinsAndTheDerivedOneFollowsTheLauncher) {
   const auto explicit_key = job_key_source({{"FERRY_JOB_KEY", "s3cret"}, {"SLURM_JOB_ID", "1"}}, 29500);
   EXPECT_TRUE(explicit_key.explicit_key);
