@@ -118,9 +118,9 @@ bool Worker::step() {
   return busy;
 }
 
-int Worker::step_as_caller(bool poll) {
+int Worker::step_as_caller() {
   if (!try_acquire()) return -1;
-  const bool busy = poll ? step() : post_some();
+  const bool busy = step();
   release();
   last_caller_step_ns_.store(now_ns(), std::memory_order_relaxed);
   // Work this caller leaves behind (writes in flight, records a full queue kept) needs someone

@@ -70,18 +70,12 @@ class Worker {
   template <typename Fill>
   void enqueue(size_t count, int timeout_ms, Fill&& fill);
 
-  // One progress step on the calling thread (post what is queued, poll the CQs unless `poll` is
-  // false) when the progress token is free: returns 1 when it moved something, 0 when there was
-  // nothing to do, -1 when another thread holds the token.
-  int step_as_caller(bool poll = true);
+  // One progress step on the calling thread (post what is queued, poll the CQs) when the progress
+  // token is free: returns 1 when it moved something, 0 when there was nothing to do, -1 when
+  // another thread holds the token.
+  int step_as_caller();
   // A caller that stops stepping (its wait turns to sleeping) hands the NICs to the worker.
   void hand_off();
-
-  // Writes a caller posts itself, at most this many bytes per enqueue: a small write then costs
-  // what fi_writemsg costs, with no thread between. Larger ones go to the worker, as a post of
-  // megabytes over tcp (segmenting, socket sends) would keep the caller from its next work (the
-  // pack of the next peer, the expert GEMM) for as long as it takes.
-  static constexpr uint64_t kCallerPostMaxBytes = uint64_t{64} << 10;
 
   // Every record claimed so far has completed locally.
   void flush(int timeout_ms);
@@ -206,25 +200,16 @@ void Worker::enqueue(size_t count, int timeout_ms, Fill&& fill) {
   while (count > 0) {
     const size_t n = count < chunk ? count : chunk;
     const uint64_t first = claim(n, timeout_ms);
-    uint64_t bytes = 0;
     for (size_t i = 0; i < n; ++i) {
       WriteOp& op = slot(first + i);
       op.done = false;
       fill(op);
-      bytes += op.bytes;
       op.published.store(first + i + 1, std::memory_order_release);
     }
     // Pairs with the fence in release(): either this thread gets the token below, or its holder
     // sees these records after letting go.
     std::atomic_thread_fence(std::memory_order_seq_cst);
-    if (bytes <= kCallerPostMaxBytes) {
-      // Posting only: a CQ poll per write (a progress pass with socket calls on tcp) would cost a
-      // burst of writes far more than its posts; the caller's next wait or flush, a full queue, or
-      // the worker reaps the completions.
-      step_as_caller(false);
-    } else {
-      hand_off();
-    }
+    step_as_caller();
     count -= n;
   }
 }
