@@ -109,7 +109,6 @@ struct TransferEngine::Impl {
   std::list<GroupImpl> groups;
   std::set<uint64_t> keys_in_use;  // requested keys of live regions
   std::string wait_what;  // "rank N wait", built once so waits allocate nothing
-  WaitProgress wait_progress;  // a waiter steps the engine itself (built once, like wait_what)
   std::atomic<uint64_t> ops{0};
 
   Impl(const EngineConfig& c, Bootstrap& b) : config(c), bootstrap(b) {}
@@ -294,8 +293,6 @@ TransferEngine::TransferEngine(const EngineConfig& config, Bootstrap& bootstrap)
   }
 
   s.worker = std::make_unique<Worker>(s.nics, s.counter, s.rank, c.max_posts_per_step);
-  s.wait_progress.step = [worker = s.worker.get()] { return worker->step_as_caller(); };
-  s.wait_progress.hand_off = [worker = s.worker.get()] { worker->hand_off(); };
   std::vector<int> cpus;
   const std::string& first_domain = s.nics[0]->domain_name();
   const bool local_only = c.provider == "shm" || first_domain == "lo";
@@ -568,7 +565,7 @@ void TransferEngine::wait(std::span<const ImmExpect> expects, int timeout_ms) {
   Worker::WaitScope scope(*s.worker);
   try {
     wait_for_imms(s.counter, expects, s.wait_ms(timeout_ms), s.wait_what,
-                  [&] { s.worker->raise_if_failed(); }, &s.wait_progress);
+                  [&] { s.worker->raise_if_failed(); });
   } catch (const Error& e) {
     if (e.status() != Status::timeout) throw;
     raise(Status::timeout, e.what() + s.worker->in_flight_summary());

@@ -133,8 +133,7 @@ std::string describe_missing(const ImmCounter& counter, std::span<const ImmExpec
 }
 
 void wait_for_imms(const ImmCounter& counter, std::span<const ImmExpect> expects, int timeout_ms,
-                   const std::string& what, const std::function<void()>& check,
-                   const WaitProgress* progress) {
+                   const std::string& what, const std::function<void()>& check) {
   auto& mutable_counter = const_cast<ImmCounter&>(counter);
   const auto start = std::chrono::steady_clock::now();
   const auto deadline = start + std::chrono::milliseconds(timeout_ms);
@@ -149,12 +148,9 @@ void wait_for_imms(const ImmCounter& counter, std::span<const ImmExpect> expects
                                  " ms waiting for " + describe_missing(counter, expects));
     }
     if (backoff.sleeping()) {
-      // Woken by the next batch of immediates whoever polls them; the timeout bounds how late a
-      // deadline or a transport error is noticed.
-      if (progress && progress->hand_off) progress->hand_off();
+      // Woken by the worker's next batch of immediates; the timeout bounds how late a deadline
+      // or a transport error is noticed.
       counter.sleep_until_arrival(backoff.sleep_us());
-    } else if (progress && progress->step && progress->step() > 0) {
-      backoff.reset();
     } else {
       backoff.pause();
     }

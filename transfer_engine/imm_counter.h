@@ -53,21 +53,11 @@ class ImmCounter {
 // (the first few named, the rest counted), then the first few unmet immediates.
 std::string describe_missing(const ImmCounter& counter, std::span<const ImmExpect> expects);
 
-// What a waiter can do besides watching the counter: move the engine itself. `step` makes one
-// progress step (1: something moved, 0: nothing to do, -1: another thread owns the NICs);
-// `hand_off` is called when the waiter stops stepping and starts sleeping.
-struct WaitProgress {
-  std::function<int()> step;
-  std::function<void()> hand_off;
-};
-
-// Waits until every expectation is met and consumes them: steps the engine (when `progress` is
-// given) while spinning and yielding, then sleeps until the next arrival. `check` runs between
-// polls and may throw (a transport error seen by the worker). On deadline throws Status::timeout
-// "<what>: timed out after N ms waiting for <describe_missing>".
+// Waits (spin, then yield, then short sleeps) until every expectation is met and consumes them.
+// `check` runs between polls and may throw (a transport error seen by the worker). On deadline
+// throws Status::timeout "<what>: timed out after N ms waiting for <describe_missing>".
 void wait_for_imms(const ImmCounter& counter, std::span<const ImmExpect> expects, int timeout_ms,
-                   const std::string& what, const std::function<void()>& check,
-                   const WaitProgress* progress = nullptr);
+                   const std::string& what, const std::function<void()>& check);
 
 // Idle backoff shared by the worker and waiters, by time since the last progress: spin briefly
 // (latency), then yield (other threads of a busy job get the core), then sleep in growing steps up

@@ -1,10 +1,5 @@
 #include "transfer_engine/worker.h"
 
-#include <linux/futex.h>
-#include <sys/prctl.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
 #include <bit>
 #include <future>
 
@@ -12,23 +7,6 @@ namespace ferry::te {
 namespace {
 
 constexpr size_t kCqBatch = 32;
-
-// The worker leaves the NICs to callers that stepped within this long, and takes over after it:
-// the gap between one call's last step and the next call's first (a write then its wait) must not
-// cost a thread switch, while a caller that went to compute leaves writes in flight for at most
-// this long unattended.
-constexpr int kHandOffUs = 50;
-
-int64_t now_ns() { return std::chrono::steady_clock::now().time_since_epoch().count(); }
-
-void futex_wait(std::atomic<uint32_t>& word, uint32_t seen, int timeout_us) {
-  timespec timeout{timeout_us / 1000000, static_cast<long>(timeout_us % 1000000) * 1000};
-  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAIT_PRIVATE, seen, &timeout, nullptr, 0);
-}
-
-void futex_wake(std::atomic<uint32_t>& word) {
-  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
-}
 
 bool is_peer_failure(int err) {
   switch (err) {
@@ -61,8 +39,6 @@ Worker::~Worker() { stop(); }
 
 void Worker::start(std::function<void()> on_start) {
   thread_ = std::thread([this, on_start = std::move(on_start)] {
-    // Its timed parks are short (kHandOffUs); the default 50 us slack would double them.
-    prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
     if (on_start) on_start();
     loop();
   });
@@ -76,63 +52,8 @@ void Worker::stop() {
 }
 
 void Worker::wake() {
-  wake_word_.fetch_add(1, std::memory_order_seq_cst);
-  if (parked_.load(std::memory_order_seq_cst) != 0) futex_wake(wake_word_);
-}
-
-void Worker::wake_if_parked_deep() {
-  if (parked_.load(std::memory_order_acquire) == 2) wake();
-}
-
-bool Worker::queued() const {
-  const uint64_t next = next_post_seen_.load(std::memory_order_acquire);
-  return ring_[next & mask_].published.load(std::memory_order_acquire) == next + 1;
-}
-
-bool Worker::try_acquire() {
-  return !token_.load(std::memory_order_relaxed) && !token_.exchange(true, std::memory_order_acquire);
-}
-
-void Worker::release() {
-  for (;;) {
-    const uint64_t next = next_post_;
-    next_post_seen_.store(next, std::memory_order_release);
-    token_.store(false, std::memory_order_release);
-    // Pairs with the fence in enqueue(): a producer that failed to take the token published its
-    // records before that failure, so they are visible here.
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-    if (slot(next).published.load(std::memory_order_acquire) != next + 1) return;
-    if (!try_acquire()) return;  // the new holder posts them
-    if (!post_some()) {
-      // The transmit queue is full: whoever steps next (a caller, else the worker) retries.
-      next_post_seen_.store(next_post_, std::memory_order_release);
-      token_.store(false, std::memory_order_release);
-      return;
-    }
-  }
-}
-
-bool Worker::step() {
-  bool busy = post_some();
-  busy |= poll_cqs();
-  return busy;
-}
-
-int Worker::step_as_caller() {
-  if (!try_acquire()) return -1;
-  const bool busy = step();
-  release();
-  last_caller_step_ns_.store(now_ns(), std::memory_order_relaxed);
-  // Work this caller leaves behind (writes in flight, records a full queue kept) needs someone
-  // polling once callers are gone; an idle worker would not look for up to a millisecond.
-  if (in_flight_total_.load(std::memory_order_relaxed) != 0 || queued()) wake_if_parked_deep();
-  return busy ? 1 : 0;
-}
-
-void Worker::hand_off() {
-  last_caller_step_ns_.store(0, std::memory_order_relaxed);
-  wake_if_parked_deep();
-  if (parked_.load(std::memory_order_acquire) == 1) wake();
+  std::lock_guard<std::mutex> lock(sleep_mutex_);
+  sleep_cv_.notify_one();
 }
 
 uint64_t Worker::claim(size_t count, int timeout_ms) {
@@ -152,9 +73,8 @@ uint64_t Worker::claim(size_t count, int timeout_ms) {
                                  std::to_string(timeout_ms) + " ms (" + std::to_string(capacity_) +
                                  " records)" + in_flight_summary());
     }
-    // Completions free slots: retire them here if no one else is.
-    if (step_as_caller() > 0) backoff.reset();
-    else backoff.pause();
+    if (sleeping_.load(std::memory_order_acquire)) wake();
+    backoff.pause();
     tail = tail_.load(std::memory_order_relaxed);
   }
 }
@@ -175,11 +95,6 @@ void Worker::flush(int timeout_ms) {
                 " writes not completed; the oldest goes to rank " +
                 std::to_string(oldest.peer_rank) + " on NIC " + std::to_string(oldest.nic));
     }
-    if (!backoff.sleeping() && step_as_caller() > 0) {
-      backoff.reset();
-      continue;
-    }
-    if (backoff.sleeping()) hand_off();
     backoff.pause();
   }
   raise_if_failed();
@@ -193,11 +108,6 @@ bool Worker::drain(int timeout_ms) noexcept {
   while (retired_.load(std::memory_order_acquire) < target) {
     if (failed_.load(std::memory_order_acquire) || std::chrono::steady_clock::now() >= deadline)
       return false;
-    if (!backoff.sleeping() && step_as_caller() > 0) {
-      backoff.reset();
-      continue;
-    }
-    if (backoff.sleeping()) hand_off();
     backoff.pause();
   }
   return true;
@@ -233,7 +143,10 @@ void Worker::run_on_worker(const std::function<void()>& fn, int timeout_ms) {
 }
 
 Worker::WaitScope::WaitScope(Worker& worker) : worker_(worker) {
-  worker_.active_waiters_.fetch_add(1, std::memory_order_acq_rel);
+  if (worker_.active_waiters_.fetch_add(1, std::memory_order_acq_rel) == 0 &&
+      worker_.sleeping_.load(std::memory_order_acquire)) {
+    worker_.wake();
+  }
 }
 
 Worker::WaitScope::~WaitScope() { worker_.active_waiters_.fetch_sub(1, std::memory_order_acq_rel); }
@@ -286,35 +199,13 @@ void Worker::fail(Status status, const std::string& text) {
   failed_.store(true, std::memory_order_release);
 }
 
-bool Worker::worker_work_pending() const {
-  return stop_.load(std::memory_order_acquire) || has_control_.load(std::memory_order_acquire) ||
-         (num_waiters_.load(std::memory_order_acquire) != 0 && waiters_dirty_.load(std::memory_order_acquire));
-}
-
-void Worker::park(int timeout_us, bool deep) {
-  const uint32_t seen = wake_word_.load(std::memory_order_seq_cst);
-  parked_.store(deep ? 2 : 1, std::memory_order_seq_cst);
-  // Rechecked after announcing the park: a waker either sees parked_ set, or its work is seen here.
-  bool pending = worker_work_pending();
-  if (deep) pending = pending || queued() || active_waiters_.load(std::memory_order_acquire) != 0;
-  if (!pending) futex_wait(wake_word_, seen, timeout_us);
-  parked_.store(0, std::memory_order_release);
-}
-
 void Worker::loop() {
-  // Idle parks grow to 1 ms so that dozens of idle engines on a few cores cost little.
+  // Idle sleeps grow to 1 ms so that dozens of idle engines on a few cores cost little.
   Backoff backoff(1000);
   while (!stop_.load(std::memory_order_acquire)) {
-    bool busy = false;
-    const int64_t since_caller_ns = now_ns() - last_caller_step_ns_.load(std::memory_order_relaxed);
-    const bool callers_stepping = since_caller_ns < int64_t{kHandOffUs} * 1000;
-    const bool control = has_control_.load(std::memory_order_acquire);
-    // Control tasks need the token whoever steps; otherwise the NICs are the callers' while they step.
-    if ((control || !callers_stepping) && try_acquire()) {
-      if (control) busy |= run_control();
-      busy |= step();
-      release();
-    }
+    bool busy = poll_cqs();
+    if (has_control_.load(std::memory_order_acquire)) busy |= run_control();
+    busy |= post_some();
     if (num_waiters_.load(std::memory_order_acquire) != 0 &&
         (busy || waiters_dirty_.exchange(false, std::memory_order_acq_rel))) {
       fire_waiters();
@@ -323,17 +214,10 @@ void Worker::loop() {
       backoff.reset();
       continue;
     }
-    if (callers_stepping) {
-      // Until the callers stop: look again when the last step is kHandOffUs old.
-      park(static_cast<int>(kHandOffUs - since_caller_ns / 1000) + 1, false);
-      backoff.reset();
-      continue;
-    }
-    // Attended: writes in flight, a caller blocked in wait/flush (sleeping, not stepping), or
-    // registered imm callbacks. tcp and shm move bytes of a large write only when both ends poll,
-    // so an attended worker never parks long; it yields, which costs little when many ranks share
-    // a core.
-    const bool attended = in_flight_total_.load(std::memory_order_relaxed) != 0 || queued() ||
+    // Attended: writes in flight, a caller blocked in wait/flush, or registered imm callbacks.
+    // tcp and shm move bytes of a large write only when both ends poll, so an attended worker
+    // never sleeps; it yields, which costs little when many ranks share a core.
+    const bool attended = in_flight_total_ != 0 ||
                           active_waiters_.load(std::memory_order_acquire) != 0 ||
                           num_waiters_.load(std::memory_order_acquire) != 0;
     if (!backoff.sleeping()) {
@@ -341,15 +225,20 @@ void Worker::loop() {
     } else if (attended) {
       std::this_thread::yield();
     } else {
-      // Callers leaving work behind wake it; the timeout keeps CQs progressing for arrivals nobody
-      // waits for yet.
-      park(backoff.sleep_us(), true);
+      // Producers notify when they see the worker asleep; the timeout keeps CQs progressing for
+      // arrivals nobody waits for yet.
+      std::unique_lock<std::mutex> lock(sleep_mutex_);
+      sleeping_.store(true, std::memory_order_seq_cst);
+      if (!stop_.load(std::memory_order_acquire) && !has_control_.load(std::memory_order_acquire) &&
+          active_waiters_.load(std::memory_order_acquire) == 0 &&
+          slot(next_post_).published.load(std::memory_order_acquire) != next_post_ + 1) {
+        sleep_cv_.wait_for(lock, std::chrono::microseconds(backoff.sleep_us()));
+      }
+      sleeping_.store(false, std::memory_order_release);
     }
   }
   // Control tasks queued while stopping still run, so no caller is left waiting on them.
-  while (!try_acquire()) std::this_thread::yield();
   run_control();
-  release();
 }
 
 bool Worker::run_control() {
@@ -381,9 +270,9 @@ bool Worker::poll_cqs() {
           if (op != nullptr && op >= ring_.get() && op < ring_.get() + capacity_) {
             op->done = true;
             if (in_flight_[n] > 0) {
-              --in_flight_[n];
-              in_flight_total_.fetch_sub(1, std::memory_order_relaxed);
-            }
+            --in_flight_[n];
+            --in_flight_total_;
+          }
             peer = "rank " + std::to_string(op->peer_rank);
           }
           fail(is_peer_failure(err.err) ? Status::peer_failed : Status::transport,
@@ -417,7 +306,7 @@ bool Worker::poll_cqs() {
           static_cast<WriteOp*>(e.op_context)->done = true;
           if (in_flight_[n] > 0) {
             --in_flight_[n];
-            in_flight_total_.fetch_sub(1, std::memory_order_relaxed);
+            --in_flight_total_;
           }
         }
       }
@@ -426,12 +315,8 @@ bool Worker::poll_cqs() {
   }
   if (any) retire();
   if (any_imm) {
+    waiters_dirty_.store(true, std::memory_order_relaxed);
     counter_.notify_arrivals();
-    if (num_waiters_.load(std::memory_order_acquire) != 0) {
-      waiters_dirty_.store(true, std::memory_order_release);
-      // Callbacks run on the worker: a caller that polled their immediates wakes it.
-      if (std::this_thread::get_id() != thread_.get_id()) wake();
-    }
   }
   return any;
 }
@@ -482,7 +367,7 @@ bool Worker::post_some() {
       continue;
     }
     ++in_flight_[op.nic];
-    in_flight_total_.fetch_add(1, std::memory_order_relaxed);
+    ++in_flight_total_;
     ops_posted_.store(ops_posted_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
     bytes_posted_.store(bytes_posted_.load(std::memory_order_relaxed) + op.bytes,
                         std::memory_order_relaxed);

@@ -1,25 +1,13 @@
-// The engine's worker and the ownership of the NICs. Callers publish write records into a lock-free
-// ring (multi-producer) of pooled records with stable addresses; whoever holds the progress token
-// posts them (a bounded number per step), polls the CQs, counts immediates and retires completed
-// records. The hot path allocates nothing.
-//
-// One owner at a time. FI_THREAD_DOMAIN lets libfabric assume that one thread at a time calls into
-// a domain and its endpoints and CQs; the progress token (an atomic flag taken with acquire and
-// released with release ordering) is that one thread. A caller in write, wait or flush takes it when
-// it is free and moves the engine itself: no hand-off to another thread, so a small write costs
-// what the raw fi_writemsg and fi_cq_read cost. The worker thread takes it only when no caller has
-// stepped for kHandOffUs: it is the owner of last resort, for writes in flight or arrivals when
-// every caller is elsewhere (tcp and shm move a large write only while both ends poll), for imm
-// callbacks (on_imm, set_flag_on_imm: they run on the worker) and for control tasks. Everything
-// the token guards (next_post_, retire_scan_, in_flight_, each record's `done`) is touched only by
-// its holder; the acquire/release pair orders one holder's writes before the next holder's reads.
-// A record published while another thread holds the token is never stranded: the holder looks
-// at the ring again after it lets go (Dekker-style fences on both sides) and posts what it finds.
+// The engine's worker: one thread owning every NIC of the engine. Callers publish write records
+// into a lock-free ring (multi-producer, one consumer) of pooled records with stable addresses; the
+// worker posts them (a bounded number per step), polls the CQs, counts immediates, fires imm
+// callbacks and retires completed records. The hot path allocates nothing.
 #pragma once
 #include <rdma/fabric.h>
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -65,17 +53,9 @@ class Worker {
   void stop();
 
   // Claims `count` records in order and calls fill(WriteOp&) on each, in order, then publishes
-  // them and posts them on the calling thread when no other thread holds the NICs. Blocks (moving
-  // the engine, with backoff) while the ring is full; throws Status::timeout after timeout_ms.
+  // them. Blocks (with backoff) while the ring is full; throws Status::timeout after timeout_ms.
   template <typename Fill>
   void enqueue(size_t count, int timeout_ms, Fill&& fill);
-
-  // One progress step on the calling thread (post what is queued, poll the CQs) when the progress
-  // token is free: returns 1 when it moved something, 0 when there was nothing to do, -1 when
-  // another thread holds the token.
-  int step_as_caller();
-  // A caller that stops stepping (its wait turns to sleeping) hands the NICs to the worker.
-  void hand_off();
 
   // Every record claimed so far has completed locally.
   void flush(int timeout_ms);
@@ -89,8 +69,8 @@ class Worker {
 
   void add_imm_waiter(uint32_t imm, uint32_t count, std::function<void()> fn);
 
-  // Held by a caller blocked in wait/flush: while it sleeps rather than steps, its arrivals need
-  // the worker polling, so the worker counts as attended (no long sleeps) while any exists.
+  // Held by a caller blocked in wait/flush: its arrivals need the worker polling, so the worker
+  // keeps its idle sleeps short while any exists (and is woken when the first arrives).
   class WaitScope {
    public:
     explicit WaitScope(Worker& worker);
@@ -130,20 +110,6 @@ class Worker {
   uint64_t claim(size_t count, int timeout_ms);
   WriteOp& slot(uint64_t seq) { return ring_[seq & mask_]; }
 
-  bool try_acquire();
-  // Lets go of the token, then posts what was published meanwhile (see the header comment).
-  void release();
-  // Post and poll under the token.
-  bool step();
-  // A record is published but not posted yet (readable without the token).
-  bool queued() const;
-  // The worker blocks until wake() or timeout_us; `deep`: nothing is attended (callers waking
-  // the engine from idle wake it).
-  void park(int timeout_us, bool deep);
-  void wake_if_parked_deep();
-  // Something for the worker alone: control tasks, imm callbacks, stop.
-  bool worker_work_pending() const;
-
   std::vector<std::unique_ptr<fabric::Nic>>& nics_;
   ImmCounter& counter_;
   const int rank_;
@@ -153,19 +119,17 @@ class Worker {
   const size_t capacity_;
   const uint64_t mask_;
   alignas(64) std::atomic<uint64_t> tail_{0};      // next seq to claim (producers)
-  alignas(64) std::atomic<uint64_t> retired_{0};   // every seq below has completed (token holder)
-  alignas(64) std::atomic<bool> token_{false};     // the progress token: held while calling libfabric
-  std::atomic<int64_t> last_caller_step_ns_{0};    // steady clock of the last step a caller made
-  alignas(64) uint64_t next_post_ = 0;             // token holder only
-  std::atomic<uint64_t> next_post_seen_{0};        // next_post_ for readers without the token
-  uint64_t retire_scan_ = 0;                       // token holder only
-  size_t in_flight_[kMaxNics] = {};                // token holder only: posted, not completed, per NIC
-  std::atomic<size_t> in_flight_total_{0};         // written by the token holder, read by anyone
+  alignas(64) std::atomic<uint64_t> retired_{0};   // every seq below has completed (worker)
+  alignas(64) uint64_t next_post_ = 0;             // worker-only
+  uint64_t retire_scan_ = 0;                       // worker-only
+  size_t in_flight_[kMaxNics] = {};                // worker-only: posted, not completed, per NIC
+  size_t in_flight_total_ = 0;                     // worker-only
 
   std::atomic<bool> stop_{false};
   std::atomic<int> active_waiters_{0};
-  std::atomic<uint32_t> wake_word_{0};             // futex: bumped by wake()
-  std::atomic<int> parked_{0};                     // 0 running, 1 parked while callers step, 2 idle
+  std::atomic<bool> sleeping_{false};
+  std::mutex sleep_mutex_;
+  std::condition_variable sleep_cv_;
   std::thread thread_;
 
   struct ControlTask {
@@ -195,7 +159,7 @@ class Worker {
 
 template <typename Fill>
 void Worker::enqueue(size_t count, int timeout_ms, Fill&& fill) {
-  // Chunks of half the ring let a large scatter stream through while it is posted.
+  // Chunks of half the ring let a large scatter stream through while the worker drains it.
   const size_t chunk = capacity_ / 2;
   while (count > 0) {
     const size_t n = count < chunk ? count : chunk;
@@ -206,12 +170,9 @@ void Worker::enqueue(size_t count, int timeout_ms, Fill&& fill) {
       fill(op);
       op.published.store(first + i + 1, std::memory_order_release);
     }
-    // Pairs with the fence in release(): either this thread gets the token below, or its holder
-    // sees these records after letting go.
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-    step_as_caller();
     count -= n;
   }
+  if (sleeping_.load(std::memory_order_acquire)) wake();
 }
 
 }  // namespace ferry::te
