@@ -2,10 +2,15 @@
 
 #include <cmath>
 #include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <utility>
+#include <vector>
 
 #include "bench/ep/published.h"
 #include "csrc/plan.h"
 #include "tools/common/report.h"
+#include "transfer_engine/error.h"
 
 namespace ferry::bench {
 
@@ -18,6 +23,73 @@ namespace {
 double log_choose(int n, int k) {
   if (k < 0 || k > n) return -INFINITY;
   return std::lgamma(n + 1.0) - std::lgamma(k + 1.0) - std::lgamma(n - k + 1.0);
+}
+
+// The dry run's numbers as (name, value) pairs, in the order the report prints them: one source for
+// the JSON and the CSV.
+std::vector<std::pair<std::string, double>> dry_run_quantities(const Options& o, const ferry_buffer_sizes_t& sizes,
+                                                               const TrafficEstimate& t, int world) {
+  const double layout_rows = double(sizes.num_local_experts) * sizes.max_rows_per_expert;
+  const double per_expert_records = o.tokens * o.topk * double(world - 1) / world / o.dp_size;
+  return {
+      {"record_bytes", double(sizes.record_bytes)},
+      {"dispatch_send_bytes", double(sizes.send_bytes)},
+      {"dispatch_recv_bytes", double(sizes.recv_bytes)},
+      {"combine_send_bytes", double(sizes.combine_send_bytes)},
+      {"combine_recv_bytes", double(sizes.combine_recv_bytes)},
+      {"total_registered_bytes", double(sizes.total_registered_bytes)},
+      {"caller_expert_x_bytes", layout_rows * (double(o.hidden) * ep::elem_bytes_of(o.in_dtype) +
+                                               (o.scale_block > 0 ? 4.0 * o.hidden / o.scale_block : 0.0))},
+      {"caller_expert_y_bytes", layout_rows * o.hidden * ep::elem_bytes_of(o.out_dtype)},
+      {"num_local_experts", double(sizes.num_local_experts)},
+      {"max_rows_per_expert", double(sizes.max_rows_per_expert)},
+      {"dests_per_token", t.dests_per_token},
+      {"remote_dests_per_token", t.remote_dests_per_token},
+      {"ferry_dispatch_records", t.ferry_dispatch_records},
+      {"per_expert_dispatch_records", per_expert_records},
+      {"ferry_dispatch_bytes", t.ferry_dispatch_bytes},
+      {"per_expert_dispatch_bytes", t.per_expert_dispatch_bytes},
+      {"ferry_combine_bytes", t.ferry_combine_bytes},
+      {"per_expert_combine_bytes", t.per_expert_combine_bytes},
+  };
+}
+
+nlohmann::json dry_run_config(const Options& o, int world) {
+  return {{"preset", o.preset},        {"world_size", world},
+          {"tokens", o.tokens},        {"hidden", o.hidden},
+          {"topk", o.topk},            {"experts", o.experts},
+          {"in_dtype", dtype_name(o.in_dtype)}, {"out_dtype", dtype_name(o.out_dtype)},
+          {"scale_block", o.scale_block}, {"dp_size", o.dp_size},
+          {"private_tokens", o.private_tokens}, {"expert_alignment", o.expert_alignment}};
+}
+
+void write_dry_run_json(const std::string& path, const Options& o, int world,
+                        const std::vector<std::pair<std::string, double>>& q) {
+  nlohmann::json j;
+  j["tool"] = "ferry-bench";
+  j["mode"] = "dry-run";
+  j["config"] = dry_run_config(o, world);
+  j["routing"] = "uniform (expected values)";
+  for (const auto& [name, value] : q) j["quantities"][name] = value;
+  std::ofstream f(path);
+  if (!f) raise(Status::invalid_argument, "--json: cannot write '" + path + "'");
+  f << j.dump(2) << "\n";
+  if (!f) raise(Status::invalid_argument, "--json: writing '" + path + "' failed");
+}
+
+// One row per quantity, the config as leading columns (the shape ferry-bench's run CSV has).
+void write_dry_run_csv(const std::string& path, const Options& o, int world,
+                       const std::vector<std::pair<std::string, double>>& q) {
+  const nlohmann::json config = dry_run_config(o, world);
+  std::ofstream f(path);
+  if (!f) raise(Status::invalid_argument, "--csv: cannot write '" + path + "'");
+  for (auto it = config.begin(); it != config.end(); ++it) f << it.key() << ",";
+  f << "quantity,value\n";
+  for (const auto& [name, value] : q) {
+    for (auto it = config.begin(); it != config.end(); ++it) f << (it->is_string() ? it->get<std::string>() : it->dump()) << ",";
+    f << name << "," << format(value == std::floor(value) ? "%.0f" : "%.6g", value) << "\n";
+  }
+  if (!f) raise(Status::invalid_argument, "--csv: writing '" + path + "' failed");
 }
 
 }  // namespace
@@ -116,6 +188,14 @@ int run_dry_run(const Options& o) {
                    format_bytes(t.per_expert_combine_bytes),
                    ratio(t.ferry_combine_bytes, t.per_expert_combine_bytes)});
   traffic.print(stdout);
+  const auto quantities = dry_run_quantities(o, sizes, t, world);
+  try {
+    if (!o.json_path.empty()) write_dry_run_json(o.json_path, o, world, quantities);
+    if (!o.csv_path.empty()) write_dry_run_csv(o.csv_path, o, world, quantities);
+  } catch (const Error& e) {
+    std::fprintf(stderr, "ferry-bench: error: %s\n", e.what());
+    return 2;
+  }
   return 0;
 }
 

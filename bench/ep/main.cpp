@@ -4,6 +4,7 @@
 #include <exception>
 
 #include "bench/ep/dry_run.h"
+#include "bench/ep/mpi_baseline.h"
 #include "bench/ep/options.h"
 #include "bench/ep/runner.h"
 #include "tools/common/env.h"
@@ -44,6 +45,7 @@ int main(int argc, char** argv) {
         // Ferry's own rendezvous goes over TCP; MPI is only the baseline.
         launch.extra_env.push_back("MASTER_ADDR=127.0.0.1");
         launch.extra_env.push_back("MASTER_PORT=" + std::to_string(tools::find_free_port()));
+        for (const std::string& e : bench::matching_mpi_env(bench::resolved_provider(o))) launch.extra_env.push_back(e);
       }
       // Generous but finite: every wait has --timeout-ms, and the iterations of both ferry and the
       // baseline must fit with a loaded machine.

@@ -1,9 +1,14 @@
 #include "bench/ep/mpi_baseline.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <initializer_list>
 #include <string>
+#include <vector>
 
 #include "csrc/dtype.h"
 #include "csrc/host/pack.h"
@@ -18,6 +23,68 @@
 #endif
 
 namespace ferry::bench {
+
+namespace {
+
+constexpr const char* kMpiTransportVar = "FERRY_BENCH_MPI_TRANSPORT";
+
+bool is_shared_memory_btl(const std::string& btl) { return btl == "sm" || btl == "vader" || btl == "smcuda"; }
+
+}  // namespace
+
+std::string MpiTransport::kind(bool one_host) const {
+  // A pml other than ob1 (ucx, cm) moves bytes without any BTL.
+  if (!pml_selection.empty() && pml_selection[0] != '^' && pml_selection.find("ob1") == std::string::npos)
+    return "pml " + pml_selection;
+  const std::string& btl = one_host ? same_host_btl : other_host_btl;
+  if (btl.empty()) return "unknown";
+  if (is_shared_memory_btl(btl)) return "shared memory";
+  return btl;
+}
+
+std::string MpiTransport::describe(bool one_host) const {
+  if (!open_mpi) return library.empty() ? "MPI (transport unknown)" : library + " (transport not read back)";
+  const std::string& btl = one_host ? same_host_btl : other_host_btl;
+  std::string s = library + ", " + kind(one_host);
+  if (!btl.empty() && kind(one_host).rfind("pml ", 0) != 0) s += " (BTL " + btl + ")";
+  s += "; btl selection '" + btl_selection + "', pml selection '" + pml_selection + "' (MPI_T)";
+  return s;
+}
+
+std::vector<std::string> matching_mpi_env(const std::string& provider) {
+  const std::string btl = matching_btl(provider);
+  if (btl.empty()) return {};
+  auto set = [](const char* name) {
+    const char* v = std::getenv(name);
+    return v != nullptr && *v != 0;
+  };
+  if (set("OMPI_MCA_btl")) {
+    std::fprintf(stderr,
+                 "ferry-bench: OMPI_MCA_btl=%s is set: the MPI baseline keeps it instead of %s, which matches "
+                 "--provider %s\n",
+                 std::getenv("OMPI_MCA_btl"), btl.c_str(), provider.c_str());
+    return {};
+  }
+  std::vector<std::string> env{"OMPI_MCA_btl=" + btl, std::string(kMpiTransportVar) + "=" + btl};
+  if (!set("OMPI_MCA_pml")) env.push_back("OMPI_MCA_pml=ob1");
+  if (provider == "tcp" && !set("OMPI_MCA_btl_tcp_if_include") && !set("OMPI_MCA_btl_tcp_if_exclude"))
+    env.push_back("OMPI_MCA_btl_tcp_if_include=lo");
+  return env;
+}
+
+std::string mpi_transport_chooser() {
+  const char* ours = std::getenv(kMpiTransportVar);
+  const char* btl = std::getenv("OMPI_MCA_btl");
+  if (ours && *ours && btl && std::string(btl) == ours) return "ferry-bench (matches --provider)";
+  if (btl && *btl) return "OMPI_MCA_btl of the environment";
+  return "MPI's default";
+}
+
+bool transport_matches(const std::string& provider, const std::string& kind) {
+  if (provider == "tcp") return kind == "tcp";
+  if (provider == "shm") return kind == "shared memory";
+  return true;  // no counterpart BTL: nothing to compare
+}
 
 #if defined(FERRY_HAVE_MPI)
 
@@ -51,6 +118,73 @@ MpiSession::~MpiSession() {
   // it would wait forever for that peer, and this rank's error would never be printed; without it
   // the process exits, and mpirun, seeing a rank leave without finalizing, ends the whole job.
   if (active_ && std::uncaught_exceptions() == 0) MPI_Finalize();
+}
+
+std::string matching_btl(const std::string& provider) {
+#if defined(OPEN_MPI)
+  if (provider == "tcp") return "self,tcp";
+  if (provider == "shm") return OMPI_MAJOR_VERSION >= 5 ? "self,sm" : "self,vader";
+#endif
+  return "";
+}
+
+MpiTransport read_mpi_transport() {
+  MpiTransport t;
+  char version[MPI_MAX_LIBRARY_VERSION_STRING] = {};
+  int len = 0;
+  if (MPI_Get_library_version(version, &len) == MPI_SUCCESS) {
+    t.library.assign(version, size_t(std::max(len, 0)));
+    t.library = t.library.substr(0, t.library.find_first_of(",\n"));
+  }
+#if defined(OPEN_MPI)
+  t.open_mpi = true;
+  int provided = 0;
+  if (MPI_T_init_thread(MPI_THREAD_SINGLE, &provided) != MPI_SUCCESS) return t;
+  int num = 0;
+  MPI_T_cvar_get_num(&num);
+  auto read_string = [](int index) {
+    MPI_T_cvar_handle handle;
+    int count = 0;
+    std::string value;
+    if (MPI_T_cvar_handle_alloc(index, nullptr, &handle, &count) != MPI_SUCCESS) return value;
+    std::vector<char> buffer(size_t(std::max(count, 0)) + 1, 0);
+    if (MPI_T_cvar_read(handle, buffer.data()) == MPI_SUCCESS) value = buffer.data();
+    MPI_T_cvar_handle_free(&handle);
+    return value;
+  };
+  for (int i = 0; i < num; ++i) {
+    char name[256] = {};
+    int name_len = sizeof(name), verbosity = 0, binding = 0, scope = 0;
+    MPI_Datatype type;
+    MPI_T_enum enumtype;
+    if (MPI_T_cvar_get_info(i, name, &name_len, &verbosity, &type, &enumtype, nullptr, nullptr, &binding, &scope) !=
+        MPI_SUCCESS)
+      continue;
+    const std::string n = name;
+    if (n == "btl" && type == MPI_CHAR) t.btl_selection = read_string(i);
+    if (n == "pml" && type == MPI_CHAR) t.pml_selection = read_string(i);
+    // Components register their parameters (btl_<component>_...) only when the selection admits
+    // them: the registered ones are the BTLs ob1 can use.
+    if (n.rfind("btl_", 0) == 0) {
+      const std::string component = n.substr(4, n.find('_', 4) - 4);
+      if (component != "base" && !component.empty() && n.size() > 5 + component.size() &&
+          std::find(t.btls.begin(), t.btls.end(), component) == t.btls.end())
+        t.btls.push_back(component);
+    }
+  }
+  MPI_T_finalize();
+  std::sort(t.btls.begin(), t.btls.end());
+  auto first_of = [&](std::initializer_list<const char*> order) {
+    for (const char* b : order)
+      if (std::find(t.btls.begin(), t.btls.end(), b) != t.btls.end()) return std::string(b);
+    return std::string();
+  };
+  // ob1 takes the BTL of highest exclusivity that reaches a peer: shared memory on the same host,
+  // then the RDMA ones, tcp last.
+  t.same_host_btl = first_of({"sm", "vader", "smcuda", "uct", "openib", "ofi", "usnic", "tcp"});
+  t.other_host_btl = first_of({"uct", "openib", "ofi", "usnic", "ugni", "tcp"});
+#endif
+  return t;
 }
 
 bool MpiBaseline::available() {
@@ -231,6 +365,8 @@ double MpiBaseline::combine(void* out_tokens) {
 
 #else  // no MPI in this build
 
+std::string matching_btl(const std::string&) { return ""; }
+MpiTransport read_mpi_transport() { return {}; }
 MpiSession::MpiSession(bool) {}
 MpiSession::~MpiSession() = default;
 bool MpiBaseline::available() { return false; }

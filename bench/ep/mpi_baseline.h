@@ -7,6 +7,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "csrc/host/pack.h"
@@ -14,6 +15,46 @@
 #include "ferry/ferry.h"
 
 namespace ferry::bench {
+
+// The Open MPI transport (BTL list, for OMPI_MCA_btl) that moves bytes the way `provider` does, so
+// the baseline runs on the same transport as ferry: tcp -> "self,tcp", shm -> "self,vader" (Open
+// MPI 5 calls its shared-memory BTL "sm"). Empty for providers without a counterpart BTL (efa,
+// verbs: MPI keeps its own choice) and in builds without Open MPI.
+std::string matching_btl(const std::string& provider);
+
+// What ferry-bench's local mpirun launch exports so the baseline runs on matching_btl(provider):
+// OMPI_MCA_btl, OMPI_MCA_pml=ob1 (the pml that uses BTLs) and, for tcp, the loopback interface
+// ferry's tcp uses on one host (Open MPI's tcp BTL skips loopback by default), plus
+// FERRY_BENCH_MPI_TRANSPORT so the report can say who chose it. A variable the user set wins
+// (and OMPI_MCA_btl of the user means nothing is exported; stderr says so). Empty without a
+// matching BTL.
+std::vector<std::string> matching_mpi_env(const std::string& provider);
+// Who chose the transport the ranks see: "ferry-bench (matches --provider)", "OMPI_MCA_btl of the
+// environment" or "MPI's default".
+std::string mpi_transport_chooser();
+
+// Which transport MPI really uses, read back from the running library (MPI_T): the BTL selection
+// (cvar "btl"), the BTL components that registered (a component the selection excludes registers
+// no parameters) and, from those, the BTL ob1 takes for peers on the same host (shared memory beats
+// tcp) and on other hosts.
+struct MpiTransport {
+  std::string library;          // MPI_Get_library_version's first line
+  bool open_mpi = false;
+  std::string pml_selection;    // cvar "pml" ("" when not Open MPI)
+  std::string btl_selection;    // cvar "btl"
+  std::vector<std::string> btls;  // registered BTL components
+  std::string same_host_btl;    // e.g. "vader", "tcp"; "" unknown
+  std::string other_host_btl;   // e.g. "tcp"; "" unknown
+  // "tcp" or "shared memory" (or the BTL's name) for the peers this job has: what a reader compares
+  // with ferry's provider.
+  std::string kind(bool one_host) const;
+  std::string describe(bool one_host) const;  // one line for the report
+};
+// Collective-free; needs MPI initialised. Empty fields where the library does not say.
+MpiTransport read_mpi_transport();
+
+// Whether an MPI transport of `kind` (MpiTransport::kind) moves bytes the way `provider` does.
+bool transport_matches(const std::string& provider, const std::string& kind);
 
 struct BaselineShape {
   int rank = 0;

@@ -3,6 +3,7 @@
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 
 #include "bench/moe_layer/model.h"
@@ -207,6 +208,12 @@ std::string check_world_size(const Options& o, int world_size) {
     return "--dp-size " + std::to_string(o.dp_size) + " does not divide the world size " + w;
   }
   return {};
+}
+
+std::string resolved_provider(const Options& o) {
+  if (!o.provider.empty()) return o.provider;
+  const char* env = std::getenv("FERRY_PROVIDER");
+  return env && *env ? env : "tcp";
 }
 
 ferry_a2a_config_t make_a2a_config(const Options& o, int rank, int world_size) {

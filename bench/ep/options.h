@@ -76,6 +76,9 @@ struct ParseResult {
 };
 ParseResult parse_options(int argc, const char* const* argv);
 
+// The provider the ranks run: --provider, else FERRY_PROVIDER, else tcp (what the engine picks).
+std::string resolved_provider(const Options& o);
+
 // The a2a config a rank runs with.
 ferry_a2a_config_t make_a2a_config(const Options& o, int rank, int world_size);
 

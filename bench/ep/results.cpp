@@ -6,6 +6,7 @@
 #include "bench/ep/published.h"
 #include "tools/common/launch.h"
 #include "transfer_engine/error.h"
+#include "transfer_engine/fabric/nic.h"
 
 namespace ferry::bench {
 
@@ -90,10 +91,32 @@ json environment_json(const BenchResult& r) {
               {"cuda_driver", h.cuda_driver_version}, {"ferry_version", h.ferry_version},
               {"libfabric_version", h.libfabric_version}, {"hwloc_version", h.hwloc_version},
               {"cpu_model", h.cpu_model},       {"num_cpus", h.num_cpus},
-              {"num_nodes", r.num_nodes},       {"nodes_note", nodes_note(r)}};
+              {"num_nodes", r.num_nodes},       {"nodes_note", nodes_note(r)},
+              {"ferry_transport", ferry_transport(r)},
+              {"mpi_transport", r.baseline.empty() ? std::string() : mpi_transport_kind(r)}};
+}
+
+json transport_json(const BenchResult& r) {
+  const MpiTransport& t = r.mpi_transport;
+  const bool one_host = r.num_hosts == 1;
+  return json{{"kind", mpi_transport_kind(r)},
+              {"description", t.describe(one_host)},
+              {"library", t.library},
+              {"btl", one_host ? t.same_host_btl : t.other_host_btl},
+              {"btl_selection", t.btl_selection},
+              {"pml_selection", t.pml_selection},
+              {"registered_btls", t.btls},
+              {"chosen_by", r.mpi_transport_chooser},
+              {"matches_provider", transport_matches(r.provider, mpi_transport_kind(r))}};
 }
 
 }  // namespace
+
+std::string ferry_transport(const BenchResult& r) {
+  return "libfabric " + r.provider + " (" + te::fabric::libfabric_provider_name(r.provider) + ")";
+}
+
+std::string mpi_transport_kind(const BenchResult& r) { return r.mpi_transport.kind(r.num_hosts == 1); }
 
 std::string nodes_note(const BenchResult& r) {
   if (!r.node_ids_set) return "host names";
@@ -138,6 +161,15 @@ void print_table(const BenchResult& r, std::FILE* out) {
                "routing %s, %d warm-up + %d timed iterations\n",
                backend_name(o.backend), r.provider.c_str(), o.nets_per_rank, r.world_size, r.num_hosts,
                r.launcher.c_str(), routing_name(o.routing), o.warmup, o.iters);
+  if (!r.baseline.empty()) {
+    std::fprintf(out, "  transports: ferry over %s; MPI over %s, chosen by %s\n", ferry_transport(r).c_str(),
+                 r.mpi_transport.describe(r.num_hosts == 1).c_str(), r.mpi_transport_chooser.c_str());
+    if (!transport_matches(r.provider, mpi_transport_kind(r))) {
+      std::fprintf(out, "  WARNING: MPI ran over %s, ferry over %s: ferry/MPI compares two transports (ferry-bench's "
+                   "own mpirun launch picks the matching one unless OMPI_MCA_btl is set)\n",
+                   mpi_transport_kind(r).c_str(), r.provider.c_str());
+    }
+  }
   if (r.node_ids_set) {
     std::fprintf(out, "  nodes: %d (%s): %s\n", r.num_nodes, nodes_note(r).c_str(),
                  tools::describe_rank_nodes(r.rank_nodes).c_str());
@@ -260,6 +292,7 @@ void write_json(const BenchResult& r, const std::string& path) {
   json baseline = json::object();
   baseline["kind"] = r.baseline_kind.empty() ? json(nullptr) : json(r.baseline_kind);
   baseline["note"] = r.baseline_note;
+  baseline["transport"] = r.baseline.empty() ? json(nullptr) : transport_json(r);
   for (const auto& op : r.baseline) {
     baseline[op.name] = stats_json(op);
     if (const OpResult* f = find_op(r.ferry, op.name); f && op.latency_us.p50 > 0) {

@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/ep/mpi_baseline.h"
 #include "bench/ep/options.h"
 #include "bench/ep/tbo.h"
 #include "ferry/ferry.h"
@@ -55,6 +56,8 @@ struct BenchResult {
   std::string baseline_kind;         // "mpi" or "" (none)
   std::string baseline_note;         // why there is none
   std::vector<OpResult> baseline;    // dispatch, combine
+  MpiTransport mpi_transport;        // what the baseline ran on, read back from MPI (rank 0's)
+  std::string mpi_transport_chooser; // who chose it (mpi_transport_chooser())
   std::optional<OverlapResult> overlap;
   std::optional<TboResult> overlap_tbo;  // --overlap tbo
   bool verify_requested = false;
@@ -66,6 +69,11 @@ struct BenchResult {
 // How the node count was made: "emulated on one machine, FERRY_NODE_ID", "FERRY_NODE_ID from the
 // environment", "host names".
 std::string nodes_note(const BenchResult& r);
+
+// ferry's side of the comparison: "libfabric tcp (tcp;ofi_rxm)".
+std::string ferry_transport(const BenchResult& r);
+// MPI's side: "tcp", "shared memory", ... for the hosts of this run.
+std::string mpi_transport_kind(const BenchResult& r);
 
 void print_table(const BenchResult& r, std::FILE* out);
 // Throws ferry::Error(Status::invalid_argument) naming the path when it cannot be written.

@@ -245,8 +245,7 @@ int run_rank(const Options& o, const char* launcher_label, const tools::NodeEmul
   result.options = o;
   result.world_size = world;
   result.launcher = launcher_label;
-  result.provider = o.provider.empty() ? (std::getenv("FERRY_PROVIDER") ? std::getenv("FERRY_PROVIDER") : "tcp")
-                                       : o.provider;
+  result.provider = resolved_provider(o);
   result.sizes = sizes;
 
   // ---- verification: the first iteration, against the brute-force reference ----------------------
@@ -444,6 +443,8 @@ int run_rank(const Options& o, const char* launcher_label, const tools::NodeEmul
       progress.step(iter + 1);
     }
     result.baseline_kind = "mpi";
+    result.mpi_transport = read_mpi_transport();
+    result.mpi_transport_chooser = mpi_transport_chooser();
   } else if (device) {
     result.baseline_note = "the MPI baseline moves host memory; it runs with --backend host";
   } else {

@@ -169,6 +169,39 @@ TEST(BenchDryRun, Ep64DecodeSizesAndTrafficAreSane) {
   EXPECT_LE(std::stod(m[1]), 1.0);
 }
 
+TEST(BenchDryRun, JsonAndCsvHoldTheNumbersTheReportPrints) {
+  const fs::path dir = temp_dir("dryrun");
+  const auto r = bench("--dry-run --world-size 64 --preset decode --json " + (dir / "d.json").string() + " --csv " +
+                       (dir / "d.csv").string());
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  const json j = read_json(dir / "d.json");
+  EXPECT_EQ(j["mode"], "dry-run");
+  EXPECT_EQ(j["config"]["world_size"], 64);
+  EXPECT_EQ(j["config"]["tokens"], 128);
+  const json& q = j["quantities"];
+  EXPECT_EQ(q["record_bytes"].get<double>(), 7456.0);
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(r.out, m, std::regex(R"(total registered\s+(\d+))"))) << r.out;
+  EXPECT_EQ(q["total_registered_bytes"].get<double>(), std::stod(m[1]));
+  ASSERT_TRUE(std::regex_search(r.out, m, std::regex(R"(destination ranks per token: ([0-9.]+))"))) << r.out;
+  EXPECT_NEAR(q["dests_per_token"].get<double>(), std::stod(m[1]), 0.001);
+
+  std::ifstream csv(dir / "d.csv");
+  std::string header, line;
+  ASSERT_TRUE(std::getline(csv, header));
+  EXPECT_NE(header.find("world_size"), std::string::npos) << header;
+  EXPECT_EQ(header.substr(header.size() - std::string("quantity,value").size()), "quantity,value") << header;
+  size_t rows = 0;
+  bool record_row = false;
+  while (std::getline(csv, line)) {
+    ++rows;
+    record_row = record_row || line.find(",record_bytes,7456") != std::string::npos;
+  }
+  EXPECT_EQ(rows, q.size()) << "one CSV row per JSON quantity";
+  EXPECT_TRUE(record_row);
+  fs::remove_all(dir);
+}
+
 TEST(BenchRun, DecodePresetScaledDownVerifiesAndWritesJson) {
   const fs::path dir = temp_dir("decode");
   const auto r = bench(std::string(kScaledDown) + " --preset decode --verify --compare --json " +
@@ -298,6 +331,52 @@ TEST(BenchRun, AStoppedRankUnderMpirunEndsTheJobWithinItsDeadlineNamingIt) {
   // Whichever wait the stop caught (a bootstrap barrier, an engine wait), its error names rank 2.
   EXPECT_TRUE(std::regex_search(r.output, std::regex(R"(error \(timeout\)[^\n]*ranks? ([0-9]+, )*2\b)")))
       << r.output;
+}
+
+// Under ferry-bench's own mpirun the baseline runs on the provider's counterpart (tcp: Open MPI's
+// tcp BTL; shm: its shared-memory BTL), read back from MPI, and table and JSON name both sides.
+TEST(BenchRun, TheMpiBaselineRunsOnTheTransportOfTheProvider) {
+  if (run_shell("command -v mpirun").exit_code != 0) GTEST_SKIP() << "mpirun is not installed";
+  const fs::path dir = temp_dir("transport");
+  for (const auto& [provider, kind] : {std::pair{"tcp", "tcp"}, std::pair{"shm", "shared memory"}}) {
+    SCOPED_TRACE(provider);
+    const fs::path out = dir / (std::string(provider) + ".json");
+    const auto r = bench(std::string(kScaledDown) + " --launcher mpi --provider " + provider + " --json " + out.string());
+    ASSERT_EQ(r.exit_code, 0) << r.out;
+    const json j = read_json(out);
+    ASSERT_EQ(j["baseline"]["kind"], "mpi");
+    const json& t = j["baseline"]["transport"];
+    EXPECT_EQ(t["kind"], kind) << t.dump();
+    EXPECT_EQ(t["matches_provider"], true) << t.dump();
+    EXPECT_EQ(t["chosen_by"], "ferry-bench (matches --provider)");
+    EXPECT_EQ(j["environment"]["mpi_transport"], kind);
+    EXPECT_NE(j["environment"]["ferry_transport"].get<std::string>().find(std::string("libfabric ") + provider),
+              std::string::npos);
+    EXPECT_NE(r.out.find(std::string("transports: ferry over libfabric ") + provider), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find(std::string("MPI over Open MPI")), std::string::npos) << r.out;
+    EXPECT_EQ(r.out.find("WARNING"), std::string::npos) << r.out;
+  }
+  fs::remove_all(dir);
+}
+
+// A transport the user chose through OMPI_MCA_btl is kept, and a baseline on another transport than
+// ferry's is flagged in the table and the JSON.
+TEST(BenchRun, TheUsersMpiTransportIsKeptAndAMismatchIsFlagged) {
+  if (run_shell("command -v mpirun").exit_code != 0) GTEST_SKIP() << "mpirun is not installed";
+  const fs::path dir = temp_dir("mismatch");
+  // Open MPI 4 calls its shared-memory BTL vader, 5 calls it sm.
+  const std::string btl = run_shell("ompi_info | grep -q 'btl: vader'").exit_code == 0 ? "self,vader" : "self,sm";
+  const auto r = run_shell("OMPI_MCA_btl=" + btl + " " + std::string(FERRY_BENCH) + " " + kScaledDown +
+                           " --launcher mpi --provider tcp --json " + (dir / "m.json").string());
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("OMPI_MCA_btl=" + btl + " is set"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("WARNING: MPI ran over shared memory, ferry over tcp"), std::string::npos) << r.out;
+  const json j = read_json(dir / "m.json");
+  const json& t = j["baseline"]["transport"];
+  EXPECT_EQ(t["kind"], "shared memory") << t.dump();
+  EXPECT_EQ(t["matches_provider"], false);
+  EXPECT_EQ(t["chosen_by"], "OMPI_MCA_btl of the environment");
+  fs::remove_all(dir);
 }
 
 TEST(BenchRun, OptionsThatDoNotFitTheWorldSizeExitWithCode2) {
