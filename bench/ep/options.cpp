@@ -143,15 +143,7 @@ ParseResult parse_options(int argc, const char* const* argv) {
 
   // The defaults are the decode preset; prefill differs only in tokens, so it applies after parsing
   // unless --tokens was given (explicit options always win over the preset).
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp&) {
-    std::fputs(app.help().c_str(), stdout);
-    return {std::nullopt, 0};
-  } catch (const CLI::ParseError& e) {
-    std::fprintf(stderr, "ferry-bench: error: %s\nRun with --help for the options.\n", e.what());
-    return {std::nullopt, 2};
-  }
+  if (auto code = tools::parse_command_line(app, argc, argv, "ferry-bench:")) return {std::nullopt, *code};
   o.preset = preset;
   o.progress = !no_progress;
   o.overlap_tbo = overlap == "tbo";

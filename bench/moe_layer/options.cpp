@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <map>
 
+#include "tools/common/cli_checks.h"
+
 namespace ferry::moe {
 
 namespace {
@@ -76,15 +78,7 @@ ParseResult parse_options(int argc, const char* const* argv) {
   app.add_option("--launcher", o.launcher, "for --local-ranks: fork (default) or mpi")->check(CLI::IsMember({"mpi", "fork"}));
   app.add_option("--launch-timeout-ms", o.launch_timeout_ms, "for --local-ranks: deadline of the whole job")
       ->check(CLI::Range(1, 86400000));
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp&) {
-    std::fputs(app.help().c_str(), stdout);
-    return {std::nullopt, 0};
-  } catch (const CLI::ParseError& e) {
-    std::fprintf(stderr, "ferry-moe-layer: error: %s\nRun with --help for the options.\n", e.what());
-    return {std::nullopt, 2};
-  }
+  if (auto code = tools::parse_command_line(app, argc, argv, "ferry-moe-layer:")) return {std::nullopt, *code};
   const Preset& p = presets().at(preset);
   o.preset = preset;
   if (!tokens->count()) o.tokens = p.tokens;

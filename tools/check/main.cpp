@@ -380,14 +380,7 @@ int main(int argc, char** argv) {
   app.add_option("--debug-die-at", opt.debug_die_at, "")->group("");  // testing the checker itself
   app.add_option("--debug-hang-at", opt.debug_hang_at, "")->group("");
   app.add_option("--debug-die-rank", opt.debug_die_rank, "")->group("")->check(CLI::Range(0, 1 << 24));
-  // CLI11's own exit codes (104, 105, 109, ...) would read as check results: every usage error is 2.
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    if (e.get_exit_code() == 0) return app.exit(e);  // --help
-    std::fprintf(stderr, "[ferry-check] error: %s\nRun with --help for the options.\n", e.what());
-    return check::kExitUsage;
-  }
+  if (auto code = tools::parse_command_line(app, argc, argv, "[ferry-check]")) return *code;
   opt.nics = check::split_list(nics);
   opt.run_links = !no_links;
   opt.run_alltoall = !no_alltoall;

@@ -3,6 +3,8 @@
 #include <CLI/CLI.hpp>
 
 #include <cmath>
+#include <cstdio>
+#include <optional>
 #include <string>
 
 namespace ferry::tools {
@@ -21,6 +23,21 @@ inline CLI::Validator finite_in(double low, double high) {
         return {};
       },
       "FINITE in [" + CLI::detail::to_string(low) + " - " + CLI::detail::to_string(high) + "]");
+}
+
+// Parses the command line. nullopt: the program goes on; otherwise its exit code: 0 after --help
+// (printed to stdout), 2 after a usage error (named on stderr after `prefix`). CLI11's own exit
+// codes (104, 105, 109, ...) would read as a tool's results, so every usage error is 2.
+inline std::optional<int> parse_command_line(CLI::App& app, int argc, const char* const* argv,
+                                             const char* prefix) {
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);
+    std::fprintf(stderr, "%s error: %s\nRun with --help for the options.\n", prefix, e.what());
+    return 2;
+  }
+  return std::nullopt;
 }
 
 }  // namespace ferry::tools
