@@ -168,7 +168,11 @@ void Backoff::pause() {
   }
   const int64_t idle = idle_ns();
   if (idle < int64_t{spin_us_} * 1000) {
+    // Spin, but give the core away between rounds: with more runnable threads than cores (ranks
+    // and their workers on a small host) a pure spin holds the core the worker or peer this
+    // thread waits for needs. Uncontended, a yield returns at once.
     for (int i = 0; i < 16; ++i) cpu_relax();
+    std::this_thread::yield();
   } else if (idle < int64_t{yield_us_} * 1000) {
     std::this_thread::yield();
   } else {
