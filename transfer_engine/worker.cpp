@@ -192,11 +192,14 @@ std::string Worker::in_flight_summary() const {
 }
 
 void Worker::fail(Status status, const std::string& text) {
-  std::lock_guard<std::mutex> lock(error_mutex_);
-  if (failed_.load(std::memory_order_relaxed)) return;  // the first error is the cause
-  error_status_ = status;
-  error_text_ = text;
-  failed_.store(true, std::memory_order_release);
+  {
+    std::lock_guard<std::mutex> lock(error_mutex_);
+    if (failed_.load(std::memory_order_relaxed)) return;  // the first error is the cause
+    error_status_ = status;
+    error_text_ = text;
+    failed_.store(true, std::memory_order_release);
+  }
+  counter_.wake_all();  // sleeping waiters report it now, not at their next timeout
 }
 
 void Worker::loop() {
