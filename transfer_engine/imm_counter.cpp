@@ -21,6 +21,7 @@ namespace ferry::te {
 namespace {
 
 constexpr uint64_t kOccupied = uint64_t{1} << 32;
+constexpr int64_t kWaiterSleepUs = 2000;
 
 uint64_t slot_key(uint32_t imm) { return kOccupied | imm; }
 
@@ -71,8 +72,19 @@ ImmCounter::Slot* ImmCounter::find_or_insert(uint32_t imm) {
 bool ImmCounter::add(uint32_t imm, uint32_t n) {
   Slot* slot = find_or_insert(imm);
   if (slot == nullptr) return false;
-  slot->count.fetch_add(n, std::memory_order_release);
+  const uint32_t now = slot->count.fetch_add(n, std::memory_order_seq_cst) + n;
+  if (watching_.load(std::memory_order_seq_cst) != 0) wake(imm, now);
   return true;
+}
+
+void ImmCounter::wake(uint32_t imm, uint32_t count) const {
+  for (const auto& watch : watches_) {
+    const uint64_t w = watch.load(std::memory_order_seq_cst);
+    if (w != 0 && uint32_t(w >> 32) == imm && count >= uint32_t(w)) {
+      wake_all();
+      return;
+    }
+  }
 }
 
 uint32_t ImmCounter::count(uint32_t imm) const {
@@ -139,6 +151,7 @@ void wait_for_imms(const ImmCounter& counter, std::span<const ImmExpect> expects
   const auto deadline = start + std::chrono::milliseconds(timeout_ms);
   Backoff backoff(1000);
   for (;;) {
+    const uint32_t epoch = counter.arrival_epoch();
     if (mutable_counter.try_consume_all(expects)) return;
     if (check) check();
     if (std::chrono::steady_clock::now() >= deadline) {
@@ -148,9 +161,16 @@ void wait_for_imms(const ImmCounter& counter, std::span<const ImmExpect> expects
                                  " ms waiting for " + describe_missing(counter, expects));
     }
     if (backoff.sleeping()) {
-      // Woken by the worker's next batch of immediates; the timeout bounds how late a deadline
-      // or a transport error is noticed.
-      counter.sleep_until_arrival(backoff.sleep_us());
+      // Woken when the first unmet expectation is met or the worker fails; the timeout only
+      // bounds how late the deadline is noticed.
+      const auto left = std::chrono::duration_cast<std::chrono::microseconds>(deadline - std::chrono::steady_clock::now());
+      const int sleep_us = static_cast<int>(std::clamp<int64_t>(left.count() + 1, 1, kWaiterSleepUs));
+      for (const ImmExpect& e : expects) {
+        if (counter.count(e.imm) < e.count) {
+          counter.sleep_until_arrival(epoch, sleep_us, e.imm, e.count);
+          break;
+        }
+      }
     } else {
       backoff.pause();
     }
@@ -168,7 +188,11 @@ void Backoff::pause() {
   }
   const int64_t idle = idle_ns();
   if (idle < int64_t{spin_us_} * 1000) {
+    // Spin, but give the core away between rounds: with more runnable threads than cores (ranks
+    // and their workers on a small host) a pure spin holds the core the worker or peer this
+    // thread waits for needs. Uncontended, a yield returns at once.
     for (int i = 0; i < 16; ++i) cpu_relax();
+    std::this_thread::yield();
   } else if (idle < int64_t{yield_us_} * 1000) {
     std::this_thread::yield();
   } else {
@@ -186,21 +210,42 @@ int Backoff::sleep_us() const {
   return static_cast<int>(std::min<int64_t>(max_sleep_us_, int64_t{10} << std::min<int64_t>(beyond_ms / 10, 8)));
 }
 
-void ImmCounter::sleep_until_arrival(int timeout_us) const {
-  const uint32_t seen = epoch_.load(std::memory_order_acquire);
-  sleepers_.fetch_add(1, std::memory_order_acq_rel);
-  timespec timeout{0, static_cast<long>(timeout_us) * 1000};
-  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&epoch_), FUTEX_WAIT_PRIVATE, seen, &timeout,
-          nullptr, 0);
-  sleepers_.fetch_sub(1, std::memory_order_acq_rel);
+void ImmCounter::sleep_until_arrival(uint32_t seen, int timeout_us, uint32_t imm, uint32_t target) const {
+  // Claim a watch, then look once more: add() bumps the count before it reads the watches, this
+  // claims before it reads the count (all sequentially consistent), so one of them sees the other.
+  const uint64_t key = (uint64_t{imm} << 32) | target;
+  std::atomic<uint64_t>* watch = nullptr;
+  for (auto& w : watches_) {
+    uint64_t free = 0;
+    if (w.compare_exchange_strong(free, key, std::memory_order_seq_cst)) {
+      watch = &w;
+      break;
+    }
+  }
+  if (watch != nullptr) {
+    watching_.fetch_add(1, std::memory_order_seq_cst);
+  } else {
+    unwatched_sleepers_.fetch_add(1, std::memory_order_seq_cst);
+  }
+  if (count(imm) < target) {
+    timespec timeout{timeout_us / 1000000, static_cast<long>(timeout_us % 1000000) * 1000};
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&epoch_), FUTEX_WAIT_PRIVATE, seen, &timeout, nullptr, 0);
+  }
+  if (watch != nullptr) {
+    watch->store(0, std::memory_order_seq_cst);
+    watching_.fetch_sub(1, std::memory_order_seq_cst);
+  } else {
+    unwatched_sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+  }
 }
 
 void ImmCounter::notify_arrivals() {
-  epoch_.fetch_add(1, std::memory_order_acq_rel);
-  if (sleepers_.load(std::memory_order_acquire) != 0) {
-    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&epoch_), FUTEX_WAKE_PRIVATE, INT32_MAX,
-            nullptr, nullptr, 0);
-  }
+  if (unwatched_sleepers_.load(std::memory_order_seq_cst) != 0) wake_all();
+}
+
+void ImmCounter::wake_all() const {
+  epoch_.fetch_add(1, std::memory_order_seq_cst);
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&epoch_), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
 }
 
 }  // namespace ferry::te

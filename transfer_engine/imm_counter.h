@@ -29,11 +29,17 @@ class ImmCounter {
   bool try_consume_all(std::span<const ImmExpect> expects);
   size_t capacity() const { return mask_ + 1; }
 
-  // Waiters past their spin phase block here until the next notify_arrivals() or timeout_us; the
-  // worker calls notify_arrivals() after each CQ batch that brought immediates (a syscall only
-  // when someone sleeps).
-  void sleep_until_arrival(int timeout_us) const;
+  // Waiters past their spin phase block here until `imm` has `target` arrivals (add() wakes them
+  // then, and only then: a waiter woken by every arrival took the core from the worker feeding it
+  // once per completion batch), wake_all(), or timeout_us. `seen` is arrival_epoch() read before
+  // the waiter last looked at the counts, so nothing that happened since is slept through. When
+  // every watch slot is taken, the sleeper is woken by each notify_arrivals() instead.
+  uint32_t arrival_epoch() const { return epoch_.load(std::memory_order_seq_cst); }
+  void sleep_until_arrival(uint32_t seen, int timeout_us, uint32_t imm, uint32_t target) const;
+  // After each CQ batch that brought immediates (a syscall only for sleepers without a watch).
   void notify_arrivals();
+  // Wakes every sleeper (a transport failure they must notice before their deadline).
+  void wake_all() const;
 
  private:
   struct alignas(16) Slot {
@@ -45,8 +51,13 @@ class ImmCounter {
 
   std::unique_ptr<Slot[]> slots_;
   size_t mask_;
+  void wake(uint32_t imm, uint32_t count) const;
+
+  static constexpr int kWatches = 16;
   mutable std::atomic<uint32_t> epoch_{0};
-  mutable std::atomic<uint32_t> sleepers_{0};
+  mutable std::atomic<uint64_t> watches_[kWatches] = {};  // 0: free; else (imm << 32) | target
+  mutable std::atomic<uint32_t> watching_{0};
+  mutable std::atomic<uint32_t> unwatched_sleepers_{0};
 };
 
 // "ranks 5, 9: imm 0x12345 (tag 18, from rank 5): 2 of 3 missing; ...": the senders still short

@@ -192,11 +192,14 @@ std::string Worker::in_flight_summary() const {
 }
 
 void Worker::fail(Status status, const std::string& text) {
-  std::lock_guard<std::mutex> lock(error_mutex_);
-  if (failed_.load(std::memory_order_relaxed)) return;  // the first error is the cause
-  error_status_ = status;
-  error_text_ = text;
-  failed_.store(true, std::memory_order_release);
+  {
+    std::lock_guard<std::mutex> lock(error_mutex_);
+    if (failed_.load(std::memory_order_relaxed)) return;  // the first error is the cause
+    error_status_ = status;
+    error_text_ = text;
+    failed_.store(true, std::memory_order_release);
+  }
+  counter_.wake_all();  // sleeping waiters report it now, not at their next timeout
 }
 
 void Worker::loop() {
@@ -294,13 +297,14 @@ bool Worker::poll_cqs() {
         if (e.flags & FI_REMOTE_CQ_DATA) {
           // Only the low 32 bits: EFA delivers no more, so nothing may depend on them.
           const uint32_t imm = static_cast<uint32_t>(e.data);
+          // Counted first: a waiter released by this arrival may read the stats at once.
+          imms_received_.store(imms_received_.load(std::memory_order_relaxed) + 1,
+                               std::memory_order_relaxed);
           if (!counter_.add(imm)) {
             fail(Status::internal, "rank " + std::to_string(rank_) + ": immediate table full (" +
                                        std::to_string(counter_.capacity()) +
                                        " distinct immediates); reuse tags across steps");
           }
-          imms_received_.store(imms_received_.load(std::memory_order_relaxed) + 1,
-                               std::memory_order_relaxed);
           any_imm = true;
         } else if (e.op_context != nullptr) {
           static_cast<WriteOp*>(e.op_context)->done = true;

@@ -2,6 +2,11 @@
 // single-write bandwidth and ping-pong latency between ranks 0 and 1, and the scatter message rate
 // of all ranks, once through the engine and once through a raw loop (fi_writedata + fi_cq_read on
 // the caller's thread, no worker, no queue) on the same provider, and prints both with their ratio.
+// A third run puts the raw loop on a thread of its own that the caller hands writes to and reads
+// arrivals from (two atomics, the engine's spin-then-yield), the least any design pays whose
+// callers never touch libfabric: engine / that is what the engine's own machinery costs, and
+// that / raw is what the thread hand-off costs on this machine (large when ranks' threads
+// outnumber its cores).
 //
 //   ferry-te-bench --ranks 2 --provider tcp          # self-spawns two local ranks
 //   torchrun --nproc-per-node 4 ... ferry-te-bench   # or any launcher tools/common understands
@@ -9,12 +14,14 @@
 #include <rdma/fi_rma.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "tools/common/bootstrap.h"
@@ -130,12 +137,16 @@ class Raw {
       raise(Status::transport, "raw loop: completion error: " + text);
     }
     for (ssize_t i = 0; i < n; ++i) {
-      if (entries[i].flags & FI_REMOTE_CQ_DATA)
+      if (entries[i].flags & FI_REMOTE_CQ_DATA) {
         ++arrived_;
-      else
+        ++total_arrived_;
+      } else {
         --outstanding_;
+      }
     }
   }
+  uint64_t total_arrived() const { return total_arrived_; }
+  int64_t outstanding() const { return outstanding_; }
 
   // Waits for `count` arrivals beyond those already consumed, then consumes them.
   void wait_arrivals(uint64_t count) {
@@ -169,7 +180,108 @@ class Raw {
   uint64_t posted_ = 0;
   int64_t outstanding_ = 0;
   uint64_t arrived_ = 0;
+  uint64_t total_arrived_ = 0;
   int timeout_ms_ = 0;
+};
+
+void pause_then_yield() {
+  for (int i = 0; i < 16; ++i) {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  }
+  std::this_thread::yield();
+}
+
+// The raw loop on its own thread: the caller queues writes (a single-producer ring) and watches the
+// arrival count the thread publishes. Nothing else between them.
+class RawThread {
+ public:
+  RawThread(const Options& o, te::Bootstrap& b, uint64_t buffer_bytes, uint32_t imm)
+      : raw_(o, b, buffer_bytes), imm_(imm), timeout_ms_(o.timeout_ms) {
+    thread_ = std::thread([this] { loop(); });
+  }
+  ~RawThread() {
+    stop_.store(true, std::memory_order_release);
+    thread_.join();
+  }
+
+  void write(int peer, uint64_t bytes) {
+    const uint64_t tail = tail_.load(std::memory_order_relaxed);
+    const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms_);
+    while (tail - head_.load(std::memory_order_acquire) >= kRing) {
+      check(deadline, "write queue full");
+      pause_then_yield();
+    }
+    ring_[tail % kRing] = {peer, bytes};
+    tail_.store(tail + 1, std::memory_order_release);
+  }
+  void wait_arrivals(uint64_t count) {
+    const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms_);
+    while (arrived_.load(std::memory_order_acquire) < consumed_ + count) {
+      check(deadline, "arrivals missing");
+      pause_then_yield();
+    }
+    consumed_ += count;
+  }
+  void drain() {
+    const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms_);
+    const uint64_t target = tail_.load(std::memory_order_relaxed);
+    while (done_.load(std::memory_order_acquire) < target) {
+      check(deadline, "writes not completing");
+      pause_then_yield();
+    }
+  }
+
+ private:
+  struct Request {
+    int peer;
+    uint64_t bytes;
+  };
+  static constexpr uint64_t kRing = 4096;
+
+  void check(Clock::time_point deadline, const char* what) {
+    if (failed_.load(std::memory_order_acquire)) raise(Status::transport, "raw thread: " + error_);
+    if (Clock::now() > deadline) raise(Status::timeout, std::string("raw thread: ") + what);
+  }
+  void loop() {
+    try {
+      uint64_t head = 0;
+      while (!stop_.load(std::memory_order_acquire)) {
+        bool busy = false;
+        const uint64_t tail = tail_.load(std::memory_order_acquire);
+        for (; head < tail; ++head) {
+          raw_.write(ring_[head % kRing].peer, ring_[head % kRing].bytes, imm_);
+          busy = true;
+        }
+        head_.store(head, std::memory_order_release);
+        const uint64_t before = raw_.total_arrived();
+        const int64_t outstanding = raw_.outstanding();
+        raw_.poll();
+        busy |= raw_.total_arrived() != before || raw_.outstanding() != outstanding;
+        arrived_.store(raw_.total_arrived(), std::memory_order_release);
+        if (raw_.outstanding() == 0) done_.store(head, std::memory_order_release);
+        if (!busy) pause_then_yield();
+      }
+    } catch (const std::exception& e) {
+      error_ = e.what();
+      failed_.store(true, std::memory_order_release);
+    }
+  }
+
+  Raw raw_;
+  const uint32_t imm_;
+  const int timeout_ms_;
+  Request ring_[kRing];
+  alignas(64) std::atomic<uint64_t> tail_{0};
+  alignas(64) std::atomic<uint64_t> head_{0};
+  alignas(64) std::atomic<uint64_t> arrived_{0};
+  alignas(64) std::atomic<uint64_t> done_{0};
+  uint64_t consumed_ = 0;  // caller-only
+  std::atomic<bool> stop_{false};
+  std::atomic<bool> failed_{false};
+  std::string error_;
+  std::thread thread_;
 };
 
 // --- the same three measurements, over either transport --------------------------------------------
@@ -247,6 +359,20 @@ Results run_raw(const Options& o, te::Bootstrap& b, const std::vector<uint64_t>&
   return r;
 }
 
+Results run_raw_thread(const Options& o, te::Bootstrap& b, const std::vector<uint64_t>& sizes) {
+  RawThread raw(o, b, std::max(o.max_bytes, o.scatter_bytes), te::imm::encode(te::imm::kUserTagBase, b.rank()));
+  Results r = measure(
+      o, b, sizes, [&](int peer, uint64_t bytes) { raw.write(peer, bytes); },
+      [&](int, uint64_t count, uint64_t) { raw.wait_arrivals(count); },
+      [&] {
+        raw.drain();
+        b.barrier(o.timeout_ms);
+      });
+  raw.drain();
+  b.barrier(o.timeout_ms);
+  return r;
+}
+
 Results run_engine(const Options& o, te::Bootstrap& b, const std::vector<uint64_t>& sizes,
                    std::string& provider_name) {
   te::EngineConfig config;
@@ -302,8 +428,11 @@ int bench_main(const Options& o) {
   }
   std::vector<uint64_t> sizes;
   for (uint64_t s = o.min_bytes; s <= o.max_bytes; s *= 8) sizes.push_back(s);
-  Results raw;
-  if (!o.skip_raw) raw = run_raw(o, b, sizes);
+  Results raw, raw_thread;
+  if (!o.skip_raw) {
+    raw = run_raw(o, b, sizes);
+    raw_thread = run_raw_thread(o, b, sizes);
+  }
   std::string provider_name;
   Results engine = run_engine(o, b, sizes, provider_name);
   if (b.rank() != 0) return 0;
@@ -319,16 +448,22 @@ int bench_main(const Options& o) {
   table.add_column("engine us");
   table.add_column("raw us");
   table.add_column("ratio");
+  table.add_column("raw+thread us");
+  table.add_column("engine/raw+thread");
   for (uint64_t s : sizes) {
     const Point& e = engine.points[s];
     const Point& r = raw.points[s];
+    const Point& t = raw_thread.points[s];
     table.add_row({tools::format_bytes(double(s)), tools::format("%.3f", e.bandwidth_gbps),
                    tools::format("%.3f", r.bandwidth_gbps), ratio(e.bandwidth_gbps, r.bandwidth_gbps),
                    tools::format("%.1f", e.latency_us), tools::format("%.1f", r.latency_us),
-                   ratio(e.latency_us, r.latency_us)});
+                   ratio(e.latency_us, r.latency_us), tools::format("%.1f", t.latency_us),
+                   ratio(e.latency_us, t.latency_us)});
   }
   table.print();
-  std::printf("ratio = engine / raw: above 1 is better for GB/s and Mmsg/s, below 1 for us\n");
+  std::printf("ratio = engine / raw: above 1 is better for GB/s and Mmsg/s, below 1 for us; raw+thread: the raw "
+              "loop on its own thread, fed by the caller (the hand-off every design pays whose callers never "
+              "touch libfabric)\n");
   std::printf("\nscatter of %llu-byte messages to every peer, %d rounds, all ranks: engine %.3f "
               "Mmsg/s, raw %.3f Mmsg/s, ratio %s\n",
               static_cast<unsigned long long>(o.scatter_bytes), o.scatter_rounds,

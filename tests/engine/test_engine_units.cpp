@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -188,6 +189,71 @@ TEST(ImmCounter, TimeoutNamesEveryMissingSenderAndHowManyArrivalsAreMissing) {
   }
   // A timed-out wait consumed nothing.
   EXPECT_EQ(counter.count(imm::encode(50, 3)), 2u);
+}
+
+// A sleeping waiter is woken when its immediate reaches its count, not by other arrivals, and no
+// arrival between its last look and its sleep is slept through (each sleep here would otherwise
+// last its 20 s timeout).
+TEST(ImmCounter, ASleeperWakesWhenItsImmediateReachesItsCountAndNotBefore) {
+  ImmCounter counter;
+  const uint32_t mine = imm::encode(60, 1), other = imm::encode(60, 2);
+  std::atomic<bool> woke{false};
+  const auto start = std::chrono::steady_clock::now();
+  std::thread sleeper([&] {
+    const uint32_t seen = counter.arrival_epoch();
+    counter.sleep_until_arrival(seen, 20'000'000, mine, 2);
+    woke = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  counter.add(other, 5);
+  counter.add(mine);
+  counter.notify_arrivals();
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(woke.load()) << "woken by arrivals short of its count";
+  counter.add(mine);
+  sleeper.join();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
+}
+
+TEST(ImmCounter, WakeAllWakesEverySleeper) {
+  ImmCounter counter;
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<std::thread> sleepers;
+  for (uint32_t i = 0; i < 20; ++i)  // more than there are watch slots
+    sleepers.emplace_back([&, i] { counter.sleep_until_arrival(counter.arrival_epoch(), 20'000'000, imm::encode(61, i), 1); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  counter.wake_all();
+  for (auto& t : sleepers) t.join();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
+}
+
+TEST(ImmCounter, NoArrivalIsSleptThroughUnderRacingProducers) {
+  ImmCounter counter;
+  constexpr int kRounds = 3000;
+  const uint32_t a = imm::encode(62, 0), b = imm::encode(62, 1);
+  const auto start = std::chrono::steady_clock::now();
+  std::thread producer([&] {
+    for (int i = 0; i < kRounds; ++i) {
+      counter.add(i % 2 ? a : b);
+      counter.add(i % 2 ? b : a);
+      counter.notify_arrivals();
+      if (i % 7 == 0) std::this_thread::yield();
+    }
+  });
+  const ImmExpect expects[] = {{a, 1}, {b, 1}};
+  for (int i = 0; i < kRounds; ++i) {
+    for (;;) {
+      const uint32_t seen = counter.arrival_epoch();
+      if (counter.try_consume_all(expects)) break;
+      for (const ImmExpect& e : expects)
+        if (counter.count(e.imm) < e.count) {
+          counter.sleep_until_arrival(seen, 20'000'000, e.imm, e.count);
+          break;
+        }
+    }
+  }
+  producer.join();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(15));
 }
 
 TEST(ImmCounter, ReportsAFullTableInsteadOfLosingArrivals) {
