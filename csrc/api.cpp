@@ -16,6 +16,7 @@
 
 #include "csrc/agreement.h"
 #include "csrc/argcheck.h"
+#include "csrc/host/work_pool.h"
 #include "csrc/backend.h"
 #include "csrc/errors.h"
 #include "ferry/ferry.h"
@@ -174,6 +175,7 @@ std::string engine_provider(const ferry_a2a_config_t& c) {
 void check_locally(const ferry_a2a_config_t& c, const te::Bootstrap& b) {
   ep::check_config(c);
   ep::check_bootstrap(c, b.rank(), b.world_size());
+  if (ep::enum_value(c.device) != FERRY_DEVICE_CUDA) ep::host::host_threads(b.local_size());  // FERRY_HOST_THREADS
 #ifndef FERRY_CUDA_BACKEND
   if (ep::enum_value(c.device) == FERRY_DEVICE_CUDA)
     raise(Status::unsupported, "ferry_a2a_config: device cuda, but libferry was built without the CUDA backend");

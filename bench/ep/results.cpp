@@ -1,5 +1,6 @@
 #include "bench/ep/results.h"
 
+#include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -92,7 +93,7 @@ json environment_json(const BenchResult& r) {
               {"libfabric_version", h.libfabric_version}, {"hwloc_version", h.hwloc_version},
               {"cpu_model", h.cpu_model},       {"num_cpus", h.num_cpus},
               {"num_nodes", r.num_nodes},       {"nodes_note", nodes_note(r)},
-              {"ferry_transport", ferry_transport(r)},
+              {"ferry_transport", ferry_transport(r)}, {"host_threads", r.host_threads},
               {"mpi_transport", r.baseline.empty() ? std::string() : mpi_transport_kind(r)}};
 }
 
@@ -161,6 +162,9 @@ void print_table(const BenchResult& r, std::FILE* out) {
                "routing %s, %d warm-up + %d timed iterations\n",
                backend_name(o.backend), r.provider.c_str(), o.nets_per_rank, r.world_size, r.num_hosts,
                r.launcher.c_str(), routing_name(o.routing), o.warmup, o.iters);
+  if (r.host_threads > 0)
+    std::fprintf(out, "  host backend: %d thread(s) per rank pack and sum (%s)\n", r.host_threads,
+                 std::getenv("FERRY_HOST_THREADS") ? "FERRY_HOST_THREADS" : "this rank's share of the CPUs, less the caller and the engine's worker");
   if (!r.baseline.empty()) {
     std::fprintf(out, "  transports: ferry over %s; MPI over %s, chosen by %s\n", ferry_transport(r).c_str(),
                  r.mpi_transport.describe(r.num_hosts == 1).c_str(), r.mpi_transport_chooser.c_str());

@@ -50,6 +50,7 @@ struct BenchResult {
   bool node_ids_set = false;         // some rank has FERRY_NODE_ID
   bool node_ids_from_user = false;   // rank 0's FERRY_NODE_ID was in the environment already
   std::string provider;              // requested libfabric provider
+  int host_threads = 0;              // host backend: threads per rank for packing and sums (rank 0's)
   tools::HostInfo host;              // rank 0's
   ferry_buffer_sizes_t sizes{};
   std::vector<OpResult> ferry;       // dispatch, combine, dispatch_send, dispatch_recv, combine_send, combine_recv

@@ -18,6 +18,7 @@
 #include "bench/ep/tbo.h"
 #include "bench/moe_layer/memory.h"
 #include "csrc/backend.h"
+#include "csrc/host/work_pool.h"
 #include "csrc/reference.h"
 #include "tools/common/bootstrap.h"
 #include "tools/common/report.h"
@@ -246,6 +247,7 @@ int run_rank(const Options& o, const char* launcher_label, const tools::NodeEmul
   result.world_size = world;
   result.launcher = launcher_label;
   result.provider = resolved_provider(o);
+  if (o.backend == FERRY_DEVICE_HOST) result.host_threads = ep::host::host_threads(boot->local_size());
   result.sizes = sizes;
 
   // ---- verification: the first iteration, against the brute-force reference ----------------------

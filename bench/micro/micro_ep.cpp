@@ -12,6 +12,7 @@
 
 #include "csrc/backend.h"
 #include "csrc/host/pack.h"
+#include "csrc/host/work_pool.h"
 #include "csrc/plan.h"
 #include "csrc/reference.h"
 #include "ferry/ferry.h"
@@ -171,6 +172,29 @@ void BM_PackCombine(benchmark::State& state) {
   state.SetBytesProcessed(state.iterations() * int64_t(step.recv_plan.total_records) * int64_t(l.partial_bytes));
 }
 BENCHMARK(BM_PackCombine)->ArgName("ep")->Arg(8)->Arg(64);
+
+// The same over the host backend's helper threads (its parts and minimum part size), the caller
+// included: how combine-send scales where a rank has cores to spare.
+void BM_PackCombineThreads(benchmark::State& state) {
+  const Step step(8);
+  Unpacked out(step.layout);
+  host::unpack_dispatch(step.layout, step.recv_plan, step.recv.data(), out.num_tokens.data(), out.x.data(),
+                        out.scale.data(), out.routes);
+  const Layout& l = step.layout;
+  std::vector<uint16_t> expert_y(size_t(l.experts_per_rank) * l.max_rows_per_expert * l.hidden, 0x3f80);
+  std::vector<uint8_t> combine_send(l.combine_send_bytes());
+  host::WorkPool pool(int(state.range(0)));
+  const int64_t records = int64_t(out.routes.num_routes.size());
+  const int64_t min_part = std::max<int64_t>(1, (int64_t{256} << 10) / int64_t(l.combine_slot_bytes()));
+  for (auto _ : state) {
+    pool.parallel_for(records, min_part, [&](int64_t first, int64_t end) {
+      host::pack_combine_records(l, out.routes, expert_y.data(), combine_send.data(), first, end);
+    });
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(state.iterations() * int64_t(step.recv_plan.total_records) * int64_t(l.partial_bytes));
+}
+BENCHMARK(BM_PackCombineThreads)->ArgName("threads")->Arg(1)->Arg(2)->UseRealTime();
 
 void BM_UnpackCombine(benchmark::State& state) {
   const Step step(int(state.range(0)));

@@ -1,5 +1,6 @@
-// The host backend: the protocol on the calling thread (pack, unpack, partial sums) and the
-// transfer engine's worker (bytes), over page-aligned host memory. Configs and call arguments come
+// The host backend: the protocol on the calling thread (pack, unpack, partial sums, spread over
+// helper threads where the host has cores to spare: host::WorkPool) and the transfer engine's
+// worker (bytes), over page-aligned host memory. Configs and call arguments come
 // checked by the C API (csrc/argcheck.h); what is checked here is what only the step can see.
 #include <algorithm>
 #include <cstdlib>
@@ -11,6 +12,7 @@
 #include "csrc/backend.h"
 #include "csrc/errors.h"
 #include "csrc/host/pack.h"
+#include "csrc/host/work_pool.h"
 #include "csrc/protocol.h"
 #include "transfer_engine/engine.h"
 
@@ -50,7 +52,8 @@ class HostBackend final : public Backend {
         send_(allocate(layout_.send_buffer_bytes(), "dispatch send")),
         recv_(allocate(layout_.recv_buffer_bytes(), "dispatch receive")),
         combine_send_(allocate(layout_.combine_send_bytes(), "combine send")),
-        combine_recv_(allocate(layout_.combine_recv_bytes(), "combine receive")) {
+        combine_recv_(allocate(layout_.combine_recv_bytes(), "combine receive")),
+        pool_(host::host_threads(bootstrap.local_size())) {
     engine_ = std::make_unique<te::TransferEngine>(engine_config(config), bootstrap);
     ProtocolBuffers buffers;
     buffers.send = send_.get();
@@ -69,7 +72,11 @@ class HostBackend final : public Backend {
     if (args.flags & FERRY_SEND) {
       protocol_->begin_combine();
       failing_step([&] {
-        host::pack_combine(layout_, routes_, args.expert_y, combine_send_.get());
+        pool_.parallel_for(int64_t(routes_.num_routes.size()), min_part(layout_.combine_slot_bytes()),
+                           [&](int64_t first, int64_t end) {
+                             host::pack_combine_records(layout_, routes_, args.expert_y, combine_send_.get(),
+                                                        first, end);
+                           });
         if (layout_.weights_at_combine) protocol_->post_combine(protocol_->recv_plan().count, routes_.num_routes);
         else protocol_->post_combine();
       });
@@ -78,11 +85,14 @@ class HostBackend final : public Backend {
       const SendPlan& mine = member_plans_[layout_.dp_member(layout_.rank)];
       protocol_->wait_combine(mine.slot_routes);
       failing_step([&] {
-        if (layout_.weights_at_combine)
-          host::unpack_combine_rows(layout_, mine, combine_recv_.get(), args.weights, args.out_tokens,
-                                    args.accumulate != 0);
-        else
-          host::unpack_combine(layout_, member_plans_, combine_recv_.get(), args.out_tokens, args.accumulate != 0);
+        pool_.parallel_for(mine.num_tokens, min_part(layout_.out_row_bytes()), [&](int64_t first, int64_t end) {
+          if (layout_.weights_at_combine)
+            host::unpack_combine_rows_tokens(layout_, mine, combine_recv_.get(), args.weights, args.out_tokens,
+                                             args.accumulate != 0, first, end);
+          else
+            host::unpack_combine_tokens(layout_, member_plans_, combine_recv_.get(), args.out_tokens,
+                                        args.accumulate != 0, first, end);
+        });
       });
     }
   }
@@ -95,6 +105,9 @@ class HostBackend final : public Backend {
   }
 
  private:
+  // Items per helper part: a part of less than ~256 KiB of output costs less than waking a thread.
+  static int64_t min_part(uint64_t item_bytes) { return int64_t(std::max<uint64_t>(1, (uint64_t{256} << 10) / item_bytes)); }
+
   Site site(std::string_view operation) const { return {layout_.rank, int64_t(protocol_->step()), operation}; }
 
   // Runs one half-step's local work; a failure there leaves the exchange mid-step, so the protocol
@@ -123,7 +136,11 @@ class HostBackend final : public Backend {
       for (int j = 0; j < layout_.dp_size; ++j) member_plans_.push_back(make_send_plan(layout_, a.indices, n, j));
       const SendPlan& mine = member_plans_[layout_.dp_member(layout_.rank)];
       const host::Quantize quantize{enum_value(a.quantize) == FERRY_QUANTIZE_FP8_BLOCK, a.round_scale != 0};
-      host::pack_dispatch(layout_, mine, a.dp_x, a.dp_x_scale, a.indices, a.weights, send_.get(), quantize);
+      host::pack_count_headers(layout_, mine, send_.get());
+      pool_.parallel_for(mine.num_tokens, min_part(layout_.record_bytes), [&](int64_t first, int64_t end) {
+        host::pack_dispatch_tokens(layout_, mine, a.dp_x, a.dp_x_scale, a.indices, a.weights, send_.get(), quantize,
+                                   first, end);
+      });
       protocol_->post_dispatch(mine.dest_count, mine.dest_offset);
     } catch (...) {
       protocol_->post_dispatch_failure();
@@ -164,6 +181,7 @@ class HostBackend final : public Backend {
   Layout layout_;
   int timeout_ms_;
   HostBuffer send_, recv_, combine_send_, combine_recv_;
+  host::WorkPool pool_;
   std::unique_ptr<te::TransferEngine> engine_;
   std::unique_ptr<Protocol> protocol_;  // after engine_: deregisters before the engine goes
   std::vector<SendPlan> member_plans_;

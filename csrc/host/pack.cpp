@@ -1,5 +1,6 @@
 #include "csrc/host/pack.h"
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 
@@ -9,6 +10,13 @@
 namespace ferry::ep::host {
 
 namespace {
+
+// A part's range, checked: the parts of a call must cover the items there are, no more.
+void check_range(const char* what, const char* items, int64_t begin, int64_t end, int64_t count) {
+  if (begin < 0 || begin > end || end > count)
+    raise(Status::internal, std::string(what) + ": " + items + " [" + std::to_string(begin) + ", " +
+                                std::to_string(end) + ") outside the " + std::to_string(count) + " there are");
+}
 
 // The fp8 payload and scales of one token, cast from its bf16 row.
 void quantize_token(const Layout& l, const uint16_t* x_row, bool round_scale, uint8_t* rec) {
@@ -26,11 +34,24 @@ void quantize_token(const Layout& l, const uint16_t* x_row, bool round_scale, ui
 // number of its destinations.
 void pack_dispatch(const Layout& l, const SendPlan& plan, const void* x, const float* x_scale, const int32_t* indices,
                    const float* weights, void* send_buffer, Quantize quantize) {
+  pack_count_headers(l, plan, send_buffer);
+  pack_dispatch_tokens(l, plan, x, x_scale, indices, weights, send_buffer, quantize, 0, plan.num_tokens);
+}
+
+void pack_count_headers(const Layout& l, const SendPlan& plan, void* send_buffer) {
   auto* buf = static_cast<uint8_t*>(send_buffer);
-  const int R = l.world_size, epr = l.experts_per_rank, md = l.max_dests_per_token();
+  for (int d = 0; d < l.world_size; ++d)
+    write_count_header(l, plan, d, buf + l.send_section_offset(d, plan.dest_offset[d]));
+}
+
+void pack_dispatch_tokens(const Layout& l, const SendPlan& plan, const void* x, const float* x_scale,
+                          const int32_t* indices, const float* weights, void* send_buffer, Quantize quantize,
+                          int64_t t_begin, int64_t t_end) {
+  check_range("pack_dispatch", "tokens", t_begin, t_end, plan.num_tokens);
+  auto* buf = static_cast<uint8_t*>(send_buffer);
+  const int epr = l.experts_per_rank, md = l.max_dests_per_token();
   const uint64_t used = l.scale_offset() + l.scale_bytes;
-  for (int d = 0; d < R; ++d) write_count_header(l, plan, d, buf + l.send_section_offset(d, plan.dest_offset[d]));
-  for (int t = 0; t < plan.num_tokens; ++t) {
+  for (int t = int(t_begin); t < int(t_end); ++t) {
     const uint8_t* first = nullptr;
     for (int i = 0; i < plan.token_num_dests[t]; ++i) {
       const int d = plan.token_dest[size_t(t) * md + i];
@@ -206,35 +227,48 @@ template <int Type>
 #define FERRY_VECTOR_CLONES
 #endif
 
-FERRY_VECTOR_CLONES
 void pack_combine(const Layout& l, const ReceivedRoutes& routes, const void* expert_y, void* combine_send_buffer) {
+  pack_combine_records(l, routes, expert_y, combine_send_buffer, 0, int64_t(routes.num_routes.size()));
+}
+
+FERRY_VECTOR_CLONES
+void pack_combine_records(const Layout& l, const ReceivedRoutes& routes, const void* expert_y,
+                          void* combine_send_buffer, int64_t first, int64_t end) {
+  check_range("pack_combine", "records", first, end, int64_t(routes.num_routes.size()));
   auto* buf = static_cast<uint8_t*>(combine_send_buffer);
   const auto* y = static_cast<const uint8_t*>(expert_y);
   const int K = l.top_k;
   const uint64_t row_bytes = l.out_row_bytes();
   if (l.weights_at_combine) {  // the rows themselves, in route order, the slot's rest untouched
-    for (size_t i = 0; i < routes.num_routes.size(); ++i)
+    for (size_t i = size_t(first); i < size_t(end); ++i)
       for (int r = 0; r < routes.num_routes[i]; ++r)
         std::memcpy(buf + i * l.combine_slot_bytes() + uint64_t(r) * l.partial_bytes,
                     y + uint64_t(routes.row[i * K + r]) * row_bytes, row_bytes);
     return;
   }
   const void* rows[kMaxTopK];
-  for (size_t i = 0; i < routes.num_routes.size(); ++i) {
+  for (size_t i = size_t(first); i < size_t(end); ++i) {
     const int n = routes.num_routes[i];
     for (int r = 0; r < n; ++r) rows[r] = y + uint64_t(routes.row[i * K + r]) * row_bytes;
     weighted_sum_of(l.out_dtype, buf + i * l.partial_bytes, rows, &routes.weight[i * K], n, l.hidden, false);
   }
 }
 
-FERRY_VECTOR_CLONES
 void unpack_combine_rows(const Layout& l, const SendPlan& plan, const void* combine_recv_buffer, const float* weights,
                          void* out_tokens, bool accumulate) {
+  unpack_combine_rows_tokens(l, plan, combine_recv_buffer, weights, out_tokens, accumulate, 0, plan.num_tokens);
+}
+
+FERRY_VECTOR_CLONES
+void unpack_combine_rows_tokens(const Layout& l, const SendPlan& plan, const void* combine_recv_buffer,
+                                const float* weights, void* out_tokens, bool accumulate, int64_t t_begin,
+                                int64_t t_end) {
+  check_range("unpack_combine_rows", "tokens", t_begin, t_end, plan.num_tokens);
   const auto* buf = static_cast<const uint8_t*>(combine_recv_buffer);
   const int K = l.top_k;
   const void* rows[kMaxTopK];
   float w[kMaxTopK];
-  for (int t = 0; t < plan.num_tokens; ++t) {
+  for (int t = int(t_begin); t < int(t_end); ++t) {
     int n = 0;
     for (int k = 0; k < K; ++k) {
       const int32_t row = plan.route_row[size_t(t) * K + k];
@@ -247,9 +281,16 @@ void unpack_combine_rows(const Layout& l, const SendPlan& plan, const void* comb
   }
 }
 
-FERRY_VECTOR_CLONES
 void unpack_combine(const Layout& l, std::span<const SendPlan> member_plans, const void* combine_recv_buffer,
                     void* out_tokens, bool accumulate) {
+  const int64_t tokens = member_plans.empty() ? 0 : member_plans[0].num_tokens;
+  unpack_combine_tokens(l, member_plans, combine_recv_buffer, out_tokens, accumulate, 0, tokens);
+}
+
+FERRY_VECTOR_CLONES
+void unpack_combine_tokens(const Layout& l, std::span<const SendPlan> member_plans, const void* combine_recv_buffer,
+                           void* out_tokens, bool accumulate, int64_t t_begin, int64_t t_end) {
+  for (const SendPlan& plan : member_plans) check_range("unpack_combine", "tokens", t_begin, t_end, plan.num_tokens);
   const auto* buf = static_cast<const uint8_t*>(combine_recv_buffer);
   const int md = l.max_dests_per_token();
   const void* partials[kMaxTopK];
@@ -257,7 +298,9 @@ void unpack_combine(const Layout& l, std::span<const SendPlan> member_plans, con
   static_assert(kMaxTopK == 8, "one weight per possible destination");
   int64_t base = 0;
   for (const SendPlan& plan : member_plans) {
-    for (int t = plan.member; t < plan.num_tokens; t += l.dp_size) {
+    // Tokens t of this member (t = member mod dp_size) within [t_begin, t_end).
+    const int64_t skip = (t_begin - plan.member + l.dp_size - 1) / l.dp_size;
+    for (int64_t t = plan.member + std::max<int64_t>(skip, 0) * l.dp_size; t < t_end; t += l.dp_size) {
       void* out = static_cast<uint8_t*>(out_tokens) + uint64_t(t) * l.out_row_bytes();
       const int n = plan.token_num_dests[t];
       for (int i = 0; i < n; ++i)

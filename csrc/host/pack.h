@@ -23,6 +23,12 @@ struct Quantize {
 // without scales and with quantize; indices/weights: [num_tokens][top_k], routing validated.
 void pack_dispatch(const Layout& layout, const SendPlan& plan, const void* x, const float* x_scale,
                    const int32_t* indices, const float* weights, void* send_buffer, Quantize quantize = {});
+// pack_dispatch in parts: the count headers, then the records of tokens [t_begin, t_end) (parts
+// over disjoint token ranges write disjoint bytes).
+void pack_count_headers(const Layout& layout, const SendPlan& plan, void* send_buffer);
+void pack_dispatch_tokens(const Layout& layout, const SendPlan& plan, const void* x, const float* x_scale,
+                          const int32_t* indices, const float* weights, void* send_buffer, Quantize quantize,
+                          int64_t t_begin, int64_t t_end);
 
 // What combine needs of every received record, in receive order (sender-major).
 struct ReceivedRoutes {
@@ -50,6 +56,9 @@ void unpack_dispatch(const Layout& layout, const RecvPlan& plan, const void* rec
 // With weights at combine, record i's slot (combine_slot_bytes) holds its rows instead, route r's
 // copied unweighted to r * partial_bytes.
 void pack_combine(const Layout& layout, const ReceivedRoutes& routes, const void* expert_y, void* combine_send_buffer);
+// Only records [first, end).
+void pack_combine_records(const Layout& layout, const ReceivedRoutes& routes, const void* expert_y,
+                          void* combine_send_buffer, int64_t first, int64_t end);
 
 // Combine-recv. member_plans[j] is the send plan of member j of this rank's dp group (one plan
 // when dp_size is 1); member j's slots follow the slots of members before it. For every token,
@@ -57,11 +66,19 @@ void pack_combine(const Layout& layout, const ReceivedRoutes& routes, const void
 // out_tokens[t]; a token with no route gets 0 (or keeps its value).
 void unpack_combine(const Layout& layout, std::span<const SendPlan> member_plans, const void* combine_recv_buffer,
                     void* out_tokens, bool accumulate);
+// Only tokens [t_begin, t_end).
+void unpack_combine_tokens(const Layout& layout, std::span<const SendPlan> member_plans,
+                           const void* combine_recv_buffer, void* out_tokens, bool accumulate, int64_t t_begin,
+                           int64_t t_end);
 
 // Combine-recv with weights at combine (dp_size 1): for every token, acc = 0 (or out_tokens[t] with
 // accumulate), then acc += weights[t][k] * row of route k (plan.route_row) for k in top-k order,
 // in fp32, rounded once into out_tokens[t]. weights: [num_tokens][top_k].
 void unpack_combine_rows(const Layout& layout, const SendPlan& plan, const void* combine_recv_buffer,
                          const float* weights, void* out_tokens, bool accumulate);
+// Only tokens [t_begin, t_end).
+void unpack_combine_rows_tokens(const Layout& layout, const SendPlan& plan, const void* combine_recv_buffer,
+                                const float* weights, void* out_tokens, bool accumulate, int64_t t_begin,
+                                int64_t t_end);
 
 }  // namespace ferry::ep::host

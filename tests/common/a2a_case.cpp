@@ -33,6 +33,7 @@ LaunchOptions launch_options(const A2aCase& c) {
   LaunchOptions opts;
   opts.world_size = c.world_size;
   opts.timeout_ms = c.launch_timeout_ms;
+  if (c.host_threads > 0) opts.env["FERRY_HOST_THREADS"] = std::to_string(c.host_threads);
   return opts;
 }
 

@@ -53,6 +53,9 @@ struct A2aCase {
   bool bound_m = false;     // dispatch sends the first testing::bound_of(num_tokens) tokens only,
                             // counted by bound_m (device memory for CUDA); combine the same rows
 
+  // Host backend: FERRY_HOST_THREADS for every rank (0: unset, the library sizes its helpers).
+  int host_threads = 0;
+
   // Deadlines.
   int timeout_ms = 30000;          // every wait inside the library (config)
   int launch_timeout_ms = 100000;  // the whole multi-process run; children killed after it

@@ -359,6 +359,43 @@ TEST(WeightsAtCombine, SlotsOfMoreThanAMegabyteTravelInPiecesOverTwoNics) {
   run_case(c);
 }
 
+// ---- helper threads (FERRY_HOST_THREADS) ---------------------------------------------------------
+
+// Rows of 32 KiB: packing, the combine sums and the receive sums each split their tokens or records
+// into three parts on three threads (parts of at least 256 KiB); the bytes must not change.
+Case host_threads_case() {
+  Case c;
+  c.world_size = 4;
+  c.num_experts = 16;
+  c.top_k = 6;
+  c.max_tokens = 48;
+  c.hidden = 16384;
+  c.host_threads = 3;
+  return c;
+}
+
+TEST(HostThreads, EveryByteMoverInThreePartsMatchesTheReference) { run_case(host_threads_case()); }
+
+TEST(HostThreads, DataParallelGroupsAccumulatingF32OverShm) {
+  Case c = host_threads_case();
+  c.dp_size = 2;
+  c.out_dtype = FERRY_F32;
+  c.accumulate = true;
+  c.provider = "shm";
+  c.steps = 2;
+  run_case(c);
+}
+
+TEST(HostThreads, QuantizeOnDispatchWithWeightsAtCombine) {
+  Case c = host_threads_case();
+  c.in_dtype = FERRY_FP8_E4M3;
+  c.scale_block = 128;
+  c.spec.quantize = true;
+  c.combine_weights = FERRY_WEIGHTS_AT_COMBINE;
+  c.spec.drop_fraction = 0.1;
+  run_case(c);
+}
+
 // ---- protocol paths ----------------------------------------------------------------------------
 
 TEST(AllToAll, DataParallelGroupsOfTwoEachGetTheFullCombine) {
@@ -887,6 +924,19 @@ TEST(ConfigAgreement, AnInvalidConfigOnOneRankFailsEveryRankNamingIt) {
     if (b.rank() != 1) {
       EXPECT_NE(what.find("the config of rank 1 fails its own checks"), std::string::npos) << what;
     }
+  }));
+}
+
+// FERRY_HOST_THREADS is read at create like the config, so a bad value fails every rank there.
+TEST(HostThreads, AnUnusableValueFailsCreateOnEveryRankNamingIt) {
+  Case c;
+  testing::LaunchOptions options = testing::launch_options(c);
+  options.env["FERRY_HOST_THREADS"] = "0";
+  testing::expect_all_ok(testing::run_ranks(options, [&](te::Bootstrap& b) {
+    const Error e = create_error(config_of(c, b.rank()), b);
+    const std::string what = e.what();
+    EXPECT_EQ(e.status(), Status::invalid_argument) << what;
+    EXPECT_NE(what.find("FERRY_HOST_THREADS='0'"), std::string::npos) << what;
   }));
 }
 

@@ -3,6 +3,10 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <stdexcept>
+#include <vector>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -11,6 +15,7 @@
 #include "csrc/argcheck.h"
 #include "csrc/backend.h"
 #include "csrc/dtype.h"
+#include "csrc/host/work_pool.h"
 #include "csrc/plan.h"
 #include "csrc/reference.h"
 #include "transfer_engine/error.h"
@@ -699,6 +704,79 @@ TEST(Agreement, TheAccountStaysShortAtAnyWorldSize) {
   EXPECT_NE(out.message.find("rank 1 has \"" + std::string(32, 'x') + "\""), std::string::npos) << out.message;
   EXPECT_NE(out.message.find("(" + std::string(sizeof a0.error, '?') + ")"), std::string::npos) << out.message;
   EXPECT_NE(out.message.find("so do those of ranks 2, 3, 4, 5 and 4090 others"), std::string::npos) << out.message;
+}
+
+// ---- the host backend's helper threads ---------------------------------------------------------
+
+TEST(WorkPool, PartsCoverEveryItemOnceAndNeverGoBelowTheMinimumPart) {
+  host::WorkPool pool(4);
+  EXPECT_EQ(pool.threads(), 4);
+  for (int64_t n : {0, 1, 5, 7, 64, 1000, 1001}) {
+    for (int64_t min_part : {1, 3, 100}) {
+      std::vector<std::atomic<int>> hits(size_t(n) + 1);
+      std::atomic<int> parts{0};
+      std::atomic<int64_t> smallest{n + 1};
+      pool.parallel_for(n, min_part, [&](int64_t begin, int64_t end) {
+        ++parts;
+        int64_t s = smallest.load();
+        while (end - begin < s && !smallest.compare_exchange_weak(s, end - begin)) {
+        }
+        for (int64_t i = begin; i < end; ++i) ++hits[size_t(i)];
+      });
+      for (int64_t i = 0; i < n; ++i) EXPECT_EQ(hits[size_t(i)].load(), 1) << "n " << n << " item " << i;
+      EXPECT_LE(parts.load(), std::max<int64_t>(1, std::min<int64_t>(4, n / min_part))) << "n " << n;
+      if (parts.load() > 1) {
+        EXPECT_GE(smallest.load(), min_part) << "n " << n;
+      }
+    }
+  }
+}
+
+TEST(WorkPool, AnExceptionInAnyPartReachesTheCallerAndThePoolStaysUsable) {
+  host::WorkPool pool(3);
+  for (int throwing_part = 0; throwing_part < 3; ++throwing_part) {
+    EXPECT_THROW(pool.parallel_for(30, 1,
+                                   [&](int64_t begin, int64_t) {
+                                     if (begin / 10 == throwing_part) throw std::runtime_error("part failed");
+                                   }),
+                 std::runtime_error);
+    std::atomic<int64_t> sum{0};
+    pool.parallel_for(30, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) sum += i;
+    });
+    EXPECT_EQ(sum.load(), 29 * 30 / 2);
+  }
+}
+
+TEST(WorkPool, ThousandsOfBackToBackCallsEachWaitForAllTheirParts) {
+  host::WorkPool pool(3);
+  std::vector<int> data(300);
+  for (int round = 1; round <= 3000; ++round) {
+    pool.parallel_for(int64_t(data.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) data[size_t(i)] = round;
+    });
+    ASSERT_TRUE(std::all_of(data.begin(), data.end(), [&](int v) { return v == round; })) << "round " << round;
+  }
+}
+
+TEST(WorkPool, FerryHostThreadsIsTakenWhenSaneAndRefusedOtherwise) {
+  setenv("FERRY_HOST_THREADS", "5", 1);
+  EXPECT_EQ(host::host_threads(8), 5);
+  for (const char* bad : {"0", "65", "two", "3x", "-1"}) {
+    setenv("FERRY_HOST_THREADS", bad, 1);
+    try {
+      host::host_threads(1);
+      ADD_FAILURE() << bad << " accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.status(), Status::invalid_argument);
+      EXPECT_NE(std::string(e.what()).find("FERRY_HOST_THREADS"), std::string::npos) << e.what();
+    }
+  }
+  unsetenv("FERRY_HOST_THREADS");
+  const int automatic = host::host_threads(1);
+  EXPECT_GE(automatic, 1);
+  EXPECT_LE(automatic, 8);
+  EXPECT_EQ(host::host_threads(1000), 1);  // more ranks than cores: no helpers
 }
 
 }  // namespace
