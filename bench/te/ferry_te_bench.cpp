@@ -448,8 +448,9 @@ int bench_main(const Options& o) {
   table.add_column("engine us");
   table.add_column("raw us");
   table.add_column("ratio");
+  table.add_column("raw+thread GB/s");
   table.add_column("raw+thread us");
-  table.add_column("engine/raw+thread");
+  table.add_column("engine/raw+thread GB/s, us");
   for (uint64_t s : sizes) {
     const Point& e = engine.points[s];
     const Point& r = raw.points[s];
@@ -457,8 +458,9 @@ int bench_main(const Options& o) {
     table.add_row({tools::format_bytes(double(s)), tools::format("%.3f", e.bandwidth_gbps),
                    tools::format("%.3f", r.bandwidth_gbps), ratio(e.bandwidth_gbps, r.bandwidth_gbps),
                    tools::format("%.1f", e.latency_us), tools::format("%.1f", r.latency_us),
-                   ratio(e.latency_us, r.latency_us), tools::format("%.1f", t.latency_us),
-                   ratio(e.latency_us, t.latency_us)});
+                   ratio(e.latency_us, r.latency_us), tools::format("%.3f", t.bandwidth_gbps),
+                   tools::format("%.1f", t.latency_us),
+                   ratio(e.bandwidth_gbps, t.bandwidth_gbps) + ", " + ratio(e.latency_us, t.latency_us)});
   }
   table.print();
   std::printf("ratio = engine / raw: above 1 is better for GB/s and Mmsg/s, below 1 for us; raw+thread: the raw "
