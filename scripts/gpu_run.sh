@@ -22,7 +22,10 @@
 #      python extension for the machine's python and the python GPU tests (python_cuda,
 #      python_deep_ep_cuda);
 #   3. alone again: ferry-moe-layer and ferry-bench --overlap tbo on CUDA when built, then EP8 decode
-#      latency through CUDA IPC, host-staged shm and a mixed job of two emulated nodes.
+#      latency through CUDA IPC, host-staged shm and a mixed job of two emulated nodes;
+#   4. the CPU path on the GPU machine's cores (more than the build machine has): ferry-te-bench on
+#      shm and tcp (engine beside the raw loop, alone and on its own thread), the host backend at
+#      EP8 decode 32 tokens and EP4 decode 128 tokens with its automatic helper threads and with none.
 # The GPU machine's packages are never touched: the .deb files are unpacked (dpkg -x, or python where
 # it has no dpkg) under FERRY_GPU_WORK (default /tmp/ferry-gpu) and found through LD_LIBRARY_PATH.
 # FERRY_GPU_ONLY=<regex of step names> runs those steps alone (a second call after a failure);
@@ -40,7 +43,8 @@ gpu_has='/(ld-linux[^/]*|lib(c|m|dl|pthread|rt|util|resolv|gcc_s|stdc\+\+|z|udev
 cuda_programs=(tests/cuda/test_cuda_kernels tests/cuda/test_cuda_locality tests/cuda/test_gdrcopy
   tests/cuda/test_cuda_backend tests/check/test_check_cuda tests/moe_layer/test_moe_layer_cuda
   tests/nccl/test_nccl_cuda)
-tool_programs=(bench/cuda/ferry-cuda-bench bench/ep/ferry-bench tools/check/ferry-check bench/moe_layer/ferry-moe-layer)
+tool_programs=(bench/cuda/ferry-cuda-bench bench/ep/ferry-bench tools/check/ferry-check bench/moe_layer/ferry-moe-layer
+  bench/te/ferry-te-bench)
 carry_limit=$((64 * 1024 * 1024))
 
 die() { echo "gpu_run.sh: $*" >&2; exit 1; }
@@ -386,8 +390,11 @@ dry_check() {
     esac
     ((after)) && prog_args+=("$a")
   done
-  case "$prog" in
-    "$B"/bench/* | "$B"/tools/*)
+  case "$name:$prog" in
+    te_bench_* | host_*)
+      # CPU benchmarks: they would run here in full; only check that the program answers --help.
+      "$prog" --help > /dev/null 2>&1 < /dev/null || { echo "  $name: $(basename "$prog") --help fails" >&2; bad=1; } ;;
+    *:"$B"/bench/* | *:"$B"/tools/*)
       local out
       out=$(LD_LIBRARY_PATH=$stub${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} timeout -k 5 30 "$prog" "${prog_args[@]}" 2>&1 < /dev/null)
       if grep -q 'Run with --help' <<< "$out"; then
@@ -588,6 +595,14 @@ tarfile.open(sys.argv[1]).extractall(sys.argv[2], **({"filter": "data"} if hasat
   step ep8_ipc 60 env FERRY_CUDA_IPC=1 "$fb" "${ep8[@]}"
   step ep8_shm 60 env FERRY_CUDA_IPC=0 "$fb" "${ep8[@]}" --provider shm
   step ep8_mixed 60 env FERRY_CUDA_IPC=1 "$fb" "${ep8[@]}" --provider shm --local-nodes 2
+  # 4. the CPU path where cores are not scarce (no MPI there: ferry alone, fork launcher).
+  local te=$bin/bench/te/ferry-te-bench
+  step te_bench_shm 40 "$te" --ranks 2 --provider shm --latency-iters 2000
+  step te_bench_tcp 60 "$te" --ranks 2 --provider tcp --latency-iters 1000
+  local host=(--backend host --launcher fork --preset decode --warmup 10 --no-progress)
+  step host_ep8_auto 40 "$fb" "${host[@]}" --local-ranks 8 --tokens 32 --iters 300 --provider shm
+  step host_ep4_auto 40 "$fb" "${host[@]}" --local-ranks 4 --iters 200 --provider shm
+  step host_ep4_one_thread 40 env FERRY_HOST_THREADS=1 "$fb" "${host[@]}" --local-ranks 4 --iters 200 --provider shm
   if [ "${FERRY_GPU_NCU:-0}" = 1 ]; then
     step ncu_decode 90 ncu --clock-control none --metrics gpu__time_duration.sum -k 'regex:dispatch|combine' -s 128 -c 12 \
       "$bin/bench/cuda/ferry-cuda-bench" --preset decode --replays 1
@@ -623,7 +638,8 @@ summarize() {
     grep -aE 'Function|REG' "$logs/registers.log" 2> /dev/null | paste - - |
       sed -E 's/.*_GLOBAL__N_[^ ]*[0-9]([a-z_]+kernel)[^ ]*/\1/; s/\t/ /' | head -40
     echo '```'
-    for f in moe_layer overlap_tbo ep8_ipc ep8_shm ep8_mixed ncu_decode; do
+    for f in moe_layer overlap_tbo ep8_ipc ep8_shm ep8_mixed te_bench_shm te_bench_tcp host_ep8_auto host_ep4_auto \
+      host_ep4_one_thread ncu_decode; do
       [ -f "$logs/$f.log" ] || continue
       echo "## $f"
       echo '```'
