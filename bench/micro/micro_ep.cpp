@@ -157,16 +157,26 @@ void BM_UnpackDispatch(benchmark::State& state) {
 }
 BENCHMARK(BM_UnpackDispatch)->ArgName("ep")->Arg(8)->Arg(64);
 
+// What combine-send reads: the routes of a step's received records and the experts' output rows.
+struct CombineInputs {
+  explicit CombineInputs(const Step& step)
+      : out(step.layout),
+        expert_y(size_t(step.layout.experts_per_rank) * step.layout.max_rows_per_expert * step.layout.hidden, 0x3f80),
+        combine_send(step.layout.combine_send_bytes()) {
+    host::unpack_dispatch(step.layout, step.recv_plan, step.recv.data(), out.num_tokens.data(), out.x.data(),
+                          out.scale.data(), out.routes);
+  }
+  Unpacked out;
+  std::vector<uint16_t> expert_y;
+  std::vector<uint8_t> combine_send;
+};
+
 void BM_PackCombine(benchmark::State& state) {
   const Step step(int(state.range(0)));
-  Unpacked out(step.layout);
-  host::unpack_dispatch(step.layout, step.recv_plan, step.recv.data(), out.num_tokens.data(), out.x.data(),
-                        out.scale.data(), out.routes);
+  CombineInputs in(step);
   const Layout& l = step.layout;
-  std::vector<uint16_t> expert_y(size_t(l.experts_per_rank) * l.max_rows_per_expert * l.hidden, 0x3f80);
-  std::vector<uint8_t> combine_send(l.combine_send_bytes());
   for (auto _ : state) {
-    host::pack_combine(l, out.routes, expert_y.data(), combine_send.data());
+    host::pack_combine(l, in.out.routes, in.expert_y.data(), in.combine_send.data());
     benchmark::ClobberMemory();
   }
   state.SetBytesProcessed(state.iterations() * int64_t(step.recv_plan.total_records) * int64_t(l.partial_bytes));
@@ -177,18 +187,13 @@ BENCHMARK(BM_PackCombine)->ArgName("ep")->Arg(8)->Arg(64);
 // included: how combine-send scales where a rank has cores to spare.
 void BM_PackCombineThreads(benchmark::State& state) {
   const Step step(8);
-  Unpacked out(step.layout);
-  host::unpack_dispatch(step.layout, step.recv_plan, step.recv.data(), out.num_tokens.data(), out.x.data(),
-                        out.scale.data(), out.routes);
+  CombineInputs in(step);
   const Layout& l = step.layout;
-  std::vector<uint16_t> expert_y(size_t(l.experts_per_rank) * l.max_rows_per_expert * l.hidden, 0x3f80);
-  std::vector<uint8_t> combine_send(l.combine_send_bytes());
   host::WorkPool pool(int(state.range(0)));
-  const int64_t records = int64_t(out.routes.num_routes.size());
-  const int64_t min_part = std::max<int64_t>(1, (int64_t{256} << 10) / int64_t(l.combine_slot_bytes()));
+  const int64_t records = int64_t(in.out.routes.num_routes.size());
   for (auto _ : state) {
-    pool.parallel_for(records, min_part, [&](int64_t first, int64_t end) {
-      host::pack_combine_records(l, out.routes, expert_y.data(), combine_send.data(), first, end);
+    pool.parallel_for(records, host::min_part_items(l.combine_slot_bytes()), [&](int64_t first, int64_t end) {
+      host::pack_combine_records(l, in.out.routes, in.expert_y.data(), in.combine_send.data(), first, end);
     });
     benchmark::ClobberMemory();
   }

@@ -78,8 +78,9 @@ struct Results {
 
 class Raw {
  public:
-  Raw(const Options& o, te::Bootstrap& b, uint64_t buffer_bytes)
-      : b_(b), send_(buffer_bytes, 1), recv_(buffer_bytes, 0) {
+  // Every write carries `imm`.
+  Raw(const Options& o, te::Bootstrap& b, uint64_t buffer_bytes, uint32_t imm)
+      : b_(b), send_(buffer_bytes, 1), recv_(buffer_bytes, 0), imm_(imm) {
     te::fabric::NicOptions nic_options;
     nic_options.provider = o.provider;
     nic_options.domain = o.domains.empty() ? (o.provider == "tcp" ? "lo" : "")
@@ -109,11 +110,11 @@ class Raw {
     timeout_ms_ = o.timeout_ms;
   }
 
-  void write(int peer, uint64_t bytes, uint32_t imm) {
+  void write(int peer, uint64_t bytes) {
     fid_ep* ep = nic_->endpoint();
     void* desc = fi_mr_desc(send_mr_.get());
     for (;;) {
-      ssize_t rc = fi_writedata(ep, send_.data(), bytes, desc, imm, addrs_[peer],
+      ssize_t rc = fi_writedata(ep, send_.data(), bytes, desc, imm_, addrs_[peer],
                                 remotes_[peer].addr, remotes_[peer].key,
                                 &contexts_[posted_++ % kContexts]);
       if (rc == 0) {
@@ -182,6 +183,7 @@ class Raw {
   uint64_t arrived_ = 0;
   uint64_t total_arrived_ = 0;
   int timeout_ms_ = 0;
+  uint32_t imm_;
 };
 
 void pause_then_yield() {
@@ -198,7 +200,7 @@ void pause_then_yield() {
 class RawThread {
  public:
   RawThread(const Options& o, te::Bootstrap& b, uint64_t buffer_bytes, uint32_t imm)
-      : raw_(o, b, buffer_bytes), imm_(imm), timeout_ms_(o.timeout_ms) {
+      : raw_(o, b, buffer_bytes, imm), timeout_ms_(o.timeout_ms) {
     thread_ = std::thread([this] { loop(); });
   }
   ~RawThread() {
@@ -251,7 +253,7 @@ class RawThread {
         bool busy = false;
         const uint64_t tail = tail_.load(std::memory_order_acquire);
         for (; head < tail; ++head) {
-          raw_.write(ring_[head % kRing].peer, ring_[head % kRing].bytes, imm_);
+          raw_.write(ring_[head % kRing].peer, ring_[head % kRing].bytes);
           busy = true;
         }
         head_.store(head, std::memory_order_release);
@@ -270,7 +272,6 @@ class RawThread {
   }
 
   Raw raw_;
-  const uint32_t imm_;
   const int timeout_ms_;
   Request ring_[kRing];
   alignas(64) std::atomic<uint64_t> tail_{0};
@@ -344,23 +345,10 @@ Results measure(const Options& o, te::Bootstrap& b, const std::vector<uint64_t>&
   return results;
 }
 
-Results run_raw(const Options& o, te::Bootstrap& b, const std::vector<uint64_t>& sizes) {
-  Raw raw(o, b, std::max(o.max_bytes, o.scatter_bytes));
-  const uint32_t imm = te::imm::encode(te::imm::kUserTagBase, b.rank());
-  Results r = measure(
-      o, b, sizes, [&](int peer, uint64_t bytes) { raw.write(peer, bytes, imm); },
-      [&](int, uint64_t count, uint64_t) { raw.wait_arrivals(count); },
-      [&] {
-        raw.drain();
-        b.barrier(o.timeout_ms);
-      });
-  raw.drain();
-  b.barrier(o.timeout_ms);
-  return r;
-}
-
-Results run_raw_thread(const Options& o, te::Bootstrap& b, const std::vector<uint64_t>& sizes) {
-  RawThread raw(o, b, std::max(o.max_bytes, o.scatter_bytes), te::imm::encode(te::imm::kUserTagBase, b.rank()));
+// The three measurements over a raw loop (Raw, or RawThread on its own thread).
+template <typename Loop>
+Results run_loop(const Options& o, te::Bootstrap& b, const std::vector<uint64_t>& sizes) {
+  Loop raw(o, b, std::max(o.max_bytes, o.scatter_bytes), te::imm::encode(te::imm::kUserTagBase, b.rank()));
   Results r = measure(
       o, b, sizes, [&](int peer, uint64_t bytes) { raw.write(peer, bytes); },
       [&](int, uint64_t count, uint64_t) { raw.wait_arrivals(count); },
@@ -430,8 +418,8 @@ int bench_main(const Options& o) {
   for (uint64_t s = o.min_bytes; s <= o.max_bytes; s *= 8) sizes.push_back(s);
   Results raw, raw_thread;
   if (!o.skip_raw) {
-    raw = run_raw(o, b, sizes);
-    raw_thread = run_raw_thread(o, b, sizes);
+    raw = run_loop<Raw>(o, b, sizes);
+    raw_thread = run_loop<RawThread>(o, b, sizes);
   }
   std::string provider_name;
   Results engine = run_engine(o, b, sizes, provider_name);

@@ -72,7 +72,7 @@ class HostBackend final : public Backend {
     if (args.flags & FERRY_SEND) {
       protocol_->begin_combine();
       failing_step([&] {
-        pool_.parallel_for(int64_t(routes_.num_routes.size()), min_part(layout_.combine_slot_bytes()),
+        pool_.parallel_for(int64_t(routes_.num_routes.size()), host::min_part_items(layout_.combine_slot_bytes()),
                            [&](int64_t first, int64_t end) {
                              host::pack_combine_records(layout_, routes_, args.expert_y, combine_send_.get(),
                                                         first, end);
@@ -85,7 +85,7 @@ class HostBackend final : public Backend {
       const SendPlan& mine = member_plans_[layout_.dp_member(layout_.rank)];
       protocol_->wait_combine(mine.slot_routes);
       failing_step([&] {
-        pool_.parallel_for(mine.num_tokens, min_part(layout_.out_row_bytes()), [&](int64_t first, int64_t end) {
+        pool_.parallel_for(mine.num_tokens, host::min_part_items(layout_.out_row_bytes()), [&](int64_t first, int64_t end) {
           if (layout_.weights_at_combine)
             host::unpack_combine_rows_tokens(layout_, mine, combine_recv_.get(), args.weights, args.out_tokens,
                                              args.accumulate != 0, first, end);
@@ -105,9 +105,6 @@ class HostBackend final : public Backend {
   }
 
  private:
-  // Items per helper part: a part of less than ~256 KiB of output costs less than waking a thread.
-  static int64_t min_part(uint64_t item_bytes) { return int64_t(std::max<uint64_t>(1, (uint64_t{256} << 10) / item_bytes)); }
-
   Site site(std::string_view operation) const { return {layout_.rank, int64_t(protocol_->step()), operation}; }
 
   // Runs one half-step's local work; a failure there leaves the exchange mid-step, so the protocol
@@ -137,7 +134,7 @@ class HostBackend final : public Backend {
       const SendPlan& mine = member_plans_[layout_.dp_member(layout_.rank)];
       const host::Quantize quantize{enum_value(a.quantize) == FERRY_QUANTIZE_FP8_BLOCK, a.round_scale != 0};
       host::pack_count_headers(layout_, mine, send_.get());
-      pool_.parallel_for(mine.num_tokens, min_part(layout_.record_bytes), [&](int64_t first, int64_t end) {
+      pool_.parallel_for(mine.num_tokens, host::min_part_items(layout_.record_bytes), [&](int64_t first, int64_t end) {
         host::pack_dispatch_tokens(layout_, mine, a.dp_x, a.dp_x_scale, a.indices, a.weights, send_.get(), quantize,
                                    first, end);
       });

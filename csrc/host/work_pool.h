@@ -44,6 +44,13 @@ class WorkPool {
   std::exception_ptr error_;
 };
 
+// Items per part for items of `item_bytes`: a part of less than ~256 KiB of output costs less than
+// waking a thread.
+inline int64_t min_part_items(uint64_t item_bytes) {
+  const uint64_t items = (uint64_t{256} << 10) / (item_bytes ? item_bytes : 1);
+  return items ? int64_t(items) : 1;
+}
+
 // Threads for one rank's byte movers: FERRY_HOST_THREADS when set (1..64, else an error naming
 // it); otherwise the CPUs this process may run on, shared among the `local_size` ranks of the host
 // unless the launcher bound each rank to fewer CPUs than the machine has, less two (the calling
